@@ -1,0 +1,1 @@
+# The SViTT workflow. Rules live in rules/*.smk; see README.md.
