@@ -1,0 +1,94 @@
+"""3D relative position bias for BEiT over video clips (SViTT appendix A.1, eq. 24-27).
+
+A token's position is one integer p = t * H * W + h * W + w on its (T, H, W) grid; the CLS token
+has position -1. Indices into the bias table are computed from positions on the fly, so no N x N
+index buffer is stored (at T = 16 such a buffer would be ~79 MB per layer), and pruned or gathered
+tokens keep their true bias.
+
+Table layout (timm BEiT, extended with a temporal axis): entry
+    ((dt + T-1) * (2H-1) + (dh + H-1)) * (2W-1) + (dw + W-1),   d = query - key,
+followed by three special entries: CLS->token, token->CLS, CLS->CLS.
+"""
+from __future__ import annotations
+
+import torch
+
+CLS_POSITION = -1
+
+
+def table_size(grid: tuple[int, int, int]) -> int:
+    t, h, w = grid
+    return (2 * t - 1) * (2 * h - 1) * (2 * w - 1) + 3
+
+
+def token_positions(grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Positions of the regional tokens of a full clip, in flattening order: [T*H*W]."""
+    t, h, w = grid
+    return torch.arange(t * h * w, device=device)
+
+
+def relative_index(pos_q: torch.Tensor, pos_k: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Table index for every (query, key) pair.
+
+    pos_q: [..., Nq, 1] or broadcastable, pos_k: [..., 1, Nk]; returns the broadcast shape.
+    Positions of -1 denote CLS.
+    """
+    t, h, w = grid
+    n = table_size(grid)
+    hw = h * w
+    q_cls, k_cls = pos_q < 0, pos_k < 0
+    pq, pk = pos_q.clamp(min=0), pos_k.clamp(min=0)
+    dt = pq // hw - pk // hw + (t - 1)
+    dh = (pq // w) % h - (pk // w) % h + (h - 1)
+    dw = pq % w - pk % w + (w - 1)
+    index = (dt * (2 * h - 1) + dh) * (2 * w - 1) + dw
+    index = torch.where(q_cls & ~k_cls, n - 3, index)
+    index = torch.where(~q_cls & k_cls, n - 2, index)
+    index = torch.where(q_cls & k_cls, n - 1, index)
+    return index
+
+
+def relative_bias(table: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+                  grid: tuple[int, int, int]) -> torch.Tensor:
+    """Bias for queries at pos_q [B, Nq] and keys at pos_k [B, Nk]: returns [B, heads, Nq, Nk]."""
+    index = relative_index(pos_q[..., :, None], pos_k[..., None, :], grid)
+    return table[index].movedim(-1, -3)
+
+
+def special_bias(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head biases (CLS->token, token->CLS, CLS->CLS), each [heads]."""
+    return table[-3], table[-2], table[-1]
+
+
+def _temporal_source(t_src: int, t_dst: int) -> torch.Tensor:
+    """For each temporal offset d' of a t_dst-frame table, the offset of a t_src-frame table it takes.
+
+    Nearest neighbour in time (eq. 23 applied to offsets): a clip of t_dst frames spans the same
+    video as one of t_src frames, so offset d' corresponds to d' * t_src / t_dst, rounded half away
+    from zero (keeps the table symmetric) and clamped to the source range. t_src = 1 tiles the 2D
+    table over every offset (eq. 26-27 inflation).
+    """
+    offsets = torch.arange(-(t_dst - 1), t_dst, dtype=torch.float64)
+    scaled = torch.sign(offsets) * torch.floor(offsets.abs() * t_src / t_dst + 0.5)
+    return scaled.clamp(-(t_src - 1), t_src - 1).long() + (t_src - 1)
+
+
+def resize_table(table: torch.Tensor, src_grid: tuple[int, int, int],
+                 dst_grid: tuple[int, int, int]) -> torch.Tensor:
+    """Resize a relative position bias table [table_size(src), heads] to dst_grid along time.
+
+    The spatial extent must agree; a 2D table is src_grid = (1, H, W).
+    """
+    if tuple(src_grid[1:]) != tuple(dst_grid[1:]):
+        raise ValueError(
+            f"relative position table has spatial grid {tuple(src_grid[1:])}, expected "
+            f"{tuple(dst_grid[1:])} (image_size / patch_size must match the checkpoint)")
+    if table.shape[0] != table_size(src_grid):
+        raise ValueError(f"relative position table has {table.shape[0]} rows, expected "
+                         f"{table_size(src_grid)} for grid {tuple(src_grid)}")
+    t_src, h, w = src_grid
+    t_dst = dst_grid[0]
+    heads = table.shape[1]
+    regional = table[:-3].reshape(2 * t_src - 1, (2 * h - 1) * (2 * w - 1), heads)
+    regional = regional[_temporal_source(t_src, t_dst).to(table.device)]
+    return torch.cat([regional.reshape(-1, heads), table[-3:]], dim=0)

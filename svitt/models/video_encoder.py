@@ -1,0 +1,294 @@
+"""BEiT over whole clips: one token sequence of T' x H' x W' patches plus CLS.
+
+A BEiT block (pre-norm ViT with layer scale and per-layer relative position bias, timm's layout and
+parameter names) with the two SViTT sparsities: edge sparsity inside attention
+(svitt.models.sparse_attention) and node sparsity after the layers listed in `prune_layers`
+(svitt.models.token_pruning). Image weights load through `load_image_weights`, which inflates the
+2D bias tables over time and the patch embedding over tubelets (svitt.models.weights).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from svitt.config import check_keys, merge_preset
+from svitt.models.relative_position import table_size, token_positions
+from svitt.models.sparse_attention import KERNELS, attention, make_layout
+from svitt.models.token_pruning import prune_tokens
+
+VIDEO_PRESETS = {
+    # BEiT-B/16 as in the paper (timm beit_base_patch16_224).
+    "beit_base": dict(image_size=224, patch_size=16, depth=12, width=768, heads=12, mlp_ratio=4.0),
+    # A few-minute-on-2-CPU-cores model for the demo corpus.
+    "tiny": dict(image_size=32, patch_size=8, depth=4, width=64, heads=2, mlp_ratio=2.0,
+                 tubelet_frames=2, prune_layers=[2, 3], layer_scale_init=None),
+}
+
+VIDEO_DEFAULTS = dict(
+    preset=None,
+    frames=4,
+    image_size=224,
+    patch_size=16,
+    tubelet_frames=1,
+    in_chans=3,
+    depth=12,
+    width=768,
+    heads=12,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    layer_scale_init=0.1,
+    drop_path=0.0,
+    local_blocks=None,
+    random_blocks=None,
+    block_size=None,
+    visual_keep=1.0,
+    prune_layers=[4, 7, 10],
+    attention_kernel="auto",
+    grad_checkpointing=False,
+    seed=0,
+)
+
+
+def _positive_int(cfg: dict, key: str) -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"video.{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _keep_rates(cfg: dict) -> dict[int, float]:
+    """{layer (1-indexed): keep rate} from visual_keep (scalar or one per prune layer)."""
+    layers = list(cfg["prune_layers"] or [])
+    rates = cfg["visual_keep"]
+    if not isinstance(rates, (list, tuple)):
+        rates = [rates] * len(layers)
+    if len(rates) != len(layers):
+        raise ValueError(f"video.visual_keep has {len(rates)} entries but prune_layers has "
+                         f"{len(layers)} ({layers}); give one keep rate per prune layer or a scalar")
+    for layer, rate in zip(layers, rates):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ValueError(f"video.visual_keep {rate!r} must be a keep rate in (0, 1]")
+        if rate < 1 and not (isinstance(layer, int) and 1 <= layer <= cfg["depth"]):
+            raise ValueError(f"video.prune_layers entry {layer!r} must be a layer in 1..{cfg['depth']}")
+    return {layer: float(rate) for layer, rate in zip(layers, rates) if rate < 1}
+
+
+def resolve_video_config(cfg: dict) -> dict:
+    """Defaults, preset and validation of the video encoder config; returns a complete dict."""
+    cfg = merge_preset(cfg, VIDEO_DEFAULTS, VIDEO_PRESETS, "video")
+    for key in ("frames", "image_size", "patch_size", "tubelet_frames", "in_chans", "depth",
+                "width", "heads"):
+        _positive_int(cfg, key)
+    if cfg["image_size"] % cfg["patch_size"]:
+        raise ValueError(f"video.image_size {cfg['image_size']} is not divisible by "
+                         f"patch_size {cfg['patch_size']}")
+    if cfg["frames"] % cfg["tubelet_frames"]:
+        raise ValueError(f"video.frames {cfg['frames']} is not divisible by "
+                         f"tubelet_frames {cfg['tubelet_frames']}")
+    if cfg["width"] % cfg["heads"]:
+        raise ValueError(f"video.width {cfg['width']} is not divisible by heads {cfg['heads']}")
+    blocks = [cfg["local_blocks"], cfg["random_blocks"], cfg["block_size"]]
+    if any(b is not None for b in blocks):
+        if any(b is None for b in blocks):
+            raise ValueError("video.local_blocks, random_blocks and block_size must be all set "
+                             f"(edge sparsity) or all null (dense), got {blocks}")
+        if cfg["local_blocks"] < 1 or cfg["local_blocks"] % 2 == 0:
+            raise ValueError(f"video.local_blocks (K_l) must be a positive odd number, "
+                             f"got {cfg['local_blocks']}")
+        if cfg["random_blocks"] < 0 or cfg["block_size"] < 1:
+            raise ValueError(f"video.random_blocks must be >= 0 and block_size >= 1, got "
+                             f"{cfg['random_blocks']} and {cfg['block_size']}")
+    if cfg["attention_kernel"] not in KERNELS:
+        raise ValueError(f"video.attention_kernel must be one of {KERNELS}, "
+                         f"got {cfg['attention_kernel']!r}")
+    _keep_rates(cfg)
+    return cfg
+
+
+class PatchEmbed(nn.Module):
+    """Tubelets of `tubelet` frames x patch x patch pixels -> tokens.
+
+    A Conv2d over the tubelet's frames stacked on channels (frame-major), which equals a Conv3d
+    with kernel (tubelet, p, p); tubelet = 1 is the paper's per-frame 2D patch embedding.
+    """
+
+    def __init__(self, patch_size: int, tubelet: int, in_chans: int, width: int):
+        super().__init__()
+        self.tubelet = tubelet
+        self.proj = nn.Conv2d(in_chans * tubelet, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, T, C, H, W] -> tokens [B, T' H' W', D] in (t, h, w) order."""
+        b, t, c, h, w = video.shape
+        x = video.reshape(b * t // self.tubelet, self.tubelet * c, h, w)
+        x = self.proj(x)  # [B T', D, H', W']
+        return x.flatten(2).transpose(1, 2).reshape(b, -1, x.shape[1])
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x):
+        if not self.training or self.prob == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.prob)
+        return x * keep / (1 - self.prob)
+
+
+class Attention(nn.Module):
+    """BEiT attention (q and v biases, no k bias) with a per-layer 3D relative position table."""
+
+    def __init__(self, width: int, heads: int, grid: tuple[int, int, int], qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.grid = grid
+        self.qkv = nn.Linear(width, width * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(width)) if qkv_bias else None
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size(grid), heads))
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, pos, layout, kernel, need_cls_attn):
+        """x [B, N, D], pos [B or 1, N-1] -> (out [B, N, D], cls_attn [B, N-1] or None)."""
+        b, n, d = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out, cls_attn = attention(q, k, v, self.relative_position_bias_table, pos, self.grid,
+                                  layout, kernel, need_cls_attn)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), cls_attn
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict, grid, drop_path: float, keep_rate: float):
+        super().__init__()
+        width = cfg["width"]
+        self.keep_rate = keep_rate
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, cfg["heads"], grid, cfg["qkv_bias"])
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, int(width * cfg["mlp_ratio"]))
+        init = cfg["layer_scale_init"]
+        self.gamma_1 = nn.Parameter(torch.full((width,), float(init))) if init else None
+        self.gamma_2 = nn.Parameter(torch.full((width,), float(init))) if init else None
+
+    def _scale(self, gamma, x):
+        return x if gamma is None else gamma * x
+
+    def forward(self, x, pos, layout, kernel):
+        """x [B, 1+N, D], pos [B or 1, N] -> pruned (x [B, 1+N', D], pos [B or 1, N'])."""
+        prune = self.keep_rate < 1.0
+        out, cls_attn = self.attn(self.norm1(x), pos, layout, kernel, need_cls_attn=prune)
+        x = x + self.drop_path(self._scale(self.gamma_1, out))
+        if prune:  # EViT-style: rank by this layer's CLS attention, prune before the MLP.
+            x, pos = prune_tokens(x, pos, cls_attn.detach(), self.keep_rate)
+        x = x + self.drop_path(self._scale(self.gamma_2, self.mlp(self.norm2(x))))
+        return x, pos
+
+
+class VideoEncoder(nn.Module):
+    """SViTT video encoder f_v.
+
+    forward(video [B, T, 3, H, W]) -> hidden states [B, 1 + N', D], CLS first, after the last
+    block and before the final norm (`self.norm`, applied by the caller).
+    """
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        cfg = resolve_video_config(cfg)
+        self.cfg = cfg
+        p = cfg["patch_size"]
+        self.grid = (cfg["frames"] // cfg["tubelet_frames"], cfg["image_size"] // p,
+                     cfg["image_size"] // p)
+        self.width = cfg["width"]
+        self.patch_embed = PatchEmbed(p, cfg["tubelet_frames"], cfg["in_chans"], cfg["width"])
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg["width"]))
+        keep = _keep_rates(cfg)
+        rates = torch.linspace(0, cfg["drop_path"], cfg["depth"]).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg, self.grid, rates[i], keep.get(i + 1, 1.0)) for i in range(cfg["depth"]))
+        self.norm = nn.LayerNorm(cfg["width"], eps=1e-6)
+        self.layout_generator = torch.Generator().manual_seed(int(cfg["seed"]))
+        self._init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "VideoEncoder":
+        """Build from the video config (also accepts a model config with a `video` section)."""
+        if isinstance(cfg.get("video"), dict):
+            cfg = cfg["video"]
+        return cls(copy.deepcopy(cfg))
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for i, block in enumerate(self.blocks):  # BEiT's depth-scaled output init
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+    @property
+    def edge_sparse(self) -> bool:
+        return self.cfg["block_size"] is not None
+
+    def _layout(self, num_regional: int, device):
+        if not self.edge_sparse:
+            return None
+        cfg = self.cfg
+        return make_layout(num_regional, cfg["block_size"], cfg["local_blocks"],
+                           cfg["random_blocks"], self.layout_generator, device)
+
+    def check_input(self, video: torch.Tensor):
+        cfg = self.cfg
+        expected = (cfg["frames"], cfg["in_chans"], cfg["image_size"], cfg["image_size"])
+        if video.dim() != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(f"video must have shape [B, T, C, H, W] = [B, {', '.join(map(str, expected))}]"
+                             f" (frames={cfg['frames']}, image_size={cfg['image_size']}), "
+                             f"got {list(video.shape)}")
+
+    def forward(self, video: torch.Tensor, return_positions: bool = False):
+        """video [B, T, C, H, W] -> hidden [B, 1 + N', D]; with return_positions also the kept
+        tokens' positions [B or 1, N'] (p = t H' W' + h W' + w on the tubelet grid)."""
+        self.check_input(video)
+        x = self.patch_embed(video)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        pos = token_positions(self.grid, x.device)[None]  # shared until the first pruning
+        kernel = self.cfg["attention_kernel"]
+        for block in self.blocks:
+            layout = self._layout(x.shape[1] - 1, x.device)
+            if self.cfg["grad_checkpointing"] and self.training:
+                x, pos = checkpoint(block, x, pos, layout, kernel, use_reentrant=False)
+            else:
+                x, pos = block(x, pos, layout, kernel)
+        return (x, pos) if return_positions else x
+
+    def load_image_weights(self, state_dict: dict, strict: bool = True):
+        """Load 2D BEiT weights (timm or HF layout), inflated to this clip geometry."""
+        from svitt.models.weights import video_checkpoint_filter_fn
+
+        return self.load_state_dict(video_checkpoint_filter_fn(state_dict, self), strict=strict)

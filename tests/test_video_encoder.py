@@ -1,0 +1,209 @@
+"""The BEiT video encoder against timm and Hugging Face BEiT, node pruning, and bad input."""
+import math
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from transformers import BeitConfig, BeitModel
+
+from svitt.models import VideoEncoder
+from svitt.models.relative_position import relative_bias
+
+SMALL = dict(image_size=32, patch_size=8, depth=2, width=32, heads=2, mlp_ratio=2.0)
+
+
+def _perturbed(model, seed=0):
+    """Random non-trivial weights (timm zero-inits biases and the relative tables)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def timm_beit_base():
+    return _perturbed(timm.create_model("beit_base_patch16_224", pretrained=False))
+
+
+def test_single_frame_dense_encoder_reproduces_timm_beit_base(timm_beit_base, tmp_path):
+    path = tmp_path / "beit.pth"
+    torch.save(timm_beit_base.state_dict(), path)
+    from svitt.models.weights import load_state_dict_file
+
+    encoder = VideoEncoder.from_config({"frames": 1}).eval()
+    encoder.load_image_weights(load_state_dict_file(path))
+    image = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = timm_beit_base.forward_features(image)
+        tokens = encoder(image[:, None])
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+    # the final norm is timm's fc_norm
+    torch.testing.assert_close(encoder.norm.weight, timm_beit_base.fc_norm.weight)
+
+
+def _timm_small():
+    return _perturbed(timm.models.beit.Beit(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                            num_heads=2, mlp_ratio=2.0, use_abs_pos_emb=False,
+                                            use_rel_pos_bias=True, init_values=0.1, num_classes=0))
+
+
+def test_static_clip_with_two_frame_tubelets_embeds_as_the_image():
+    """Tubelet inflation splits the 2D kernel evenly over the frames: a static clip is the image."""
+    ref = _timm_small()
+    encoder = VideoEncoder.from_config(dict(SMALL, frames=2, tubelet_frames=2)).eval()
+    encoder.load_image_weights(ref.state_dict())
+    assert encoder.grid == (1, 4, 4)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref.forward_features(image)
+        tokens = encoder(image[:, None].expand(-1, 2, -1, -1, -1))
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+
+
+def test_tubelets_see_the_order_of_their_frames():
+    encoder = VideoEncoder.from_config(dict(SMALL, frames=4, tubelet_frames=2)).eval()
+    clip = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        forward, backward = encoder(clip), encoder(clip.flip(1))
+    assert (forward[:, 0] - backward[:, 0]).abs().max() > 1e-5
+
+
+def _hf_small():
+    cfg = BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     image_size=32, patch_size=8, use_relative_position_bias=True,
+                     use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-6)
+    return _perturbed(BeitModel(cfg, add_pooling_layer=True))
+
+
+# transformers 5 names -> the names of the checkpoints on the Hugging Face hub (transformers 4)
+HUB_NAMES = [
+    (r"^embeddings\.", "beit.embeddings."),
+    (r"^layers\.(\d+)\.attention\.([qkv])_proj\.",
+     lambda m: f"beit.encoder.layer.{m.group(1)}.attention.attention."
+               + {"q": "query", "k": "key", "v": "value"}[m.group(2)] + "."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"beit.encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.relative_position_bias\.",
+     r"beit.encoder.layer.\1.attention.attention.relative_position_bias."),
+    (r"^layers\.(\d+)\.mlp\.fc1\.", r"beit.encoder.layer.\1.intermediate.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc2\.", r"beit.encoder.layer.\1.output.dense."),
+    (r"^layers\.(\d+)\.", r"beit.encoder.layer.\1."),
+    (r"^pooler\.", "beit.pooler."),
+]
+
+
+@pytest.mark.parametrize("hub_names", [False, True])
+def test_single_frame_encoder_reproduces_hugging_face_beit(hub_names):
+    ref = _hf_small()
+    state = ref.state_dict()
+    if hub_names:
+        renamed = {}
+        for key, value in state.items():
+            for pattern, repl in HUB_NAMES:
+                key, n = re.subn(pattern, repl, key)
+                if n:
+                    break
+            renamed[key] = value
+        state = renamed
+        assert "beit.encoder.layer.0.attention.attention.query.weight" in state
+    encoder = VideoEncoder.from_config(dict(SMALL, frames=1, mlp_ratio=2.0)).eval()
+    encoder.load_image_weights(state)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(pixel_values=image).last_hidden_state
+        tokens = encoder(image[:, None])
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
+
+
+def test_visual_pruning_keeps_the_top_tokens_by_cls_attention():
+    cfg = dict(SMALL, frames=2, depth=2, visual_keep=0.3, prune_layers=[1])
+    encoder = _perturbed(VideoEncoder.from_config(cfg), seed=1)
+    video = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, positions = encoder(video, return_positions=True)
+        # By hand: block 1's attention of CLS over the 32 regional tokens, mean over heads.
+        block = encoder.blocks[0]
+        x = torch.cat([encoder.cls_token.expand(2, -1, -1), encoder.patch_embed(video)], 1)
+        h = block.norm1(x)
+        attn = block.attn
+        bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        q, k, _ = F.linear(h, attn.qkv.weight, bias).view(2, 33, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        pos = torch.cat([torch.tensor([-1]), torch.arange(32)])[None]
+        logits = q @ k.transpose(-1, -2) / math.sqrt(16) + relative_bias(
+            attn.relative_position_bias_table, pos, pos, encoder.grid)
+        cls_to_regional = logits.softmax(-1)[:, :, 0, 1:].mean(1)
+    keep = math.ceil(0.3 * 32)
+    expected = cls_to_regional.topk(keep, dim=1).indices.sort(dim=1).values
+    assert tokens.shape == (2, 1 + keep, 32)
+    assert torch.equal(positions, expected)
+
+
+def test_pruning_schedule_gives_ceil_qn_tokens_after_each_prune_layer():
+    cfg = dict(SMALL, frames=4, depth=4, visual_keep=[0.7, 0.5], prune_layers=[2, 3],
+               local_blocks=1, random_blocks=1, block_size=8)
+    encoder = VideoEncoder.from_config(cfg)
+    tokens = encoder(torch.randn(1, 4, 3, 32, 32))
+    n = 64
+    for q in (0.7, 0.5):
+        n = math.ceil(q * n)
+    assert tokens.shape == (1, 1 + n, 32)
+    tokens.sum().backward()
+    assert encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = dict(SMALL, frames=2, visual_keep=0.5, prune_layers=[1], local_blocks=1, random_blocks=1,
+               block_size=4, seed=3)
+    plain = VideoEncoder.from_config(cfg)
+    ckpt = VideoEncoder.from_config(dict(cfg, grad_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    video = torch.randn(2, 2, 3, 32, 32)
+    plain(video).pow(2).sum().backward()
+    ckpt(video).pow(2).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_edge_sparse_encoder_with_full_coverage_equals_dense():
+    dense = VideoEncoder.from_config(dict(SMALL, frames=2)).eval()
+    sparse = VideoEncoder.from_config(dict(SMALL, frames=2, local_blocks=1, random_blocks=0,
+                                           block_size=32)).eval()
+    sparse.load_state_dict(dense.state_dict())
+    video = torch.randn(2, 2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(video), dense(video), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(image_size=30), "image_size 30 is not divisible by patch_size 8"),
+    (dict(local_blocks=2, random_blocks=1, block_size=4), "local_blocks .* odd"),
+    (dict(local_blocks=1, random_blocks=None, block_size=4), "all set"),
+    (dict(visual_keep=0.0, prune_layers=[1]), "visual_keep 0.0"),
+    (dict(visual_keep=1.5, prune_layers=[1]), "visual_keep 1.5"),
+    (dict(visual_keep=[0.5, 0.5], prune_layers=[1]), "2 entries"),
+    (dict(frames=3, tubelet_frames=2), "frames 3 is not divisible by tubelet_frames 2"),
+    (dict(depth_typo=3), "unknown video config key"),
+])
+def test_bad_config_is_rejected_with_the_value(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        VideoEncoder.from_config(dict(SMALL, **cfg))
+
+
+def test_wrong_frame_count_or_resolution_is_rejected():
+    encoder = VideoEncoder.from_config(dict(SMALL, frames=4))
+    with pytest.raises(ValueError, match=r"\[B, 4, 3, 32, 32\].*got \[1, 8, 3, 32, 32\]"):
+        encoder(torch.randn(1, 8, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"got \[1, 4, 3, 64, 64\]"):
+        encoder(torch.randn(1, 4, 3, 64, 64))
+
+
+def test_checkpoint_of_another_architecture_is_rejected():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    encoder = VideoEncoder.from_config({"frames": 1, "width": 192, "heads": 3, "depth": 12})
+    with pytest.raises(ValueError, match="missing .*relative_position_bias_table|q_bias"):
+        encoder.load_image_weights(vit.state_dict())
+    wider = VideoEncoder.from_config(dict(SMALL, frames=1, width=64))
+    with pytest.raises(ValueError, match=r"\(32, 3, 8, 8\).*\(64, 3, 8, 8\)"):
+        wider.load_image_weights(_timm_small().state_dict())
