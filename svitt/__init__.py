@@ -1,3 +1,10 @@
 """SViTT: sparse video-text transformers (edge + node sparsity) and SViTT-Ego."""
 
 __version__ = "0.1.0"
+
+
+def build_model(cfg: dict):
+    """The full SViTT model from the `model` section of the YAML config (see docs/config.md)."""
+    from svitt.models.svitt import build_model as _build
+
+    return _build(cfg)

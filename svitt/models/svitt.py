@@ -1,0 +1,180 @@
+"""The assembled SViTT model: video encoder, text/fusion encoder, projections and heads.
+
+forward() computes the pretraining losses (VTC or EgoNCE, VTM, MLM; paper appendix A.3) so that
+DistributedDataParallel sees the whole computation in one call. encode_video / encode_text /
+fuse / vtm_score are the pieces evaluation uses.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from svitt import losses
+from svitt.config import check_keys
+from svitt.models.text_encoder import TextEncoder, resolve_text_config
+from svitt.models.video_encoder import VideoEncoder, resolve_video_config
+
+MODEL_DEFAULTS = dict(
+    video={},
+    text={},
+    embed_dim=256,
+    temperature=0.07,
+    video_weights=None,  # timm / HF BEiT image checkpoint (file), inflated on load
+    text_weights=None,  # HF BERT checkpoint (file or folder)
+)
+
+
+def resolve_model_config(cfg: dict) -> dict:
+    """Complete and validate a `model` config section (see docs/config.md for every key)."""
+    check_keys(cfg, MODEL_DEFAULTS, "model")
+    out = copy.deepcopy(MODEL_DEFAULTS)
+    out.update(copy.deepcopy(cfg))
+    out["video"] = resolve_video_config(out["video"])
+    out["text"] = resolve_text_config(out["text"])
+    if not isinstance(out["embed_dim"], int) or out["embed_dim"] < 1:
+        raise ValueError(f"model.embed_dim must be a positive integer, got {out['embed_dim']!r}")
+    if not 0.001 <= float(out["temperature"]) <= 0.5:
+        raise ValueError(f"model.temperature {out['temperature']!r} must be in [0.001, 0.5]")
+    return out
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head (names as HF `cls.predictions`); the decoder weight is the word
+    embedding matrix, passed in (tied, as in BERT)."""
+
+    def __init__(self, width: int, vocab_size: int, eps: float):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(width, width)
+        self.transform.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x, decoder_weight):
+        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return F.linear(x, decoder_weight, self.bias)
+
+
+class SViTT(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        cfg = resolve_model_config(cfg)
+        self.cfg = cfg
+        self.video_encoder = VideoEncoder(cfg["video"])
+        self.text_encoder = TextEncoder(cfg["text"], video_width=self.video_encoder.width)
+        text_width = cfg["text"]["width"]
+        self.vision_proj = nn.Linear(self.video_encoder.width, cfg["embed_dim"])
+        self.text_proj = nn.Linear(text_width, cfg["embed_dim"])
+        self.temp = nn.Parameter(torch.tensor(float(cfg["temperature"])))
+        self.vtm_head = nn.Linear(text_width, 2)
+        self.mlm_head = MLMHead(text_width, cfg["text"]["vocab_size"], cfg["text"]["layer_norm_eps"])
+
+    # -- pieces -------------------------------------------------------------------------------
+    def encode_video(self, video: torch.Tensor):
+        """video [B, T, 3, H, W] -> (tokens [B, 1 + N', Dv] after the final norm, emb [B, E])."""
+        tokens = self.video_encoder.norm(self.video_encoder(video))
+        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """-> (text hidden [B, L, Dt], emb [B, E])."""
+        hidden = self.text_encoder.encode(input_ids, attention_mask)
+        return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def fuse(self, text_hidden, attention_mask, video_tokens):
+        return self.text_encoder.fuse(text_hidden, attention_mask, video_tokens)
+
+    def vtm_score(self, text_hidden, attention_mask, video_tokens) -> torch.Tensor:
+        """Matching logit (positive minus negative class) per pair: [B]."""
+        logits = self.vtm_head(self.fuse(text_hidden, attention_mask, video_tokens)[:, 0])
+        return logits[:, 1] - logits[:, 0]
+
+    def mlm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """fused [B, L, Dt] -> vocabulary logits [B, L, V]."""
+        return self.mlm_head(fused, self.text_encoder.embeddings.word_embeddings.weight)
+
+    def temperature(self) -> torch.Tensor:
+        return losses.clamp_temperature(self.temp)
+
+    # -- pretraining losses ---------------------------------------------------------------------
+    def forward(self, video, input_ids, attention_mask, objectives=("vtc", "vtm", "mlm"),
+                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, egonce_temperature=0.05):
+        """Losses for a batch of pairs. video [B, T, 3, H, W]; input_ids/attention_mask [B, L].
+
+        objectives: any of "vtc" (InfoNCE), "egonce" (needs nouns/verbs multi-hot), "vtm",
+        "mlm" (needs mlm_ids and mlm_labels from losses.mask_tokens). Returns {name: loss}.
+        """
+        unknown = set(objectives) - {"vtc", "egonce", "vtm", "mlm"}
+        if unknown:
+            raise ValueError(f"unknown objectives {sorted(unknown)}; expected vtc, egonce, vtm, mlm")
+        video_tokens, video_emb = self.encode_video(video)
+        text_hidden, text_emb = self.encode_text(input_ids, attention_mask)
+        out = {}
+        if "vtc" in objectives:
+            out["vtc"] = losses.info_nce(video_emb, text_emb, self.temperature())
+        positives = None
+        if "egonce" in objectives:
+            if nouns is None or verbs is None:
+                raise ValueError("objective 'egonce' needs nouns and verbs multi-hot tensors")
+            out["egonce"] = losses.egonce(video_emb, text_emb, nouns, verbs, egonce_temperature)
+            positives = losses.action_positives(nouns, verbs)
+        if "vtm" in objectives:
+            out["vtm"] = self._vtm_loss(video_tokens, video_emb, text_hidden, text_emb,
+                                        attention_mask, positives)
+        if "mlm" in objectives:
+            if mlm_ids is None or mlm_labels is None:
+                raise ValueError("objective 'mlm' needs mlm_ids and mlm_labels")
+            masked_hidden = self.text_encoder.encode(mlm_ids, attention_mask)
+            fused = self.fuse(masked_hidden, attention_mask, video_tokens)
+            out["mlm"] = losses.mlm_loss(self.mlm_logits(fused), mlm_labels)
+        return out
+
+    def _vtm_loss(self, video_tokens, video_emb, text_hidden, text_emb, attention_mask, positives):
+        """Positive pairs plus one hard negative text per video and one hard negative video per
+        text, drawn from the in-batch similarity (ALBEF / Singularity)."""
+        with torch.no_grad():
+            sim = video_emb @ text_emb.T / self.temperature()
+        neg_text, neg_video = losses.vtm_hard_negatives(sim, positives_mask=positives)
+        texts = torch.cat([text_hidden, text_hidden[neg_text], text_hidden])
+        masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
+        videos = torch.cat([video_tokens, video_tokens, video_tokens[neg_video]])
+        logits = self.vtm_head(self.fuse(texts, masks, videos)[:, 0])
+        b = video_tokens.shape[0]
+        return losses.vtm_loss(logits[:b], logits[b:])
+
+    # -- weights --------------------------------------------------------------------------------
+    def load_pretrained_weights(self, video_weights=None, text_weights=None):
+        """Image BEiT weights into the video encoder and BERT weights into the text encoder."""
+        from svitt.models.weights import bert_checkpoint_filter_fn, load_state_dict_file
+
+        video_weights = video_weights or self.cfg["video_weights"]
+        text_weights = text_weights or self.cfg["text_weights"]
+        if video_weights:
+            self.video_encoder.load_image_weights(load_state_dict_file(video_weights))
+        if text_weights:
+            state = bert_checkpoint_filter_fn(load_state_dict_file(text_weights),
+                                              {"bert.": "text_encoder.", "cls.predictions.": "mlm_head."})
+            state.pop("mlm_head.decoder.weight", None)  # tied to the word embeddings
+            if "mlm_head.decoder.bias" in state:
+                state["mlm_head.bias"] = state.pop("mlm_head.decoder.bias")
+            result = self.load_state_dict(state, strict=False)
+            bad = [k for k in result.missing_keys
+                   if k.startswith("text_encoder.") and ".crossattention." not in k]
+            if bad or result.unexpected_keys:
+                raise ValueError(f"BERT weights {text_weights} do not fit the text encoder: missing "
+                                 f"{bad[:8]}, unexpected {result.unexpected_keys[:8]}")
+
+    def load_stage_checkpoint(self, state_dict: dict):
+        """A previous curriculum stage's weights, with the temporal bias resized (eq. 23-27)."""
+        from svitt.models.weights import adapt_svitt_state_dict
+
+        self.load_state_dict(adapt_svitt_state_dict(state_dict, self))
+
+
+def build_model(cfg: dict) -> SViTT:
+    """The full SViTT model from the `model` section of the YAML config."""
+    model = SViTT(cfg)
+    if model.cfg["video_weights"] or model.cfg["text_weights"]:
+        model.load_pretrained_weights()
+    return model
