@@ -1,0 +1,103 @@
+"""svitt.evaluation metrics on hand-computed examples."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from svitt.evaluation import egomcq_accuracy, retrieval_metrics
+
+# 4 texts x 3 videos; texts 2 and 3 both describe video 2
+SIM = [
+    [0.9, 0.1, 0.3],  # text 0 (gt 0): nothing else >= 0.9            -> rank 0
+    [0.8, 0.5, 0.6],  # text 1 (gt 1): 0.8 and 0.6 >= 0.5             -> rank 2
+    [0.2, 0.7, 0.4],  # text 2 (gt 2): 0.7 >= 0.4                     -> rank 1
+    [0.1, 0.1, 0.1],  # text 3 (gt 2): two ties count against          -> rank 2
+]
+TEXT_TO_VIDEO = [0, 1, 2, 2]
+# v2t: video 0: gt text 0 scores 0.9, others 0.8, 0.2, 0.1           -> rank 0
+#      video 1: gt text 1 scores 0.5, text 2 scores 0.7 above          -> rank 1
+#      video 2: best gt text 2 scores 0.4, text 1 (0.6) above, text 0 (0.3) not -> rank 1
+EXPECTED = {
+    "t2v_r1": 25.0, "t2v_r5": 100.0, "t2v_r10": 100.0, "t2v_mean": 75.0,
+    "v2t_r1": 100 / 3, "v2t_r5": 100.0, "v2t_r10": 100.0, "v2t_mean": (100 / 3 + 200) / 3,
+}
+
+
+@pytest.mark.parametrize("convert", [lambda x: x, np.array, lambda x: torch.tensor(x)])
+def test_retrieval_small_by_hand(convert):
+    out = retrieval_metrics(convert(SIM), convert(TEXT_TO_VIDEO))
+    assert set(out) == set(EXPECTED)
+    for key, value in EXPECTED.items():
+        assert out[key] == pytest.approx(value, abs=1e-9), key
+        assert isinstance(out[key], float)
+
+
+def test_retrieval_t2v_ranks_across_recall_cutoffs():
+    # 12 texts, 12 videos, text i -> video i; text i gets exactly RANKS[i] wrong videos scored above it
+    ranks = [0, 0, 1, 4, 5, 9, 10, 11, 3, 6, 0, 2]
+    sim = np.zeros((12, 12))
+    for i, r in enumerate(ranks):
+        sim[i, i] = 0.5
+        others = [j for j in range(12) if j != i][:r]
+        sim[i, others] = 1.0
+    out = retrieval_metrics(sim, list(range(12)))
+    # rank < 1: texts 0, 1, 10 -> 3/12; rank < 5: + 2, 3, 8, 11 -> 7/12; rank < 10: + 4, 5, 9 -> 10/12
+    assert out["t2v_r1"] == pytest.approx(25.0)
+    assert out["t2v_r5"] == pytest.approx(700 / 12)
+    assert out["t2v_r10"] == pytest.approx(1000 / 12)
+    assert out["t2v_mean"] == pytest.approx((25 + 700 / 12 + 1000 / 12) / 3)
+
+
+def test_constant_scores_are_not_perfect():
+    out = retrieval_metrics(np.ones((12, 12)), list(range(12)))
+    # every ground truth ties with 11 wrong items: rank 11 in both directions
+    assert all(out[k] == 0.0 for k in out)
+    out = retrieval_metrics(np.ones((3, 3)), [0, 1, 2])
+    assert out["t2v_r1"] == 0.0 and out["t2v_r5"] == 100.0 and out["v2t_r1"] == 0.0
+
+
+def test_retrieval_bad_input():
+    with pytest.raises(ValueError, match=r"videos have no ground-truth text.*\[1\]"):
+        retrieval_metrics(np.zeros((2, 3)), [0, 2])
+    with pytest.raises(ValueError, match=r"text_to_video entries must be in \[0, 3\), got \[3\]"):
+        retrieval_metrics(np.zeros((3, 3)), [0, 1, 3])
+    with pytest.raises(ValueError, match="length 3"):
+        retrieval_metrics(np.zeros((3, 3)), [0, 1])
+    with pytest.raises(ValueError, match="1 NaN or inf"):
+        retrieval_metrics(np.array([[1.0, np.nan], [0.0, 1.0]]), [0, 1])
+    with pytest.raises(ValueError, match=r"\[num_texts, num_videos\]"):
+        retrieval_metrics(np.zeros(3), [0, 1, 2])
+
+
+SCORES = [
+    [0.1, 0.9, 0.2, 0.3, 0.0],  # answer 1, inter: correct
+    [0.5, 0.5, 0.1, 0.1, 0.1],  # answer 0, inter: tie with candidate 1 -> wrong
+    [0.2, 0.1, 0.3, 0.0, 0.0],  # answer 2, intra: correct
+    [0.9, 0.1, 0.3, 0.0, 0.0],  # answer 4, intra: wrong
+    [0.0, 0.0, 0.0, 0.0, 1.0],  # answer 4, intra: correct
+]
+ANSWERS = [1, 0, 2, 4, 4]
+TYPES = [1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("convert", [lambda x: x, np.array, lambda x: torch.tensor(x)])
+def test_egomcq_by_hand(convert):
+    out = egomcq_accuracy(convert(SCORES), convert(ANSWERS), convert(TYPES))
+    assert out == {"inter": pytest.approx(50.0), "intra": pytest.approx(200 / 3)}  # 1 = inter, 2 = intra
+
+
+def test_egomcq_missing_type_is_nan():
+    out = egomcq_accuracy(SCORES[:2], ANSWERS[:2], TYPES[:2])
+    assert out["inter"] == pytest.approx(50.0)
+    assert math.isnan(out["intra"])
+
+
+def test_egomcq_bad_input():
+    with pytest.raises(ValueError, match=r"types must be 1 \(inter-video\) or 2 \(intra-video\), got \[3\]"):
+        egomcq_accuracy(SCORES, ANSWERS, [1, 1, 2, 3, 2])
+    with pytest.raises(ValueError, match=r"answers entries must be in \[0, 5\), got \[5\]"):
+        egomcq_accuracy(SCORES, [1, 0, 2, 4, 5], TYPES)
+    with pytest.raises(ValueError, match="NaN"):
+        egomcq_accuracy([[np.nan, 0.0]], [0], [1])
