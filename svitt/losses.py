@@ -100,6 +100,14 @@ def _log_positive_mass(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
     return torch.logsumexp(positive_logits, dim=1) - torch.logsumexp(logits, dim=1)
 
 
+def action_positives(nouns: torch.Tensor, verbs: torch.Tensor) -> torch.Tensor:
+    """EgoVLP's action-aware positives [B, B]: pairs sharing >= 1 noun and >= 1 verb, and the
+    diagonal. nouns [B, num_nouns], verbs [B, num_verbs] multi-hot."""
+    nouns, verbs = nouns.float(), verbs.float()
+    share = ((nouns @ nouns.t()) > 0) & ((verbs @ verbs.t()) > 0)
+    return share | torch.eye(share.shape[0], dtype=torch.bool, device=share.device)
+
+
 def egonce(
     video_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -128,10 +136,7 @@ def egonce(
     nouns = gather_with_grad(nouns)
     verbs = gather_with_grad(verbs)
 
-    share_noun = (nouns @ nouns.t()) > 0  # [B, B]
-    share_verb = (verbs @ verbs.t()) > 0
-    diagonal = torch.eye(share_noun.shape[0], dtype=torch.bool, device=share_noun.device)
-    positives = (share_noun & share_verb) | diagonal
+    positives = action_positives(nouns, verbs)
 
     logits_t2v = text_emb @ video_emb.t() / temperature  # rows: texts, columns: videos
     loss_t2v = -_log_positive_mass(logits_t2v, positives).mean()

@@ -52,7 +52,13 @@ def relative_bias(table: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
                   grid: tuple[int, int, int]) -> torch.Tensor:
     """Bias for queries at pos_q [B, Nq] and keys at pos_k [B, Nk]: returns [B, heads, Nq, Nk]."""
     index = relative_index(pos_q[..., :, None], pos_k[..., None, :], grid)
-    return table[index].movedim(-1, -3)
+    return lookup(table, index).movedim(-1, -3)
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] -> [*index.shape, heads]; index_select's backward (index_add) is several times
+    faster on CPU than advanced indexing's (index_put with accumulation)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
 
 
 def special_bias(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

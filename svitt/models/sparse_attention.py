@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from svitt.models.relative_position import relative_bias, relative_index, special_bias, table_size
+from svitt.models.relative_position import lookup, relative_bias, relative_index, special_bias, table_size
 
 KERNELS = ("auto", "dense", "reference", "gather", "flex")
 
@@ -191,14 +191,14 @@ def gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False):
     kb = _pad_regional(k[:, :, 1:], padded).view(b, h, nb, g, d)
     vb = _pad_regional(v[:, :, 1:], padded).view(b, h, nb, g, d)
     ids = layout.block_ids
-    kg = kb[:, :, ids].reshape(b, h, nb, slots * g, d)
-    vg = vb[:, :, ids].reshape(b, h, nb, slots * g, d)
+    kg = kb.index_select(2, ids.reshape(-1)).view(b, h, nb, slots * g, d)
+    vg = vb.index_select(2, ids.reshape(-1)).view(b, h, nb, slots * g, d)
 
     # Positions are [1, N] while unpruned (shared over the batch): the bias then broadcasts.
     pos_pad = F.pad(pos, (0, padded - (n - 1))).view(pos.shape[0], nb, g)
     pos_k = pos_pad[:, ids].reshape(pos.shape[0], nb, slots * g)
     index = relative_index(pos_pad[..., :, None], pos_k[..., None, :], grid)  # [B, nb, G, KG]
-    bias = table[index].permute(0, 4, 1, 2, 3)  # [B, H, nb, G, KG]
+    bias = lookup(table, index).permute(0, 4, 1, 2, 3)  # [B, H, nb, G, KG]
 
     key_token = ids[:, :, None] * g + torch.arange(g, device=ids.device)
     key_ok = (layout.valid[:, :, None] & (key_token < n - 1)).reshape(nb, slots * g)

@@ -7,19 +7,15 @@ along so the relative position bias stays correct.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def num_kept(num_tokens: int, keep_rate: float) -> int:
-    """ceil(q * N), at least one token."""
-    return max(1, math.ceil(keep_rate * num_tokens - 1e-9))
+from svitt.sparsity import kept_count
 
 
 def select_tokens(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
-    """Indices [B, k] of the k = ceil(q N) highest scores per row, sorted by position."""
-    k = num_kept(scores.shape[1], keep_rate)
+    """Indices [B, k] of the k = ceil(q N) highest scores per row (at least one), sorted by
+    position. The count is the one svitt.sparsity uses for edge accounting."""
+    k = max(1, kept_count(scores.shape[1], keep_rate))
     return scores.topk(k, dim=1).indices.sort(dim=1).values
 
 
