@@ -90,3 +90,34 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_dist() or world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK in the environment);
+    a plain `python` run stays single-process. NCCL on GPUs, gloo on CPU.
+
+    Returns (rank, world_size, device)."""
+    import os
+
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return rank(), world_size(), dev
+
+
+def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (SUM by default); a no-op when not distributed."""
+    if is_dist():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()

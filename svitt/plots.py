@@ -1,0 +1,119 @@
+"""Figures of the workflow, one function per figure; each reads plain JSON/JSONL results."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _save(fig, out: str | Path):
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def plot_training_curves(metrics: dict[str, str | Path], out: str | Path):
+    """Loss per objective over optimiser steps, stages laid end to end in the given order.
+    metrics: {stage name: metrics.jsonl}."""
+    rows = {name: read_jsonl(path) for name, path in metrics.items()}
+    keys = sorted({k for rs in rows.values() for r in rs for k in r}
+                  & {"loss", "vtc", "egonce", "vtm", "mlm"}, key=["loss", "vtc", "egonce", "vtm", "mlm"].index)
+    if not keys:
+        raise ValueError(f"no loss columns in {list(metrics.values())}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    offset = 0
+    for name, rs in rows.items():
+        if not rs:
+            continue
+        steps = [offset + r["step"] for r in rs]
+        for ax, key in zip(axes[0], keys):
+            values = [r.get(key) for r in rs]
+            if any(v is not None for v in values):
+                ax.plot(steps, values, label=name, lw=1.2)
+        offset = steps[-1]
+        for ax in axes[0]:
+            ax.axvline(offset, color="0.85", lw=0.8, zorder=0)
+    for ax, key in zip(axes[0], keys):
+        ax.set_title({"loss": "total loss", "vtc": "VTC (InfoNCE)", "egonce": "EgoNCE",
+                      "vtm": "VTM", "mlm": "MLM"}[key])
+        ax.set_xlabel("optimiser step (stages end to end)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Pretraining curriculum: training losses")
+    _save(fig, out)
+
+
+def plot_retrieval(results: dict[str, str | Path], out: str | Path):
+    """Zero-shot text-to-video recall and temporal twin accuracy per checkpoint.
+    results: {checkpoint name: evaluation JSON of svitt.evaluation.evaluate_retrieval}."""
+    data = {name: json.loads(Path(p).read_text()) for name, p in results.items()}
+    names = list(data)
+    fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6))
+    width = 0.8 / 3
+    for i, k in enumerate(("t2v_r1", "t2v_r5", "t2v_r10")):
+        ax_r.bar([j + (i - 1) * width for j in range(len(names))],
+                 [data[n]["metrics"][k] for n in names], width, label=k.replace("t2v_", "R@").upper())
+    chance = next(iter(data.values()))["chance_r1"] if data else 0
+    ax_r.axhline(chance, color="k", ls=":", lw=1, label="chance R@1")
+    ax_r.set_xticks(range(len(names)), names, rotation=20)
+    ax_r.set_ylabel("text-to-video recall (%)")
+    ax_r.set_title("Zero-shot retrieval (test split)")
+    ax_r.legend(fontsize=8)
+    kinds = [k for k in ("time_reversed", "event_order") if any(k in d.get("twins", {}) for d in data.values())]
+    width = 0.8 / max(1, len(kinds))
+    for i, kind in enumerate(kinds):
+        ax_t.bar([j + (i - (len(kinds) - 1) / 2) * width for j in range(len(names))],
+                 [data[n].get("twins", {}).get(kind, float("nan")) for n in names], width,
+                 label=kind.replace("_", "-") + " twins")
+    ax_t.axhline(50, color="k", ls=":", lw=1, label="chance (50%)")
+    ax_t.set_ylim(0, 100)
+    ax_t.set_xticks(range(len(names)), names, rotation=20)
+    ax_t.set_ylabel("caption chosen correctly (%)")
+    ax_t.set_title("Temporal twins: own caption vs twin's")
+    ax_t.legend(fontsize=8)
+    _save(fig, out)
+
+
+def plot_egomcq(results: dict[str, str | Path], out: str | Path):
+    """EgoMCQ inter- and intra-video accuracy per checkpoint (chance 20%)."""
+    data = {name: json.loads(Path(p).read_text()) for name, p in results.items()}
+    names = list(data)
+    fig, ax = plt.subplots(figsize=(4 + len(names), 3.4))
+    for i, kind in enumerate(("inter", "intra")):
+        ax.bar([j + (i - 0.5) * 0.38 for j in range(len(names))],
+               [data[n]["metrics"][kind] for n in names], 0.38, label=f"{kind}-video")
+    ax.axhline(20, color="k", ls=":", lw=1, label="chance (20%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("EgoMCQ")
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def plot_sparsity(models: dict[str, str | Path], out: str | Path):
+    """Attention edges and overall sparsity S (appendix eq. 19) of each stage's model."""
+    info = {name: json.loads(Path(p).read_text()) for name, p in models.items()}
+    names = list(info)
+    fig, ax = plt.subplots(figsize=(4 + len(names), 3.4))
+    ax.bar(names, [info[n]["edges"] / 1e3 for n in names], color="tab:blue")
+    ax.set_ylabel("attention edges (thousands)")
+    ax2 = ax.twinx()
+    ax2.plot(names, [info[n]["sparsity"] for n in names], "o-", color="tab:red")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("sparsity S", color="tab:red")
+    ax.set_xticks(range(len(names)), [f"{n}\nT={info[n]['frames']}" for n in names])
+    ax.set_title("Edges and sparsity per stage")
+    _save(fig, out)

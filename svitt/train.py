@@ -1,0 +1,399 @@
+"""One pretraining stage: the loop of SViTT's curriculum and of SViTT-Ego (open_clip style).
+
+    cfg = resolve_train_config(stage_config)        # every key checked before any data loads
+    train(cfg, data=TrainData(...), out_dir=...)    # resumes from out_dir/checkpoint.pt
+
+Single process on a CPU, or one process per GPU under torchrun (DDP; contrastive embeddings are
+gathered across ranks in svitt.losses). Writes out_dir/metrics.jsonl while training and, at the
+end, model.safetensors + model.json. Resume is exact: the checkpoint holds every RNG the run draws
+from and the position inside the epoch, and data augmentation is seeded per (epoch, sample).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from svitt import distributed as dist
+from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
+                              load_training_state, restore_rng)
+from svitt.losses import mask_tokens
+from svitt.models.svitt import SViTT, resolve_model_config
+from svitt.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
+from svitt.scheduler import cosine_lr, set_lr
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, rerun to continue
+OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")
+
+_NUMBER = (int, float)
+# key: (accepted types, default; REQUIRED = no default)
+REQUIRED = object()
+TRAIN_KEYS = {
+    "name": (str, REQUIRED),
+    "model": (dict, REQUIRED),
+    "objectives": (dict, REQUIRED),
+    "epochs": (int, REQUIRED),
+    "batch_size": (int, REQUIRED),
+    "lr": (_NUMBER, REQUIRED),
+    "data": (dict, {}),
+    "mlm_prob": (_NUMBER, 0.15),
+    "egonce_temperature": (_NUMBER, 0.05),
+    "max_steps": ((int, type(None)), None),
+    "grad_accum": (int, 1),
+    "min_lr": (_NUMBER, 0.0),
+    "warmup_epochs": (_NUMBER, 1.0),
+    "weight_decay": (_NUMBER, 0.02),
+    "betas": (list, [0.9, 0.999]),
+    "clip_grad_norm": ((int, float, type(None)), None),
+    "precision": (str, "auto"),
+    "compile": (bool, False),
+    "device": (str, "auto"),
+    "seed": (int, 0),
+    "checkpoint_every": (int, 200),
+    "log_every": (int, 10),
+}
+DATA_KEYS = {
+    "kind": (str, "webvid"),  # webvid (video-text pairs) | egoclip (with tags + scene negatives)
+    "text_len": (int, 32),
+    "flip": (bool, True),
+    "scale": (list, [0.5, 1.0]),
+    "mean": (list, [0.5, 0.5, 0.5]),
+    "std": (list, [0.5, 0.5, 0.5]),
+    "twin_batches": (bool, False),
+    "num_workers": (int, 2),
+}
+
+
+def _check_section(cfg: dict, spec: dict, section: str) -> dict:
+    unknown = sorted(set(cfg) - set(spec))
+    if unknown:
+        raise ValueError(f"unknown {section} key(s) {unknown}; expected some of {sorted(spec)}")
+    out = {}
+    for key, (types, default) in spec.items():
+        if key not in cfg:
+            if default is REQUIRED:
+                raise ValueError(f"{section} config is missing the required key '{key}'")
+            out[key] = copy.deepcopy(default)
+            continue
+        value = cfg[key]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise ValueError(f"{section}.{key} must be {_type_names(types)}, got {value!r}")
+        if not isinstance(value, types):
+            raise ValueError(f"{section}.{key} must be {_type_names(types)}, got {value!r} "
+                             f"({type(value).__name__})")
+        out[key] = copy.deepcopy(value)
+    return out
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def resolve_train_config(cfg: dict) -> dict:
+    """Defaults and validation of a stage config; raises ValueError naming the key."""
+    out = _check_section(cfg, TRAIN_KEYS, "stage")
+    out["data"] = _check_section(out["data"], DATA_KEYS, "stage.data")
+    resolve_model_config(_with_vocab(out["model"], 1))  # validates every model key now
+    for key in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        if out[key] < 1:
+            raise ValueError(f"stage.{key} must be >= 1, got {out[key]}")
+    if out["precision"] not in PRECISIONS:
+        raise ValueError(f"stage.precision must be one of {PRECISIONS}, got {out['precision']!r}")
+    unknown = sorted(set(out["objectives"]) - set(OBJECTIVES))
+    if unknown or not out["objectives"]:
+        raise ValueError(f"stage.objectives {sorted(out['objectives'])} must be a non-empty mapping "
+                         f"of {OBJECTIVES} to loss weights")
+    if "vtc" in out["objectives"] and "egonce" in out["objectives"]:
+        raise ValueError("stage.objectives: use either 'vtc' (InfoNCE) or 'egonce', not both")
+    if "egonce" in out["objectives"] and out["data"]["kind"] != "egoclip":
+        raise ValueError("stage.objectives 'egonce' needs data.kind 'egoclip' (noun/verb tags)")
+    if out["data"]["kind"] not in ("webvid", "egoclip"):
+        raise ValueError(f"stage.data.kind must be 'webvid' or 'egoclip', got {out['data']['kind']!r}")
+    if not 0 < out["mlm_prob"] < 1:
+        raise ValueError(f"stage.mlm_prob must be in (0, 1), got {out['mlm_prob']}")
+    return out
+
+
+@dataclass
+class TrainData:
+    """Where the stage's data comes from (the workflow passes these as file inputs)."""
+    shards: list
+    annotations: str
+    tokenizer: str
+    init: str | None = None  # previous stage's model.safetensors (temporal bias resized)
+    extra: dict = field(default_factory=dict)
+
+
+class _StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to save and exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Preempted(Exception):
+    """Raised after saving a checkpoint on SIGTERM/SIGUSR1."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases, norms, layer scales, tokens, bias tables and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.endswith(("cls_token", "relative_position_bias_table", "temp"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _with_vocab(model_cfg: dict, vocab_size: int) -> dict:
+    """model.text.vocab_size: null means "the tokenizer's size"; fill it in."""
+    model_cfg = copy.deepcopy(model_cfg)
+    text = model_cfg.setdefault("text", {})
+    if "vocab_size" in text and text["vocab_size"] is None:
+        text["vocab_size"] = vocab_size
+    return model_cfg
+
+
+def build_stage_model(cfg: dict, data: TrainData, tokenizer) -> SViTT:
+    """The stage's model: fresh (optionally from image/text weights) or from the previous stage."""
+    model = SViTT(_with_vocab(cfg["model"], len(tokenizer)))
+    if len(tokenizer) > model.cfg["text"]["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
+                         f"{model.cfg['text']['vocab_size']}")
+    if data.init:
+        from safetensors.torch import load_file
+
+        model.load_stage_checkpoint(load_file(str(data.init)))
+    else:
+        model.load_pretrained_weights()
+    return model
+
+
+def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
+          progress: bool = True) -> dict:
+    """Run (or continue) one stage. Returns a summary dict; raises Preempted on SIGTERM/SIGUSR1."""
+    from svitt.data.pipeline import build_train_loader, load_tokenizer
+
+    cfg = resolve_train_config(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world, device = dist.init_distributed(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    precision = resolve_precision(cfg["precision"], device)
+
+    tokenizer = load_tokenizer(data.tokenizer)
+    model = build_stage_model(cfg, data, tokenizer).to(device)
+    cfg["model"] = model.cfg  # fully resolved (vocab size filled in), stored with the weights
+    digest = config_digest({k: v for k, v in cfg.items() if k not in ("log_every", "checkpoint_every")})
+
+    per_step = cfg["batch_size"] // (world * cfg["grad_accum"])
+    if per_step < 2 or per_step * world * cfg["grad_accum"] != cfg["batch_size"]:
+        raise ValueError(f"stage.batch_size {cfg['batch_size']} must split evenly into at least 2 "
+                         f"clips per step over {world} rank(s) x grad_accum {cfg['grad_accum']}")
+    loaders = build_train_loader(cfg, data, tokenizer, per_step, rank, world)
+    steps_per_epoch = loaders.batches_per_epoch // cfg["grad_accum"]
+    if steps_per_epoch < 1:
+        raise ValueError(f"the dataset gives {loaders.batches_per_epoch} batches of {per_step} per "
+                         f"rank: too few for one optimiser step (grad_accum {cfg['grad_accum']})")
+    total = steps_per_epoch * cfg["epochs"]
+    if cfg["max_steps"]:
+        total = min(total, cfg["max_steps"])
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
+                                  betas=tuple(cfg["betas"]))
+    scaler = grad_scaler(precision, device)
+    step = 0
+    ckpt_path = out_dir / "checkpoint.pt"
+    generator = model.video_encoder.layout_generator
+    if resume and ckpt_path.exists():
+        state = load_training_state(ckpt_path)
+        if state["config_digest"] == digest and state["world_size"] == world:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"], generator)
+            step = state["step"]
+            _log(rank, f"resumed {cfg['name']} from {ckpt_path} at step {step}/{total}")
+        else:
+            _log(rank, f"ignoring {ckpt_path}: it was written for another config or world size")
+    _truncate_metrics(out_dir / "metrics.jsonl", step, rank)
+
+    net = model
+    if world > 1:
+        unused = set(cfg["objectives"]) != {"vtc", "vtm", "mlm"} and \
+            set(cfg["objectives"]) != {"egonce", "vtm", "mlm"}
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused)
+    if cfg["compile"]:
+        net = torch.compile(net)
+
+    def save():
+        if rank == 0:
+            atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "rng": capture_rng(generator),
+                "config": cfg, "config_digest": digest, "world_size": world}, ckpt_path)
+        dist.barrier()
+
+    objectives = tuple(cfg["objectives"])
+    bar = tqdm(total=total, initial=step, desc=cfg["name"], disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
+    last = {}
+    try:
+        with _StopFlag() as stop:
+            while step < total:
+                epoch, skip = divmod(step, steps_per_epoch)
+                batches = iter(loaders.epoch(epoch, skip_batches=skip * cfg["grad_accum"]))
+                for _ in range(skip, steps_per_epoch):
+                    if step >= total:
+                        break
+                    start = time.perf_counter()
+                    lr = cosine_lr(step, total, warmup, cfg["lr"], cfg["min_lr"])
+                    set_lr(optimizer, lr)
+                    parts, clips = _optimizer_step(net, model, optimizer, scaler, batches, cfg,
+                                                   objectives, tokenizer, device, precision)
+                    flags = torch.tensor([float(not all(math.isfinite(v) for v in parts.values())),
+                                          float(stop.requested)], device=device)
+                    dist.all_reduce_(flags)
+                    if flags[0] > 0:
+                        raise NonFiniteLoss(
+                            f"non-finite loss at step {step} of stage {cfg['name']} ({parts}); "
+                            f"the last good checkpoint {ckpt_path} is kept")
+                    step += 1
+                    seconds = time.perf_counter() - start
+                    last = _record(parts, step, epoch, lr, clips * world / seconds, metrics_file, cfg, total)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", clips_s=f"{last['clips_per_s']:.1f}")
+                    if flags[1] > 0:
+                        save()
+                        raise Preempted(f"stage {cfg['name']} stopped by signal at step {step}; "
+                                        f"checkpoint saved to {ckpt_path}")
+                    if step % cfg["checkpoint_every"] == 0 and step < total:
+                        save()
+        save()
+        if rank == 0:
+            export_model(model, out_dir, _model_info(cfg, step, last))
+        dist.barrier()
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    return {"name": cfg["name"], "steps": step, **last}
+
+
+def _optimizer_step(net, model, optimizer, scaler, batches, cfg, objectives, tokenizer, device,
+                    precision):
+    """Forward/backward over grad_accum micro-batches and one optimiser step.
+    Returns ({loss name: value averaged over micro-batches}, clips seen by this rank)."""
+    weights = cfg["objectives"]
+    sums, clips = {}, 0
+    optimizer.zero_grad(set_to_none=True)
+    for micro in range(cfg["grad_accum"]):
+        batch = next(batches)
+        inputs = _to_device(batch, device)
+        if "mlm" in objectives:
+            inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
+                inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
+                tokenizer.all_special_ids, cfg["mlm_prob"])
+        sync = micro == cfg["grad_accum"] - 1 or not hasattr(net, "no_sync")
+        ctx = net.no_sync() if not sync else _null()
+        with ctx, autocast(precision, device):
+            losses = net(objectives=objectives, egonce_temperature=cfg["egonce_temperature"], **inputs)
+            loss = sum(weights[k] * losses[k] for k in objectives)
+        scaler.scale(loss / cfg["grad_accum"]).backward()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item() / cfg["grad_accum"]
+        sums["loss"] = sums.get("loss", 0.0) + loss.item() / cfg["grad_accum"]
+        clips += inputs["video"].shape[0]
+    if cfg["clip_grad_norm"]:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad_norm"])
+    if all(math.isfinite(v) for v in sums.values()):
+        scaler.step(optimizer)
+        scaler.update()
+    return sums, clips
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _to_device(batch: dict, device) -> dict:
+    keys = ("video", "input_ids", "attention_mask", "nouns", "verbs")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def _record(parts, step, epoch, lr, clips_per_s, metrics_file, cfg, total) -> dict:
+    row = {"stage": cfg["name"], "step": step, "epoch": epoch, "lr": lr,
+           "clips_per_s": clips_per_s, **{k: float(v) for k, v in parts.items()}}
+    if metrics_file and (step % cfg["log_every"] == 0 or step == total or step == 1):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+    return row
+
+
+def _truncate_metrics(path: Path, step: int, rank: int):
+    """Drop metric rows past the resumed step (they belong to the run that was cut off)."""
+    if rank != 0 or not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _model_info(cfg: dict, step: int, last: dict) -> dict:
+    from svitt.sparsity import edge_count
+
+    video, text = cfg["model"]["video"], cfg["model"]["text"]
+    sparse = video["block_size"] is not None
+    counts = edge_count(
+        frames=video["frames"], local_blocks=video["local_blocks"] if sparse else None,
+        random_blocks=video["random_blocks"] if sparse else None,
+        block_size=video["block_size"] if sparse else None, visual_keep=video["visual_keep"],
+        multimodal_keep=text["multimodal_keep"], text_len=cfg["data"]["text_len"],
+        image_size=video["image_size"], patch_size=video["patch_size"], depth=video["depth"],
+        fusion_layers=text["fusion_layers"], prune_layers=tuple(video["prune_layers"]),
+        tubelet_frames=video["tubelet_frames"])
+    return {"name": cfg["name"], "steps": step, "frames": video["frames"],
+            "final": {k: v for k, v in last.items() if isinstance(v, float)},
+            "edges": counts["edges"], "sparsity": counts["sparsity"],
+            "model_config": cfg["model"], "train_config": {k: v for k, v in cfg.items() if k != "model"}}
+
+
+def _log(rank: int, message: str):
+    if rank == 0:
+        tqdm.write(message)
