@@ -118,3 +118,145 @@ def egomcq_accuracy(scores, answers, types) -> dict[str, float]:
         selected = types == type_id
         out[name] = float(100.0 * correct[selected].mean()) if selected.any() else math.nan
     return out
+
+
+def twin_accuracy(sim, pairs) -> dict[str, float]:
+    """Temporal twins: does each video score its own caption above its twin's? In percent.
+
+    sim: [num_videos, num_videos], sim[v, w] = score of video v with the caption of video w;
+    pairs: [(a, b, kind)] video indices of twins, kind e.g. "reverse" (time-reversed twins: same
+    frames in reverse order) or "order" (the same two events in the other order). Each pair gives
+    two decisions (a between captions a and b, and b likewise); ties count as wrong, so a model
+    blind to frame order scores 0% on exact ties and ~50% otherwise.
+    Returns {kind: accuracy} for each kind present.
+    """
+    sim = _to_numpy(sim, "sim").astype(np.float64)
+    _check_finite(sim, "sim")
+    correct: dict[str, list[bool]] = {}
+    for a, b, kind in pairs:
+        correct.setdefault(kind, []).extend([sim[a, a] > sim[a, b], sim[b, b] > sim[b, a]])
+    return {kind: float(100.0 * np.mean(hits)) for kind, hits in correct.items()}
+
+
+# ----------------------------------------------------------------------------- model-driven
+
+TWIN_NAMES = {"reverse": "time_reversed", "order": "event_order"}
+
+
+def _video_loader(dataset, batch_size: int, num_workers: int):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def embed_videos(model, dataset, batch_size: int = 16, num_workers: int = 0, device="cpu",
+                 keep_tokens: bool = False, progress: bool = True):
+    """Video embeddings [Nv, E] (and, with keep_tokens, the fusion tokens [Nv, 1 + N', D])."""
+    import torch
+    from tqdm import tqdm
+
+    embs, tokens = [], []
+    with torch.no_grad():
+        for batch in tqdm(_video_loader(dataset, batch_size, num_workers), desc="videos",
+                          disable=not progress):
+            tok, emb = model.encode_video(batch["video"].to(device))
+            embs.append(emb.float().cpu())
+            if keep_tokens:
+                tokens.append(tok.float().cpu())
+    return torch.cat(embs), (torch.cat(tokens) if keep_tokens else None)
+
+
+def embed_texts(model, collator, texts: list[str], batch_size: int = 64, device="cpu"):
+    """Text embeddings [Nt, E], text hidden states [Nt, L, D] and masks [Nt, L] (padded to the
+    longest text of all)."""
+    import torch
+
+    tokens = collator.tokenize(texts)
+    embs, hidden = [], []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            ids = tokens["input_ids"][start:start + batch_size].to(device)
+            mask = tokens["attention_mask"][start:start + batch_size].to(device)
+            h, emb = model.encode_text(ids, mask)
+            embs.append(emb.float().cpu())
+            hidden.append(h.float().cpu())
+    return torch.cat(embs), torch.cat(hidden), tokens["attention_mask"]
+
+
+def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: int = 64, device="cpu"):
+    """Matching scores of (text i, video j) pairs [(i, j), ...] through the fusion layers."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            t = torch.tensor([p[0] for p in chunk])
+            v = torch.tensor([p[1] for p in chunk])
+            out.append(model.vtm_score(text_hidden[t].to(device), text_mask[t].to(device),
+                                       video_tokens[v].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate_retrieval(model, dataset, collator, batch_size: int = 16, rerank_k: int = 16,
+                       num_workers: int = 0, device="cpu", progress: bool = True) -> dict:
+    """Zero-shot retrieval of a RetrievalDataset: recall from the contrastive similarity (itc)
+    and after re-ranking each text's top-k videos by the matching head (vtm, as Singularity does),
+    plus temporal twin accuracy when the annotation defines twins."""
+    import torch
+
+    model = model.to(device).eval()
+    video_emb, video_tokens = embed_videos(model, dataset, batch_size, num_workers, device,
+                                           keep_tokens=rerank_k > 0, progress=progress)
+    text_emb, text_hidden, text_mask = embed_texts(model, collator, dataset.texts, device=device)
+    sim = text_emb @ video_emb.T  # [Nt, Nv]
+    result = {"num_videos": len(dataset), "num_texts": len(dataset.texts),
+              "chance_r1": 100.0 / len(dataset), "metrics": retrieval_metrics(sim, dataset.text_to_video)}
+    first_text = [texts[0] for texts in dataset.video_to_texts]
+    pairs_by_kind = dataset.twin_pairs
+    if pairs_by_kind:
+        video_by_caption = sim[first_text].T  # [Nv, Nv]: video v with caption of video w
+        result["twins"] = {TWIN_NAMES.get(k, k): v for k, v in
+                           twin_accuracy(video_by_caption, pairs_by_kind).items()}
+    if rerank_k > 0:
+        k = min(rerank_k, sim.shape[1])
+        top = sim.topk(k, dim=1).indices
+        pairs = [(i, int(j)) for i in range(sim.shape[0]) for j in top[i]]
+        scores = vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, device=device)
+        reranked = sim.clone()
+        offset = 1e4  # re-ranked top-k above every other video
+        reranked[[p[0] for p in pairs], [p[1] for p in pairs]] = scores + offset
+        result["metrics_vtm"] = retrieval_metrics(reranked, dataset.text_to_video)
+        result["rerank_k"] = k
+        if pairs_by_kind:
+            twin_pairs = [(first_text[v], w) for a, b, _ in pairs_by_kind for v, w in
+                          ((a, a), (a, b), (b, b), (b, a))]
+            twin = vtm_scores(model, text_hidden, text_mask, video_tokens, twin_pairs, device=device)
+            matrix = torch.full((len(dataset), len(dataset)), float("nan"))
+            for (t, w), s in zip(twin_pairs, twin):
+                matrix[w, dataset.text_to_video[t]] = s
+            result["twins_vtm"] = {TWIN_NAMES.get(k, k): v for k, v in
+                                   twin_accuracy(torch.nan_to_num(matrix, nan=0.0), pairs_by_kind).items()}
+    return result
+
+
+def evaluate_egomcq(model, dataset, collator, num_workers: int = 0, device="cpu",
+                    progress: bool = True) -> dict:
+    """EgoMCQ with the dual encoder: each query text against its 5 candidate clips."""
+    import torch
+    from tqdm import tqdm
+
+    model = model.to(device).eval()
+    scores, answers, types = [], [], []
+    with torch.no_grad():
+        for batch in tqdm(_video_loader(dataset, 1, num_workers), desc="EgoMCQ", disable=not progress):
+            choices = batch["choices"][0].to(device)  # [5, T, 3, H, W]
+            _, video_emb = model.encode_video(choices)
+            text_emb = embed_texts(model, collator, list(batch["query"]), device=device)[0]
+            scores.append((text_emb.to(device) @ video_emb.T)[0].float().cpu())
+            answers.append(int(batch["answer"][0]))
+            types.append(int(batch["type"][0]))
+    scores = torch.stack(scores)
+    metrics = egomcq_accuracy(scores, answers, types)
+    return {"num_questions": len(answers), "metrics": metrics,
+            "counts": {"inter": types.count(1), "intra": types.count(2)}}

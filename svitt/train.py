@@ -68,6 +68,8 @@ DATA_KEYS = {
     "std": (list, [0.5, 0.5, 0.5]),
     "twin_batches": (bool, False),
     "num_workers": (int, 2),
+    "num_nouns": (int, 582),  # EgoClip tag vocabulary sizes (Ego4D taxonomy as in EgoVLP)
+    "num_verbs": (int, 118),
 }
 
 

@@ -16,8 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from svitt.devices import acquire, release, visible_gpu_count
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
+
+from svitt.devices import acquire, release, visible_gpu_count  # noqa: E402
 
 
 def parse_args(argv=None):

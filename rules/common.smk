@@ -1,0 +1,233 @@
+"""Helpers of the rules: config checks, canonical params, stage lookups, paths."""
+
+import copy
+import json
+import re
+
+from snakemake.utils import validate
+
+# YAML 1.1 reads 1e-5 (no dot) as a string; users write learning rates that way.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_numbers(v) for v in obj]
+    if isinstance(obj, str) and _SCIENTIFIC.fullmatch(obj):
+        return float(obj)
+    return obj
+
+
+config.update(_numbers(dict(config)))
+validate(config, "../schemas/config.schema.yaml", set_default=True)
+
+
+def canonical(obj) -> str:
+    """One spelling per config slice: key order, YAML layout and number format do not matter,
+    so only real edits change a rule's params (and rerun it)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def cli_flags(settings, skip=()):
+    """{"max_bytes": 5} -> "--max-bytes 5", keys sorted: a canonical string for params."""
+    return " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in sorted(settings.items())
+        if k not in skip
+    )
+
+
+# ---------------------------------------------------------------------------------------- data
+
+DATASETS = config["datasets"]
+
+
+def dataset(name):
+    if name not in DATASETS:
+        raise ValueError(
+            f"dataset {name!r} is not configured under `datasets` (have {sorted(DATASETS)})"
+        )
+    return DATASETS[name]
+
+
+def is_video_list(name):
+    """A CSV/TSV/JSON video list is downloaded; anything else is a folder of videos on disk."""
+    return dataset(name)["videos"].endswith((".csv", ".tsv", ".json"))
+
+
+def shard_paths(name):
+    n = dataset(name)["shards"]
+    return [f"resources/frames/{name}/shard-{i:03d}-of-{n:03d}.h5" for i in range(n)]
+
+
+def demo_file(path):
+    """Files the demo corpus generates; real data must exist already (see README, Data)."""
+    return path
+
+
+# ------------------------------------------------------------------------------------- pretrain
+
+VIDEO_STAGE_KEYS = (
+    "frames",
+    "local_blocks",
+    "random_blocks",
+    "block_size",
+    "visual_keep",
+    "prune_layers",
+)
+TEXT_STAGE_KEYS = ("multimodal_keep",)
+STAGE_ONLY_KEYS = ("init", "dataset")
+
+
+def _stages():
+    stages = {s["name"]: s for s in config["pretrain"]["curriculum"]}
+    ego = config["pretrain"].get("egoclip")
+    if ego:
+        stages[ego["name"]] = ego
+    return stages
+
+
+STAGES = _stages()
+CURRICULUM = [s["name"] for s in config["pretrain"]["curriculum"]]
+EGO_STAGE = (
+    config["pretrain"]["egoclip"]["name"] if config["pretrain"].get("egoclip") else None
+)
+
+
+def _check_inits():
+    for name, stage in STAGES.items():
+        init = stage.get("init")
+        if init is not None and init not in STAGES:
+            raise ValueError(
+                f"pretrain stage {name!r} starts from {init!r}, which is not a stage "
+                f"(have {sorted(STAGES)})"
+            )
+
+
+_check_inits()
+
+
+def _merge(base, override):
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_config(name):
+    """The config svitt.train reads for one stage: model with the stage's sparsity, and the
+    stage's optimisation settings over pretrain.defaults."""
+    stage = STAGES[name]
+    model = copy.deepcopy(config["model"])
+    for key in VIDEO_STAGE_KEYS:
+        if key in stage:
+            model["video"][key] = stage[key]
+    for key in TEXT_STAGE_KEYS:
+        if key in stage:
+            model["text"][key] = stage[key]
+    train = {
+        k: v
+        for k, v in stage.items()
+        if k not in VIDEO_STAGE_KEYS + TEXT_STAGE_KEYS + STAGE_ONLY_KEYS
+    }
+    cfg = _merge(config["pretrain"].get("defaults", {}), train)
+    cfg["model"] = model
+    if stage_dataset(name) != "webvid" and "clips" in dataset(stage_dataset(name)):
+        cfg.setdefault("data", {})["kind"] = "egoclip"
+    return cfg
+
+
+def stage_dataset(name):
+    return STAGES[name].get("dataset", "webvid")
+
+
+def stage_inputs(wildcards):
+    stage = STAGES[wildcards.stage]
+    name = stage_dataset(wildcards.stage)
+    inputs = {
+        "shards": shard_paths(name),
+        "annotations": dataset(name)["annotations"],
+        "tokenizer": f"{config['tokenizer']}/vocab.txt",
+    }
+    if stage.get("init"):
+        inputs["init"] = f"results/pretrain/{stage['init']}/model.safetensors"
+    for key in ("video_weights", "text_weights"):
+        if not stage.get("init") and config["model"].get(key):
+            inputs[key] = config["model"][key]
+    return inputs
+
+
+def init_flag(wildcards, input):
+    return f"--init {input.init}" if "init" in input.keys() else ""
+
+
+def launch(section):
+    """Prefix of a GPU job: leases distinct GPUs, uses torchrun for several."""
+    return f"python workflow_scripts/launch.py --gpus {config[section]['gpus']} --"
+
+
+# ----------------------------------------------------------------------------- rule inputs
+
+
+def download_input(wildcards):
+    return (
+        dataset(wildcards.dataset)["videos"] if is_video_list(wildcards.dataset) else []
+    )
+
+
+def download_source(wildcards):
+    ds = dataset(wildcards.dataset)
+    annotations = ds["annotations"]
+    if is_video_list(wildcards.dataset):
+        return f"--csv {ds['videos']}"
+    if ds.get("ego4d_cli"):
+        return f"--csv {annotations} --ego4d-cli"
+    return f"--csv {annotations} --local-dir {ds['videos']}"
+
+
+def clip_flag(wildcards):
+    ds = dataset(wildcards.dataset)
+    mode = ds.get("clips")
+    return {
+        None: "",
+        "egoclip": f"--clips {ds['annotations']}",
+        "egomcq": f"--mcq {ds['annotations']}",
+    }[mode]
+
+
+def eval_settings(task):
+    return canonical(config["evaluation"][task])
+
+
+def retrieval_results(dataset_name):
+    return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in CURRICULUM}
+
+
+def egomcq_results():
+    stages = CURRICULUM + ([EGO_STAGE] if EGO_STAGE else [])
+    return {s: f"results/eval/egomcq/{s}.json" for s in stages}
+
+
+def all_stages():
+    return CURRICULUM + ([EGO_STAGE] if EGO_STAGE else [])
+
+
+def named(paths):
+    """{name: path} -> "name=path ..." for the plot CLI (insertion order kept)."""
+    return " ".join(f"{k}={v}" for k, v in paths.items())
+
+
+def final_outputs():
+    figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
+    figures += [
+        f"results/figures/retrieval_{d}.png"
+        for d in config["evaluation"]["retrieval"]["datasets"]
+    ]
+    if config["evaluation"].get("egomcq"):
+        figures.append("results/figures/egomcq.png")
+    return figures

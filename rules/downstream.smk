@@ -1,0 +1,60 @@
+"""Downstream evaluation: zero-shot retrieval of every stage, EgoMCQ of the EgoClip model.
+
+Finetuning and QA rules slot in beside these, writing results/eval/<task>/<dataset>/<model>.json.
+"""
+
+
+rule eval_retrieval:
+    input:
+        model="results/pretrain/{stage}/model.safetensors",
+        shards=lambda w: shard_paths(w.dataset),
+        annotations=lambda w: dataset(w.dataset)["annotations"],
+        tokenizer=f"{config['tokenizer']}/vocab.txt",
+    output:
+        "results/eval/retrieval/{dataset}/{stage}.json",
+    log:
+        "logs/eval/retrieval/{dataset}/{stage}.log",
+    conda:
+        "../envs/svitt.yaml"
+    threads: 2
+    resources:
+        gpu=config["evaluation"]["gpus"],
+        mem_mb=config["evaluation"]["mem_mb"],
+        runtime=config["evaluation"]["runtime"],
+    params:
+        settings=eval_settings("retrieval"),
+        launch=launch("evaluation"),
+    shell:
+        "{params.launch} workflow_scripts/evaluate.py retrieval --model {input.model} "
+        "--shards {input.shards} --annotations {input.annotations} "
+        "--tokenizer $(dirname {input.tokenizer}) --config-json {params.settings:q} "
+        "--out {output} > {log} 2>&1"
+
+
+rule eval_egomcq:
+    input:
+        model="results/pretrain/{stage}/model.safetensors",
+        shards=lambda w: shard_paths(config["evaluation"]["egomcq"]["dataset"]),
+        annotations=lambda w: dataset(config["evaluation"]["egomcq"]["dataset"])[
+            "annotations"
+        ],
+        tokenizer=f"{config['tokenizer']}/vocab.txt",
+    output:
+        "results/eval/egomcq/{stage}.json",
+    log:
+        "logs/eval/egomcq/{stage}.log",
+    conda:
+        "../envs/svitt.yaml"
+    threads: 2
+    resources:
+        gpu=config["evaluation"]["gpus"],
+        mem_mb=config["evaluation"]["mem_mb"],
+        runtime=config["evaluation"]["runtime"],
+    params:
+        settings=eval_settings("egomcq"),
+        launch=launch("evaluation"),
+    shell:
+        "{params.launch} workflow_scripts/evaluate.py egomcq --model {input.model} "
+        "--shards {input.shards} --annotations {input.annotations} "
+        "--tokenizer $(dirname {input.tokenizer}) --config-json {params.settings:q} "
+        "--out {output} > {log} 2>&1"

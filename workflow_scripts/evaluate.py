@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Evaluate an exported SViTT model (results/pretrain/<stage>/model.safetensors).
+
+    python workflow_scripts/evaluate.py retrieval --model M --shards S.h5 ... --annotations A.json \\
+        --tokenizer DIR --out results/eval/retrieval/<dataset>/<stage>.json
+    python workflow_scripts/evaluate.py egomcq --model M --shards ... --annotations egomcq.json \\
+        --tokenizer DIR --out results/eval/egomcq/<stage>.json
+
+Settings (JSON, what the workflow passes): retrieval {batch_size, rerank_k, text_len};
+egomcq {frames, text_len}. The JSON written holds the metrics (percent) and the settings used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
+
+TASKS = ("retrieval", "egomcq")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--model", required=True, type=Path, help="model.safetensors (model.json beside it)")
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--config-json", default="{}", help="task settings as JSON")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    settings = json.loads(args.config_json)
+    import torch
+
+    from svitt.checkpoint import atomic_write_json, load_exported
+    from svitt.data.datasets import EgoMCQDataset, RetrievalDataset
+    from svitt.data.pipeline import PairCollator, load_tokenizer
+    from svitt.data.transforms import EvalTransform
+    from svitt.evaluation import evaluate_egomcq, evaluate_retrieval
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    frames = settings.get("frames") if args.task == "egomcq" else None
+    model, info = load_exported(args.model, frames=frames)
+    video = model.cfg["video"]
+    data_cfg = info["train_config"]["data"]  # normalise as in training
+    transform = EvalTransform(size=video["image_size"], mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+    collator = PairCollator(load_tokenizer(args.tokenizer), settings.get("text_len", 32))
+    progress = not args.no_progress
+    if args.task == "retrieval":
+        data = RetrievalDataset(args.shards, args.annotations, video["frames"], transform)
+        result = evaluate_retrieval(model, data, collator, batch_size=settings.get("batch_size", 16),
+                                    rerank_k=settings.get("rerank_k", 16), device=device, progress=progress)
+    else:
+        data = EgoMCQDataset(args.shards, args.annotations, video["frames"], transform)
+        result = evaluate_egomcq(model, data, collator, device=device, progress=progress)
+    result.update({"task": args.task, "model": str(args.model), "stage": info["name"],
+                   "frames": video["frames"], "settings": settings})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+    print(json.dumps(result.get("metrics")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
