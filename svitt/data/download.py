@@ -559,7 +559,7 @@ def write_manifest(path: str | Path, results: list[DownloadResult]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
         for r in results:
             rel = os.path.relpath(r.path, path.parent.resolve()) if r.path else ""
