@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sample at this rate instead (capped by --frames)")
     p.add_argument("--short-side", type=int, default=40, help="resize so the short side has this many pixels")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--workers", type=int, default=1, help="decoding threads (the rule's `threads`)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (the rule's `threads`)")
     p.add_argument("--max-failed-fraction", type=float, default=0.05)
     p.add_argument("--clips", type=Path, help="tab-separated egoclip.csv: extract its clips")
     p.add_argument("--mcq", type=Path, help="egomcq.json: extract the clips of its queries and choices")

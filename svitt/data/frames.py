@@ -21,7 +21,9 @@ import math
 import os
 import re
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+import functools
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,11 +390,16 @@ def select_shard(jobs: list[VideoJob], shard_index: int, num_shards: int) -> lis
 # Writing a shard
 # ----------------------------------------------------------------------------------------------
 def _bounded_map(fn, items, workers: int):
-    """Like ThreadPoolExecutor.map, in order, with at most 4 * workers items in flight."""
+    """map(fn, items) in order over worker processes, with at most 4 * workers items in flight.
+
+    Processes, not threads: PIL and PyAV hold the GIL long enough that threads gave ~1.2x on 2
+    cores. forkserver: workers start clean (no inherited h5py/decord state or locks).
+    """
     if workers <= 1:
         yield from map(fn, items)
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending = []
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -415,7 +422,8 @@ def extract_to_shard(jobs: list[VideoJob], out: str | Path, cfg: ExtractConfig, 
             f.attrs.update({"format": FORMAT, "version": VERSION, "frames": cfg.frames, "fps": cfg.fps or 0.0,
                             "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality})
             bar = tqdm(total=len(jobs), desc=f"extract {out.name}", unit="video", disable=not progress)
-            for results in _bounded_map(lambda job: run_job(job, cfg), jobs, workers):
+            work = functools.partial(run_job, cfg=cfg) if workers > 1 else (lambda job: run_job(job, cfg))
+            for results in _bounded_map(work, jobs, workers):
                 for item in results:
                     if item.jpegs is None:
                         failures.append((item.key, item.reason))
@@ -424,9 +432,10 @@ def extract_to_shard(jobs: list[VideoJob], out: str | Path, cfg: ExtractConfig, 
                     if key in f:
                         failures.append((item.key, "duplicate id (already in this shard)"))
                         continue
-                    dataset = f.create_dataset(key, shape=(len(item.jpegs),), dtype=vlen)
-                    for i, jpeg in enumerate(item.jpegs):  # one by one: h5py turns equal lengths into 2-D
-                        dataset[i] = np.frombuffer(jpeg, np.uint8)
+                    data = np.empty(len(item.jpegs), dtype=object)
+                    for i, jpeg in enumerate(item.jpegs):  # element-wise: equal lengths must not become 2-D
+                        data[i] = np.frombuffer(jpeg, np.uint8)
+                    dataset = f.create_dataset(key, data=data, dtype=vlen)
                     dataset.attrs.update(item.attrs)
                     written += 1
                 bar.update(1)
