@@ -8,34 +8,45 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+try:  # libjpeg-turbo through torchvision: ~2x faster than PIL for 16 frames at 256 px
+    from torchvision.io import decode_jpeg as _tv_decode_jpeg
+except ImportError:  # pragma: no cover - torchvision without image IO: PIL below
+    _tv_decode_jpeg = None
+
 BEIT_MEAN = (0.5, 0.5, 0.5)
 BEIT_STD = (0.5, 0.5, 0.5)
 
 
 def decode_frames(jpegs: list[np.ndarray]) -> torch.Tensor:
-    """JPEG byte arrays -> uint8 [T, 3, H, W] (PIL; torchvision 0.29 deprecates its JPEG decoder)."""
+    """JPEG byte arrays -> uint8 [T, 3, H, W]."""
+    if _tv_decode_jpeg is not None:
+        with warnings.catch_warnings():  # torchvision 0.29 announces a future move to TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.stack(_tv_decode_jpeg([torch.from_numpy(np.asarray(b, dtype=np.uint8)) for b in jpegs]))
     frames = [np.asarray(Image.open(io.BytesIO(b.tobytes())).convert("RGB")) for b in jpegs]
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
 def normalize(video: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 or [0, 255] float [T, 3, H, W] -> float32 (x / 255 - mean) / std."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (video.to(torch.float32) / 255.0 - mean_t) / std_t
+    """uint8 or [0, 255] float [T, 3, H, W] -> float32 (x / 255 - mean) / std (in two in-place ops)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, 3, 1, 1)
+    return video.to(torch.float32).mul_(scale).add_(shift)
 
 
 def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased; uint8 in, uint8 out (torch's uint8 kernel is ~2.5x the float one)."""
     if video.shape[-2:] == (height, width):
-        return video.to(torch.float32)
-    return F.interpolate(video.to(torch.float32), size=(height, width), mode="bilinear",
-                         align_corners=False, antialias=True)
+        return video
+    return F.interpolate(video.contiguous(), size=(height, width), mode="bilinear", align_corners=False,
+                         antialias=True)
 
 
 def random_resized_crop_params(height: int, width: int, scale, ratio, rng: np.random.Generator):
