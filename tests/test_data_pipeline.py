@@ -97,3 +97,18 @@ def test_eval_and_ego_datasets_on_the_demo(pipeline):
     mcq = ds.EgoMCQDataset(res / "frames" / "ego", corpus / "egomcq.json", 4, EvalTransform(32))
     assert len(mcq) == 4 and mcq[0]["choices"].shape == (5, 4, 3, 32, 32)
     assert torch.isfinite(mcq[0]["choices"]).all()
+
+
+@pytest.mark.parametrize("name, flags", [
+    ("download", ["--csv", "--out", "--manifest", "--workers", "--max-failed-fraction", "--timeout", "--retries",
+                  "--max-bytes", "--local-dir", "--ego4d-cli"]),
+    ("make_demo_corpus", ["--out", "--seed", "--train-videos", "--test-videos", "--qa-videos", "--ego-train-videos"]),
+    ("extract_frames", ["--videos", "--out", "--failures", "--frames", "--short-side", "--workers",
+                        "--max-failed-fraction", "--clips", "--mcq", "--num-shards"]),
+])
+def test_cli_help(name, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script(name).parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in flags)
