@@ -254,3 +254,14 @@ def test_killed_extraction_leaves_no_valid_shard(tmp_path):
     assert not (out_dir / "s.h5").exists()
     with pytest.raises(FileNotFoundError, match="no HDF5 shards"):
         FrameStore(out_dir)
+
+
+def test_unexpected_errors_are_reported_not_fatal(tmp_path, monkeypatch):
+    gray_video(tmp_path / "a.mp4", [10, 20])
+
+    def broken_encoder(frames, cfg):
+        raise OSError("encoder exploded")
+
+    monkeypatch.setattr(fr, "encode_jpegs", broken_encoder)
+    (result,) = fr.run_job(fr.VideoJob("a", tmp_path / "a.mp4"), fr.ExtractConfig(2))
+    assert result.jpegs is None and result.reason == "unexpected error: OSError: encoder exploded"

@@ -272,6 +272,14 @@ class Extracted:
 
 def run_job(job: VideoJob, cfg: ExtractConfig) -> list[Extracted]:
     """Extract one job; failures come back as Extracted with `reason`, never raised."""
+    try:
+        return _run_job(job, cfg)
+    except Exception as exc:  # a decoder or codec surprise: report it, let the other videos proceed
+        keys = [job.id] if job.clips is None else [c.key for c in job.clips]
+        return [Extracted(k, None, {}, f"unexpected error: {_short(exc)}") for k in keys]
+
+
+def _run_job(job: VideoJob, cfg: ExtractConfig) -> list[Extracted]:
     keys = [job.id] if job.clips is None else [c.key for c in job.clips]
     try:
         video = VideoSource(job.source)
