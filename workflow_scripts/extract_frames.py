@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Extract frames of videos (or of EgoClip / EgoMCQ clips of long videos) into one HDF5 shard.
+
+--videos is a download manifest (rows with status ok) or a folder of videos (<id>.mp4, or chunk
+folders <id>/<k>.mp4). Without --clips/--mcq every video becomes one item named by its id; with
+them every clip becomes one item named <video_uid>_<clip_start>_<clip_end> (3 decimals).
+Frames are sampled uniformly over the video or clip, resized to --short-side, JPEG-encoded.
+The shard is written under a temporary name and renamed when complete; --failures lists
+id,reason of everything that could not be extracted. Layout: docs/data.md.
+
+Exit status: 0 when the failed fraction is at most --max-failed-fraction, 1 above it, 2 for
+unusable arguments or inputs (also when there is nothing to extract).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from svitt.data import frames as fr
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", required=True, type=Path, help="download manifest CSV or folder of videos")
+    p.add_argument("--out", required=True, type=Path, help="HDF5 shard to write")
+    p.add_argument("--failures", required=True, type=Path, help="failure report CSV (id,reason) to write")
+    p.add_argument("--frames", type=int, default=32, help="frames stored per video or clip (default 32)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="sample at this rate instead (capped by --frames)")
+    p.add_argument("--short-side", type=int, default=40, help="resize so the short side has this many pixels")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (the rule's `threads`)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.05)
+    p.add_argument("--clips", type=Path, help="tab-separated egoclip.csv: extract its clips")
+    p.add_argument("--mcq", type=Path, help="egomcq.json: extract the clips of its queries and choices")
+    p.add_argument("--num-shards", type=int, default=1, help="split the videos into this many shards")
+    p.add_argument("--shard-index", type=int, default=0, help="which shard this call writes")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.frames < 1 or args.short_side < 1 or args.workers < 1:
+        p.error(f"--frames, --short-side and --workers must be >= 1, got {args.frames}, {args.short_side}, "
+                f"{args.workers}")
+    if args.fps is not None and args.fps <= 0:
+        p.error(f"--fps must be > 0, got {args.fps}")
+    if not 1 <= args.jpeg_quality <= 100:
+        p.error(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
+    if not 0.0 <= args.max_failed_fraction <= 1.0:
+        p.error(f"--max-failed-fraction must be in [0, 1], got {args.max_failed_fraction}")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        p.error(f"--shard-index must be in [0, --num-shards {args.num_shards}), got {args.shard_index}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        sources = fr.discover_videos(args.videos)
+        clips = None
+        if args.clips or args.mcq:
+            clips = {}
+            for reader, path in ((fr.read_egoclip_clips, args.clips), (fr.read_egomcq_clips, args.mcq)):
+                if path:
+                    for uid, items in reader(path).items():
+                        clips.setdefault(uid, []).extend(items)
+        jobs, missing = fr.build_jobs(sources, clips)
+        jobs = fr.select_shard(jobs, args.shard_index, args.num_shards)
+        if args.num_shards > 1:  # a missing video belongs to the shard its uid hashes to
+            shard_uids = {j.id for j in fr.select_shard([fr.VideoJob(m[0].rsplit("_", 2)[0], Path())
+                                                         for m in missing], args.shard_index, args.num_shards)}
+            missing = [m for m in missing if m[0].rsplit("_", 2)[0] in shard_uids]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"extract_frames: error: {exc}", file=sys.stderr)
+        return 2
+    if not jobs and not missing and args.num_shards == 1:
+        print(f"extract_frames: error: no videos to extract from {args.videos}", file=sys.stderr)
+        return 2
+    cfg = fr.ExtractConfig(args.frames, args.fps, args.short_side, args.jpeg_quality)
+    written, failures = fr.extract_to_shard(jobs, args.out, cfg, args.workers, not args.no_progress)
+    failures = missing + failures
+    fr.write_failures(args.failures, failures)
+    total = written + len(failures)
+    fraction = len(failures) / max(1, total)
+    for key, reason in failures:
+        print(f"  failed: {key!r}: {reason}", file=sys.stderr)
+    summary = (f"extract_frames: {written} written, {len(failures)} failed of {total}; failed fraction "
+               f"{fraction:.3f} (limit {args.max_failed_fraction:g}); shard {args.out}")
+    print(summary, file=sys.stderr)
+    if fraction > args.max_failed_fraction:
+        print(f"extract_frames: error: {len(failures)} of {total} items failed, more than "
+              f"--max-failed-fraction {args.max_failed_fraction:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
