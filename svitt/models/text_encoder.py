@@ -22,7 +22,7 @@ TEXT_PRESETS = {
     "bert_base": dict(vocab_size=30522, width=768, depth=12, heads=12, intermediate_size=3072,
                       fusion_layers=3, max_position_embeddings=512),
     "tiny": dict(width=64, depth=4, heads=2, intermediate_size=128, fusion_layers=2,
-                 max_position_embeddings=64),
+                 max_position_embeddings=64, dropout=0.0, init_std=0.1),
 }
 
 TEXT_DEFAULTS = dict(

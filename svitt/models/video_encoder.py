@@ -26,7 +26,7 @@ VIDEO_PRESETS = {
     "beit_base": dict(image_size=224, patch_size=16, depth=12, width=768, heads=12, mlp_ratio=4.0),
     # A few-minute-on-2-CPU-cores model for the demo corpus.
     "tiny": dict(image_size=32, patch_size=8, depth=4, width=64, heads=2, mlp_ratio=2.0,
-                 tubelet_frames=2, prune_layers=[2, 3], layer_scale_init=None),
+                 tubelet_frames=2, prune_layers=[2, 3], layer_scale_init=None, init_std=0.1),
 }
 
 VIDEO_DEFAULTS = dict(
