@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) all
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

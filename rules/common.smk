@@ -109,11 +109,13 @@ def _check_inits():
 _check_inits()
 
 
-def _merge(base, override):
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+def _over_defaults(defaults, stage):
+    """Stage settings over pretrain.defaults; `data` merges key by key, the rest replaces
+    (a stage's objectives are its whole objective set)."""
+    out = copy.deepcopy(defaults)
+    for key, value in stage.items():
+        if key == "data":
+            out["data"] = {**out.get("data", {}), **value}
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -135,7 +137,7 @@ def stage_config(name):
         for k, v in stage.items()
         if k not in VIDEO_STAGE_KEYS + TEXT_STAGE_KEYS + STAGE_ONLY_KEYS
     }
-    cfg = _merge(config["pretrain"].get("defaults", {}), train)
+    cfg = _over_defaults(config["pretrain"].get("defaults", {}), train)
     cfg["model"] = model
     if stage_dataset(name) != "webvid" and "clips" in dataset(stage_dataset(name)):
         cfg.setdefault("data", {})["kind"] = "egoclip"

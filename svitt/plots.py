@@ -64,7 +64,7 @@ def plot_retrieval(results: dict[str, str | Path], out: str | Path):
     width = 0.8 / 3
     for i, k in enumerate(("t2v_r1", "t2v_r5", "t2v_r10")):
         ax_r.bar([j + (i - 1) * width for j in range(len(names))],
-                 [data[n]["metrics"][k] for n in names], width, label=k.replace("t2v_", "R@").upper())
+                 [data[n]["metrics"][k] for n in names], width, label="R@" + k.split("_r")[1])
     chance = next(iter(data.values()))["chance_r1"] if data else 0
     ax_r.axhline(chance, color="k", ls=":", lw=1, label="chance R@1")
     ax_r.set_xticks(range(len(names)), names, rotation=20)

@@ -17,7 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from svitt.data import frames as fr
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
+
+from svitt.data import frames as fr  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
