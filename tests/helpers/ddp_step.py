@@ -1,0 +1,56 @@
+"""One VTC optimiser step of a tiny SViTT, single-process or under torchrun (gloo).
+
+    python ddp_step.py OUT.pt                                   (whole batch, one process)
+    python -m torch.distributed.run --nproc_per_node 2 ddp_step.py OUT.pt   (half per rank)
+Writes {"loss", "params" after the step, "grads" of the step} from rank 0.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from svitt import distributed as dist  # noqa: E402
+from svitt.models.svitt import SViTT  # noqa: E402
+from svitt.train import _optimizer_step  # noqa: E402
+
+BATCH = 8
+
+
+class Tokenizer:
+    """Just what _optimizer_step reads when MLM is off."""
+
+    def __len__(self):
+        return 40
+
+
+def main(out: str):
+    rank, world, device = dist.init_distributed("cpu")
+    torch.manual_seed(0)
+    model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
+                   "embed_dim": 16})
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(BATCH, 4, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 40, (BATCH, 6), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    batch = {"video": video[part], "input_ids": ids[part], "attention_mask": mask[part]}
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
+    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": 1, "clip_grad_norm": None, "egonce_temperature": 0.05}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter([batch]), cfg, ("vtc",), Tokenizer(),
+                               device, "fp32")
+    if rank == 0:
+        named = list(model.named_parameters())
+        torch.save({"loss": parts["vtc"], "names": [n for n, _ in named],
+                    "params": {n: p.detach().clone() for n, p in named},
+                    "grads": {n: None if p.grad is None else p.grad.clone() for n, p in named}}, out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

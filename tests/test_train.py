@@ -1,0 +1,205 @@
+"""The training engine on real demo data: a stage end to end, exact resume after SIGKILL,
+preemption, DDP equivalence, and the errors bad input gets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import svitt.models.svitt as svitt_model
+from svitt.checkpoint import load_exported
+from svitt.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, TrainData, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage(**over):
+    cfg = {
+        "name": "stage1",
+        "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": None},
+                  "embed_dim": 16},
+        "objectives": {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0},
+        "mlm_prob": 0.3,
+        "epochs": 4,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_epochs": 0.5,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "data": {"flip": False, "twin_batches": True, "num_workers": 0},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def data(pipeline, **over):
+    corpus, res = pipeline
+    fields = {"shards": [str(res / "frames/webvid/shard-0.h5")], "annotations": str(corpus / "webvid_train.csv"),
+              "tokenizer": str(corpus / "tokenizer")}
+    return TrainData(**{**fields, **over})
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline, tmp_path_factory):
+    """An uninterrupted 8-step run (4 epochs x 2 batches of 4)."""
+    out = tmp_path_factory.mktemp("reference")
+    train(stage(), data(pipeline), out, progress=False)
+    return out
+
+
+def test_a_stage_trains_and_exports_model_and_metrics(reference):
+    steps = losses(reference)
+    assert sorted(steps) == list(range(1, 9))
+    info = json.loads((reference / "model.json").read_text())
+    assert info["steps"] == 8 and info["frames"] == 4 and 0 <= info["sparsity"] < 1
+    model, _ = load_exported(reference / "model.safetensors")
+    assert model.cfg["text"]["vocab_size"] == info["model_config"]["text"]["vocab_size"]
+    assert set(load_file(reference / "model.safetensors")) == set(model.state_dict())
+
+
+def test_training_reduces_the_loss_on_a_small_set(pipeline, tmp_path):
+    train(stage(epochs=10, checkpoint_every=100), data(pipeline), tmp_path, progress=False)
+    steps = losses(tmp_path)
+    first, last = steps[1], sum(steps[s] for s in range(18, 21)) / 3
+    assert last < 0.8 * first
+
+
+def _cli(pipeline, out, cfg):
+    corpus, res = pipeline
+    return [sys.executable, str(ROOT / "workflow_scripts/train.py"), "--config-json", json.dumps(cfg),
+            "--shards", str(res / "frames/webvid/shard-0.h5"), "--annotations", str(corpus / "webvid_train.csv"),
+            "--tokenizer", str(corpus / "tokenizer"), "--out", str(out), "--no-progress"]
+
+
+def _wait_for_step(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and max(losses(out), default=0) >= step:
+            return
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_sigkill_then_resume_gives_the_losses_of_an_uninterrupted_run(pipeline, reference, tmp_path):
+    """Also with a data-loading worker where the reference had none: augmentation is seeded per
+    (epoch, sample), so neither the kill nor the worker layout changes a loss."""
+    cfg = stage(data={"flip": False, "twin_batches": True, "num_workers": 1})
+    proc = subprocess.Popen(_cli(pipeline, tmp_path, cfg))
+    _wait_for_step(tmp_path, 5, proc)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "model.safetensors").exists()  # nothing that looks finished
+    resumed_from = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= resumed_from < 8
+    assert subprocess.run(_cli(pipeline, tmp_path, cfg)).returncode == 0
+    expected, got = losses(reference), losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(resumed_from + 1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_saves_and_exits_with_the_preemption_code(pipeline, reference, tmp_path):
+    proc = subprocess.Popen(_cli(pipeline, tmp_path, stage()))
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    assert saved == max(losses(tmp_path)) and not (tmp_path / "model.json").exists()
+    assert subprocess.run(_cli(pipeline, tmp_path, stage())).returncode == 0
+    assert losses(tmp_path)[8] == pytest.approx(losses(reference)[8], rel=1e-5)
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed(pipeline, reference, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes((reference / "checkpoint.pt").read_bytes())
+    train(stage(lr=5e-4, epochs=1), data(pipeline), tmp_path, progress=False)
+    assert sorted(losses(tmp_path)) == [1, 2]  # started over
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pipeline, tmp_path, monkeypatch):
+    forward = svitt_model.SViTT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["vtc"] = out["vtc"] * float("nan")
+        return out
+
+    monkeypatch.setattr(svitt_model.SViTT, "forward", poisoned)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 3 of stage stage1"):
+        train(stage(), data(pipeline), tmp_path, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_stage_2_starts_from_stage_1_with_the_temporal_bias_resized(pipeline, reference, tmp_path):
+    cfg = stage(name="stage2", epochs=1, model={"video": {"preset": "tiny", "frames": 8, "local_blocks": 1,
+                                                          "random_blocks": 1, "block_size": 8, "visual_keep": 0.6},
+                                                "text": {"preset": "tiny", "vocab_size": None, "multimodal_keep": 0.5},
+                                                "embed_dim": 16})
+    train(cfg, data(pipeline, init=str(reference / "model.safetensors")), tmp_path, progress=False)
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["frames"] == 8 and info["sparsity"] > json.loads((reference / "model.json").read_text())["sparsity"]
+
+
+def test_init_from_another_architecture_names_the_tensors(pipeline, reference, tmp_path):
+    cfg = stage(model={"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": None},
+                       "embed_dim": 32})
+    with pytest.raises(ValueError, match=r"vision_proj.weight: checkpoint \(16, 64\) vs model \(32, 64\)"):
+        train(cfg, data(pipeline, init=str(reference / "model.safetensors")), tmp_path, progress=False)
+
+
+def test_a_bad_stage_config_fails_before_any_data_loads(tmp_path):
+    missing = TrainData(shards=["/nonexistent.h5"], annotations="/nonexistent.csv", tokenizer="/nonexistent")
+    with pytest.raises(ValueError, match="stage.epochs must be int"):
+        train(stage(epochs="4"), missing, tmp_path, progress=False)
+
+
+def test_an_empty_dataset_is_an_error_not_a_zero_step_run(pipeline, tmp_path):
+    corpus, _ = pipeline
+    (tmp_path / "empty.csv").write_text("videoid,contentUrl,name\nnot_there,file:///x.mp4,a caption\n")
+    from svitt.data.datasets import EmptyDatasetError
+
+    with pytest.raises(EmptyDatasetError, match="no video of"):
+        train(stage(), data(pipeline, annotations=str(tmp_path / "empty.csv")), tmp_path / "out", progress=False)
+
+
+def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
+    """VTC gathered over 2 ranks + DDP gradient averaging == one process on the whole batch."""
+    helper = ROOT / "tests/helpers/ddp_step.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(helper), str(tmp_path / "one.pt")], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(helper), str(tmp_path / "two.pt")], check=True, env=env)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    largest = max(g.abs().max() for g in one["grads"].values() if g is not None)
+    for name in one["names"]:
+        grad_one, grad_two = one["grads"][name], two["grads"][name]
+        if grad_one is None:  # unused by VTC (fusion layers, heads): DDP leaves zeros
+            assert grad_two is None or not grad_two.any(), name
+            continue
+        scale = grad_one.abs().max()
+        if scale < 1e-6 * largest:  # zero in exact arithmetic (BERT's key bias under softmax)
+            assert grad_two.abs().max() < 1e-6 * largest, name
+            continue
+        torch.testing.assert_close(grad_two, grad_one, rtol=1e-4, atol=1e-5 * scale, msg=name)
+        # AdamW's first step moves each weight by about lr * sign(grad): compare the weights
+        # whose gradient is clearly non-zero.
+        clear = grad_one.abs() > 1e-3 * scale
+        torch.testing.assert_close(two["params"][name][clear], one["params"][name][clear],
+                                   rtol=1e-5, atol=1e-6, msg=name)
