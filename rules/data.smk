@@ -32,6 +32,7 @@ rule download:
         annotations=lambda w: dataset(w.dataset)["annotations"],
     output:
         manifest="resources/videos/{dataset}/manifest.csv",
+        videos=downloaded_videos("resources/videos/{dataset}/files"),
     log:
         "logs/download/{dataset}.log",
     conda:
@@ -45,7 +46,7 @@ rule download:
         source=download_source,
         flags=cli_flags(config["download"], skip=("workers",)),
     shell:
-        "python workflow_scripts/download.py {params.source} --out resources/videos/{wildcards.dataset} "
+        "python workflow_scripts/download.py {params.source} --out {output.videos} "
         "--manifest {output.manifest} --workers {threads} {params.flags} --no-progress > {log} 2>&1"
 
 

@@ -8,7 +8,7 @@ rule pretrain:
     input:
         unpack(stage_inputs),
     output:
-        model=protected("results/pretrain/{stage}/model.safetensors"),
+        model=stage_model("results/pretrain/{stage}/model.safetensors"),
         info="results/pretrain/{stage}/model.json",
         metrics="results/pretrain/{stage}/metrics.jsonl",
     log:
