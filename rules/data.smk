@@ -44,7 +44,7 @@ rule download:
         runtime=24 * 60,
     params:
         source=download_source,
-        flags=cli_flags(config["download"], skip=("workers",)),
+        flags=cli_flags(config["download"], skip=("workers", "keep_videos")),
     shell:
         "python workflow_scripts/download.py {params.source} --out {output.videos} "
         "--manifest {output.manifest} --workers {threads} {params.flags} --no-progress > {log} 2>&1"

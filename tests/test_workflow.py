@@ -1,0 +1,182 @@
+"""The Snakemake workflow for real: the demo DAG end to end at test size (configs/test.yaml),
+what a config edit reruns, schema errors, the paper configuration's DAG, the profiles."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ["Snakefile", "rules", "schemas", "config.yaml", "configs", "workflow_scripts", "svitt", "report",
+            "envs", "profiles"]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in WORKFLOW:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / name)
+    return dest
+
+
+def planned_jobs(workdir: Path, *configfiles: str) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run would execute."""
+    args = ["-n", "all", "--cores", "1"]
+    if configfiles:
+        args += ["--configfile", *configfiles]
+    out = snakemake(workdir, *args).stdout
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        match = re.match(r"(?:local)?rule (\w+):", block.strip())
+        if match and match.group(1) != "all":
+            wildcards = re.search(r"wildcards: (.*)", block)
+            jobs.add((match.group(1), wildcards.group(1).strip() if wildcards else ""))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The whole demo DAG (test size) run once for this module."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    snakemake(workdir, "all", "--cores", "2", "--configfile", "configs/test.yaml")
+    return workdir
+
+
+def test_demo_dag_runs_end_to_end(demo_run):
+    stages = ["stage1", "stage2", "stage3", "egoclip"]
+    for stage in stages:
+        info = json.loads((demo_run / f"results/pretrain/{stage}/model.json").read_text())
+        assert info["steps"] >= 1 and (demo_run / f"results/pretrain/{stage}/model.safetensors").stat().st_size > 0
+        assert (demo_run / f"logs/pretrain/{stage}.log").exists()
+    frames = [json.loads((demo_run / f"results/pretrain/{s}/model.json").read_text())["frames"] for s in stages]
+    assert frames == [4, 8, 16, 4]
+    for stage in stages[:3]:
+        result = json.loads((demo_run / f"results/eval/retrieval/demo_retrieval/{stage}.json").read_text())
+        assert set(result["metrics"]) >= {"t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1"}
+        assert set(result["twins"]) == {"time_reversed", "event_order"}
+    assert set(json.loads((demo_run / "results/eval/egomcq/egoclip.json").read_text())["metrics"]) == {"inter", "intra"}
+    for figure in ["training_curves", "sparsity", "retrieval_demo_retrieval", "egomcq"]:
+        assert (demo_run / f"results/figures/{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_untouched_config_reruns_nothing(demo_run):
+    assert planned_jobs(demo_run, "configs/test.yaml") == set()
+
+
+def test_cosmetic_config_edits_rerun_nothing(demo_run):
+    """Reordered keys, another YAML layout, 1e-3 written for 0.001: the same config."""
+    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    stage = cfg["pretrain"]["curriculum"][0]
+    cfg["pretrain"]["curriculum"][0] = dict(reversed(list(stage.items())))
+    cfg["pretrain"] = dict(reversed(list(cfg["pretrain"].items())))
+    text = yaml.safe_dump(cfg, default_flow_style=True, sort_keys=False)
+    assert "lr: 0.001" in text
+    (demo_run / "configs/cosmetic.yaml").write_text(text.replace("lr: 0.001", "lr: 1e-3"))
+    assert planned_jobs(demo_run, "configs/cosmetic.yaml") == set()
+
+
+def test_editing_one_stage_reruns_that_stage_and_its_downstream_only(demo_run):
+    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg["pretrain"]["curriculum"][1]["lr"] = 0.0002  # stage2
+    (demo_run / "configs/edited.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(demo_run, "configs/edited.yaml")
+    pretrained = {w for rule, w in jobs if rule == "pretrain"}
+    assert pretrained == {"stage=stage2", "stage=stage3", "stage=egoclip"}
+    assert not {rule for rule, _ in jobs} & {"demo_corpus", "download", "extract_frames"}
+    assert ("eval_retrieval", "dataset=demo_retrieval, stage=stage1") not in jobs
+    assert ("eval_retrieval", "dataset=demo_retrieval, stage=stage2") in jobs
+
+
+def test_an_appended_32_frame_stage_is_scheduled_without_code_changes(demo_run):
+    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg["pretrain"]["curriculum"].append({
+        "name": "stage4", "init": "stage3", "frames": 32, "local_blocks": 1, "random_blocks": 1, "block_size": 16,
+        "visual_keep": 0.4, "multimodal_keep": 0.5, "epochs": 1, "lr": 0.0001})
+    (demo_run / "configs/longer.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(demo_run, "configs/longer.yaml")
+    assert ("pretrain", "stage=stage4") in jobs
+    assert ("eval_retrieval", "dataset=demo_retrieval, stage=stage4") in jobs
+    assert ("pretrain", "stage=stage3") not in jobs
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"pretrain": {"gpu": 1}}, "Additional properties are not allowed \\('gpu' was unexpected\\)"),
+    ({"frames": {"short_side": "big"}}, "'big' is not of type 'integer'"),
+    ({"pretrain": {"curriculum": [{"name": "s1", "frames": 4, "learning_rate": 0.1}]}}, "learning_rate"),
+])
+def test_schema_errors_name_the_key(tmp_path, edit, message):
+    workdir = copy_workflow(tmp_path)
+    (workdir / "configs/bad.yaml").write_text(yaml.safe_dump(edit))
+    result = snakemake(workdir, "-n", "all", "--configfile", "configs/bad.yaml", check=False)
+    assert result.returncode != 0
+    assert re.search(message, result.stdout + result.stderr)
+
+
+def test_a_missing_input_list_is_snakemakes_missing_input_error(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    result = snakemake(workdir, "-n", "all", "--configfile", "configs/paper.yaml", check=False)
+    assert result.returncode != 0
+    assert "MissingInputException" in result.stdout + result.stderr
+    assert "data/webvid/results_2M_train.csv" in result.stdout + result.stderr
+
+
+def _paper_inputs(workdir: Path):
+    for path in ["data/webvid/results_2M_train.csv", "data/anno/msrvtt_ret_test1k.json",
+                 "data/anno/didemo_ret_test.json", "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json",
+                 "data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth"]:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).touch()
+
+
+def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    _paper_inputs(workdir)
+    jobs = planned_jobs(workdir, "configs/paper.yaml")
+    assert {w for r, w in jobs if r == "pretrain"} == {f"stage={s}" for s in ("stage1", "stage2", "stage3", "egoclip")}
+    assert {w for r, w in jobs if r == "download"} == {
+        f"dataset={d}" for d in ("webvid", "msrvtt", "didemo", "egoclip", "egomcq")}
+    assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 128 + 4
+    assert ("eval_egomcq", "stage=egoclip") in jobs
+    assert {r for r, _ in jobs} >= {"plot_training", "plot_retrieval", "plot_egomcq", "plot_sparsity"}
+
+
+def test_paper_stage_configs_follow_table_9(tmp_path):
+    """What the pretrain rule hands train.py for the paper's three stages."""
+    workdir = copy_workflow(tmp_path)
+    _paper_inputs(workdir)
+    out = snakemake(workdir, "-n", "all", "--configfile", "configs/paper.yaml", "--printshellcmds").stdout
+    stages = {}
+    for match in re.finditer(r"--config-json '(\{.*?\})'", out):
+        cfg = json.loads(match.group(1))
+        stages[cfg["name"]] = cfg
+    video = {name: cfg["model"]["video"] for name, cfg in stages.items()}
+    assert video["stage1"].get("block_size") is None and video["stage1"]["frames"] == 4
+    for name, frames, q_v in (("stage2", 8, 0.6), ("stage3", 16, 0.5)):
+        assert (video[name]["frames"], video[name]["visual_keep"]) == (frames, q_v)
+        assert (video[name]["local_blocks"], video[name]["random_blocks"], video[name]["block_size"]) == (1, 3, 56)
+        assert stages[name]["model"]["text"]["multimodal_keep"] == 0.1
+    assert [stages[s]["batch_size"] for s in ("stage1", "stage2", "stage3")] == [512, 336, 192]
+    assert [stages[s]["lr"] for s in ("stage1", "stage2", "stage3")] == [3e-5, 1e-5, 5e-6]
+    assert stages["egoclip"]["objectives"] == {"egonce": 1.0, "vtm": 1.0, "mlm": 1.0}
+
+
+def test_local_profile_dry_run(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    result = snakemake(workdir, "-n", "all", "--profile", "profiles/local")
+    assert "demo_corpus" in result.stdout
