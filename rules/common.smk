@@ -123,13 +123,16 @@ def _over_defaults(defaults, stage):
 
 def stage_model(path):
     """Stage weights; protected (read-only, never recomputed by accident) when
-    pretrain.protect_models is set: rerunning such a stage then needs `chmod u+w` first."""
+    pretrain.protect_models is set: rerunning such a stage then needs `chmod u+w` first.
+    """
     return protected(path) if config["pretrain"]["protect_models"] else path
 
 
 def downloaded_videos(path):
     """The downloaded video files: deleted once every shard is extracted unless download.keep_videos."""
-    return directory(path) if config["download"]["keep_videos"] else temp(directory(path))
+    return (
+        directory(path) if config["download"]["keep_videos"] else temp(directory(path))
+    )
 
 
 def stage_config(name):

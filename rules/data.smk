@@ -35,6 +35,8 @@ rule download:
         videos=downloaded_videos("resources/videos/{dataset}/files"),
     log:
         "logs/download/{dataset}.log",
+    benchmark:
+        "logs/download/{dataset}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
     threads: config["download"]["workers"]
@@ -59,6 +61,8 @@ rule extract_frames:
         failures="resources/frames/{dataset}/failures-{index}-of-{shards}.csv",
     log:
         "logs/extract_frames/{dataset}-{index}-of-{shards}.log",
+    benchmark:
+        "logs/extract_frames/{dataset}-{index}-of-{shards}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
     threads: config["frames"]["workers"]

@@ -14,6 +14,8 @@ rule eval_retrieval:
         "results/eval/retrieval/{dataset}/{stage}.json",
     log:
         "logs/eval/retrieval/{dataset}/{stage}.log",
+    benchmark:
+        "logs/eval/retrieval/{dataset}/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
     threads: 2
@@ -43,6 +45,8 @@ rule eval_egomcq:
         "results/eval/egomcq/{stage}.json",
     log:
         "logs/eval/egomcq/{stage}.log",
+    benchmark:
+        "logs/eval/egomcq/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
     threads: 2

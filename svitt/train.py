@@ -33,41 +33,41 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, rerun to cont
 OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")
 
 _NUMBER = (int, float)
-# key: (accepted types, default; REQUIRED = no default)
 REQUIRED = object()
+# Every key of a stage config, documented here once: key: (accepted types, default or REQUIRED).
 TRAIN_KEYS = {
-    "name": (str, REQUIRED),
-    "model": (dict, REQUIRED),
-    "objectives": (dict, REQUIRED),
+    "name": (str, REQUIRED),  # stage name (metrics, exported model.json)
+    "model": (dict, REQUIRED),  # the model section (svitt.models.svitt.MODEL_DEFAULTS)
+    "objectives": (dict, REQUIRED),  # {vtc|egonce, vtm, mlm: loss weight}; paper: equal weights
     "epochs": (int, REQUIRED),
-    "batch_size": (int, REQUIRED),
-    "lr": (_NUMBER, REQUIRED),
-    "data": (dict, {}),
-    "mlm_prob": (_NUMBER, 0.15),
+    "batch_size": (int, REQUIRED),  # global: over all ranks and grad_accum micro-batches
+    "lr": (_NUMBER, REQUIRED),  # peak learning rate (after warm-up)
+    "data": (dict, {}),  # DATA_KEYS
+    "mlm_prob": (_NUMBER, 0.15),  # share of text tokens masked for MLM (80/10/10 replacement)
     "egonce_temperature": (_NUMBER, 0.05),
-    "max_steps": ((int, type(None)), None),
-    "grad_accum": (int, 1),
-    "min_lr": (_NUMBER, 0.0),
-    "warmup_epochs": (_NUMBER, 1.0),
-    "weight_decay": (_NUMBER, 0.02),
+    "max_steps": ((int, type(None)), None),  # cap on optimiser steps
+    "grad_accum": (int, 1),  # micro-batches per optimiser step (the contrastive batch is one micro-batch)
+    "min_lr": (_NUMBER, 0.0),  # end of the cosine schedule
+    "warmup_epochs": (_NUMBER, 1.0),  # linear warm-up
+    "weight_decay": (_NUMBER, 0.02),  # AdamW; not on biases, norms, layer scales, tables, temperature
     "betas": (list, [0.9, 0.999]),
     "clip_grad_norm": ((int, float, type(None)), None),
-    "precision": (str, "auto"),
-    "compile": (bool, False),
-    "device": (str, "auto"),
-    "seed": (int, 0),
-    "checkpoint_every": (int, 200),
-    "log_every": (int, 10),
+    "precision": (str, "auto"),  # auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU) | fp32 | bf16 | fp16
+    "compile": (bool, False),  # torch.compile the model
+    "device": (str, "auto"),  # auto | cpu | cuda
+    "seed": (int, 0),  # model init, masking, sampling and augmentation
+    "checkpoint_every": (int, 200),  # optimiser steps between resumable checkpoints
+    "log_every": (int, 10),  # optimiser steps between metrics.jsonl rows
 }
 DATA_KEYS = {
     "kind": (str, "webvid"),  # webvid (video-text pairs) | egoclip (with tags + scene negatives)
-    "text_len": (int, 32),
-    "flip": (bool, True),
-    "scale": (list, [0.5, 1.0]),
-    "mean": (list, [0.5, 0.5, 0.5]),
+    "text_len": (int, 32),  # max caption tokens
+    "flip": (bool, True),  # horizontal flip (off when captions say left/right)
+    "scale": (list, [0.5, 1.0]),  # random-resized-crop area range
+    "mean": (list, [0.5, 0.5, 0.5]),  # normalisation (BEiT's)
     "std": (list, [0.5, 0.5, 0.5]),
-    "twin_batches": (bool, False),
-    "num_workers": (int, 2),
+    "twin_batches": (bool, False),  # keep the annotation's `family` groups (demo twins) in one batch
+    "num_workers": (int, 2),  # DataLoader processes per rank
     "num_nouns": (int, 582),  # EgoClip tag vocabulary sizes (Ego4D taxonomy as in EgoVLP)
     "num_verbs": (int, 118),
 }

@@ -180,3 +180,10 @@ def test_local_profile_dry_run(tmp_path):
     workdir = copy_workflow(tmp_path)
     result = snakemake(workdir, "-n", "all", "--profile", "profiles/local")
     assert "demo_corpus" in result.stdout
+
+
+def test_html_report_holds_the_figures(demo_run):
+    snakemake(demo_run, "--report", "report.html", "--configfile", "configs/test.yaml")
+    html = (demo_run / "report.html").read_text(errors="replace")
+    for figure in ["training_curves.png", "retrieval_demo_retrieval.png", "egomcq.png", "sparsity.png"]:
+        assert figure in html

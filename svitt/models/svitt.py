@@ -17,18 +17,18 @@ from svitt.config import check_keys
 from svitt.models.text_encoder import TextEncoder, resolve_text_config
 from svitt.models.video_encoder import VideoEncoder, resolve_video_config
 
-MODEL_DEFAULTS = dict(
-    video={},
-    text={},
-    embed_dim=256,
-    temperature=0.07,
+MODEL_DEFAULTS = dict(  # every key of the `model` section, documented here once
+    video={},  # svitt.models.video_encoder.VIDEO_DEFAULTS
+    text={},  # svitt.models.text_encoder.TEXT_DEFAULTS
+    embed_dim=256,  # joint video-text embedding space of VTC / EgoNCE
+    temperature=0.07,  # initial learnable temperature, clamped to [0.001, 0.5]
     video_weights=None,  # timm / HF BEiT image checkpoint (file), inflated on load
     text_weights=None,  # HF BERT checkpoint (file or folder)
 )
 
 
 def resolve_model_config(cfg: dict) -> dict:
-    """Complete and validate a `model` config section (see docs/config.md for every key)."""
+    """Complete and validate a `model` config section (keys: MODEL_DEFAULTS and the encoders')."""
     check_keys(cfg, MODEL_DEFAULTS, "model")
     out = copy.deepcopy(MODEL_DEFAULTS)
     out.update(copy.deepcopy(cfg))

@@ -25,20 +25,20 @@ TEXT_PRESETS = {
                  max_position_embeddings=64, dropout=0.0, init_std=0.1),
 }
 
-TEXT_DEFAULTS = dict(
-    preset=None,
-    vocab_size=30522,
+TEXT_DEFAULTS = dict(  # every key of model.text, documented here once
+    preset=None,  # "bert_base" or "tiny": a set of the keys below; explicit keys override it
+    vocab_size=30522,  # must cover the tokenizer (the workflow's null = the tokenizer's size)
     width=768,
-    depth=12,
+    depth=12,  # BERT layers, text-only and fusion together
     heads=12,
     intermediate_size=3072,
-    fusion_layers=3,
-    max_position_embeddings=512,
+    fusion_layers=3,  # the last layers gain cross-attention to video tokens (multimodal encoder)
+    max_position_embeddings=512,  # longest text
     type_vocab_size=2,
     dropout=0.1,
     layer_norm_eps=1e-12,
     pad_token_id=0,
-    multimodal_keep=1.0,
+    multimodal_keep=1.0,  # q_m: video tokens kept after each fusion layer (text-[CLS] cross-attention)
     init_std=0.02,  # BERT's initializer_range; from-scratch tiny models train faster with more
 )
 

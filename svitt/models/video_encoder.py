@@ -29,27 +29,27 @@ VIDEO_PRESETS = {
                  tubelet_frames=2, prune_layers=[2, 3], layer_scale_init=None, init_std=0.1),
 }
 
-VIDEO_DEFAULTS = dict(
-    preset=None,
-    frames=4,
-    image_size=224,
-    patch_size=16,
-    tubelet_frames=1,
+VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
+    preset=None,  # "beit_base" or "tiny": a set of the keys below; explicit keys override it
+    frames=4,  # clip length T; video inputs are [B, T, 3, H, W]
+    image_size=224,  # H = W of the input frames
+    patch_size=16,  # square patches; image_size must be a multiple
+    tubelet_frames=1,  # frames per token (1 = per-frame 2D patches, the paper); T must be a multiple
     in_chans=3,
-    depth=12,
-    width=768,
+    depth=12,  # transformer blocks
+    width=768,  # token dimension D
     heads=12,
     mlp_ratio=4.0,
-    qkv_bias=True,
-    layer_scale_init=0.1,
-    drop_path=0.0,
-    local_blocks=None,
-    random_blocks=None,
-    block_size=None,
-    visual_keep=1.0,
-    prune_layers=[4, 7, 10],
-    attention_kernel="auto",
-    grad_checkpointing=False,
+    qkv_bias=True,  # BEiT's q and v biases (no k bias)
+    layer_scale_init=0.1,  # BEiT's layer scale gamma init; null disables layer scale
+    drop_path=0.0,  # stochastic depth rate of the last block (linear from 0)
+    local_blocks=None,  # K_l (odd): local key blocks per query block; all three null = dense
+    random_blocks=None,  # K_r: random non-local key blocks per query block, redrawn every step
+    block_size=None,  # G: tokens per block
+    visual_keep=1.0,  # q_v: keep rate after each prune layer (a number, or one per prune layer)
+    prune_layers=[4, 7, 10],  # blocks (1-indexed) after which tokens are pruned by CLS attention
+    attention_kernel="auto",  # auto (flex on CUDA when G % 16 == 0, else gather) | gather | flex | dense | reference
+    grad_checkpointing=False,  # recompute block activations in backward (less memory)
     seed=0,  # of the random-block generator (edge sparsity)
     init_std=0.02,  # BEiT's; from-scratch tiny models train faster with more
 )
