@@ -206,6 +206,18 @@ def download_source(wildcards):
     return f"--csv {annotations} --local-dir {ds['videos']}"
 
 
+def extraction_flags(wildcards):
+    """The global frame settings, with the dataset's own fps / max_frames where it sets them
+    (long videos for NLQ features are sampled at a fixed rate)."""
+    settings = {k: v for k, v in config["frames"].items() if k != "workers"}
+    ds = dataset(wildcards.dataset)
+    if "fps" in ds:
+        settings["fps"] = ds["fps"]
+    if "max_frames" in ds:
+        settings["frames"] = ds["max_frames"]
+    return cli_flags(settings)
+
+
 def clip_flag(wildcards):
     ds = dataset(wildcards.dataset)
     mode = ds.get("clips")
@@ -238,6 +250,11 @@ def named(paths):
     return " ".join(f"{k}={v}" for k, v in paths.items())
 
 
+def nlq_outputs():
+    nlq = config["evaluation"].get("nlq")
+    return [f"results/nlq_features/{nlq['stage']}.h5"] if nlq else []
+
+
 def final_outputs():
     figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
     figures += [
@@ -246,4 +263,4 @@ def final_outputs():
     ]
     if config["evaluation"].get("egomcq"):
         figures.append("results/figures/egomcq.png")
-    return figures
+    return figures + nlq_outputs()

@@ -72,7 +72,7 @@ rule extract_frames:
         runtime=12 * 60,
     params:
         clips=clip_flag,
-        flags=cli_flags(config["frames"], skip=("workers",)),
+        flags=extraction_flags,
     shell:
         "python workflow_scripts/extract_frames.py --videos {input.manifest} {params.clips} "
         "--out {output.shard} --failures {output.failures} {params.flags} --workers {threads} "

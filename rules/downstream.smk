@@ -62,3 +62,34 @@ rule eval_egomcq:
         "--shards {input.shards} --annotations {input.annotations} "
         "--tokenizer $(dirname {input.tokenizer}) --config-json {params.settings:q} "
         "--out {output} > {log} 2>&1"
+
+
+rule nlq_features:
+    input:
+        model="results/pretrain/{stage}/model.safetensors",
+        shards=lambda w: shard_paths(config["evaluation"]["nlq"]["dataset"]),
+    output:
+        "results/nlq_features/{stage}.h5",
+    log:
+        "logs/nlq_features/{stage}.log",
+    benchmark:
+        "logs/nlq_features/{stage}.benchmark.tsv"
+    conda:
+        "../envs/svitt.yaml"
+    threads: 2
+    resources:
+        gpu=config["evaluation"]["gpus"],
+        mem_mb=config["evaluation"]["mem_mb"],
+        runtime=config["evaluation"]["runtime"],
+    params:
+        flags=lambda w: cli_flags(
+            {
+                k: v
+                for k, v in config["evaluation"]["nlq"].items()
+                if k in ("window", "stride")
+            }
+        ),
+        launch=launch("evaluation"),
+    shell:
+        "{params.launch} workflow_scripts/nlq_features.py --model {input.model} --shards {input.shards} "
+        "{params.flags} --out {output} --no-progress > {log} 2>&1"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 
@@ -71,6 +72,8 @@ def test_demo_dag_runs_end_to_end(demo_run):
         assert set(result["metrics"]) >= {"t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1"}
         assert set(result["twins"]) == {"time_reversed", "event_order"}
     assert set(json.loads((demo_run / "results/eval/egomcq/egoclip.json").read_text())["metrics"]) == {"inter", "intra"}
+    with h5py.File(demo_run / "results/nlq_features/egoclip.h5") as nlq:
+        assert len(nlq) == 5 and all(nlq[k].shape[1] == 64 for k in nlq)  # 5 held-out videos, width 64
     for figure in ["training_curves", "sparsity", "retrieval_demo_retrieval", "egomcq"]:
         assert (demo_run / f"results/figures/{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -139,6 +142,7 @@ def test_a_missing_input_list_is_snakemakes_missing_input_error(tmp_path):
 def _paper_inputs(workdir: Path):
     for path in ["data/webvid/results_2M_train.csv", "data/anno/msrvtt_ret_test1k.json",
                  "data/anno/didemo_ret_test.json", "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json",
+                 "data/ego4d/nlq_videos.tsv",
                  "data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth"]:
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).touch()
@@ -150,8 +154,9 @@ def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
     jobs = planned_jobs(workdir, "configs/paper.yaml")
     assert {w for r, w in jobs if r == "pretrain"} == {f"stage={s}" for s in ("stage1", "stage2", "stage3", "egoclip")}
     assert {w for r, w in jobs if r == "download"} == {
-        f"dataset={d}" for d in ("webvid", "msrvtt", "didemo", "egoclip", "egomcq")}
-    assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 128 + 4
+        f"dataset={d}" for d in ("webvid", "msrvtt", "didemo", "egoclip", "egomcq", "ego4d_nlq")}
+    assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 128 + 4 + 16
+    assert ("nlq_features", "stage=egoclip") in jobs
     assert ("eval_egomcq", "stage=egoclip") in jobs
     assert {r for r, _ in jobs} >= {"plot_training", "plot_retrieval", "plot_egomcq", "plot_sparsity"}
 
@@ -164,7 +169,8 @@ def test_paper_stage_configs_follow_table_9(tmp_path):
     stages = {}
     for match in re.finditer(r"--config-json '(\{.*?\})'", out):
         cfg = json.loads(match.group(1))
-        stages[cfg["name"]] = cfg
+        if "model" in cfg:  # a pretrain stage (evaluation rules pass settings too)
+            stages[cfg["name"]] = cfg
     video = {name: cfg["model"]["video"] for name, cfg in stages.items()}
     assert video["stage1"].get("block_size") is None and video["stage1"]["frames"] == 4
     for name, frames, q_v in (("stage2", 8, 0.6), ("stage3", 16, 0.5)):
