@@ -13,25 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from common import measure, run_worker, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from svitt.models.relative_position import table_size, token_positions  # noqa: E402
-from svitt.models.sparse_attention import attention, make_layout  # noqa: E402
+from svitt.models.relative_position import table_size, token_positions
+from svitt.models.sparse_attention import attention, make_layout
 
 HEADS, HEAD_DIM, SIDE = 12, 64, 14
 BLOCKS = dict(local_blocks=1, random_blocks=3, block_size=56)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def run_one(kernel: str, frames: int, device: str, repeats: int, dtype: torch.dtype) -> dict:
@@ -52,28 +43,7 @@ def run_one(kernel: str, frames: int, device: str, repeats: int, dtype: torch.dt
         for t in (q, k, v, table):
             t.grad = None
 
-    step()  # warm-up (and compilation for flex)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"kernel": kernel, "frames": frames, "tokens": n + 1, "seconds": min(times),
-            "seconds_all": times, "peak_bytes": max(peak, 0)}
+    return {"kernel": kernel, "frames": frames, "tokens": n + 1, **measure(step, device, repeats)}
 
 
 def main():
@@ -92,17 +62,10 @@ def main():
         print(json.dumps(run_one(args.worker[0], int(args.worker[1]), args.device, args.repeats, dtype)))
         return
     kernels = args.kernels or (["dense", "gather", "flex"] if args.device == "cuda" else ["dense", "gather"])
-    runs = []
-    for frames in args.frames:
-        for kernel in kernels:
-            cmd = [sys.executable, __file__, "--worker", kernel, str(frames), "--device", args.device,
-                   "--dtype", args.dtype, "--repeats", str(args.repeats)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode:
-                runs.append({"kernel": kernel, "frames": frames, "error": result.stderr.strip()[-2000:]})
-            else:
-                runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[-1])[:200], flush=True)
+    runs = [run_worker(__file__, [kernel, str(frames)],
+                       ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)],
+                       {"kernel": kernel, "frames": frames})
+            for frames in args.frames for kernel in kernels]
     report = {
         "benchmark": "attention forward+backward, BEiT-B width (12 x 64), batch 1",
         "blocks": BLOCKS,
@@ -113,11 +76,7 @@ def main():
         "runs": runs,
         "targets": _targets(runs),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(json.dumps(report["targets"], indent=2))
+    write_report(args.out, report)
 
 
 def _targets(runs: list[dict]) -> dict:

@@ -16,7 +16,6 @@ Two geometries:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -28,6 +27,7 @@ import av
 import decord
 import numpy as np
 import torch
+from common import write_report
 
 from svitt.data import frames as fr
 from svitt.data.datasets import FrameStore, segment_indices
@@ -153,10 +153,7 @@ def main(argv=None) -> int:
         "versions": {"torch": torch.__version__, "decord": decord.__version__, "av": av.__version__},
         "settings": settings,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
+    write_report(args.out, result)
     for s in settings:
         print(f"{s['setting']}: HDF5 {s['hdf5']['clips_per_second']} clips/s, decord {s['decord_mp4']['clips_per_second']}"
               f" clips/s, {s['speedup_per_core']}x per core")

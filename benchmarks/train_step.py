@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from common import measure, run_worker, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from svitt.losses import mask_tokens  # noqa: E402
-from svitt.models.svitt import SViTT  # noqa: E402
+from svitt.losses import mask_tokens
+from svitt.models.svitt import SViTT
 
 KEEP = {4: 0.7, 8: 0.6, 16: 0.5}
 SIZES = {
@@ -47,11 +43,6 @@ def model_config(size: str, mode: str, frames: int) -> dict:
     return cfg
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def run_one(size: str, mode: str, frames: int, batch: int, device: str, precision: str, repeats: int) -> dict:
     torch.manual_seed(0)
     model = SViTT(model_config(size, mode, frames)).to(device)
@@ -70,28 +61,9 @@ def run_one(size: str, mode: str, frames: int, batch: int, device: str, precisio
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocator, optimiser state
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_bytes()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"mode": mode, "frames": frames, "batch": batch, "seconds_per_clip": min(times) / batch,
-            "peak_bytes_per_clip": max(peak, 0) / batch, "seconds_all": times}
+    timing = measure(step, device, repeats)
+    return {"mode": mode, "frames": frames, "batch": batch, "seconds_per_clip": timing["seconds"] / batch,
+            "peak_bytes_per_clip": timing["peak_bytes"] / batch, "seconds_all": timing["seconds_all"]}
 
 
 def targets(runs: list[dict]) -> dict:
@@ -123,18 +95,10 @@ def main():
         print(json.dumps(run_one(args.size, args.worker[0], int(args.worker[1]), args.batch, args.device,
                                  args.precision, args.repeats)))
         return
-    runs = []
-    for frames in args.frames:
-        for mode in args.modes:
-            cmd = [sys.executable, __file__, "--worker", mode, str(frames), "--size", args.size, "--batch",
-                   str(args.batch), "--device", args.device, "--precision", args.precision,
-                   "--repeats", str(args.repeats)]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode:
-                runs.append({"mode": mode, "frames": frames, "error": result.stderr.strip()[-1500:]})
-            else:
-                runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[-1])[:200], flush=True)
+    extra = ["--size", args.size, "--batch", str(args.batch), "--device", args.device,
+             "--precision", args.precision, "--repeats", str(args.repeats)]
+    runs = [run_worker(__file__, [mode, str(frames)], extra, {"mode": mode, "frames": frames})
+            for frames in args.frames for mode in args.modes]
     report = {
         "benchmark": "SViTT training step (VTC + VTM + MLM, AdamW), per clip",
         "size": args.size, "model": SIZES[args.size], "batch": args.batch, "precision": args.precision,
@@ -142,13 +106,7 @@ def main():
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
         "runs": runs, "targets": targets(runs),
     }
-    out = args.out or Path(f"benchmarks/results/train_step_{args.size}_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
-    print(json.dumps(report["targets"], indent=2))
-
+    write_report(args.out or Path(f"benchmarks/results/train_step_{args.size}_{args.device}.json"), report)
 
 if __name__ == "__main__":
     main()

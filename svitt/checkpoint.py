@@ -8,32 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
 import torch
 
-
-def atomic_write_bytes(path: str | Path, data: bytes):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+from svitt.io import atomic_path, atomic_write_json
 
 
 def atomic_torch_save(obj, path: str | Path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def config_digest(cfg: dict) -> str:
@@ -66,10 +51,9 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, info: dict):
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tmp = out_dir / f".model.safetensors.tmp-{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"format": "pt", "svitt": json.dumps(info.get("model_config", {}))})
-    os.replace(tmp, out_dir / "model.safetensors")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"format": "pt", "svitt": json.dumps(info.get("model_config", {}))})
     atomic_write_json(out_dir / "model.json", info)
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -10,18 +9,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from svitt.io import atomic_path  # noqa: E402
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _save(fig, out: str | Path):
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=Path(out).suffix.lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def plot_training_curves(metrics: dict[str, str | Path], out: str | Path):

@@ -236,7 +236,8 @@ def test_killed_extraction_leaves_no_valid_shard(tmp_path):
             "def slow(job, cfg):\n    time.sleep(0.1); return real(job, cfg)\n"
             "fr.run_job = slow\n"
             "sys.argv = ['x'] + sys.argv[1:]\n"
-            f"exec(open({str(REPO / 'workflow_scripts' / 'extract_frames.py')!r}).read())\n")
+            f"path = {str(REPO / 'workflow_scripts' / 'extract_frames.py')!r}\n"
+            "exec(compile(open(path).read(), path, 'exec'), {'__file__': path, '__name__': '__main__'})\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", code, "--videos", str(src), "--out", str(out_dir / "s.h5"),
                              "--failures", str(out_dir / "f.csv"), "--no-progress"], env=env)

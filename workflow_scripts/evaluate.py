@@ -40,11 +40,12 @@ def main(argv=None) -> int:
     settings = json.loads(args.config_json)
     import torch
 
-    from svitt.checkpoint import atomic_write_json, load_exported
+    from svitt.checkpoint import load_exported
     from svitt.data.datasets import EgoMCQDataset, RetrievalDataset
     from svitt.data.pipeline import PairCollator, load_tokenizer
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import evaluate_egomcq, evaluate_retrieval
+    from svitt.io import atomic_write_json
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

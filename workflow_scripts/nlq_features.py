@@ -12,7 +12,6 @@ stored frames' timestamps): per-video feature sequences as GroundNLQ-style groun
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ def main(argv=None) -> int:
     from svitt.data.datasets import FrameStore
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import extract_window_features
+    from svitt.io import atomic_path
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
                               std=tuple(data_cfg["std"]))
     store = FrameStore(args.shards)
     ids = sorted(store.shard_of)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as out:
+    with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as out:
         out.attrs.update(model=str(args.model), stage=info["name"], window=args.window, stride=args.stride)
         for video_id, feats, starts in extract_window_features(model, store, ids, transform, args.window,
                                                                args.stride, args.batch_size, device,
@@ -57,7 +55,6 @@ def main(argv=None) -> int:
             ds = out.create_dataset(video_id, data=feats.numpy())
             ds.attrs.update(window=args.window, stride=args.stride, start_frames=starts.numpy(),
                             start_seconds=timestamps[starts.numpy()])
-    os.replace(tmp, args.out)
     print(f"nlq_features: {len(ids)} videos -> {args.out}")
     return 0
 

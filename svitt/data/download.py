@@ -33,6 +33,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from tqdm import tqdm
 
+from svitt.io import atomic_write_csv
+
 ALLOWED_SCHEMES = ("http", "https", "file")
 REDIRECT_SCHEMES = ("http", "https")  # a redirect must never turn a web URL into a local file read
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
@@ -317,7 +319,8 @@ def _http_fetch(url: str, part: Path, opts: DownloadOptions, on_bytes) -> None:
             raise _timeout_error(opts, part) from None
         raise
     except (OSError, http.client.HTTPException) as exc:
-        if watchdog.fired:
+        # The socket's own timeout equals the deadline, so it may beat the watchdog by a hair.
+        if watchdog.fired or isinstance(exc, TimeoutError):
             raise _timeout_error(opts, part) from None
         raise FetchError(f"connection error: {type(exc).__name__}: {exc}", retryable=True) from None
     finally:
@@ -556,15 +559,10 @@ def download_all(items: list[VideoItem], out_dir: str | Path, opts: DownloadOpti
 def write_manifest(path: str | Path, results: list[DownloadResult]) -> None:
     """Write the manifest atomically; `path` column relative to the manifest's folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in results:
-            rel = os.path.relpath(r.path, path.parent.resolve()) if r.path else ""
-            writer.writerow([r.id, r.status, r.reason, "" if r.bytes is None else r.bytes, r.sha256, rel])
-    os.replace(tmp, path)
+    folder = path.parent.resolve()
+    atomic_write_csv(path, MANIFEST_COLUMNS, (
+        [r.id, r.status, r.reason, "" if r.bytes is None else r.bytes, r.sha256,
+         os.path.relpath(r.path, folder) if r.path else ""] for r in results))
 
 
 def read_manifest(path: str | Path) -> list[dict]:

@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import zlib
 import functools
@@ -34,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, list_chunks, read_manifest, sniff_video)
+from svitt.io import atomic_path, atomic_write_csv
 
 FORMAT = "svitt-frames"
 VERSION = 1
@@ -421,11 +421,9 @@ def extract_to_shard(jobs: list[VideoJob], out: str | Path, cfg: ExtractConfig, 
                      progress: bool = True) -> tuple[int, list[tuple[str, str]]]:
     """Write one HDF5 shard atomically; returns (items written, [(id, reason) of failures])."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     written, failures = 0, []
     vlen = h5py.vlen_dtype(np.dtype("uint8"))
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": FORMAT, "version": VERSION, "frames": cfg.frames, "fps": cfg.fps or 0.0,
                             "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality})
@@ -448,22 +446,11 @@ def extract_to_shard(jobs: list[VideoJob], out: str | Path, cfg: ExtractConfig, 
                     written += 1
                 bar.update(1)
             bar.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return written, failures
 
 
 def write_failures(path: str | Path, failures: list[tuple[str, str]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(FAILURE_COLUMNS)
-        writer.writerows(failures)
-    os.replace(tmp, path)
+    atomic_write_csv(path, FAILURE_COLUMNS, failures)
 
 
 def read_frames(h5: h5py.File, video_id: str, indices) -> list[bytes]:

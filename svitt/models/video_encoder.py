@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from svitt.config import check_keys, merge_preset
+from svitt.config import merge_preset
 from svitt.models.relative_position import table_size, token_positions
 from svitt.models.sparse_attention import KERNELS, attention, make_layout
 from svitt.models.token_pruning import prune_tokens
