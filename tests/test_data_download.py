@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import http.server
-import importlib.util
+
 import os
 import signal
 import subprocess
@@ -19,18 +19,9 @@ import pytest
 
 from svitt.data import download as dl
 from svitt.data.demo_corpus import write_mp4
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, script
 
-
-def load_script(name: str):
-    """Import a workflow script by path (workflow_scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "workflow_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_script("download")
+cli = script("download")
 
 
 @pytest.fixture(scope="module")
