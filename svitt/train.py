@@ -10,6 +10,7 @@ from and the position inside the epoch, and data augmentation is seeded per (epo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -328,7 +329,7 @@ def _optimizer_step(net, model, optimizer, scaler, batches, cfg, objectives, tok
                 inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
                 tokenizer.all_special_ids, cfg["mlm_prob"])
         sync = micro == cfg["grad_accum"] - 1 or not hasattr(net, "no_sync")
-        ctx = net.no_sync() if not sync else _null()
+        ctx = contextlib.nullcontext() if sync else net.no_sync()  # all-reduce once per step
         with ctx, autocast(precision, device):
             losses = net(objectives=objectives, egonce_temperature=cfg["egonce_temperature"], **inputs)
             loss = sum(weights[k] * losses[k] for k in objectives)
@@ -344,14 +345,6 @@ def _optimizer_step(net, model, optimizer, scaler, batches, cfg, objectives, tok
         scaler.step(optimizer)
         scaler.update()
     return sums, clips
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _to_device(batch: dict, device) -> dict:
