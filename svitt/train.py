@@ -25,6 +25,7 @@ from tqdm import tqdm
 from svitt import distributed as dist
 from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
                               load_training_state, restore_rng)
+from svitt.io import atomic_write_bytes
 from svitt.losses import mask_tokens
 from svitt.models.svitt import SViTT, resolve_model_config
 from svitt.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
@@ -234,6 +235,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                                   betas=tuple(cfg["betas"]))
     scaler = grad_scaler(precision, device)
     step = 0
+    logged = None  # metric rows of the run so far, from the checkpoint (None: no checkpoint used)
     ckpt_path = out_dir / "checkpoint.pt"
     generator = model.video_encoder.layout_generator
     if resume and ckpt_path.exists():
@@ -244,10 +246,11 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
             scaler.load_state_dict(state["scaler"])
             restore_rng(state["rng"], generator)
             step = state["step"]
+            logged = state.get("metrics")  # absent in checkpoints of older versions
             _log(rank, f"resumed {cfg['name']} from {ckpt_path} at step {step}/{total}")
         else:
             _log(rank, f"ignoring {ckpt_path}: it was written for another config or world size")
-    _truncate_metrics(out_dir / "metrics.jsonl", step, rank)
+    logged = _restore_metrics(out_dir / "metrics.jsonl", step, rank, logged)
 
     net = model
     if world > 1:
@@ -264,7 +267,8 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "rng": capture_rng(generator),
-                "config": cfg, "config_digest": digest, "world_size": world}, ckpt_path)
+                "config": cfg, "config_digest": digest, "world_size": world,
+                "metrics": logged}, ckpt_path)
         dist.barrier()
 
     objectives = tuple(cfg["objectives"])
@@ -294,7 +298,8 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                             f"the last good checkpoint {ckpt_path} is kept")
                     step += 1
                     seconds = time.perf_counter() - start
-                    last = _record(parts, step, epoch, lr, clips * world / seconds, metrics_file, cfg, total)
+                    last = _record(parts, step, epoch, lr, clips * world / seconds, metrics_file, cfg, total,
+                                   logged)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", clips_s=f"{last['clips_per_s']:.1f}")
                     if flags[1] > 0:
@@ -352,22 +357,30 @@ def _to_device(batch: dict, device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 
-def _record(parts, step, epoch, lr, clips_per_s, metrics_file, cfg, total) -> dict:
+def _record(parts, step, epoch, lr, clips_per_s, metrics_file, cfg, total, logged: list) -> dict:
     row = {"stage": cfg["name"], "step": step, "epoch": epoch, "lr": lr,
            "clips_per_s": clips_per_s, **{k: float(v) for k, v in parts.items()}}
     if metrics_file and (step % cfg["log_every"] == 0 or step == total or step == 1):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
+        logged.append(row)
     return row
 
 
-def _truncate_metrics(path: Path, step: int, rank: int):
-    """Drop metric rows past the resumed step (they belong to the run that was cut off)."""
-    if rank != 0 or not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(r + "\n" for r in rows))
+def _restore_metrics(path: Path, step: int, rank: int, logged: list | None) -> list:
+    """metrics.jsonl as of the resumed step; returns its rows (kept and checkpointed from now on).
+
+    The rows come from the checkpoint when it has them: Snakemake deletes a failed job's outputs,
+    metrics.jsonl included, so after a kill the file may be gone while the checkpoint survives.
+    Older checkpoints: keep the file's rows up to the step (later ones belong to the run cut off)."""
+    if rank != 0:
+        return []
+    if logged is None:
+        logged = [json.loads(line) for line in path.read_text().splitlines()
+                  if line.strip()] if step > 0 and path.exists() else []
+    logged = [row for row in logged if row["step"] <= step]
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in logged).encode())
+    return logged
 
 
 def _model_info(cfg: dict, step: int, last: dict) -> dict:

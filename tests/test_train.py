@@ -122,6 +122,25 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(pipeline, reference, t
     assert losses(tmp_path)[8] == pytest.approx(losses(reference)[8], rel=1e-5)
 
 
+def test_resume_rebuilds_metrics_that_snakemake_deleted(pipeline, reference, tmp_path):
+    """Snakemake removes a failed job's outputs (metrics.jsonl among them) and a rerun's outputs
+    before it starts; the checkpoint survives, and the rows up to its step come back from it."""
+    proc = subprocess.Popen(_cli(pipeline, tmp_path, stage()))
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    before = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").unlink()
+    assert subprocess.run(_cli(pipeline, tmp_path, stage())).returncode == 0
+    after = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert after[:saved] == before[:saved]  # the cut-off run's rows, byte for byte
+    expected, got = losses(reference), losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
 def test_a_checkpoint_of_another_config_is_not_resumed(pipeline, reference, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes((reference / "checkpoint.pt").read_bytes())
     train(stage(lr=5e-4, epochs=1), data(pipeline), tmp_path, progress=False)
