@@ -66,8 +66,12 @@ class TrainLoader:
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
         batches = list(self.sampler)[skip_batches:]
+        # Its own generator: an iterator draws its base seed from it, and from torch's global RNG
+        # (which MLM masking uses) otherwise, so a run resumed mid-epoch would drift from the
+        # uninterrupted one by that one extra draw.
         return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory)
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          generator=torch.Generator().manual_seed(epoch))
 
 
 def build_train_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, world: int) -> TrainLoader:
