@@ -31,7 +31,7 @@ WORKFLOW_FILES = ("Snakefile", "config.yaml", "configs", "rules", "schemas", "wo
                   "profiles", "envs", "report")
 TARGETS = ("results/pretrain/stage2/model.json", "results/eval/retrieval/demo_retrieval/stage1.json")
 CONFIGS = ("--configfile", "configs/test.yaml", "configs/test_slurm.yaml")
-# The Slurm command line is the one docs/slurm.md (the README's "Running on Slurm") quotes.
+# The Slurm command line is the one the README's "Running on Slurm" quotes.
 SLURM_ARGS = (*TARGETS, "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "2", *CONFIGS)
 LOCAL_ARGS = (*TARGETS, "--cores", "2", *CONFIGS)
@@ -422,10 +422,8 @@ def test_the_profile_dry_runs_the_whole_demo_dag(tmp_path):
     assert not (work / "results").exists() and not (work / "logs" / "slurm").exists()
 
 
-def test_the_docs_quote_the_command_the_test_runs():
+def test_the_readme_quotes_the_command_the_test_runs():
     quoted = " ".join(["snakemake", *SLURM_ARGS])
-    for doc in (REPO / "docs/slurm.md", REPO / "README.md"):
-        text = doc.read_text()
-        if doc.name == "README.md" and "Running on Slurm" not in text:
-            continue  # the section is pasted into the README from docs/slurm.md
-        assert quoted in " ".join(text.replace("\\\n", " ").split()), doc
+    text = (REPO / "README.md").read_text()
+    assert "Running on Slurm" in text
+    assert quoted in " ".join(text.replace("\\\n", " ").split())
