@@ -234,22 +234,13 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     optimizer = torch.optim.AdamW(_param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
                                   betas=tuple(cfg["betas"]))
     scaler = grad_scaler(precision, device)
-    step = 0
-    logged = None  # metric rows of the run so far, from the checkpoint (None: no checkpoint used)
     ckpt_path = out_dir / "checkpoint.pt"
     generator = model.video_encoder.layout_generator
+    step, logged = 0, None
     if resume and ckpt_path.exists():
-        state = load_training_state(ckpt_path)
-        if state["config_digest"] == digest and state["world_size"] == world:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng(state["rng"], generator)
-            step = state["step"]
-            logged = state.get("metrics")  # absent in checkpoints of older versions
-            _log(rank, f"resumed {cfg['name']} from {ckpt_path} at step {step}/{total}")
-        else:
-            _log(rank, f"ignoring {ckpt_path}: it was written for another config or world size")
+        step, logged = _resume(ckpt_path, digest, world, model, optimizer, scaler, generator)
+        _log(rank, f"resumed {cfg['name']} from {ckpt_path} at step {step}/{total}" if step else
+             f"ignoring {ckpt_path}: it was written for another config or world size")
     logged = _restore_metrics(out_dir / "metrics.jsonl", step, rank, logged)
 
     net = model
@@ -317,6 +308,19 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
         if metrics_file:
             metrics_file.close()
     return {"name": cfg["name"], "steps": step, **last}
+
+
+def _resume(path, digest, world, model, optimizer, scaler, generator):
+    """Restore a checkpoint written for this config and world size: (step, metric rows);
+    (0, None) for one of another run."""
+    state = load_training_state(path)
+    if state["config_digest"] != digest or state["world_size"] != world:
+        return 0, None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], generator)
+    return state["step"], state.get("metrics")
 
 
 def _optimizer_step(net, model, optimizer, scaler, batches, cfg, objectives, tokenizer, device,
