@@ -44,9 +44,14 @@ LOCAL_TIMEOUT_S, SLURM_TIMEOUT_S, START_TIMEOUT_S = 420, 480, 600
 
 # ------------------------------------------------------------------------------------ cluster
 
+# Where this workplace keeps the tool: beside the checkout, or at its fixed place for a clone made
+# elsewhere (CI clones main into a folder of its own).
+WORKPLACE_TOOL = Path("/work/shared/tools/local-slurm")
+
+
 def local_slurm_tool() -> Path | None:
     for candidate in (os.environ.get("LOCAL_SLURM"), REPO.parent / "shared" / "tools" / "local-slurm",
-                      shutil.which("local-slurm")):
+                      WORKPLACE_TOOL, shutil.which("local-slurm")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     return None
@@ -63,7 +68,7 @@ def cluster():
     start waits ~9 s for the plugin's `scontrol show config`, which later tests would pay.)"""
     tool = local_slurm_tool()
     if tool is None:
-        pytest.skip("no local-slurm tool ($LOCAL_SLURM, ../shared/tools/local-slurm or on PATH)")
+        pytest.skip("no local-slurm tool ($LOCAL_SLURM, ../shared/tools/local-slurm, /work/shared/tools/local-slurm or on PATH)")
     if os.geteuid() != 0:
         pytest.skip("local-slurm installs and starts Slurm daemons: it must run as root")
     try:
