@@ -178,6 +178,14 @@ def stage_inputs(wildcards):
     return inputs
 
 
+def pretrain_io(wildcards, threads):
+    """pretrain.io as train.py flags. These change how a stage runs, not what it learns, so
+    editing them must rerun nothing: a params function that takes `threads` counts as derived
+    from the job, and Snakemake leaves derived params out of its rerun check (tested in
+    tests/test_workflow.py). A stopped stage resumes with the new values."""
+    return cli_flags(config["pretrain"]["io"])
+
+
 def init_flag(wildcards, input):
     return f"--init {input.init}" if "init" in input.keys() else ""
 

@@ -27,9 +27,10 @@ rule pretrain:
     params:
         stage=lambda w: canonical(stage_config(w.stage)),
         init=init_flag,
+        io=pretrain_io,
         launch=launch("pretrain"),
     shell:
         "{params.launch} workflow_scripts/train.py --config-json {params.stage:q} "
         "--shards {input.shards} --annotations {input.annotations} "
-        "--tokenizer $(dirname {input.tokenizer}) {params.init} "
+        "--tokenizer $(dirname {input.tokenizer}) {params.init} {params.io} "
         "--out results/pretrain/{wildcards.stage} --no-progress > {log} 2>&1"

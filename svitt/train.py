@@ -69,10 +69,34 @@ DATA_KEYS = {
     "mean": (list, [0.5, 0.5, 0.5]),  # normalisation (BEiT's)
     "std": (list, [0.5, 0.5, 0.5]),
     "twin_batches": (bool, False),  # keep the annotation's `family` groups (demo twins) in one batch
-    "num_workers": (int, 2),  # DataLoader processes per rank
+    "num_workers": (int, 2),  # DataLoader processes per rank (results do not depend on it)
     "num_nouns": (int, 582),  # EgoClip tag vocabulary sizes (Ego4D taxonomy as in EgoVLP)
     "num_verbs": (int, 118),
 }
+
+
+# How a stage runs, not what it learns (augmentation is seeded per sample, so the number of
+# loader processes does not matter either): a checkpoint stays resumable when these change, and
+# the workflow keeps them out of the params that decide reruns.
+IO_KEYS = ("checkpoint_every", "log_every", "num_workers")
+
+
+def with_io_settings(cfg: dict, **settings) -> dict:
+    """A copy of a stage config with IO_KEYS replaced where a value is given (None: keep)."""
+    out = copy.deepcopy(cfg)
+    for key, value in settings.items():
+        if key not in IO_KEYS:
+            raise ValueError(f"{key!r} is not an io setting; expected one of {IO_KEYS}")
+        if value is not None:
+            (out.setdefault("data", {}) if key == "num_workers" else out)[key] = value
+    return out
+
+
+def _learning_config(cfg: dict) -> dict:
+    """A resolved stage config without IO_KEYS: what a resumed checkpoint must agree with."""
+    out = {k: v for k, v in cfg.items() if k not in IO_KEYS}
+    out["data"] = {k: v for k, v in cfg["data"].items() if k not in IO_KEYS}
+    return out
 
 
 def _check_section(cfg: dict, spec: dict, section: str) -> dict:
@@ -215,7 +239,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     tokenizer = load_tokenizer(data.tokenizer)
     model = build_stage_model(cfg, data, tokenizer).to(device)
     cfg["model"] = model.cfg  # fully resolved (vocab size filled in), stored with the weights
-    digest = config_digest({k: v for k, v in cfg.items() if k not in ("log_every", "checkpoint_every")})
+    digest = config_digest(_learning_config(cfg))
 
     per_step = cfg["batch_size"] // (world * cfg["grad_accum"])
     if per_step < 2 or per_step * world * cfg["grad_accum"] != cfg["batch_size"]:

@@ -122,6 +122,23 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(pipeline, reference, t
     assert losses(tmp_path)[8] == pytest.approx(losses(reference)[8], rel=1e-5)
 
 
+def test_io_settings_given_on_resume_keep_the_checkpoint(pipeline, reference, tmp_path):
+    """--checkpoint-every / --log-every / --num-workers change how the run goes on, not what it
+    learns: the checkpoint is resumed and the losses are the uninterrupted run's."""
+    proc = subprocess.Popen(_cli(pipeline, tmp_path, stage()))
+    _wait_for_step(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
+    io = ["--checkpoint-every", "3", "--log-every", "2", "--num-workers", "1"]
+    assert subprocess.run(_cli(pipeline, tmp_path, stage()) + io).returncode == 0
+    got = losses(tmp_path)
+    resumed_rows = [s for s in range(saved + 1, 9) if s % 2 == 0 or s == 8]  # every 2nd step now
+    assert sorted(got) == list(range(1, saved + 1)) + resumed_rows  # a restart would lose odd steps <= saved
+    assert got[8] == pytest.approx(losses(reference)[8], rel=1e-5)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["checkpoint_every"] == 3
+
+
 def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_path, monkeypatch):
     """Preempted at step 3 of 8 (2 steps per epoch: mid-epoch), the rest equals the uninterrupted
     run. (Every DataLoader iterator used to draw its base seed from torch's global RNG: the resumed

@@ -94,6 +94,18 @@ def test_cosmetic_config_edits_rerun_nothing(demo_run):
     assert planned_jobs(demo_run, "configs/cosmetic.yaml") == set()
 
 
+def test_editing_io_settings_reruns_nothing(demo_run):
+    """pretrain.io (checkpoint and log intervals, loader processes) changes how a stage runs, not
+    what it learns; the new values still reach train.py."""
+    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg["pretrain"]["io"] = {"checkpoint_every": 7, "log_every": 3, "num_workers": 2}
+    (demo_run / "configs/io.yaml").write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(demo_run, "configs/io.yaml") == set()
+    forced = snakemake(demo_run, "-n", "-p", "--cores", "1", "--configfile", "configs/io.yaml",
+                       "--forcerun", "results/pretrain/stage1/model.safetensors", "results/pretrain/stage1/model.safetensors").stdout
+    assert "--checkpoint-every 7 --log-every 3 --num-workers 2" in forced
+
+
 def test_editing_one_stage_reruns_that_stage_and_its_downstream_only(demo_run):
     cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
     cfg["pretrain"]["curriculum"][1]["lr"] = 0.0002  # stage2
@@ -180,6 +192,12 @@ def test_paper_stage_configs_follow_table_9(tmp_path):
     assert [stages[s]["batch_size"] for s in ("stage1", "stage2", "stage3")] == [512, 336, 192]
     assert [stages[s]["lr"] for s in ("stage1", "stage2", "stage3")] == [3e-5, 1e-5, 5e-6]
     assert stages["egoclip"]["objectives"] == {"egonce": 1.0, "vtm": 1.0, "mlm": 1.0}
+
+
+def test_lint_reports_nothing(tmp_path):
+    result = snakemake(copy_workflow(tmp_path), "--lint", check=False)
+    report = result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in report, report
 
 
 def test_local_profile_dry_run(tmp_path):

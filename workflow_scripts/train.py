@@ -31,6 +31,11 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", required=True, help="folder with the BERT tokenizer (vocab.txt)")
     p.add_argument("--init", help="previous stage's model.safetensors (temporal bias resized)")
     p.add_argument("--out", type=Path, required=True, help="stage folder: checkpoint, metrics, model")
+    io = p.add_argument_group("io settings", "override the config's; they change how the stage runs, "
+                              "not what it learns, so a checkpoint stays resumable")
+    io.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
+    io.add_argument("--log-every", type=int, help="optimiser steps between metrics.jsonl rows")
+    io.add_argument("--num-workers", type=int, help="DataLoader processes per rank")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -39,7 +44,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = yaml.safe_load(args.config.read_text()) if args.config else json.loads(args.config_json)
-    from svitt.train import PREEMPTED_EXIT_CODE, Preempted, TrainData, train
+    from svitt.train import PREEMPTED_EXIT_CODE, Preempted, TrainData, train, with_io_settings
+
+    cfg = with_io_settings(cfg, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                           num_workers=args.num_workers)
 
     data = TrainData(shards=args.shards, annotations=args.annotations, tokenizer=args.tokenizer,
                      init=args.init)
