@@ -59,29 +59,33 @@ def plot_retrieval(results: dict[str, str | Path], out: str | Path):
     data = {name: json.loads(Path(p).read_text()) for name, p in results.items()}
     names = list(data)
     fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(10, 3.6))
-    width = 0.8 / 3
-    for i, k in enumerate(("t2v_r1", "t2v_r5", "t2v_r10")):
-        ax_r.bar([j + (i - 1) * width for j in range(len(names))],
-                 [data[n]["metrics"][k] for n in names], width, label="R@" + k.split("_r")[1])
     chance = next(iter(data.values()))["chance_r1"] if data else 0
-    ax_r.axhline(chance, color="k", ls=":", lw=1, label="chance R@1")
-    ax_r.set_xticks(range(len(names)), names, rotation=20)
-    ax_r.set_ylabel("text-to-video recall (%)")
-    ax_r.set_title("Zero-shot retrieval (test split)")
-    ax_r.legend(fontsize=8)
+    _grouped_bars(ax_r, names, {"R@" + k.split("_r")[1]: [data[n]["metrics"][k] for n in names]
+                                for k in ("t2v_r1", "t2v_r5", "t2v_r10")},
+                  chance=chance, ylabel="text-to-video recall (%)",
+                  title="Zero-shot retrieval (test split)", rotation=20, chance_label="chance R@1")
     kinds = [k for k in ("time_reversed", "event_order") if any(k in d.get("twins", {}) for d in data.values())]
-    width = 0.8 / max(1, len(kinds))
-    for i, kind in enumerate(kinds):
-        ax_t.bar([j + (i - (len(kinds) - 1) / 2) * width for j in range(len(names))],
-                 [data[n].get("twins", {}).get(kind, float("nan")) for n in names], width,
-                 label=kind.replace("_", "-") + " twins")
-    ax_t.axhline(50, color="k", ls=":", lw=1, label="chance (50%)")
-    ax_t.set_ylim(0, 100)
-    ax_t.set_xticks(range(len(names)), names, rotation=20)
-    ax_t.set_ylabel("caption chosen correctly (%)")
-    ax_t.set_title("Temporal twins: own caption vs twin's")
-    ax_t.legend(fontsize=8)
+    _grouped_bars(ax_t, names, {kind.replace("_", "-") + " twins":
+                                [data[n].get("twins", {}).get(kind, float("nan")) for n in names]
+                                for kind in kinds},
+                  chance=50, ylabel="caption chosen correctly (%)",
+                  title="Temporal twins: own caption vs twin's", rotation=20)
     _save(fig, out)
+
+
+def _grouped_bars(ax, names: list[str], series: dict[str, list[float]], chance: float, ylabel: str,
+                  title: str, rotation: float = 0, chance_label: str | None = None):
+    """Percentages per checkpoint, one bar per series side by side, with the chance level."""
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(names))], values, width,
+               label=label)
+    ax.axhline(chance, color="k", ls=":", lw=1, label=chance_label or f"chance ({chance:g}%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(range(len(names)), names, rotation=rotation)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 def plot_egomcq(results: dict[str, str | Path], out: str | Path):
@@ -89,15 +93,9 @@ def plot_egomcq(results: dict[str, str | Path], out: str | Path):
     data = {name: json.loads(Path(p).read_text()) for name, p in results.items()}
     names = list(data)
     fig, ax = plt.subplots(figsize=(4 + len(names), 3.4))
-    for i, kind in enumerate(("inter", "intra")):
-        ax.bar([j + (i - 0.5) * 0.38 for j in range(len(names))],
-               [data[n]["metrics"][kind] for n in names], 0.38, label=f"{kind}-video")
-    ax.axhline(20, color="k", ls=":", lw=1, label="chance (20%)")
-    ax.set_ylim(0, 100)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("EgoMCQ")
-    ax.legend(fontsize=8)
+    _grouped_bars(ax, names, {f"{kind}-video": [data[n]["metrics"][kind] for n in names]
+                              for kind in ("inter", "intra")},
+                  chance=20, ylabel="accuracy (%)", title="EgoMCQ")
     _save(fig, out)
 
 
