@@ -81,11 +81,13 @@ def _grouped_bars(ax, names: list[str], series: dict[str, list[float]], chance: 
         ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(names))], values, width,
                label=label)
     ax.axhline(chance, color="k", ls=":", lw=1, label=chance_label or f"chance ({chance:g}%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)  # headroom: the legend sits above the 100% line, clear of the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_xticks(range(len(names)), names, rotation=rotation)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", ncol=len(series) + 1, frameon=False,
+              columnspacing=1.0, handlelength=1.5)
 
 
 def plot_egomcq(results: dict[str, str | Path], out: str | Path):
