@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.helpers.workflow import copy_workflow
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "configs", "rules", "schemas", "workflow_scripts", "svitt",
-                  "profiles", "envs", "report")
 TARGETS = ("results/pretrain/stage2/model.json", "results/eval/retrieval/demo_retrieval/stage1.json")
 CONFIGS = ("--configfile", "configs/test.yaml", "configs/test_slurm.yaml")
 # The Slurm command line is the one the README's "Running on Slurm" quotes.
@@ -98,17 +98,6 @@ def job_environment(**extra) -> dict:
            if k != "CUDA_VISIBLE_DEVICES" and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
-
-
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 @dataclass

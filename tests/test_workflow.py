@@ -3,7 +3,6 @@ what a config edit reruns, schema errors, the paper configuration's DAG, the pro
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,7 @@ import h5py
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ["Snakefile", "rules", "schemas", "config.yaml", "configs", "workflow_scripts", "svitt", "report",
-            "envs", "profiles"]
+from tests.helpers.workflow import copy_workflow
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -24,16 +21,6 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     if check and result.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
-
-
-def copy_workflow(dest: Path) -> Path:
-    for name in WORKFLOW:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dest / name)
-    return dest
 
 
 def planned_jobs(workdir: Path, *configfiles: str) -> set[tuple[str, str]]:
