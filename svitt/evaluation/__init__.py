@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-from svitt.evaluation.metrics import (EGOMCQ_TYPES, RECALL_KS, TWIN_NAMES, egomcq_accuracy,
+from svitt.evaluation.metrics import (EGOMCQ_TYPES, RECALL_KS, RERANK_CONVENTIONS, TWIN_NAMES,
+                                      egomcq_accuracy, rerank_candidates, rerank_metrics,
                                       retrieval_metrics, twin_accuracy)
 
 _LAZY = {
@@ -25,8 +26,9 @@ _LAZY = {
 
 TASKS = ("retrieval", "egomcq")  # modules with SETTINGS, build_dataset(...) and run(...)
 
-__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "RECALL_KS", "TWIN_NAMES", "egomcq_accuracy", "retrieval_metrics",
-           "twin_accuracy", *_LAZY]
+__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "RECALL_KS", "RERANK_CONVENTIONS", "TWIN_NAMES",
+           "egomcq_accuracy", "rerank_candidates", "rerank_metrics", "retrieval_metrics", "twin_accuracy",
+           *_LAZY]
 
 
 def __getattr__(name: str):

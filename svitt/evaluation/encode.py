@@ -39,8 +39,10 @@ def embed_texts(model, collator, texts: list[str], batch_size: int = 64, device=
     return torch.cat(embs), torch.cat(hidden), tokens["attention_mask"]
 
 
-def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: int = 64, device="cpu"):
-    """Matching scores of (text i, video j) pairs [(i, j), ...] through the fusion layers."""
+def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: int = 64, device="cpu",
+               kind: str = "log_odds"):
+    """Matching scores [P] of (text i, video j) pairs [(i, j), ...] through the fusion layers
+    (kind: svitt.models.svitt.VTM_SCORES)."""
     out = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -48,5 +50,5 @@ def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: i
             t = torch.tensor([p[0] for p in chunk])
             v = torch.tensor([p[1] for p in chunk])
             out.append(model.vtm_score(text_hidden[t].to(device), text_mask[t].to(device),
-                                       video_tokens[v].to(device)).float().cpu())
+                                       video_tokens[v].to(device), kind=kind).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -88,6 +88,85 @@ def retrieval_metrics(sim, text_to_video) -> dict[str, float]:
     return {**_recalls(t2v_ranks, "t2v"), **_recalls(v2t_ranks, "v2t")}
 
 
+RERANK_CONVENTIONS = {
+    "candidates": "each text's top-k videos and each video's top-k texts by the contrastive score "
+                  "(stable order: on equal scores the lower index first), as Singularity's evaluation()",
+    "below_top_k": "items outside a query's top-k rank below every re-ranked item, in contrastive-score "
+                   "order (Singularity scores them -100 and breaks the ties by argsort order; both agree "
+                   "for R@K with K <= k)",
+    "ties": "a ground truth ranks below every wrong item scoring the same or higher",
+}
+
+
+def rerank_candidates(itc_sim, k: int):
+    """Top-k candidates to re-rank: ([num_texts, k_t] video indices per text,
+    [num_videos, k_v] text indices per video), k_t = min(k, num_videos), k_v = min(k, num_texts),
+    best first; equal scores keep the lower index first."""
+    sim = _to_numpy(itc_sim, "itc_sim").astype(np.float64)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    t2v = np.argsort(-sim, axis=1, kind="stable")[:, :min(k, sim.shape[1])]
+    v2t = np.argsort(-sim.T, axis=1, kind="stable")[:, :min(k, sim.shape[0])]
+    return t2v, v2t
+
+
+def _two_key_ranks(in_top, value, is_gt) -> np.ndarray:
+    """Per query row: wrong candidates whose (in_top, value) key is >= the best ground truth's."""
+    tier = in_top.astype(np.int8)
+    best = np.lexsort((np.where(is_gt, value, -np.inf), np.where(is_gt, tier, -1)), axis=1)[:, -1]
+    rows = np.arange(value.shape[0])
+    best_tier, best_value = tier[rows, best][:, None], value[rows, best][:, None]
+    at_least = (tier > best_tier) | ((tier == best_tier) & (value >= best_value))
+    return np.sum(at_least & ~is_gt, axis=1)
+
+
+def _reranked_values(itc: np.ndarray, candidates: np.ndarray, scores: np.ndarray, name: str):
+    """(in_top [Q, C], value [Q, C]): matching scores at the candidates, contrastive elsewhere."""
+    scores = _to_numpy(scores, name).astype(np.float64)
+    if scores.shape != candidates.shape:
+        raise ValueError(f"{name} must have shape {list(candidates.shape)} (one score per top-k candidate), "
+                         f"got {list(scores.shape)}")
+    _check_finite(scores, name)
+    rows = np.arange(itc.shape[0])[:, None]
+    in_top = np.zeros(itc.shape, dtype=bool)
+    in_top[rows, candidates] = True
+    value = itc.copy()
+    value[rows, candidates] = scores
+    return in_top, value
+
+
+def rerank_metrics(itc_sim, vtm_t2v, vtm_v2t, text_to_video, k: int) -> dict[str, float]:
+    """Recall after re-ranking by the matching head, as Singularity's evaluation() computes it.
+
+    itc_sim [num_texts, num_videos] contrastive scores; vtm_t2v[i, j] the matching score of text i
+    with its j-th ranked video and vtm_v2t[v, j] that of video v with its j-th ranked text (the
+    order of `rerank_candidates(itc_sim, k)`). Text-to-video recall ranks each text's own top-k by
+    vtm_t2v, video-to-text recall each video's own top-k texts by vtm_v2t (not the transpose of the
+    text-side matrix). Several texts may share a video. Conventions: RERANK_CONVENTIONS.
+    Returns the keys of `retrieval_metrics` plus r_mean = (t2v_mean + v2t_mean) / 2.
+    """
+    sim = _to_numpy(itc_sim, "itc_sim").astype(np.float64)
+    if sim.ndim != 2 or 0 in sim.shape:
+        raise ValueError(f"itc_sim must be a non-empty [num_texts, num_videos] matrix, got shape {sim.shape}")
+    _check_finite(sim, "itc_sim")
+    num_texts, num_videos = sim.shape
+    gt_video = _check_index_vector(_to_numpy(text_to_video, "text_to_video"), "text_to_video", num_texts,
+                                   num_videos)
+    is_gt = np.zeros_like(sim, dtype=bool)
+    is_gt[np.arange(num_texts), gt_video] = True
+    if not is_gt.any(axis=0).all():
+        missing = np.flatnonzero(~is_gt.any(axis=0))
+        raise ValueError(f"{missing.size} of {num_videos} videos have no ground-truth text (e.g. video indices "
+                         f"{missing[:5].tolist()}); every video needs at least one text in text_to_video")
+    t2v_top, v2t_top = rerank_candidates(sim, k)
+    t2v_in, t2v_value = _reranked_values(sim, t2v_top, vtm_t2v, "vtm_t2v")
+    v2t_in, v2t_value = _reranked_values(sim.T, v2t_top, vtm_v2t, "vtm_v2t")
+    out = {**_recalls(_two_key_ranks(t2v_in, t2v_value, is_gt), "t2v"),
+           **_recalls(_two_key_ranks(v2t_in, v2t_value, is_gt.T), "v2t")}
+    out["r_mean"] = (out["t2v_mean"] + out["v2t_mean"]) / 2
+    return out
+
+
 def egomcq_accuracy(scores, answers, types) -> dict[str, float]:
     """EgoMCQ accuracy in percent per question type: {"inter": pct, "intra": pct}.
 

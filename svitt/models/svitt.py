@@ -17,6 +17,7 @@ from svitt.config import check_keys
 from svitt.models.text_encoder import TextEncoder, resolve_text_config
 from svitt.models.video_encoder import VideoEncoder, resolve_video_config
 
+VTM_SCORES = ("log_odds", "match_logit")
 MODEL_DEFAULTS = dict(  # every key of the `model` section, documented here once
     video={},  # svitt.models.video_encoder.VIDEO_DEFAULTS
     text={},  # svitt.models.text_encoder.TEXT_DEFAULTS
@@ -85,10 +86,13 @@ class SViTT(nn.Module):
     def fuse(self, text_hidden, attention_mask, video_tokens):
         return self.text_encoder.fuse(text_hidden, attention_mask, video_tokens)
 
-    def vtm_score(self, text_hidden, attention_mask, video_tokens) -> torch.Tensor:
-        """Matching logit (positive minus negative class) per pair: [B]."""
+    def vtm_score(self, text_hidden, attention_mask, video_tokens, kind: str = "log_odds") -> torch.Tensor:
+        """Matching score per pair [B]: "log_odds" (match minus no-match logit, the log-odds of
+        p(match)) or "match_logit" (the match logit alone, what Singularity ranks by)."""
+        if kind not in VTM_SCORES:
+            raise ValueError(f"vtm score kind must be one of {VTM_SCORES}, got {kind!r}")
         logits = self.vtm_head(self.fuse(text_hidden, attention_mask, video_tokens)[:, 0])
-        return logits[:, 1] - logits[:, 0]
+        return logits[:, 1] - logits[:, 0] if kind == "log_odds" else logits[:, 1]
 
     def mlm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """fused [B, L, Dt] -> vocabulary logits [B, L, V]."""
