@@ -412,6 +412,7 @@ def _restore_metrics(path: Path, step: int, rank: int, logged: list | None) -> l
 
 
 def _model_info(cfg: dict, step: int, last: dict) -> dict:
+    from svitt.models.text_encoder import multimodal_keep_rates
     from svitt.sparsity import edge_count
 
     video, text = cfg["model"]["video"], cfg["model"]["text"]
@@ -420,7 +421,7 @@ def _model_info(cfg: dict, step: int, last: dict) -> dict:
         frames=video["frames"], local_blocks=video["local_blocks"] if sparse else None,
         random_blocks=video["random_blocks"] if sparse else None,
         block_size=video["block_size"] if sparse else None, visual_keep=video["visual_keep"],
-        multimodal_keep=text["multimodal_keep"], text_len=cfg["data"]["text_len"],
+        multimodal_keep=multimodal_keep_rates(text), text_len=cfg["data"]["text_len"],
         image_size=video["image_size"], patch_size=video["patch_size"], depth=video["depth"],
         fusion_layers=text["fusion_layers"], prune_layers=tuple(video["prune_layers"]),
         tubelet_frames=video["tubelet_frames"])
