@@ -140,9 +140,11 @@ class SViTT(nn.Module):
         with torch.no_grad():
             sim = video_emb @ text_emb.T / self.temperature()
         neg_text, neg_video = losses.vtm_hard_negatives(sim, positives_mask=positives)
-        texts = torch.cat([text_hidden, text_hidden[neg_text], text_hidden])
-        masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-        videos = torch.cat([video_tokens, video_tokens, video_tokens[neg_video]])
+        # index_select, not x[idx]: a negative drawn twice accumulates two gradient rows, which
+        # advanced indexing's CPU backward adds in a thread-dependent order (runs would differ).
+        texts = torch.cat([text_hidden, text_hidden.index_select(0, neg_text), text_hidden])
+        masks = torch.cat([attention_mask, attention_mask.index_select(0, neg_text), attention_mask])
+        videos = torch.cat([video_tokens, video_tokens, video_tokens.index_select(0, neg_video)])
         logits = self.vtm_head(self.fuse(texts, masks, videos)[:, 0])
         b = video_tokens.shape[0]
         return losses.vtm_loss(logits[:b], logits[b:])
