@@ -1,10 +1,23 @@
 """Helpers of the rules: config checks, canonical params, stage lookups, paths."""
 
-import copy
 import json
 import re
+import sys
 
-from snakemake.utils import validate
+import yaml
+from snakemake.utils import update_config, validate
+
+sys.path.insert(0, workflow.basedir)  # svitt.stages: the torch-free stage resolution
+from svitt.stages import (  # noqa: E402
+    all_stage_names,
+    configured_stages,
+    section_names,
+    split_variant,
+    stage_config,
+    stage_dataset,
+    stage_init,
+    variant,
+)
 
 # YAML 1.1 reads 1e-5 (no dot) as a string; users write learning rates that way.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -20,6 +33,27 @@ def _numbers(obj):
     return obj
 
 
+def _standalone_layers():
+    """A --configfile overlay with `standalone: true` (configs/paper.yaml) replaces config.yaml
+    instead of merging into it: Snakemake merges nested dicts key by key, so an overlay would
+    otherwise inherit every demo key it does not set (crop scales, warm-up, demo datasets).
+    Overlays given after it still merge on top of it, and --config key=value last."""
+    layers = []
+    for path in workflow.overwrite_configfiles:
+        with open(path) as handle:
+            layers.append(yaml.safe_load(handle) or {})
+    standalone = [i for i, layer in enumerate(layers) if layer.get("standalone")]
+    if not standalone:
+        return
+    merged = {}
+    for layer in layers[standalone[-1] :]:
+        update_config(merged, layer)
+    update_config(merged, dict(workflow.config_settings.config))
+    config.clear()
+    config.update(merged)
+
+
+_standalone_layers()
 config.update(_numbers(dict(config)))
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
@@ -69,56 +103,14 @@ def demo_file(path):
 
 # ------------------------------------------------------------------------------------- pretrain
 
-VIDEO_STAGE_KEYS = (
-    "frames",
-    "local_blocks",
-    "random_blocks",
-    "block_size",
-    "visual_keep",
-    "prune_layers",
-)
-TEXT_STAGE_KEYS = ("multimodal_keep",)
-STAGE_ONLY_KEYS = ("init", "dataset")
-
-
-def _stages():
-    stages = {s["name"]: s for s in config["pretrain"]["curriculum"]}
-    ego = config["pretrain"].get("egoclip")
-    if ego:
-        stages[ego["name"]] = ego
-    return stages
-
-
-STAGES = _stages()
-CURRICULUM = [s["name"] for s in config["pretrain"]["curriculum"]]
-EGO_STAGE = (
-    config["pretrain"]["egoclip"]["name"] if config["pretrain"].get("egoclip") else None
-)
-
-
-def _check_inits():
-    for name, stage in STAGES.items():
-        init = stage.get("init")
-        if init is not None and init not in STAGES:
-            raise ValueError(
-                f"pretrain stage {name!r} starts from {init!r}, which is not a stage "
-                f"(have {sorted(STAGES)})"
-            )
-
-
-_check_inits()
-
-
-def _over_defaults(defaults, stage):
-    """Stage settings over pretrain.defaults; `data` merges key by key, the rest replaces
-    (a stage's objectives are its whole objective set)."""
-    out = copy.deepcopy(defaults)
-    for key, value in stage.items():
-        if key == "data":
-            out["data"] = {**out.get("data", {}), **value}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+PRETRAIN = config["pretrain"]
+STAGES = configured_stages(PRETRAIN)  # name -> stage (curriculum, egoclip, extra, ablation)
+CURRICULUM = section_names(PRETRAIN, "curriculum")
+EGO_STAGES = section_names(PRETRAIN, "egoclip")
+EXTRA_STAGES = section_names(PRETRAIN, "extra")
+ABLATION_STAGES = section_names(PRETRAIN, "ablation")
+SEEDS = PRETRAIN["seeds"]
+ALL_STAGE_NAMES = all_stage_names(PRETRAIN)
 
 
 def stage_model(path):
@@ -135,45 +127,22 @@ def downloaded_videos(path):
     )
 
 
-def stage_config(name):
-    """The config svitt.train reads for one stage: model with the stage's sparsity, and the
-    stage's optimisation settings over pretrain.defaults."""
-    stage = STAGES[name]
-    model = copy.deepcopy(config["model"])
-    for key in VIDEO_STAGE_KEYS:
-        if key in stage:
-            model["video"][key] = stage[key]
-    for key in TEXT_STAGE_KEYS:
-        if key in stage:
-            model["text"][key] = stage[key]
-    train = {
-        k: v
-        for k, v in stage.items()
-        if k not in VIDEO_STAGE_KEYS + TEXT_STAGE_KEYS + STAGE_ONLY_KEYS
-    }
-    cfg = _over_defaults(config["pretrain"].get("defaults", {}), train)
-    cfg["model"] = model
-    if stage_dataset(name) != "webvid" and "clips" in dataset(stage_dataset(name)):
-        cfg.setdefault("data", {})["kind"] = "egoclip"
-    return cfg
-
-
-def stage_dataset(name):
-    return STAGES[name].get("dataset", "webvid")
+def stage_params(wildcards):
+    return canonical(stage_config(config, wildcards.stage))
 
 
 def stage_inputs(wildcards):
-    stage = STAGES[wildcards.stage]
-    name = stage_dataset(wildcards.stage)
+    name = stage_dataset(PRETRAIN, wildcards.stage)
+    init = stage_init(PRETRAIN, wildcards.stage)
     inputs = {
         "shards": shard_paths(name),
         "annotations": dataset(name)["annotations"],
         "tokenizer": f"{config['tokenizer']}/vocab.txt",
     }
-    if stage.get("init"):
-        inputs["init"] = f"results/pretrain/{stage['init']}/model.safetensors"
+    if init:
+        inputs["init"] = f"results/pretrain/{init}/model.safetensors"
     for key in ("video_weights", "text_weights"):
-        if not stage.get("init") and config["model"].get(key):
+        if not init and config["model"].get(key):
             inputs[key] = config["model"][key]
     return inputs
 
@@ -240,17 +209,31 @@ def eval_settings(task):
     return canonical(config["evaluation"][task])
 
 
-def retrieval_results(dataset_name):
-    return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in CURRICULUM}
+def eval_stages():
+    """Stages the `all` target evaluates: the curriculum and the extra stages (controls)."""
+    return CURRICULUM + EXTRA_STAGES
 
 
-def egomcq_results():
-    stages = CURRICULUM + ([EGO_STAGE] if EGO_STAGE else [])
+def retrieval_results(dataset_name, stages=None):
+    stages = eval_stages() if stages is None else stages
+    return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in stages}
+
+
+def egomcq_results(stages=None):
+    stages = eval_stages() + EGO_STAGES if stages is None else stages
     return {s: f"results/eval/egomcq/{s}.json" for s in stages}
 
 
 def all_stages():
-    return CURRICULUM + ([EGO_STAGE] if EGO_STAGE else [])
+    return CURRICULUM + EGO_STAGES + EXTRA_STAGES
+
+
+def stage_files(stages):
+    return [
+        f"results/pretrain/{s}/{f}"
+        for s in stages
+        for f in ("model.safetensors", "model.json", "metrics.jsonl")
+    ]
 
 
 def named(paths):
@@ -263,7 +246,18 @@ def nlq_outputs():
     return [f"results/nlq_features/{nlq['stage']}.h5"] if nlq else []
 
 
+def result_files(stages, ego_stages):
+    """Every model and result file of these stages."""
+    files = stage_files(stages + ego_stages)
+    for d in config["evaluation"]["retrieval"]["datasets"]:
+        files += retrieval_results(d, stages).values()
+    if config["evaluation"].get("egomcq"):
+        files += egomcq_results(stages + ego_stages).values()
+    return files
+
+
 def final_outputs():
+    """What `all` builds: every stage model, every result file, every figure."""
     figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
     figures += [
         f"results/figures/retrieval_{d}.png"
@@ -271,4 +265,16 @@ def final_outputs():
     ]
     if config["evaluation"].get("egomcq"):
         figures.append("results/figures/egomcq.png")
-    return figures + nlq_outputs()
+    return result_files(eval_stages(), EGO_STAGES) + figures + nlq_outputs()
+
+
+def seed_outputs():
+    """What `seeds` builds: every stage of `all` again for each seed of pretrain.seeds."""
+    stages = [variant(n, k) for k in SEEDS for n in eval_stages()]
+    egos = [variant(n, k) for k in SEEDS for n in EGO_STAGES]
+    return result_files(stages, egos)
+
+
+def ablation_outputs():
+    """What `ablation` builds: the pretrain.ablation stages (e.g. Table 3's single-stage runs)."""
+    return result_files(ABLATION_STAGES, [])
