@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -69,6 +70,8 @@ def make_handler(server_state):
                     return self.send_status(503)
                 if p == "/stall-body.mp4":  # headers, then one byte every 50 ms
                     return self.send_body(small, piece=1, delay=0.05)
+                if p.startswith("/trickle-close/"):  # a closing response, then one byte per 0.1 s
+                    return self.send_trickle(small, http10=p.endswith("/http10.mp4"))
                 if p == "/stall-headers.mp4":  # accepts, never answers
                     state["stop"].wait(20)
                     return None
@@ -141,6 +144,26 @@ def make_handler(server_state):
                 self.wfile.write(data[i:i + piece])
                 self.wfile.flush()
                 time.sleep(delay)
+
+        def send_trickle(self, body, http10):
+            """HTTP/1.0 (or HTTP/1.1 with `Connection: close`): http.client hands such a socket to
+            the response and sets conn.sock to None; a byte arrives well within every per-read
+            timeout, for up to 60 s."""
+            if http10:
+                self.protocol_version = "HTTP/1.0"
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(body) + 600))
+            if not http10:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self.wfile.write(body[:16])
+            for _ in range(600):
+                if server_state["stop"].wait(0.1):
+                    return
+                self.wfile.write(b"\0")
+                self.wfile.flush()
 
         def send_truncated(self, body):
             self.send_response(200)
@@ -273,6 +296,34 @@ def test_stalled_server_is_cut_by_the_total_timeout(server, tmp_path):
     assert m["trickle"]["reason"].startswith("timeout: no complete response within 1 s (")
     assert 0 < trickled < 400  # bytes did arrive, yet the attempt ended at its deadline
     assert m["silent"]["reason"] == "timeout: no complete response within 1 s (0 bytes on disk)"
+
+
+@pytest.mark.parametrize("kind", ["http10", "connection-close"])
+def test_timeout_bounds_every_attempt_of_a_closing_trickle(server, tmp_path, kind):
+    """--timeout bounds one attempt in total also when the response owns the socket (HTTP/1.0 or
+    `Connection: close`, where http.client sets conn.sock to None): --timeout 1 --retries 3 against
+    a server sending a byte every 0.1 s (never tripping the per-read timeout) ends after about
+    (retries + 1) x timeout, with the failure in the manifest. The CLI runs in a subprocess with a
+    hard limit, so a hang fails the test instead of stalling the suite."""
+    timeout, retries = 1, 3
+    url = f"{server['url']}/trickle-close/{kind}.mp4"
+    manifest = tmp_path / "manifest.csv"
+    args = ["--csv", str(write_csv(tmp_path / "l.csv", [("trickle", url, "")])), "--out", str(tmp_path / "v"),
+            "--manifest", str(manifest), "--timeout", str(timeout), "--retries", str(retries), "--backoff", "0.01",
+            "--max-failed-fraction", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    try:
+        subprocess.run([sys.executable, str(REPO / "workflow_scripts" / "download.py"), *args], env=env,
+                       timeout=40, check=True, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the download was still running after 40 s: the deadline did not hold")
+    elapsed = time.monotonic() - start
+    assert len(requests_for(server, urlsplit(url).path)) == retries + 1
+    assert elapsed < (retries + 1) * timeout + 5  # 4 attempts of 1 s, plus interpreter start-up
+    reason = manifest_rows(manifest)["trickle"]["reason"]
+    assert reason.startswith(f"timeout: no complete response within {timeout} s (") and reason.endswith(
+        f"(after {retries + 1} attempts)")
 
 
 def test_ids_never_escape_the_output_folder(videos, tmp_path):

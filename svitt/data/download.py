@@ -3,7 +3,8 @@
 What it guarantees (issue 4, section 1):
 - one manifest row per input row, `id,status,reason,bytes,sha256,path`, status ok/failed/skipped;
 - `timeout` bounds one attempt at one file from connect to last byte (a watchdog shuts the socket,
-  so a server trickling one byte a second cannot hold a worker);
+  also one a closing HTTP/1.0 or `Connection: close` response owns, so a server trickling one byte
+  a second cannot hold a worker);
 - retries with exponential backoff on 5xx / 408 / 429 / timeouts / dropped connections, never on
   other 4xx; resume of `.part` files with HTTP Range; a size cap; content sniffing (an HTML error
   page saved as .mp4 is rejected; an MP4 whose boxes run past the end of the file is truncated);
@@ -233,19 +234,24 @@ class DownloadOptions:
 
 
 class _Watchdog:
-    """Shuts the socket of the current connection when the attempt's deadline passes."""
+    """Shuts the socket of the current connection when the attempt's deadline passes.
+
+    It keeps its own reference to the socket: once a response will close the connection (HTTP/1.0,
+    `Connection: close`) http.client hands the socket to the response and sets `conn.sock` to None,
+    and a trickling server would otherwise hold the read forever.
+    """
 
     def __init__(self, seconds: float):
         self.fired = False
-        self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(seconds, 0.0), self._fire)
         self._timer.daemon = True
         self._timer.start()
 
-    def watch(self, conn) -> None:
+    def watch(self, sock: socket.socket | None) -> None:
         with self._lock:
-            self._conn = conn
+            self._sock = sock
             if self.fired:
                 self._shutdown()
 
@@ -255,12 +261,12 @@ class _Watchdog:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        sock = getattr(self._conn, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self._sock is None:
+            return
+        try:  # the plain-socket shutdown (also for TLS): wakes a recv blocked in another thread
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except OSError:  # already closed (its fd is -1 then, never another file's)
+            pass
 
     def cancel(self) -> None:
         self._timer.cancel()
@@ -312,6 +318,7 @@ def _http_fetch(url: str, part: Path, opts: DownloadOptions, on_bytes) -> None:
                 _stream_body(response, part, offset, opts, watchdog, on_bytes)
                 return
             finally:
+                response.close()
                 conn.close()
         raise FetchError(f"too many redirects (more than {MAX_REDIRECTS})", retryable=False)
     except FetchError:
@@ -340,9 +347,9 @@ def _open(url: str, have: int, watchdog: _Watchdog, opts: DownloadOptions):
                                            context=ssl.create_default_context())
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=opts.timeout)
-    watchdog.watch(conn)
+    watchdog.watch(None)  # a connect is bounded by the socket timeout (= the deadline)
     conn.connect()
-    watchdog.watch(conn)  # the socket exists now; shut it if the deadline already passed
+    watchdog.watch(conn.sock)  # shut at once if the deadline passed while connecting
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
