@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from svitt.data import download as dl
 from svitt.data import frames as fr
 from svitt.data.datasets import FrameStore
 from svitt.data.demo_corpus import write_mp4
@@ -197,12 +198,25 @@ def test_manifest_input_uses_ok_rows_only(tmp_path):
 
 
 def test_shards_partition_the_videos(tmp_path):
-    jobs = [fr.VideoJob(f"v{i}", tmp_path / f"v{i}.mp4") for i in range(50)]
-    parts = [fr.select_shard(jobs, k, 3) for k in range(3)]
-    ids = [j.id for p in parts for j in p]
-    assert sorted(ids) == sorted(j.id for j in jobs) and len(set(ids)) == 50
+    """Shard i of the extraction holds exactly the videos shard i of the download fetched."""
+    items = [dl.VideoItem(i, f"v{i}", None) for i in range(50)]
+    parts = [dl.select_items(items, k, 3) for k in range(3)]
+    ids = [item.id for part in parts for item in part]
+    assert sorted(ids) == sorted(item.id for item in items) and len(set(ids)) == 50
     assert all(len(p) > 5 for p in parts)
-    assert [j.id for j in fr.select_shard(list(reversed(jobs)), 1, 3)] == [j.id for j in reversed(parts[1])]
+    assert [i.id for i in dl.select_items(list(reversed(items)), 1, 3)] == [i.id for i in reversed(parts[1])]
+    src = tmp_path / "videos"
+    src.mkdir()
+    for i in range(6):
+        gray_video(src / f"v{i}.mp4", [10 * i, 20])
+    stored = []
+    for k in range(3):
+        out = tmp_path / f"s{k}.h5"
+        assert cli.main(["--videos", str(src), "--out", str(out), "--failures", str(tmp_path / f"f{k}.csv"),
+                         "--num-shards", "3", "--shard-index", str(k), "--no-progress"]) == 0
+        stored.append(sorted(FrameStore(out).shard_of))
+        assert stored[-1] == sorted(f"v{i}" for i in range(6) if dl.shard_of(f"v{i}", 3) == k)
+    assert sorted(sum(stored, [])) == [f"v{i}" for i in range(6)]
 
 
 def test_error_mid_shard_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,21 +64,24 @@ class InputError(ValueError):
 
 
 def read_video_list(path: str | Path) -> list[VideoItem]:
-    """Read a WebVid CSV, a generic id,url,caption CSV, a tab-separated egoclip.csv or egomcq.json.
+    """Read a WebVid CSV, a generic id,url,caption CSV, a video_uid table, an egomcq.json or an
+    annotation JSON list.
 
     WebVid / generic: one item per row (duplicates kept, the downloader reports them).
-    egoclip.csv / egomcq.json: one item per distinct `video_uid` (no URL: use --local-dir or
-    --ego4d-cli).
+    video_uid tables (tab-separated egoclip.csv, nlq_videos.tsv, or any CSV/TSV whose header has a
+    `video_uid` column), egomcq.json, and JSON lists of {"video": ...} (Singularity's retrieval and
+    QA layout): one item per distinct video, without URL (videos on disk, or --ego4d-cli).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"video list {path} does not exist")
     if path.suffix == ".json":
-        return _read_egomcq_uids(path)
+        return _read_json_videos(path)
     with open(path, newline="", encoding="utf-8") as handle:
         first_line = handle.readline()
-    if "\t" in first_line and "video_uid" in first_line.split("\t"):
-        return _read_egoclip_uids(path)
+    delimiter = "\t" if "\t" in first_line else ","
+    if "video_uid" in [name.strip() for name in first_line.split(delimiter)]:
+        return _read_uid_table(path, delimiter)
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = [name.strip() for name in (reader.fieldnames or [])]
@@ -89,8 +93,8 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
         else:
             raise InputError(
                 f"{path}: unrecognised header {header}; expected WebVid columns "
-                "(videoid, contentUrl, name), a generic id,url,caption CSV, or a tab-separated "
-                "egoclip.csv with a video_uid column"
+                "(videoid, contentUrl, name), a generic id,url,caption CSV, or a table with a "
+                "video_uid column (egoclip.csv, nlq_videos.tsv)"
             )
         return [
             VideoItem(i, (r.get(id_col) or "").strip(), (r.get(url_col) or "").strip(),
@@ -99,16 +103,26 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
         ]
 
 
-def _read_egoclip_uids(path: Path) -> list[VideoItem]:
+def _read_uid_table(path: Path, delimiter: str) -> list[VideoItem]:
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         uids = dict.fromkeys(r["video_uid"].strip() for r in reader)
     return [VideoItem(i, uid, None) for i, uid in enumerate(uids)]
 
 
-def _read_egomcq_uids(path: Path) -> list[VideoItem]:
+def _read_json_videos(path: Path) -> list[VideoItem]:
     with open(path, encoding="utf-8") as handle:
-        questions = json.load(handle)
+        data = json.load(handle)
+    if isinstance(data, dict):
+        return _egomcq_uids(data)
+    if isinstance(data, list) and all(isinstance(r, dict) and "video" in r for r in data):
+        videos = dict.fromkeys(str(r["video"]).strip() for r in data)
+        return [VideoItem(i, video, None) for i, video in enumerate(videos)]
+    raise InputError(f"{path}: expected an egomcq.json object or a list of {{\"video\": ...}} annotations")
+
+
+def _egomcq_uids(questions: dict) -> list[VideoItem]:
     uids: dict[str, None] = {}
     for key in sorted(questions, key=_int_or_str):
         q = questions[key]
@@ -120,6 +134,19 @@ def _read_egomcq_uids(path: Path) -> list[VideoItem]:
 
 def _int_or_str(key: str):
     return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def shard_of(video_id: str, num_shards: int) -> int:
+    """The shard of a video: a stable hash of its id (the same in download and extraction, so shard
+    i's frames come from shard i's videos)."""
+    return zlib.crc32(video_id.encode("utf-8")) % num_shards
+
+
+def select_items(items: list[VideoItem], shard_index: int, num_shards: int) -> list[VideoItem]:
+    """The rows of one shard, in input order (every repeat of an id lands in the same shard)."""
+    if not 0 <= shard_index < num_shards:
+        raise InputError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+    return [item for item in items if shard_of(item.id, num_shards) == shard_index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,12 +550,13 @@ class _Progress:
 
 
 def mark_duplicates(items: list[VideoItem]) -> dict[int, DownloadResult]:
-    """Row index -> `skipped` result for every repeat of an id already seen in an earlier row."""
+    """Position in `items` -> `skipped` result for every repeat of an id seen in an earlier row
+    (the reason names that row's number in the input)."""
     first_row: dict[str, int] = {}
     skipped = {}
-    for item in items:
+    for position, item in enumerate(items):
         if item.id and item.id in first_row:
-            skipped[item.row] = DownloadResult(
+            skipped[position] = DownloadResult(
                 item.id, "skipped", f"duplicate id (first seen in input row {first_row[item.id] + 1})")
         else:
             first_row.setdefault(item.id, item.row)
@@ -541,8 +569,8 @@ def download_all(items: list[VideoItem], out_dir: str | Path, opts: DownloadOpti
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[DownloadResult | None] = [None] * len(items)
-    for row, result in mark_duplicates(items).items():
-        results[row] = result
+    for position, result in mark_duplicates(items).items():
+        results[position] = result
     todo = [i for i, r in enumerate(results) if r is None]
     bar = _Progress(len(items), progress)
     bar.files.update(len(items) - len(todo))
@@ -605,8 +633,11 @@ def failed_fraction(results: list[DownloadResult]) -> tuple[int, int, float]:
 # Ego4D: local folders and the official CLI
 # ----------------------------------------------------------------------------------------------
 def find_local_video(folder: Path, video_id: str) -> Path | None:
-    """`<folder>/<id>.<ext>`, or `<folder>/<id>/` holding chunk files `0.mp4, 1.mp4, ...`."""
+    """`<folder>/<id>.<ext>`, `<folder>/<id>` when the id names its file ("video7010.mp4"), or
+    `<folder>/<id>/` holding chunk files `0.mp4, 1.mp4, ...`."""
     name = safe_filename(video_id)
+    if name.lower().endswith(VIDEO_EXTENSIONS) and (folder / name).is_file():
+        return folder / name
     for ext in VIDEO_EXTENSIONS:
         candidate = folder / f"{name}{ext}"
         if candidate.is_file():
@@ -624,18 +655,21 @@ def list_chunks(chunk_dir: Path) -> list[Path]:
 
 
 def register_local(items: list[VideoItem], folder: str | Path, verify: str = "sha256",
-                   progress: bool = True) -> list[DownloadResult]:
-    """Manifest results for videos already on disk in `folder` (no copy is made)."""
+                   progress: bool = True, workers: int = 4) -> list[DownloadResult]:
+    """Manifest results for videos already on disk in `folder` (no copy is made); the files are
+    checked (and hashed with verify="sha256") by `workers` threads (hashlib releases the GIL)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--local-dir {folder} is not a folder")
     results = [None] * len(items)
-    for row, result in mark_duplicates(items).items():
-        results[row] = result
-    for index, item in enumerate(tqdm(items, desc="verify local videos", unit="file", disable=not progress)):
-        if results[index] is not None:
-            continue
-        results[index] = _register_one(item, folder, verify)
+    for position, result in mark_duplicates(items).items():
+        results[position] = result
+    todo = [i for i, r in enumerate(results) if r is None]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        checked = pool.map(lambda i: _register_one(items[i], folder, verify), todo)
+        for index, result in zip(todo, tqdm(checked, total=len(todo), desc="verify local videos", unit="file",
+                                            disable=not progress)):
+            results[index] = result
     return results  # type: ignore[return-value]
 
 
@@ -681,7 +715,7 @@ class Ego4DCliMissing(RuntimeError):
 def run_ego4d_cli(items: list[VideoItem], out_dir: str | Path, executable: str = "ego4d",
                   datasets: str = "full_scale", aws_profile: str | None = None,
                   version: str | None = None, verify: str = "sha256",
-                  progress: bool = True) -> list[DownloadResult]:
+                  progress: bool = True, workers: int = 4) -> list[DownloadResult]:
     """Call the Ego4D CLI for the items' uids, then register what it wrote (one row per uid)."""
     resolved = shutil.which(executable)
     if resolved is None:
@@ -699,5 +733,5 @@ def run_ego4d_cli(items: list[VideoItem], out_dir: str | Path, executable: str =
         raise RuntimeError(f"Ego4D CLI failed with exit code {completed.returncode}: {' '.join(command)}")
     # The CLI writes <out>/<version>/<dataset>/<uid>.mp4; register whichever folder holds them.
     folders = sorted({p.parent for p in out_dir.rglob("*.mp4")}) or [out_dir]
-    results = register_local(items, folders[0], verify, progress)
+    results = register_local(items, folders[0], verify, progress, workers)
     return results
