@@ -355,6 +355,48 @@ def test_webvid_columns_and_bad_header(videos, tmp_path):
     assert not manifest.exists()
 
 
+def test_annotation_files_name_their_videos(tmp_path):
+    """Folder datasets are selected by their annotations: a retrieval / QA JSON list, a video_uid
+    table (nlq_videos.tsv), an egomcq.json."""
+    listing = tmp_path / "ret.json"
+    listing.write_text('[{"video": "video7010.mp4", "caption": "a"}, {"video": "video7011.mp4", "caption": "b"},'
+                       ' {"video": "video7010.mp4", "caption": "c"}]')
+    assert [(i.row, i.id, i.url) for i in dl.read_video_list(listing)] == [(0, "video7010.mp4", None),
+                                                                            (1, "video7011.mp4", None)]
+    nlq = tmp_path / "nlq_videos.tsv"
+    nlq.write_text("video_uid\tsplit\nuid-a\ttrain\nuid-b\tval\nuid-a\tval\n")
+    assert [i.id for i in dl.read_video_list(nlq)] == ["uid-a", "uid-b"]
+    uids = write_csv(tmp_path / "uids.csv", [("uid-c", "x")], ("video_uid", "other"))
+    assert [i.id for i in dl.read_video_list(uids)] == ["uid-c"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"clip": 1}]')
+    with pytest.raises(dl.InputError, match=r'bad.json: expected an egomcq.json object or a list of \{"video"'):
+        dl.read_video_list(bad)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "video7010.mp4").write_bytes(b"x")
+    assert dl.find_local_video(folder, "video7010.mp4") == folder / "video7010.mp4"
+    assert dl.find_local_video(folder, "video7010") == folder / "video7010.mp4"
+
+
+def test_download_shards_partition_the_rows(videos, tmp_path):
+    """--num-shards N --shard-index i: the manifests of the N shards together hold every input row
+    once, each in the shard its id hashes to; a repeated id is skipped in its own shard."""
+    ids = [f"vid{i}" for i in range(12)] + ["vid3"]
+    csv_path = write_csv(tmp_path / "l.csv", [(i, videos["small_path"].as_uri(), "") for i in ids])
+    seen = []
+    for k in range(3):
+        manifest = tmp_path / f"m{k}.csv"
+        assert cli.main(["--csv", str(csv_path), "--out", str(tmp_path / f"v{k}"), "--manifest", str(manifest),
+                         "--num-shards", "3", "--shard-index", str(k), *FAST]) == 0
+        with open(manifest, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert all(dl.shard_of(r["id"], 3) == k for r in rows)
+        seen += [(r["id"], r["status"], r["reason"]) for r in rows]
+    assert sorted(i for i, _, _ in seen) == sorted(ids)
+    assert [s for s in seen if s[1] != "ok"] == [("vid3", "skipped", "duplicate id (first seen in input row 4)")]
+
+
 def test_failed_fraction_threshold(server, tmp_path, capsys):
     u = server["url"]
     rows = [("a", f"{u}/video/a.mp4", ""), ("b", f"{u}/video/b.mp4", ""), ("c", f"{u}/404.mp4", ""),

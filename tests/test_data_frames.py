@@ -197,6 +197,26 @@ def test_manifest_input_uses_ok_rows_only(tmp_path):
         assert fr.h5_id(fr.h5_key(odd)) == odd and "/" not in fr.h5_key(odd) and not fr.h5_key(odd).startswith(".")
 
 
+def test_folder_videos_named_by_their_annotations(tmp_path):
+    """--videos FOLDER --ids ANNOTATIONS: the listed videos, read where they are (a file named by
+    the id, <id>.mp4, or a chunk folder); a listed video that is not there is a failure."""
+    src = tmp_path / "videos"
+    (src / "u2").mkdir(parents=True)
+    gray_video(src / "video1.mp4", [10, 20, 30])
+    gray_video(src / "u2" / "0.mp4", [40, 50])
+    gray_video(src / "unlisted.mp4", [60])
+    listing = tmp_path / "ret.json"
+    listing.write_text('[{"video": "video1.mp4"}, {"video": "u2"}, {"video": "gone.mp4"}]')
+    out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
+    assert cli.main(["--videos", str(src), "--ids", str(listing), "--out", str(out), "--failures", str(failures),
+                     "--max-failed-fraction", "0.5", "--no-progress"]) == 0
+    store = FrameStore(out)
+    assert sorted(store.shard_of) == ["u2", "video1.mp4"]
+    assert store.attrs("u2")["source"] == str(src / "u2") and store.num_frames("video1.mp4") == 3
+    assert read_failures(failures) == {"gone.mp4": f"not found in folder {src} (looked for gone.mp4 or a chunk "
+                                                   "folder gone/)"}
+
+
 def test_shards_partition_the_videos(tmp_path):
     """Shard i of the extraction holds exactly the videos shard i of the download fetched."""
     items = [dl.VideoItem(i, f"v{i}", None) for i in range(50)]

@@ -648,6 +648,13 @@ def find_local_video(folder: Path, video_id: str) -> Path | None:
     return None
 
 
+def looked_for(video_id: str) -> str:
+    """What find_local_video looked for, for the failure reason."""
+    name = safe_filename(video_id)
+    file = name if name.lower().endswith(VIDEO_EXTENSIONS) else f"{name}.mp4"
+    return f"looked for {file} or a chunk folder {os.path.splitext(file)[0]}/"
+
+
 def list_chunks(chunk_dir: Path) -> list[Path]:
     """Chunk files `<k>.mp4` of an EgoVLP-style chunked video, in numeric order."""
     chunks = [p for p in chunk_dir.iterdir() if p.suffix in VIDEO_EXTENSIONS and p.stem.isdigit()]
@@ -678,8 +685,7 @@ def _register_one(item: VideoItem, folder: Path, verify: str) -> DownloadResult:
         return DownloadResult(item.id, "failed", f"empty id in input row {item.row + 1}")
     found = find_local_video(folder, item.id)
     if found is None:
-        return DownloadResult(item.id, "failed", f"not found in local folder {folder} "
-                                                 f"(looked for {safe_filename(item.id)}.mp4 or a chunk folder)")
+        return DownloadResult(item.id, "failed", f"not found in local folder {folder} ({looked_for(item.id)})")
     files = list_chunks(found) if found.is_dir() else [found]
     digest = hashlib.sha256()
     for file in files:

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, find_local_video, list_chunks, read_manifest,
-                                 safe_filename, shard_of, sniff_video)
+from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, find_local_video, list_chunks, looked_for,
+                                 read_manifest, shard_of, sniff_video)
 from svitt.io import atomic_path, atomic_write_csv
 
 FORMAT = "svitt-frames"
@@ -397,8 +397,7 @@ def local_sources(folder: str | Path, ids: list[str]) -> tuple[dict[str, Path], 
     for video_id in ids:
         path = find_local_video(folder, video_id)
         if path is None:
-            missing.append((video_id, f"not found in folder {folder} (looked for {safe_filename(video_id)}.mp4 "
-                                      "or a chunk folder)"))
+            missing.append((video_id, f"not found in folder {folder} ({looked_for(video_id)})"))
         else:
             found[video_id] = path
     return found, missing
