@@ -108,6 +108,9 @@ def serve(body: bytes, latency: float, rate: float | None, port_queue) -> None:
         daemon_threads = True
         request_queue_size = 256
 
+        def handle_error(self, request, client_address):
+            pass  # a client closing its kept-alive connection resets it: not news
+
     httpd = Server(("127.0.0.1", 0), Handler)
     port_queue.put(httpd.server_address[1])
     httpd.serve_forever()

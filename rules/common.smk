@@ -220,6 +220,11 @@ def launch(section):
 
 def download_list(wildcards):
     ds = dataset(wildcards.dataset)
+    if not is_downloaded(wildcards.dataset):
+        raise ValueError(
+            f"dataset {wildcards.dataset!r} reads its videos in place from {ds['videos']}: "
+            "nothing to download"
+        )
     return ds["videos"] if is_video_list(wildcards.dataset) else ds["annotations"]
 
 
