@@ -77,6 +77,14 @@ def cli_flags(settings, skip=()):
 
 DATASETS = config["datasets"]
 
+# Settings that change how a data job runs, not what it writes: they reach the scripts through
+# derived params (functions taking `threads`), which Snakemake leaves out of its rerun check, so
+# editing them reruns nothing (tests/test_workflow_data.py); `workers` is the rules' threads, never
+# a rerun either. max_bytes is not one of them: a video over the cap fails on every run whatever
+# the network does, so the cap decides which videos a dataset holds.
+DOWNLOAD_RUN_KEYS = ("timeout", "retries", "max_failed_fraction")
+FRAMES_RUN_KEYS = ("max_failed_fraction",)
+
 
 def dataset(name):
     if name not in DATASETS:
@@ -91,9 +99,19 @@ def is_video_list(name):
     return dataset(name)["videos"].endswith((".csv", ".tsv", ".json"))
 
 
+def is_downloaded(name):
+    """Videos the workflow fetches (a video list, or the Ego4D CLI); else read in place."""
+    return is_video_list(name) or dataset(name)["ego4d_cli"]
+
+
 def shard_paths(name):
     n = dataset(name)["shards"]
     return [f"resources/frames/{name}/shard-{i:03d}-of-{n:03d}.h5" for i in range(n)]
+
+
+def download_dir(wildcards):
+    """Shard i of a downloaded dataset: its manifest and its videos, fetched for shard i's extraction."""
+    return f"resources/videos/{wildcards.dataset}/shard-{wildcards.index}-of-{wildcards.shards}"
 
 
 def demo_file(path):
@@ -121,7 +139,9 @@ def stage_model(path):
 
 
 def downloaded_videos(path):
-    """The downloaded video files: deleted once every shard is extracted unless download.keep_videos."""
+    """A download shard's video files: with download.keep_videos false they are temporary, deleted
+    as soon as the shard's frames are extracted (their one consumer), so disk holds only the shards
+    in flight."""
     return (
         directory(path) if config["download"]["keep_videos"] else temp(directory(path))
     )
@@ -167,32 +187,71 @@ def launch(section):
 # ----------------------------------------------------------------------------- rule inputs
 
 
-def download_input(wildcards):
-    return (
-        dataset(wildcards.dataset)["videos"] if is_video_list(wildcards.dataset) else []
-    )
+def download_list(wildcards):
+    ds = dataset(wildcards.dataset)
+    if not is_downloaded(wildcards.dataset):
+        raise ValueError(
+            f"dataset {wildcards.dataset!r} reads its videos in place from {ds['videos']}: "
+            "nothing to download"
+        )
+    return ds["videos"] if is_video_list(wildcards.dataset) else ds["annotations"]
 
 
 def download_source(wildcards):
+    flag = "" if is_video_list(wildcards.dataset) else " --ego4d-cli"
+    return f"--csv {download_list(wildcards)}{flag}"
+
+
+def download_run(wildcards, threads):
+    """download.timeout / retries / max_failed_fraction (and workers, as threads): derived, so
+    editing them reruns nothing (see DOWNLOAD_RUN_KEYS)."""
+    return cli_flags({k: config["download"][k] for k in DOWNLOAD_RUN_KEYS})
+
+
+def extraction_inputs(wildcards):
+    """A downloaded shard's manifest and videos, or the folder the videos already live in. The
+    folder is ancient(): it must exist (a dry run names it when it does not), but files added to it
+    later rerun nothing (force with --forcerun extract_frames)."""
     ds = dataset(wildcards.dataset)
-    annotations = ds["annotations"]
-    if is_video_list(wildcards.dataset):
-        return f"--csv {ds['videos']}"
-    if ds.get("ego4d_cli"):
-        return f"--csv {annotations} --ego4d-cli"
-    return f"--csv {annotations} --local-dir {ds['videos']}"
+    inputs = {"annotations": ds["annotations"]}
+    if is_downloaded(wildcards.dataset):
+        inputs["manifest"] = f"{download_dir(wildcards)}/manifest.csv"
+        inputs["videos"] = f"{download_dir(wildcards)}/files"
+    else:
+        inputs["videos"] = ancient(ds["videos"])
+    return inputs
+
+
+def extraction_source(wildcards):
+    """--videos: the shard's manifest, or the folder with the videos the annotations name (clip
+    datasets name them by their clips)."""
+    ds = dataset(wildcards.dataset)
+    if is_downloaded(wildcards.dataset):
+        return f"--videos {download_dir(wildcards)}/manifest.csv"
+    if ds.get("clips"):
+        return f"--videos {ds['videos']}"
+    return f"--videos {ds['videos']} --ids {ds['annotations']}"
 
 
 def extraction_flags(wildcards):
-    """The global frame settings, with the dataset's own fps / max_frames where it sets them
-    (long videos for NLQ features are sampled at a fixed rate)."""
-    settings = {k: v for k, v in config["frames"].items() if k != "workers"}
+    """What extraction stores: the global frame settings, with the dataset's own fps / max_frames
+    where it sets them (long videos for NLQ features are sampled at a fixed rate)."""
+    settings = {
+        k: v
+        for k, v in config["frames"].items()
+        if k not in FRAMES_RUN_KEYS + ("workers",)
+    }
     ds = dataset(wildcards.dataset)
     if "fps" in ds:
         settings["fps"] = ds["fps"]
     if "max_frames" in ds:
         settings["frames"] = ds["max_frames"]
     return cli_flags(settings)
+
+
+def extraction_run(wildcards, threads):
+    """frames.max_failed_fraction (and workers, as threads): derived, so editing reruns nothing."""
+    return cli_flags({k: config["frames"][k] for k in FRAMES_RUN_KEYS})
 
 
 def clip_flag(wildcards):
