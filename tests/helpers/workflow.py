@@ -28,10 +28,15 @@ PAPER_INPUTS = (
 )
 
 
+PAPER_VIDEO_FOLDERS = ("data/msrvtt/videos", "data/didemo/videos", "data/ego4d/videos")
+
+
 def paper_inputs(workdir: Path) -> None:
     for path in PAPER_INPUTS:
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).touch()
+    for folder in PAPER_VIDEO_FOLDERS:  # folder datasets are read in place: the folders are inputs
+        (workdir / folder).mkdir(parents=True, exist_ok=True)
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True):
