@@ -9,6 +9,8 @@ if config.get("demo_corpus"):
             retrieval="resources/demo/retrieval_test.json",
             egoclip="resources/demo/egoclip.csv",
             egomcq="resources/demo/egomcq.json",
+            nlq_train="resources/demo/nlq_train.json",
+            nlq_val="resources/demo/nlq_val.json",
             vocab="resources/demo/tokenizer/vocab.txt",
         log:
             "logs/demo_corpus.log",

@@ -60,7 +60,13 @@ def test_demo_dag_runs_end_to_end(demo_run):
         assert set(result["twins"]) == {"time_reversed", "event_order"}
     assert set(json.loads((demo_run / "results/eval/egomcq/egoclip.json").read_text())["metrics"]) == {"inter", "intra"}
     with h5py.File(demo_run / "results/nlq_features/egoclip.h5") as nlq:
-        assert len(nlq) == 5 and all(nlq[k].shape[1] == 64 for k in nlq)  # 5 held-out videos, width 64
+        # the 2 EgoClip videos (NLQ train) and the 5 held-out ones (NLQ val), width 64
+        assert len(nlq) == 7 and all(nlq[k].shape[1] == 64 for k in nlq) and nlq.attrs["kind"] == "cls"
+    assert len(list((demo_run / "results/nlq_features/egoclip").glob("*.pt"))) == 7
+    grounding = json.loads((demo_run / "results/eval/nlq/egoclip.json").read_text())
+    recalls = {"r1_iou0.3", "r5_iou0.3", "r1_iou0.5", "r5_iou0.5"}
+    assert set(grounding["metrics"]) >= recalls and set(grounding["baseline"]["metrics"]) >= recalls
+    assert grounding["evaluated"]["val"] > 0 and grounding["skipped"] == {"train": [], "val": []}
     for figure in ["training_curves", "sparsity", "retrieval_demo_retrieval", "egomcq"]:
         assert (demo_run / f"results/figures/{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -141,7 +147,7 @@ def test_a_missing_input_list_is_snakemakes_missing_input_error(tmp_path):
 def _paper_inputs(workdir: Path):
     for path in ["data/webvid/results_2M_train.csv", "data/anno/msrvtt_ret_test1k.json",
                  "data/anno/didemo_ret_test.json", "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json",
-                 "data/ego4d/nlq_videos.tsv",
+                 "data/ego4d/nlq_train.json", "data/ego4d/nlq_val.json",
                  "data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth"]:
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).touch()
@@ -155,7 +161,7 @@ def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
     assert {w for r, w in jobs if r == "download"} == {
         f"dataset={d}" for d in ("webvid", "msrvtt", "didemo", "egoclip", "egomcq", "ego4d_nlq")}
     assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 128 + 4 + 16
-    assert ("nlq_features", "stage=egoclip") in jobs
+    assert {("nlq_videos", ""), ("nlq_features", "stage=egoclip"), ("ground", "stage=egoclip")} <= jobs
     assert ("eval_egomcq", "stage=egoclip") in jobs
     assert {r for r, _ in jobs} >= {"plot_training", "plot_retrieval", "plot_egomcq", "plot_sparsity"}
 
