@@ -183,6 +183,10 @@ class SpanGrounder(nn.Module):
 
     def __init__(self, video_dim: int, text_dim: int, dim: int = 128, heads: int = 4, dropout: float = 0.1):
         super().__init__()
+        # per-dimension standardisation of the video features (set_feature_stats): window
+        # features of one model share a large constant part that would drown what changes in time
+        self.register_buffer("feature_mean", torch.zeros(video_dim))
+        self.register_buffer("feature_std", torch.ones(video_dim))
         self.video_proj = nn.Sequential(nn.LayerNorm(video_dim), nn.Dropout(dropout), nn.Linear(video_dim, dim))
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Dropout(dropout), nn.Linear(text_dim, dim))
         self.encoder = _layer(dim, heads, dropout)  # shared by video and query, as in VSLNet
@@ -194,11 +198,19 @@ class SpanGrounder(nn.Module):
         self.start_head = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
         self.end_head = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
 
+    @torch.no_grad()
+    def set_feature_stats(self, items: list["GroundingItem"]) -> None:
+        """Mean and std of every video feature dimension over the (training) items."""
+        feats = torch.cat([item.video for item in items]).double()
+        self.feature_mean.copy_(feats.mean(0))
+        self.feature_std.copy_(feats.std(0).clamp_min(1e-6))
+
     def _encode(self, x, mask):
         x = x + sinusoid_positions(x.shape[1], x.shape[2], x.device)
         return self.encoder(x, src_key_padding_mask=~mask)
 
     def forward(self, video, video_mask, text, text_mask) -> dict[str, torch.Tensor]:
+        video = (video - self.feature_mean) / self.feature_std
         c = self._encode(self.video_proj(video), video_mask)  # [B, N, D]
         q = self._encode(self.text_proj(text), text_mask)  # [B, L, D]
         x = self.cqa(c, video_mask, q, text_mask)
@@ -243,9 +255,11 @@ def _to_device(batch: dict, device) -> dict:
 
 def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: dict, device="cpu",
                    progress: bool = True, on_epoch=None) -> list[dict]:
-    """AdamW over shuffled batches for settings["epochs"] epochs (seeded). on_epoch(epoch, row)
-    may add held-out metrics to each epoch's row. Returns one row per epoch."""
+    """AdamW over shuffled batches for settings["epochs"] epochs (seeded), after fixing the
+    feature standardisation from `items`. on_epoch(epoch) may return held-out metrics for that
+    epoch's row. Returns one row per epoch (mean losses)."""
     generator = torch.Generator().manual_seed(settings["seed"])
+    model.set_feature_stats(items)
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "w_cq" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "w_cq" in n]

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from svitt.data.datasets import FrameStore, resolve_shards
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import extract_window_features
-    from svitt.evaluation.nlq import write_video_features
+    from svitt.evaluation.nlq import VideoFeatureWriter
     from svitt.io import atomic_path
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         check_fixed_rate(video_id, store.attrs(video_id), fps)
     meta = {"model": str(args.model), "stage": info["name"], "kind": args.kind, "fps": fps, "window": args.window,
             "stride": args.stride, "features_per_second": fps / args.stride}
-    features = {}
+    writer = VideoFeatureWriter(args.pt_dir, meta) if args.pt_dir else None
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as out:
         out.attrs.update(meta)
         for video_id, feats, starts in extract_window_features(model, store, ids, transform, args.window,
@@ -95,10 +95,10 @@ def main(argv=None) -> int:
             ds = out.create_dataset(video_id, data=feats.numpy())
             ds.attrs.update(window=args.window, stride=args.stride, start_frames=starts.numpy(),
                             start_seconds=timestamps[starts.numpy()])
-            features[video_id] = feats
-    if args.pt_dir:
-        dim = next(iter(features.values())).shape[1] if features else 0
-        write_video_features(args.pt_dir, features, {**meta, "dim": int(dim)})
+            if writer:
+                writer.add(video_id, feats)
+    if writer:
+        writer.close()
     print(f"nlq_features: {len(ids)} videos ({args.kind}, {fps / args.stride:g} features/s) -> {args.out}"
           + (f" and {args.pt_dir}/" if args.pt_dir else ""))
     return 0

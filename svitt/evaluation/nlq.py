@@ -59,21 +59,37 @@ def extract_window_features(model, store, video_ids, transform, window: int = 4,
 
 
 # ---------------------------------------------------------------------------- the .pt layout
-def write_video_features(folder: str | Path, features: dict[str, torch.Tensor], info: dict) -> None:
-    """`{video_uid}.pt` (float32 [N, D], contiguous) per video, `feature_shapes.json` {uid: N}
-    and `features.json` (info: kind, fps, window, stride, features_per_second, dim, ...), each
-    written atomically; features.json last, so its presence marks a complete folder."""
-    from svitt.checkpoint import atomic_torch_save
-    from svitt.io import atomic_write_json
+class VideoFeatureWriter:
+    """Writes the .pt layout one video at a time (Ego4D's NLQ videos hold ~10 GB of features):
+    `{video_uid}.pt` (float32 [N, D], contiguous) per add(), then on close() `feature_shapes.json`
+    {uid: N} and `features.json` (info: kind, fps, window, stride, features_per_second, dim, ...),
+    features.json last, so its presence marks a complete folder. Every file is written atomically."""
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for uid, feats in features.items():
-        if "/" in uid or uid.startswith("."):
+    def __init__(self, folder: str | Path, info: dict):
+        self.folder, self.info, self.shapes, self.dim = Path(folder), dict(info), {}, None
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, uid: str, feats: torch.Tensor) -> None:
+        from svitt.checkpoint import atomic_torch_save
+
+        if "/" in uid or uid.startswith(".") or not uid:
             raise ValueError(f"video uid {uid!r} cannot name a file {uid}.pt")
-        atomic_torch_save(feats.detach().to(torch.float32).contiguous().cpu(), folder / f"{uid}.pt")
-    atomic_write_json(folder / "feature_shapes.json", {uid: int(f.shape[0]) for uid, f in features.items()})
-    atomic_write_json(folder / "features.json", {**info, "videos": len(features)})
+        atomic_torch_save(feats.detach().to(torch.float32).contiguous().cpu(), self.folder / f"{uid}.pt")
+        self.shapes[uid], self.dim = int(feats.shape[0]), int(feats.shape[1])
+
+    def close(self) -> None:
+        from svitt.io import atomic_write_json
+
+        atomic_write_json(self.folder / "feature_shapes.json", self.shapes)
+        atomic_write_json(self.folder / "features.json", {**self.info, "dim": self.dim, "videos": len(self.shapes)})
+
+
+def write_video_features(folder: str | Path, features: dict[str, torch.Tensor], info: dict) -> None:
+    """The whole .pt layout of `features` {video_uid: [N, D]} at once (VideoFeatureWriter)."""
+    writer = VideoFeatureWriter(folder, info)
+    for uid, feats in features.items():
+        writer.add(uid, feats)
+    writer.close()
 
 
 def read_feature_info(folder: str | Path) -> dict:
