@@ -10,8 +10,9 @@
 The video features are an SViTT-Ego model's window features (svitt.evaluation.nlq); the query
 tokens are the hidden states of the same model's (frozen) text encoder. Trained with cross-entropy
 on the start and end feature of the answer window plus a highlighting loss (binary, per feature:
-inside the window or not); decoded as VSLNet does on Ego4D: the top-k (start <= end) pairs of the
-outer product of the start and end probabilities.
+inside the window or not); decoded as VSLNet does on Ego4D, the top-k (start <= end) pairs of the
+outer product of the start and end probabilities, with greedy non-maximum suppression over them
+(as ActionFormer / GroundNLQ) so that the k windows are k different guesses.
 
 Why a loop of its own rather than svitt.train: that loop trains SViTT stages (frames from HDF5, the
 VTC / EgoNCE / VTM / MLM objectives, DDP, exact resume, exported SViTT weights). The grounder
@@ -44,6 +45,7 @@ GROUNDER_DEFAULTS = dict(  # every key of evaluation.nlq.grounder, documented he
     highlight_weight=1.0,  # weight of the query-guided highlighting loss (VSLNet)
     text_len=32,  # query tokens kept
     top_k=5,  # windows predicted per query
+    nms_iou=0.3,  # drop a window overlapping a better one by IoU >= this (GroundNLQ-style); null: VSLNet's plain top-k
     seed=0,
 )
 _NEG = -1e30  # masked logit (VSLNet's mask_logits)
@@ -55,6 +57,8 @@ def resolve_grounder_config(cfg: dict | None) -> dict:
     for key in ("dim", "heads", "epochs", "batch_size", "text_len", "top_k"):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise ValueError(f"evaluation.nlq.grounder.{key} must be a positive integer, got {out[key]!r}")
+    if out["nms_iou"] is not None and not 0 < out["nms_iou"] <= 1:
+        raise ValueError(f"evaluation.nlq.grounder.nms_iou must be in (0, 1] or null, got {out['nms_iou']!r}")
     if out["dim"] % out["heads"]:
         raise ValueError(f"grounder dim {out['dim']} must be a multiple of heads {out['heads']}")
     return out
@@ -233,19 +237,44 @@ def grounding_loss(out: dict, batch: dict, highlight_weight: float) -> dict[str,
     position = torch.arange(out["highlight"].shape[1], device=out["highlight"].device)[None]
     inside = ((position >= batch["start"][:, None]) & (position <= batch["end"][:, None])).float()
     mask = batch["video_mask"].float()
-    highlight = (F.binary_cross_entropy_with_logits(out["highlight"], inside, reduction="none") * mask).sum() / mask.sum()
+    per_feature = F.binary_cross_entropy_with_logits(out["highlight"], inside, reduction="none")
+    highlight = (per_feature * mask).sum() / mask.sum()
     return {"loss": span + highlight_weight * highlight, "span": span, "highlight": highlight}
 
 
-def top_spans(start_logits, end_logits, k: int = 5):
-    """VSLNet's Ego4D decoding: the k (start <= end) pairs with the highest start x end
-    probability. [B, N] logits (padding at _NEG) -> start, end indices [B, k'] with
-    k' = min(k, N (N + 1) / 2), best first."""
-    outer = start_logits.softmax(dim=1)[:, :, None] * end_logits.softmax(dim=1)[:, None, :]  # [B, N, N]
-    outer = torch.triu(outer)
+def _span_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """IoU of two inclusive feature spans."""
+    inter = min(a[1], b[1]) - max(a[0], b[0]) + 1
+    return max(0, inter) / (max(a[1], b[1]) - min(a[0], b[0]) + 1)
+
+
+def top_spans(start_logits, end_logits, k: int = 5, nms_iou: float | None = None,
+              candidates: int = 100) -> list[list[tuple[int, int]]]:
+    """Per row, the k (start, end) feature spans (start <= end, no padding) with the highest
+    start x end probability, best first: VSLNet's Ego4D decoding. [B, N] logits, padding at _NEG.
+
+    nms_iou: greedy non-maximum suppression as in ActionFormer / GroundNLQ: walking down the best
+    candidates * k spans, one is skipped when its IoU with a span already kept is >= nms_iou, so
+    the k windows are not k shifts of one guess. None: plain top-k."""
+    start_p, end_p = start_logits.softmax(dim=1), end_logits.softmax(dim=1)
+    outer = start_p[:, :, None] * end_p[:, None, :]  # [B, N, N]
+    valid = torch.ones_like(outer, dtype=torch.bool).triu()  # start <= end, and no padding:
+    valid &= (start_p > 0)[:, :, None] & (end_p > 0)[:, None, :]
+    outer = outer.masked_fill(~valid, -1.0)
     n = outer.shape[1]
-    flat = outer.flatten(1).topk(min(k, n * (n + 1) // 2), dim=1).indices
-    return flat // n, flat % n
+    take = min(k if nms_iou is None else candidates * k, n * (n + 1) // 2)
+    values, flat = outer.flatten(1).topk(take, dim=1)
+    out = []
+    for row_values, row in zip(values.tolist(), flat.tolist()):
+        kept = []
+        for value, index in zip(row_values, row):
+            span = (index // n, index % n)
+            if value < 0 or len(kept) == k:
+                break
+            if nms_iou is None or all(_span_iou(span, other) < nms_iou for other in kept):
+                kept.append(span)
+        out.append(kept)
+    return out
 
 
 # ----------------------------------------------------------------------------- train, predict
@@ -290,9 +319,9 @@ def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: di
     return rows
 
 
-def predict_windows(model: SpanGrounder, items: list[GroundingItem], k: int = 5, batch_size: int = 64,
-                    device="cpu") -> list[list[list[float]]]:
-    """Per item its top-k windows [[start, end], ...] in clip seconds, best first."""
+def predict_windows(model: SpanGrounder, items: list[GroundingItem], k: int = 5, nms_iou: float | None = None,
+                    batch_size: int = 64, device="cpu") -> list[list[list[float]]]:
+    """Per item its top-k windows [[start, end], ...] in clip seconds, best first (top_spans)."""
     model.to(device).eval()
     out = []
     with torch.no_grad():
@@ -300,9 +329,8 @@ def predict_windows(model: SpanGrounder, items: list[GroundingItem], k: int = 5,
             chunk = items[first:first + batch_size]
             batch = _to_device(collate(chunk), device)
             logits = model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"])
-            starts, ends = top_spans(logits["start"], logits["end"], k)
-            for item, s_row, e_row in zip(chunk, starts.tolist(), ends.tolist()):
-                out.append([item.to_window(s, e) for s, e in zip(s_row, e_row)])
+            for item, spans in zip(chunk, top_spans(logits["start"], logits["end"], k, nms_iou)):
+                out.append([item.to_window(s, e) for s, e in spans])
     return out
 
 

@@ -25,8 +25,9 @@ V2 = {  # shaped like Ego4D's nlq_val.json v2 (a clip starting a hair before 0, 
                  _query(28.60389, 29.013, "Where did i put the fire gun ?", template="Place: Where did I put X?"),
                  {"clip_start_sec": 3.0, "clip_end_sec": 4.0, "template": "Objects: ..."},  # no query text
                  _query(468.95576, 480.067, "In what location did i last see the blue bucket?")]},
-             {"annotation_uid": "ann-1", "language_queries": [_query(500.0, 510.0, "Query Text:Did I leave the door open?"),
-                                                              _query(9.0, 8.0, "Where was the drill?")]}]}]},
+             {"annotation_uid": "ann-1", "language_queries": [
+                 _query(500.0, 510.0, "Query Text:Did I leave the door open?"),
+                 _query(9.0, 8.0, "Where was the drill?")]}]}]},
         {"video_uid": "vid-b", "split": "val", "clips": [
             {"clip_uid": "clip-b0", "video_start_sec": 2340.0, "video_end_sec": 2820.0, "annotations": [
                 {"annotation_uid": "ann-2", "language_queries": [_query(240.5, 254.7, "What color t-shirt?")]}]}]}],
@@ -94,7 +95,8 @@ def test_video_list_is_what_download_reads(tmp_path):
                         {"video_uid": "vid-none", "clips": []}]}  # a video without clips needs no features
     (tmp_path / "train.json").write_text(json.dumps(train))
     out = tmp_path / "videos.tsv"
-    assert write_video_list(out, {"train": read_nlq(tmp_path / "train.json"), "val": read_nlq(tmp_path / "val.json")}) == 3
+    splits = {"train": read_nlq(tmp_path / "train.json"), "val": read_nlq(tmp_path / "val.json")}
+    assert write_video_list(out, splits) == 3
     rows = list(csv.DictReader(open(out), delimiter="\t"))
     assert rows == [{"video_uid": "vid-a", "split": "val"}, {"video_uid": "vid-b", "split": "train"},
                     {"video_uid": "vid-t", "split": "train"}]

@@ -62,9 +62,9 @@ def test_exported_pt_files_read_as_vslnet_prepares_them(pipeline, exported, tmp_
     corpus, _ = pipeline
     shard, weights, model = exported
     out = tmp_path / "features"
-    assert script("nlq_features").main(["--model", str(weights), "--shards", str(shard), "--out", str(tmp_path / "f.h5"),
-                                        "--pt-dir", str(out), "--kind", kind, "--batch-size", "5",
-                                        "--no-progress"]) == 0
+    assert script("nlq_features").main(["--model", str(weights), "--shards", str(shard),
+                                        "--out", str(tmp_path / "f.h5"), "--pt-dir", str(out), "--kind", kind,
+                                        "--batch-size", "5", "--no-progress"]) == 0
     info = json.loads((out / "features.json").read_text())
     assert (info["kind"], info["fps"], info["window"], info["stride"]) == (kind, 7.5, 4, 4)
     assert info["features_per_second"] == FEATURES_PER_SEC

@@ -40,17 +40,21 @@ def test_time_to_feature_index_and_back_by_hand():
     assert item.to_index(-3.0, 99.0) == (0, 9)  # clamped into the clip's features
     assert item.to_window(2, 2) == [4.0, 6.0] and item.to_window(0, 9) == [0.0, 20.0]
     shifted = _item(offset=-0.2)  # feature 0 starts 0.2 s before the clip (clip_feature_span)
-    assert shifted.to_index(4.2, 5.8) == (2, 2) and shifted.to_index(4.0, 6.0) == (2, 3) and shifted.to_window(0, 0) == [0.0, pytest.approx(1.8)]
+    assert shifted.to_index(4.2, 5.8) == (2, 2) and shifted.to_index(4.0, 6.0) == (2, 3)
+    assert shifted.to_window(0, 0) == [0.0, pytest.approx(1.8)]
 
 
 def test_top_spans_is_vslnets_decoding_by_hand():
     # start probabilities (0.5, 0.3, 0.2), end probabilities (0.1, 0.6, 0.3) (as log-probabilities)
     start = torch.tensor([[0.5, 0.3, 0.2]]).log()
     end = torch.tensor([[0.1, 0.6, 0.3]]).log()
-    starts, ends = top_spans(start, end, k=4)
     # upper triangle of start x end: (0,1)=.30 (0,2)=.15 (1,1)=.18 (1,2)=.09 (0,0)=.05 (2,2)=.06
-    assert list(zip(starts[0].tolist(), ends[0].tolist())) == [(0, 1), (1, 1), (0, 2), (1, 2)]
-    assert top_spans(start, end, k=50)[0].shape == (1, 6)  # no more than the n (n + 1) / 2 spans
+    assert top_spans(start, end, k=4) == [[(0, 1), (1, 1), (0, 2), (1, 2)]]
+    assert len(top_spans(start, end, k=50)[0]) == 6  # no more than the n (n + 1) / 2 spans
+    # non-maximum suppression: after (0,1), (1,1) (IoU 1/2), (0,2) (2/3) and (1,2) (1/3) overlap it
+    assert top_spans(start, end, k=4, nms_iou=0.3) == [[(0, 1), (2, 2)]]
+    # at 0.5, (1,2) survives and then (2,2) overlaps it by 1/2
+    assert top_spans(start, end, k=4, nms_iou=0.5) == [[(0, 1), (1, 2)]]
 
 
 def test_padding_never_becomes_a_prediction():
@@ -58,6 +62,8 @@ def test_padding_never_becomes_a_prediction():
     items = [_item(n=3, duration=6.0), _item(n=10)]
     windows = predict_windows(model, items, k=5)
     assert all(end <= 6.0 for _, end in windows[0]) and len(windows[0]) == 5
+    padded = top_spans(torch.tensor([[0.0, 0.0, -1e30]]), torch.tensor([[0.0, 0.0, -1e30]]), k=10)
+    assert sorted(padded[0]) == [(0, 0), (0, 1), (1, 1)]  # spans touching padding or ending before they start: never
 
 
 def test_most_frequent_spans_by_hand():

@@ -33,7 +33,8 @@ CONVENTIONS = {
               "as Ego4D's evaluate_nlq_performance",
     "miou": "per query the mean IoU of its 3 best-overlapping windows, averaged (Ego4D's mIoU)",
     "windows": "seconds from the clip start; ground truth as annotated (clip_start_sec, clip_end_sec)",
-    "decoding": "top-k (start <= end) feature pairs of the start x end probability (VSLNet on Ego4D)",
+    "decoding": "top-k (start <= end) feature pairs of the start x end probability (VSLNet on Ego4D); with "
+                "settings.nms_iou, a pair whose IoU with a better kept one is >= nms_iou is skipped",
     "baseline": "the k feature spans training windows fall on most often, the same for every query",
     "skipped": "queries left out of every number here, with the reason",
 }
@@ -128,11 +129,12 @@ def train_and_evaluate(args, splits) -> int:
                             settings["dropout"])
 
     def on_epoch(epoch):
-        metrics = nlq_recall(predict_windows(grounder, val, settings["top_k"], device=device), val_truth)
+        windows = predict_windows(grounder, val, settings["top_k"], settings["nms_iou"], device=device)
+        metrics = nlq_recall(windows, val_truth)
         return {f"val_{k}": v for k, v in metrics.items()}
 
     rows = train_grounder(grounder, train, settings, device, not args.no_progress, on_epoch)
-    predictions = predict_windows(grounder, val, settings["top_k"], device=device)
+    predictions = predict_windows(grounder, val, settings["top_k"], settings["nms_iou"], device=device)
     metrics = nlq_recall(predictions, val_truth)
     spans = most_frequent_spans(train, settings["top_k"])
     baseline = nlq_recall(baseline_windows(spans, val), val_truth)
