@@ -101,32 +101,38 @@ def build_items(split, feature_folder, rate: float, texts: list[torch.Tensor]):
     whose clip has no features, is not an item: it is returned in `skipped` with the reason.
     Returns (items, skipped [{clip_uid, annotation_uid, query_idx, reason}], clamped [keys of
     windows that reach past their clip and were clamped for training])."""
-    from svitt.evaluation.nlq import clip_feature_span, load_video_features
+    from svitt.evaluation.nlq import load_video_features
 
-    cache, items, skipped, clamped = {}, [], list(split.skipped), []
+    video, clips, items, skipped, clamped = (None, None), {}, [], list(split.skipped), []
     for index, query in enumerate(split.queries):
-        reason = query.window_problem()
-        uid = query.clip.video_uid
-        if uid not in cache:
-            cache[uid] = load_video_features(feature_folder, uid)
-        feats = cache[uid]
-        if reason is None and feats is None:
-            reason = f"no features for video {uid} (clip {query.clip.clip_uid})"
+        reason, uid, clip = query.window_problem(), query.clip.video_uid, query.clip
+        if reason is None and clip.clip_uid not in clips:
+            if video[0] != uid:  # queries come video by video: hold one video's features at a time
+                video = (uid, load_video_features(feature_folder, uid))
+            clips[clip.clip_uid] = _clip_features(video[1], uid, clip, rate)
         if reason is None:
-            first, stop, offset = clip_feature_span(query.clip.video_start_sec, query.clip.video_end_sec, rate,
-                                                    feats.shape[0])
-            if stop <= first:
-                reason = (f"video {uid} has {feats.shape[0]} features ({feats.shape[0] / rate:.1f} s), none "
-                          f"inside clip {query.clip.clip_uid} [{query.clip.video_start_sec:g}, "
-                          f"{query.clip.video_end_sec:g}] s")
+            reason = clips[clip.clip_uid] if isinstance(clips[clip.clip_uid], str) else None
         if reason is not None:
             skipped.append({**query.key, "reason": reason})
             continue
         if query.sticks_out():
             clamped.append(query.key)
-        items.append(GroundingItem(feats[first:stop], texts[index], offset, rate, query.clip.duration,
-                                   (query.start, query.end), index))
+        feats, offset = clips[clip.clip_uid]
+        items.append(GroundingItem(feats, texts[index], offset, rate, clip.duration, (query.start, query.end), index))
     return items, skipped, clamped
+
+
+def _clip_features(feats, uid: str, clip, rate: float):
+    """(features of the clip [n, D] (a copy: the video's tensor is not kept), offset), or why none."""
+    from svitt.evaluation.nlq import clip_feature_span
+
+    if feats is None:
+        return f"no features for video {uid} (clip {clip.clip_uid})"
+    first, stop, offset = clip_feature_span(clip.video_start_sec, clip.video_end_sec, rate, feats.shape[0])
+    if stop <= first:
+        return (f"video {uid} has {feats.shape[0]} features ({feats.shape[0] / rate:.1f} s), none inside clip "
+                f"{clip.clip_uid} [{clip.video_start_sec:g}, {clip.video_end_sec:g}] s")
+    return feats[first:stop].clone(), offset
 
 
 def collate(items: list[GroundingItem]) -> dict:
@@ -205,9 +211,14 @@ class SpanGrounder(nn.Module):
     @torch.no_grad()
     def set_feature_stats(self, items: list["GroundingItem"]) -> None:
         """Mean and std of every video feature dimension over the (training) items."""
-        feats = torch.cat([item.video for item in items]).double()
-        self.feature_mean.copy_(feats.mean(0))
-        self.feature_std.copy_(feats.std(0).clamp_min(1e-6))
+        count, total, squares = 0, 0.0, 0.0
+        for clip in {id(item.video): item.video for item in items}.values():  # each clip once
+            feats = clip.double()
+            count, total, squares = count + feats.shape[0], total + feats.sum(0), squares + (feats ** 2).sum(0)
+        mean = total / count
+        var = (squares - count * mean ** 2) / max(1, count - 1)
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(var.clamp_min(0).sqrt().clamp_min(1e-6))
 
     def _encode(self, x, mask):
         x = x + sinusoid_positions(x.shape[1], x.shape[2], x.device)
@@ -299,7 +310,7 @@ def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: di
     for epoch in tqdm(range(settings["epochs"]), desc="grounder", disable=not progress):
         model.train()
         order = torch.randperm(len(items), generator=generator).tolist()
-        sums = Counter()
+        sums = {}
         for first in range(0, len(order), settings["batch_size"]):
             batch = _to_device(collate([items[i] for i in order[first:first + settings["batch_size"]]]), device)
             set_lr(optimizer, cosine_lr(step, total, per_epoch, settings["lr"]))
@@ -310,9 +321,9 @@ def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: di
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            for name, value in losses.items():  # a sync per step: a few hundred steps in all
-                sums[name] += float(value.detach()) * batch["start"].shape[0]
-        row = {"epoch": epoch + 1, "step": step, **{k: v / len(items) for k, v in sums.items()}}
+            for name, value in losses.items():  # summed on the device: one sync per epoch, below
+                sums[name] = sums.get(name, 0.0) + value.detach() * batch["start"].shape[0]
+        row = {"epoch": epoch + 1, "step": step, **{k: float(v) / len(items) for k, v in sums.items()}}
         if on_epoch is not None:
             row.update(on_epoch(epoch + 1) or {})
         rows.append(row)

@@ -201,3 +201,14 @@ def test_ground_cli_end_to_end(tmp_path):
     (tmp_path / "mcq.json").write_text(json.dumps({"0": {"query": {}}}))
     assert ground.main(["videos", "--train", str(tmp_path / "mcq.json"), "--val", str(tmp_path / "val.json"),
                         "--out", str(tmp_path / "x.tsv")]) == 2
+
+
+def test_feature_standardisation_counts_each_clip_once():
+    g = torch.Generator().manual_seed(0)
+    items = [_item(n=n, video=3 * torch.randn(n, 4, generator=g) + 1) for n in (5, 7, 9)]
+    items.append(_item(n=5, video=items[0].video))  # a second query of the first clip
+    model = SpanGrounder(4, 4, dim=8, heads=2)
+    model.set_feature_stats(items)
+    distinct = torch.cat([item.video for item in items[:3]])
+    torch.testing.assert_close(model.feature_mean, distinct.mean(0))
+    torch.testing.assert_close(model.feature_std, distinct.std(0))
