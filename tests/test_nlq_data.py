@@ -85,6 +85,12 @@ def test_another_layout_is_an_error_naming_the_expected_key(tmp_path, data, mess
         read_nlq(path)
 
 
+def test_a_file_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "nlq.csv").write_text("video_uid,split\n")
+    with pytest.raises(ValueError, match="nlq.csv is not JSON"):
+        read_nlq(tmp_path / "nlq.csv")
+
+
 def test_video_list_is_what_download_reads(tmp_path):
     from svitt.data.download import read_video_list
 

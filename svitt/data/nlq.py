@@ -101,7 +101,10 @@ def read_nlq(path: str | Path) -> NLQSplit:
     another layout (e.g. egomcq.json or a retrieval list)."""
     path = Path(path)
     with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON ({error}); expected the Ego4D NLQ layout {LAYOUT}") from None
     clips, queries, skipped = {}, [], []
     for v, video in enumerate(_list(data, "videos", "the top level", path)):
         video_uid = str(_get(video, "video_uid", f"videos[{v}]", path))
