@@ -302,7 +302,7 @@ def named(paths):
 
 def nlq_outputs():
     nlq = config["evaluation"].get("nlq")
-    return [f"results/nlq_features/{nlq['stage']}.h5"] if nlq else []
+    return [f"results/eval/nlq/{nlq['stage']}.json"] if nlq else []
 
 
 def result_files(stages, ego_stages):

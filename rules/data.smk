@@ -14,6 +14,8 @@ if config.get("demo_corpus"):
             retrieval="resources/demo/retrieval_test.json",
             egoclip="resources/demo/egoclip.csv",
             egomcq="resources/demo/egomcq.json",
+            nlq_train="resources/demo/nlq_train.json",
+            nlq_val="resources/demo/nlq_val.json",
             vocab="resources/demo/tokenizer/vocab.txt",
             ego_videos=directory("resources/demo/ego_videos"),
         log:

@@ -48,7 +48,13 @@ def test_demo_dag_runs_end_to_end(demo_run):
         assert set(result["twins"]) == {"time_reversed", "event_order"}
     assert set(json.loads((demo_run / "results/eval/egomcq/egoclip.json").read_text())["metrics"]) == {"inter", "intra"}
     with h5py.File(demo_run / "results/nlq_features/egoclip.h5") as nlq:
-        assert len(nlq) == 5 and all(nlq[k].shape[1] == 64 for k in nlq)  # 5 held-out videos, width 64
+        # the 2 EgoClip videos (NLQ train) and the 5 held-out ones (NLQ val), width 64
+        assert len(nlq) == 7 and all(nlq[k].shape[1] == 64 for k in nlq) and nlq.attrs["kind"] == "cls"
+    assert len(list((demo_run / "results/nlq_features/egoclip").glob("*.pt"))) == 7
+    grounding = json.loads((demo_run / "results/eval/nlq/egoclip.json").read_text())
+    recalls = {"r1_iou0.3", "r5_iou0.3", "r1_iou0.5", "r5_iou0.5"}
+    assert set(grounding["metrics"]) >= recalls and set(grounding["baseline"]["metrics"]) >= recalls
+    assert grounding["evaluated"]["val"] > 0 and grounding["skipped"] == {"train": [], "val": []}
     for figure in ["training_curves", "sparsity", "retrieval_demo_retrieval", "egomcq"]:
         assert (demo_run / f"results/figures/{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -149,7 +155,7 @@ def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
     # WebVid is downloaded shard by shard; folder datasets are read in place (no download job)
     assert {w for r, w in jobs if r == "download"} == {f"dataset=webvid, index={i:03d}, shards=256" for i in range(256)}
     assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 128 + 4 + 16
-    assert ("nlq_features", "stage=egoclip") in jobs
+    assert {("nlq_videos", ""), ("nlq_features", "stage=egoclip"), ("ground", "stage=egoclip")} <= jobs
     assert {("eval_egomcq", "stage=egoclip"), ("eval_egomcq", "stage=egoclip_k5")} <= jobs
     assert {r for r, _ in jobs} >= {"plot_training", "plot_retrieval", "plot_egomcq", "plot_sparsity"}
 

@@ -4,7 +4,7 @@
     encode.py     the one embedding path: videos, texts, matching scores
     retrieval.py  text-video retrieval (+ temporal twins on the demo corpus)
     egomcq.py     EgoMCQ (SViTT-Ego)
-    nlq.py        Ego4D NLQ window features
+    nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.grounding)
 
 Public names are re-exported here; the torch-backed ones are imported on first use, so
 `from svitt.evaluation import retrieval_metrics` needs numpy only.
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 
-from svitt.evaluation.metrics import (EGOMCQ_TYPES, RECALL_KS, RERANK_CONVENTIONS, TWIN_NAMES,
-                                      egomcq_accuracy, rerank_candidates, rerank_metrics,
-                                      retrieval_metrics, twin_accuracy)
+from svitt.evaluation.metrics import (EGOMCQ_TYPES, NLQ_IOUS, NLQ_KS, RECALL_KS, RERANK_CONVENTIONS,
+                                      TWIN_NAMES, egomcq_accuracy, nlq_metric_names, nlq_recall,
+                                      rerank_candidates, rerank_metrics, retrieval_metrics, temporal_iou,
+                                      twin_accuracy)
 
 _LAZY = {
     "video_loader": "encode", "embed_videos": "encode", "embed_texts": "encode", "vtm_scores": "encode",
@@ -26,9 +27,9 @@ _LAZY = {
 
 TASKS = ("retrieval", "egomcq")  # modules with SETTINGS, build_dataset(...) and run(...)
 
-__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "RECALL_KS", "RERANK_CONVENTIONS", "TWIN_NAMES",
-           "egomcq_accuracy", "rerank_candidates", "rerank_metrics", "retrieval_metrics", "twin_accuracy",
-           *_LAZY]
+__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "NLQ_IOUS", "NLQ_KS", "RECALL_KS", "RERANK_CONVENTIONS",
+           "TWIN_NAMES", "egomcq_accuracy", "nlq_metric_names", "nlq_recall", "rerank_candidates",
+           "rerank_metrics", "retrieval_metrics", "temporal_iou", "twin_accuracy", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Evaluation metrics from score matrices: retrieval recall, EgoMCQ accuracy, twin accuracy.
+"""Evaluation metrics from score matrices: retrieval recall, EgoMCQ accuracy, twin accuracy, and
+NLQ recall at temporal IoU (from predicted windows).
 
 Importable without torch (numpy only); tensors are accepted and converted.
 
@@ -15,6 +16,8 @@ import numpy as np
 RECALL_KS = (1, 5, 10)
 TWIN_NAMES = {"reverse": "time_reversed", "order": "event_order"}
 EGOMCQ_TYPES = {1: "inter", 2: "intra"}  # EgoVLP / LaViLa print these two swapped; keep 1 = inter
+NLQ_KS = (1, 5)  # Ego4D NLQ: recall of the top-1 and top-5 predicted windows
+NLQ_IOUS = (0.3, 0.5)  # ... at these temporal IoU thresholds
 
 
 def _to_numpy(array, name: str) -> np.ndarray:
@@ -216,3 +219,56 @@ def twin_accuracy(sim, pairs) -> dict[str, float]:
     for a, b, kind in pairs:
         correct.setdefault(kind, []).extend([sim[a, a] > sim[a, b], sim[b, b] > sim[b, a]])
     return {kind: float(100.0 * np.mean(hits)) for kind, hits in correct.items()}
+
+
+def temporal_iou(windows, target) -> np.ndarray:
+    """IoU of each window [P, 2] (start, end) with one target window (start, end): [P].
+    A zero-length union (two identical points) counts as IoU 0."""
+    windows = np.asarray(windows, dtype=np.float64).reshape(-1, 2)
+    start, end = float(target[0]), float(target[1])
+    inter = np.clip(np.minimum(windows[:, 1], end) - np.maximum(windows[:, 0], start), 0.0, None)
+    union = np.maximum(windows[:, 1], end) - np.minimum(windows[:, 0], start)
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def nlq_metric_names(ks=NLQ_KS, ious=NLQ_IOUS) -> list[str]:
+    """["r1_iou0.3", "r5_iou0.3", "r1_iou0.5", "r5_iou0.5"] for the defaults, in Ego4D's table order."""
+    return [f"r{k}_iou{iou:g}" for iou in ious for k in ks]
+
+
+def nlq_recall(predictions, ground_truth, ks=NLQ_KS, ious=NLQ_IOUS) -> dict[str, float]:
+    """Ego4D NLQ recall, in percent, as the episodic-memory benchmark's evaluate_nlq_performance
+    computes it: query q counts as found at (k, IoU t) when one of its first k predicted windows
+    has temporal IoU strictly above t with its ground-truth window; recall is averaged over queries.
+
+    predictions: per query, its predicted (start, end) windows best first (any number; fewer than
+    k simply means fewer chances, none is a miss); ground_truth: per query one (start, end).
+    Times in seconds from the clip start. Returns {"r1_iou0.3": pct, ..., "miou": pct}; miou is
+    Ego4D's: per query the mean IoU of its (up to) 3 best-overlapping windows, averaged.
+    """
+    ground_truth = _to_numpy(ground_truth, "ground_truth").astype(np.float64)
+    if ground_truth.ndim != 2 or ground_truth.shape[1] != 2 or ground_truth.shape[0] == 0:
+        raise ValueError(f"ground_truth must be a non-empty [num_queries, 2] array of (start, end), "
+                         f"got shape {ground_truth.shape}")
+    if len(predictions) != len(ground_truth):
+        raise ValueError(f"{len(predictions)} prediction lists for {len(ground_truth)} queries")
+    _check_finite(ground_truth, "ground_truth")
+    bad = np.flatnonzero(ground_truth[:, 1] < ground_truth[:, 0])
+    if bad.size:
+        raise ValueError(f"ground-truth windows must have end >= start; query {int(bad[0])} is "
+                         f"{ground_truth[bad[0]].tolist()}")
+    found = {(k, iou): np.zeros(len(ground_truth), bool) for k in ks for iou in ious}
+    best3 = np.zeros(len(ground_truth))
+    for q, (windows, target) in enumerate(zip(predictions, ground_truth)):
+        windows = _to_numpy(windows, f"predictions[{q}]").astype(np.float64).reshape(-1, 2)
+        _check_finite(windows, f"predictions[{q}]")
+        if (windows[:, 1] < windows[:, 0]).any():
+            raise ValueError(f"predicted windows must have end >= start; query {q} has "
+                             f"{windows[windows[:, 1] < windows[:, 0]][0].tolist()}")
+        overlap = temporal_iou(windows, target)
+        best3[q] = np.sort(overlap)[-3:].mean() if overlap.size else 0.0
+        for k, iou in found:
+            found[k, iou][q] = bool((overlap[:k] > iou).any())
+    out = {f"r{k}_iou{iou:g}": float(100.0 * found[k, iou].mean()) for iou in ious for k in ks}
+    out["miou"] = float(100.0 * best3.mean())
+    return out

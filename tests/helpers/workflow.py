@@ -23,7 +23,7 @@ def copy_workflow(dest: Path) -> Path:
 # The input files of configs/paper.yaml (empty placeholders: enough for a dry run).
 PAPER_INPUTS = (
     "data/webvid/results_2M_train.csv", "data/anno/msrvtt_ret_test1k.json", "data/anno/didemo_ret_test.json",
-    "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json", "data/ego4d/nlq_videos.tsv",
+    "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json", "data/ego4d/nlq_train.json", "data/ego4d/nlq_val.json",
     "data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth",
 )
 
