@@ -95,7 +95,7 @@ def run_worker(script: str, worker_args: list[str], extra: list[str], labels: di
     if result.returncode:
         run = {**labels, "error": result.stderr.strip()[-1500:]}
     else:
-        run = json.loads(result.stdout.strip().splitlines()[-1])
+        run = {**labels, **json.loads(result.stdout.strip().splitlines()[-1])}
     print(json.dumps(run)[:200], flush=True)
     return run
 

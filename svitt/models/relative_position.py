@@ -77,10 +77,10 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_index(pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Table index of every pair of [CLS, tokens at pos [B, N]]: [B, 1+N, 1+N] (int32: half the
-    memory of int64; index_select takes either)."""
+    """Table index of every pair of [CLS, tokens at pos [B, N]]: [B, 1+N, 1+N] (int64: the
+    backward of index_select, index_add, is several times slower with int32 indices on CPU)."""
     n = table_size(grid)
-    code = position_code(pos, grid).int()
+    code = position_code(pos, grid).long()
     index = code.new_empty(pos.shape[0], pos.shape[1] + 1, pos.shape[1] + 1)
     torch.sub(code[:, :, None] + code_offset(grid), code[:, None, :], out=index[:, 1:, 1:])
     index[:, 0, 1:] = n - 3
@@ -92,10 +92,10 @@ def sequence_index(pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tenso
 def sequence_bias(table: torch.Tensor, pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """Bias of every pair of [CLS, tokens at pos [B, N]]: [B, heads, 1+N, 1+N], equal to
     relative_bias(table, [-1, pos], [-1, pos]) but gathered straight into the heads-first layout
-    (from the transposed table), so no [.., heads]-last tensor is copied."""
+    from the (small) transposed table, so no [..., heads]-last tensor is permuted and copied."""
     index = sequence_index(pos, grid)
     b, m = index.shape[0], index.shape[1]
-    bias = table.t().index_select(1, index.view(-1)).view(table.shape[1], b, m, m)
+    bias = table.t().contiguous().index_select(1, index.view(-1)).view(table.shape[1], b, m, m)
     return bias.transpose(0, 1)
 
 

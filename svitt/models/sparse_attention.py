@@ -141,8 +141,7 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _cls_attention(probs: torch.Tensor) -> torch.Tensor:
     """Mean over heads of CLS->regional attention, renormalised over regional tokens (eq. 10).
-
-    probs: [B, H, N], CLS's attention to [CLS, tokens]."""
+    probs [B, H, N]: CLS's attention to [CLS, tokens]."""
     regional = probs[:, :, 1:]
     return (regional / regional.sum(-1, keepdim=True)).mean(1)
 
@@ -201,16 +200,15 @@ CHUNK_ELEMENTS = 1 << 21
 class _Plan:
     """What the block-sparse kernel needs beside q, k, v and the table (no gradients).
 
-    ids [nb, S]: key block of each slot; key_ok [nb, S G]: slot valid and key not padding;
+    ids [nb, S]: key block of each slot; masked [nb, S G]: slot invalid or key is padding;
     q_code, k_code [B', nb, G]: position codes (relative_position.position_code) of the padded
     regional tokens, q_code offset so that q_code - k_code is the table index.
     """
     ids: torch.Tensor
-    key_ok: torch.Tensor
+    masked: torch.Tensor
     q_code: torch.Tensor
     k_code: torch.Tensor
     block_size: int
-    num_regional: int
     chunk: int
     table_rows: int
 
@@ -222,12 +220,14 @@ class _Plan:
                              f"{layout.num_tokens}")
         ids = layout.block_ids
         token = ids[:, :, None] * g + torch.arange(g, device=ids.device)
-        key_ok = (layout.valid[:, :, None] & (token < layout.num_tokens)).reshape(nb, -1)
+        masked = ~(layout.valid[:, :, None] & (token < layout.num_tokens)).reshape(nb, -1)
         code = F.pad(position_code(pos, grid), (0, nb * g - pos.shape[-1])).view(-1, nb, g)
-        slots = ids.shape[1]
-        chunk = max(1, CHUNK_ELEMENTS // (batch * heads * g * slots * g))
-        return _Plan(ids, key_ok, code + code_offset(grid), code, g, layout.num_tokens, chunk,
-                     table_size(grid))
+        # Equal chunks of at most CHUNK_ELEMENTS logits (a short last chunk would add its Python
+        # overhead for little work).
+        per_block = batch * heads * g * ids.shape[1] * g
+        count = -(-nb // max(1, CHUNK_ELEMENTS // per_block))
+        chunk = -(-nb // count)
+        return _Plan(ids, masked, code + code_offset(grid), code, g, chunk, table_size(grid))
 
     @property
     def num_blocks(self) -> int:
@@ -242,7 +242,7 @@ class _Plan:
         ids = self.ids[start:stop]
         k_code = self.k_code[:, ids].flatten(2)  # [B', C, S G]
         index = self.q_code[:, start:stop, :, None] - k_code[:, :, None, :]
-        index.masked_fill_(~self.key_ok[start:stop, None, :], self.table_rows)
+        index.masked_fill_(self.masked[start:stop, None, :], self.table_rows)
         return index.view(index.shape[0], -1)
 
 
@@ -360,7 +360,8 @@ def _chunk_logits(qs, kp, columns, plan: _Plan, start: int, stop: int):
     """Logits of query blocks start..stop against their gathered key blocks.
 
     Returns logits [B, H, C, G, S G] (bias from the table, masked pairs -inf), the gathered keys
-    [B, H, C, S G, d], the logits against the CLS key [B, H, C, G] and the table index.
+    [B, H, C, S G, d], the logits against the CLS key [B, H, C, G], the (pre-scaled) queries
+    [B, H, C, G, d] and the table index.
     """
     b, h, _, d = qs.shape
     g, c = plan.block_size, stop - start
@@ -369,10 +370,10 @@ def _chunk_logits(qs, kp, columns, plan: _Plan, start: int, stop: int):
     logits = qs.new_empty(b, h, c, g, kg.shape[3])
     for i in range(b):
         torch.index_select(columns, 1, index[i % index.shape[0]], out=logits[i].view(h, -1))
-    qc = _block_rows(qs, start, stop, g)
-    logits.view(-1, g, kg.shape[3]).baddbmm_(qc.reshape(-1, g, d), kg.view(-1, kg.shape[3], d).transpose(1, 2))
+    qc = _block_rows(qs, start, stop, g).contiguous()
+    logits.view(-1, g, kg.shape[3]).baddbmm_(qc.view(-1, g, d), kg.view(-1, kg.shape[3], d).transpose(1, 2))
     tok_cls = (qc @ _cls_vector(kp)).squeeze(-1).add_(columns[:, -3, None, None])
-    return logits, kg, tok_cls, index
+    return logits, kg, tok_cls, qc, index
 
 
 def _gathered_values(vp, plan: _Plan, start: int, stop: int):
@@ -383,8 +384,8 @@ def _gathered_values(vp, plan: _Plan, start: int, stop: int):
 
 def _chunk_forward(qs, kp, vp, columns, plan: _Plan, start, stop, out, lse):
     """Output rows and log-sum-exp of query blocks start..stop (written into out and lse)."""
-    logits, kg, tok_cls, _ = _chunk_logits(qs, kp, columns, plan, start, stop)
-    del kg
+    logits, kg, tok_cls, qc, _ = _chunk_logits(qs, kp, columns, plan, start, stop)
+    del kg, qc
     top = torch.maximum(logits.amax(-1), tok_cls)
     probs = logits.sub_(top[..., None]).exp_()  # unnormalised
     cls_p = tok_cls.sub_(top).exp_()
@@ -401,7 +402,7 @@ def _chunk_backward(qs, kp, vp, columns, plan: _Plan, start, stop, lse, grad_out
     b, h, _, d = qs.shape
     g = plan.block_size
     ids = plan.ids[start:stop].reshape(-1)
-    logits, kg, tok_cls, index = _chunk_logits(qs, kp, columns, plan, start, stop)
+    logits, kg, tok_cls, qc, index = _chunk_logits(qs, kp, columns, plan, start, stop)
     lse_c = _block_rows(lse, start, stop, g)
     probs = logits.sub_(lse_c[..., None]).exp_()
     del logits
@@ -409,7 +410,7 @@ def _chunk_backward(qs, kp, vp, columns, plan: _Plan, start, stop, lse, grad_out
     go = _chunk_rows(grad_out, start, stop, g)  # [B, H, C, G, d]
     row = _block_rows(row_term, start, stop, g)
     _blocks(dv, plan).index_add_(2, ids, (probs.transpose(-1, -2) @ go).view(b, h, -1, g, d))
-    dv[:, :, 0] += torch.einsum("bhcg,bhcgd->bhd", cls_p, go)
+    dv[:, :, :1] += cls_p.view(b, h, 1, -1) @ go.view(b, h, -1, d)
     ds = go @ _gathered_values(vp, plan, start, stop).transpose(-1, -2)
     ds = ds.sub_(row[..., None]).mul_(probs)  # dlogits [B, H, C, G, S G]
     del probs
@@ -417,9 +418,8 @@ def _chunk_backward(qs, kp, vp, columns, plan: _Plan, start, stop, lse, grad_out
     dqc = (ds @ kg).addcmul_(ds_cls[..., None], kp[:, :, None, None, 0])
     del kg
     _block_rows(dq, start, stop, g).copy_(dqc)
-    qc = _block_rows(qs, start, stop, g)
     _blocks(dk, plan).index_add_(2, ids, (ds.transpose(-1, -2) @ qc).view(b, h, -1, g, d))
-    dk[:, :, 0] += torch.einsum("bhcg,bhcgd->bhd", ds_cls, qc)
+    dk[:, :, :1] += ds_cls.view(b, h, 1, -1) @ qc.view(b, h, -1, d)
     if dcolumns is not None:
         for i in range(b):
             dcolumns.index_add_(1, index[i % index.shape[0]], ds[i].view(h, -1))
