@@ -20,9 +20,11 @@ bias table all get gradients). Variants:
 
 Each (variant, T) runs in its own process, rounds alternate the variants; time is the best step
 after a warm-up, memory the peak above the post-warm-up state (CPU: peak RSS of the timed steps
-over the RSS before them; CUDA: max_memory_allocated). Writes JSON and prints a Markdown table.
+over the RSS before them, and the exact peak of PyTorch's CPU allocator over one more step;
+CUDA: max_memory_allocated). Per variant the summary takes the best time and the largest peak
+over the rounds. Writes JSON and prints a Markdown table.
 
-    python benchmarks/attention.py --out benchmarks/results/attention_cpu.json
+    python benchmarks/attention.py --threads 2      # -> benchmarks/results/attention_cpu.json
     python benchmarks/attention.py --quick          # T = 2, one round: a smoke run
 """
 from __future__ import annotations

@@ -344,3 +344,10 @@ def test_released_kernel_reimplementation_in_the_benchmark_equals_the_reference(
     q, k, v = heads(layer.query(x)), heads(layer.key(x)), heads(layer.value(x))
     ref, _ = sa.reference_attention(q, k, v, layer.table, torch.arange(60)[None], GRID, layout)
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(2, 61, 8), rtol=0, atol=1e-12)
+
+
+def test_gather_kernel_rejects_positions_that_do_not_match_the_layout():
+    q, k, v, table, pos = _inputs(20)
+    layout = sa.make_layout(24, 8, 1, 1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="20 regional tokens, the block layout 24"):
+        sa.gather_attention(q, k, v, table, pos, GRID, layout)
