@@ -191,7 +191,7 @@ def gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False):
     return out, _cls_attention(cls_probs) if need_cls_attn else None
 
 
-# Logits per chunk of query blocks (8 MB in fp32): bounds the transient [B, H, chunk, G, K G]
+# Logits per chunk of heads (8 MB in fp32): bounds the transient [heads, blocks, G, (K_l+K_r) G]
 # buffers of forward and backward; smaller chunks only add Python overhead per chunk.
 CHUNK_ELEMENTS = 1 << 21
 
@@ -200,16 +200,19 @@ CHUNK_ELEMENTS = 1 << 21
 class _Plan:
     """What the block-sparse kernel needs beside q, k, v and the table (no gradients).
 
-    ids [nb, S]: key block of each slot; masked [nb, S G]: slot invalid or key is padding;
-    q_code, k_code [B', nb, G]: position codes (relative_position.position_code) of the padded
-    regional tokens, q_code offset so that q_code - k_code is the table index.
+    ids [nb S]: key block of each (query block, slot); masked [nb, S G]: slot invalid or key is
+    padding; q_code, k_code [B', nb, G]: position codes (relative_position.position_code) of the
+    padded regional tokens, q_code offset so that q_code - k_code is the table index.
+    chunks: (batch element, first head, last head + 1) of each chunk.
     """
     ids: torch.Tensor
     masked: torch.Tensor
     q_code: torch.Tensor
     k_code: torch.Tensor
     block_size: int
-    chunk: int
+    num_blocks: int
+    heads: int
+    chunks: tuple[tuple[int, int, int], ...]
     table_rows: int
 
     @staticmethod
@@ -222,27 +225,19 @@ class _Plan:
         token = ids[:, :, None] * g + torch.arange(g, device=ids.device)
         masked = ~(layout.valid[:, :, None] & (token < layout.num_tokens)).reshape(nb, -1)
         code = F.pad(position_code(pos, grid), (0, nb * g - pos.shape[-1])).view(-1, nb, g)
-        # Equal chunks of at most CHUNK_ELEMENTS logits (a short last chunk would add its Python
-        # overhead for little work).
-        per_block = batch * heads * g * ids.shape[1] * g
-        count = -(-nb // max(1, CHUNK_ELEMENTS // per_block))
-        chunk = -(-nb // count)
-        return _Plan(ids, masked, code + code_offset(grid), code, g, chunk, table_size(grid))
+        # Chunks of equal numbers of heads within one batch element (heads share positions).
+        per_head = nb * g * ids.shape[1] * g
+        count = -(-heads // max(1, CHUNK_ELEMENTS // per_head))
+        size = -(-heads // count)
+        chunks = tuple((b, h, min(h + size, heads)) for b in range(batch) for h in range(0, heads, size))
+        return _Plan(ids.reshape(-1), masked, code + code_offset(grid), code, g, nb, heads, chunks,
+                     table_size(grid))
 
-    @property
-    def num_blocks(self) -> int:
-        return self.ids.shape[0]
-
-    def chunks(self):
-        for start in range(0, self.num_blocks, self.chunk):
-            yield start, min(start + self.chunk, self.num_blocks)
-
-    def index(self, start: int, stop: int) -> torch.Tensor:
-        """Table index (table_rows = masked) of every (query, key) of the chunk: [B', C G S G]."""
-        ids = self.ids[start:stop]
-        k_code = self.k_code[:, ids].flatten(2)  # [B', C, S G]
-        index = self.q_code[:, start:stop, :, None] - k_code[:, :, None, :]
-        index.masked_fill_(self.masked[start:stop, None, :], self.table_rows)
+    def index(self) -> torch.Tensor:
+        """Table index (table_rows where masked) of every (query, key) pair: [B', nb G S G]."""
+        k_code = self.k_code[:, self.ids].view(self.k_code.shape[0], self.num_blocks, 1, -1)
+        index = self.q_code[..., None] - k_code  # [B', nb, G, S G]
+        index.masked_fill_(self.masked[:, None, :], self.table_rows)
         return index.view(index.shape[0], -1)
 
 
@@ -256,13 +251,36 @@ def _table_columns(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([table.t(), table.new_full((table.shape[1], 1), float("-inf"))], 1)
 
 
+# Columns of _table_columns: the three special entries, then the mask.
+_CLS_TO_TOKEN, _TOKEN_TO_CLS, _CLS_TO_CLS = -4, -3, -2
+
+
+class _Split:
+    """q, k or v [B, H, N, d] as its CLS row [B H, d] and its regional tokens, zero-padded to
+    blocks, [B H, nb, G, d], both contiguous (so a chunk of heads is a contiguous slice)."""
+
+    def __init__(self, x: torch.Tensor | None, plan: _Plan, dtype=None, cls=None, regional=None):
+        if x is not None:  # always copies: what is saved must not keep x's storage (e.g. qkv) alive
+            b, h, n, d = x.shape
+            cls = x.new_empty(b, h, d, dtype=dtype).copy_(x[:, :, 0]).view(b * h, d)
+            regional = x.new_zeros(b, h, plan.num_blocks * plan.block_size, d, dtype=dtype)
+            regional[:, :, : n - 1] = x[:, :, 1:]
+            regional = regional.view(b * h, plan.num_blocks, plan.block_size, d)
+        self.cls, self.regional = cls, regional
+
+    def join(self, b: int, n: int) -> torch.Tensor:
+        """Back to [B, H, N, d] (the regional padding dropped)."""
+        bh, _, _, d = self.regional.shape
+        return torch.cat([self.cls[:, None], self.regional.view(bh, -1, d)[:, : n - 1]], 1).view(b, -1, n, d)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     """(q, k, v [B, H, N, d], table, plan) -> (out [B, H, N, d], CLS probabilities [B, H, N]).
 
     Regional queries attend to their gathered key blocks and CLS, the CLS query to every key.
-    Saves the padded q (pre-scaled), k, v, the output and the log-sum-exp; the gathered blocks,
-    bias and probabilities are recomputed per chunk of query blocks in backward. Each chunk runs
-    in its own function so its buffers are freed before the next chunk allocates.
+    Saves q (pre-scaled), k, v split and padded, the output and the log-sum-exp; the gathered
+    blocks, bias and probabilities are recomputed per chunk of heads in backward. Each chunk
+    runs in its own function so its buffers are freed before the next chunk allocates.
     """
 
     @staticmethod
@@ -270,166 +288,176 @@ class _BlockSparseAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             b, h, n, d = q.shape
             dtype = _compute_dtype(q.dtype)
-            length = 1 + plan.num_blocks * plan.block_size
-            qs = _padded(q, length, dtype).mul_(d ** -0.5)
-            kp, vp = _padded(k, length, dtype), _padded(v, length, dtype)
+            qs, ks, vs = (_Split(x, plan, dtype) for x in (q, k, v))
+            qs.cls.mul_(d ** -0.5)
+            qs.regional.mul_(d ** -0.5)
             columns = _table_columns(table, dtype)
-            out = qs.new_empty(b, h, n, d)
-            lse = qs.new_empty(b, h, length)
-            logits = _cls_logits(qs, kp, columns, n)
-            lse[:, :, 0] = logits.logsumexp(-1)
-            cls_probs = logits.sub_(lse[:, :, :1]).exp_()
-            out[:, :, 0] = (cls_probs[:, :, None, :] @ vp).squeeze(2)
-            for start, stop in plan.chunks():
-                _chunk_forward(qs, kp, vp, columns, plan, start, stop, out, lse)
-            out = out.to(q.dtype)
-            ctx.save_for_backward(qs, kp, vp, out, lse, table)
+            out = qs.regional.new_empty(b * h, n, d)
+            lse = qs.regional.new_empty(b * h, plan.num_blocks, plan.block_size)
+            cls_probs, cls_lse = _cls_forward(qs, ks, vs, columns, plan, n, out)
+            index = plan.index()
+            for chunk in plan.chunks:
+                _chunk_forward(qs, ks, vs, columns, plan, index, chunk, out, lse)
+            out = out.view(b, h, n, d).to(q.dtype)
+            ctx.save_for_backward(qs.cls, qs.regional, ks.cls, ks.regional, vs.cls, vs.regional,
+                                  out, lse, cls_lse, table)
             ctx.plan = plan
-            cls_probs = cls_probs[:, :, :n]
             ctx.mark_non_differentiable(cls_probs)
             return out, cls_probs
 
     @staticmethod
     def backward(ctx, grad_out, _grad_cls):
-        qs, kp, vp, out, lse, table = ctx.saved_tensors
+        q_cls, q_reg, k_cls, k_reg, v_cls, v_reg, out, lse, cls_lse, table = ctx.saved_tensors
         plan, want_table = ctx.plan, ctx.needs_input_grad[3]
-        with torch.autocast(qs.device.type, enabled=False):
-            n = out.shape[2]
-            columns = _table_columns(table, qs.dtype)
-            grad_out = grad_out.to(qs.dtype)
+        qs, ks, vs = (_Split(None, plan, None, c, r) for c, r in
+                      ((q_cls, q_reg), (k_cls, k_reg), (v_cls, v_reg)))
+        with torch.autocast(q_reg.device.type, enabled=False):
+            b, h, n, d = out.shape
+            dtype = q_reg.dtype
+            columns = _table_columns(table, dtype)
+            grad_out = grad_out.to(dtype)
             # D_i = dO_i . O_i = sum_j P_ij dP_ij (flash attention): the softmax backward's row term.
-            row_term = F.pad((grad_out * out.to(qs.dtype)).sum(-1), (0, qs.shape[2] - n))
+            row = _Split((grad_out * out.to(dtype)).sum(-1, keepdim=True), plan, dtype)
             dcolumns = torch.zeros_like(columns)
-            dq, dk, dv = _cls_backward(qs, kp, vp, columns, lse, grad_out, row_term, dcolumns, n)
-            for start, stop in plan.chunks():
-                _chunk_backward(qs, kp, vp, columns, plan, start, stop, lse, grad_out, row_term,
+            dq, dk, dv = _cls_backward(qs, ks, vs, columns, plan, n, cls_lse, grad_out, row, dcolumns)
+            index = plan.index()
+            for chunk in plan.chunks:
+                _chunk_backward(qs, ks, vs, columns, plan, index, chunk, lse, grad_out, row,
                                 dq, dk, dv, dcolumns if want_table else None)
             dtable = dcolumns[:, :-1].t().to(table.dtype) if want_table else None
-            dq = dq[:, :, :n].mul_(qs.shape[-1] ** -0.5)
-            return dq.to(out.dtype), dk[:, :, :n].to(out.dtype), dv[:, :, :n].to(out.dtype), dtable, None
+            dq.cls.mul_(d ** -0.5)
+            dq.regional.mul_(d ** -0.5)
+            grads = []
+            for split in (dq, dk, dv):  # one at a time, each split freed once joined
+                grads.append(split.join(b, n).to(out.dtype))
+                split.cls = split.regional = None
+            return (*grads, dtable, None)
 
 
-def _padded(x: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, H, N, d] -> contiguous [B, H, length, d], zeros appended."""
-    return F.pad(x.to(dtype), (0, 0, 0, length - x.shape[2]))
+def _cls_logits(qs: _Split, ks: _Split, columns, plan: _Plan, n: int):
+    """CLS query (pre-scaled) against the regional keys [B H, nb G] (padding at -inf) and against
+    the CLS key [B H]."""
+    bh, nb, g, d = ks.regional.shape
+    heads = columns.shape[0]
+    regional = (ks.regional.view(bh, -1, d) @ qs.cls[:, :, None]).view(bh // heads, heads, -1)
+    regional = regional.add_(columns[:, _CLS_TO_TOKEN, None]).view(bh, -1)
+    regional[:, n - 1:] = float("-inf")
+    to_cls = (ks.cls * qs.cls).sum(-1).view(-1, heads).add_(columns[:, _CLS_TO_CLS]).view(bh)
+    return regional, to_cls
 
 
-def _blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Padded [B, H, 1 + nb G, ...] -> its regional tokens as blocks [B, H, nb, G, ...] (a view)."""
-    return x[:, :, 1:].unflatten(2, (plan.num_blocks, plan.block_size))
+def _cls_forward(qs, ks, vs, columns, plan, n, out):
+    """The CLS query row: writes out[:, 0]; returns its probabilities [B, H, N] and lse [B H]."""
+    regional, to_cls = _cls_logits(qs, ks, columns, plan, n)
+    top = torch.maximum(regional.amax(-1), to_cls)
+    p_reg, p_cls = regional.sub_(top[:, None]).exp_(), to_cls.sub_(top).exp_()
+    total = p_reg.sum(-1).add_(p_cls)
+    bh, _, _, d = vs.regional.shape
+    row = (p_reg[:, None, :] @ vs.regional.view(bh, -1, d)).squeeze(1).addcmul_(p_cls[:, None], vs.cls)
+    out[:, 0] = row.div_(total[:, None])
+    probs = torch.cat([p_cls[:, None], p_reg[:, : n - 1]], 1).div_(total[:, None])
+    return probs.view(-1, columns.shape[0], n), top.add_(total.log_())
 
 
-def _block_rows(x: torch.Tensor, start: int, stop: int, g: int) -> torch.Tensor:
-    """Padded [B, H, L, ...] -> query blocks start..stop as [B, H, C, G, ...] (a view)."""
-    return x[:, :, 1 + start * g: 1 + stop * g].unflatten(2, (stop - start, g))
-
-
-def _chunk_rows(x: torch.Tensor, start: int, stop: int, g: int) -> torch.Tensor:
-    """Unpadded [B, H, N, d] -> query blocks start..stop as [B, H, C, G, d], zeros past the end."""
-    rows = x[:, :, 1 + start * g: 1 + stop * g]
-    return F.pad(rows, (0, 0, 0, (stop - start) * g - rows.shape[2])).unflatten(2, (stop - start, g))
-
-
-def _cls_vector(x: torch.Tensor) -> torch.Tensor:
-    """CLS's row of [B, H, L, d] as [B, H, 1, d, 1], to multiply blocks [B, H, C, G, d] with."""
-    return x[:, :, None, 0, :, None]
-
-
-def _cls_logits(qs, kp, columns, n):
-    """CLS query (pre-scaled) against every key of padded kp: [B, H, L], padding at -inf."""
-    row = torch.cat([columns[:, -2:-1], columns[:, -4:-3].expand(-1, n - 1),
-                     columns[:, -1:].expand(-1, kp.shape[2] - n)], dim=1)
-    return (kp @ qs[:, :, 0, :, None]).squeeze(-1).add_(row)
-
-
-def _cls_backward(qs, kp, vp, columns, lse, grad_out, row_term, dcolumns, n):
-    """Gradients from the CLS query row; returns the padded dq, dk, dv buffers they start."""
-    probs = _cls_logits(qs, kp, columns, n).sub_(lse[:, :, :1]).exp_()  # [B, H, L]
-    g0 = grad_out[:, :, 0]
-    dv = probs[..., None] * g0[:, :, None, :]
-    ds = ((vp @ g0[..., None]).squeeze(-1) - row_term[:, :, :1]).mul_(probs)
-    dk = ds[..., None] * qs[:, :, :1]
-    dq = torch.empty_like(qs)
-    dq[:, :, 0] = (ds[:, :, None, :] @ kp).squeeze(2)
-    dcolumns[:, -2] += ds[:, :, 0].sum(0)  # CLS->CLS (column -1 is the mask)
-    dcolumns[:, -4] += ds[:, :, 1:n].sum((0, 2))  # CLS->token
+def _cls_backward(qs, ks, vs, columns, plan, n, cls_lse, grad_out, row, dcolumns):
+    """Gradients from the CLS query row; returns the dq, dk, dv buffers (_Split) they start."""
+    regional, to_cls = _cls_logits(qs, ks, columns, plan, n)
+    p_reg, p_cls = regional.sub_(cls_lse[:, None]).exp_(), to_cls.sub_(cls_lse).exp_()
+    bh, nb, g, d = qs.regional.shape
+    g0, d0 = grad_out[:, :, 0].reshape(bh, d), row.cls[:, 0]  # [B H, d], [B H]
+    ds_reg = (vs.regional.view(bh, -1, d) @ g0[:, :, None]).squeeze(-1).sub_(d0[:, None]).mul_(p_reg)
+    ds_cls = (vs.cls * g0).sum(-1).sub_(d0).mul_(p_cls)
+    heads = columns.shape[0]
+    dcolumns[:, _CLS_TO_TOKEN] += ds_reg.view(-1, heads, nb * g).sum((0, 2))
+    dcolumns[:, _CLS_TO_CLS] += ds_cls.view(-1, heads).sum(0)
+    dq = _Split(None, plan, None, (ds_reg[:, None, :] @ ks.regional.view(bh, -1, d)).squeeze(1)
+                .addcmul_(ds_cls[:, None], ks.cls), torch.empty_like(qs.regional))
+    dk = _Split(None, plan, None, ds_cls[:, None] * qs.cls,
+                (ds_reg[:, :, None] * qs.cls[:, None, :]).view(bh, nb, g, d))
+    dv = _Split(None, plan, None, p_cls[:, None] * g0,
+                (p_reg[:, :, None] * g0[:, None, :]).view(bh, nb, g, d))
     return dq, dk, dv
 
 
-def _chunk_logits(qs, kp, columns, plan: _Plan, start: int, stop: int):
-    """Logits of query blocks start..stop against their gathered key blocks.
+def _chunk_logits(qs: _Split, ks: _Split, columns, plan: _Plan, index, chunk):
+    """Logits of a chunk of heads against the gathered key blocks of each query block.
 
-    Returns logits [B, H, C, G, S G] (bias from the table, masked pairs -inf), the gathered keys
-    [B, H, C, S G, d], the logits against the CLS key [B, H, C, G], the (pre-scaled) queries
-    [B, H, C, G, d] and the table index.
+    Returns logits [Hc, nb, G, S G] (bias from the table, masked pairs -inf), the gathered keys
+    [Hc, nb, S G, d] and the logits against the CLS key [Hc, nb, G].
     """
-    b, h, _, d = qs.shape
-    g, c = plan.block_size, stop - start
-    kg = _blocks(kp, plan).index_select(2, plan.ids[start:stop].reshape(-1)).view(b, h, c, -1, d)
-    index = plan.index(start, stop)
-    logits = qs.new_empty(b, h, c, g, kg.shape[3])
-    for i in range(b):
-        torch.index_select(columns, 1, index[i % index.shape[0]], out=logits[i].view(h, -1))
-    qc = _block_rows(qs, start, stop, g).contiguous()
-    logits.view(-1, g, kg.shape[3]).baddbmm_(qc.view(-1, g, d), kg.view(-1, kg.shape[3], d).transpose(1, 2))
-    tok_cls = (qc @ _cls_vector(kp)).squeeze(-1).add_(columns[:, -3, None, None])
-    return logits, kg, tok_cls, qc, index
+    b, h0, h1 = chunk
+    rows = slice(b * plan.heads + h0, b * plan.heads + h1)
+    hc, (_, nb, g, d) = h1 - h0, qs.regional.shape
+    kg = ks.regional[rows].index_select(1, plan.ids).view(hc * nb, -1, d)
+    logits = kg.new_empty(hc, nb, g, kg.shape[1])
+    torch.index_select(columns[h0:h1], 1, index[b % index.shape[0]], out=logits.view(hc, -1))
+    qc = qs.regional[rows]
+    logits.view(hc * nb, g, -1).baddbmm_(qc.view(hc * nb, g, d), kg.transpose(1, 2))
+    to_cls = (qc.view(hc, -1, d) @ ks.cls[rows, :, None]).view(hc, nb, g)
+    return logits, kg, to_cls.add_(columns[h0:h1, _TOKEN_TO_CLS, None, None]), rows
 
 
-def _gathered_values(vp, plan: _Plan, start: int, stop: int):
-    b, h, _, d = vp.shape
-    ids = plan.ids[start:stop].reshape(-1)
-    return _blocks(vp, plan).index_select(2, ids).view(b, h, stop - start, -1, d)
+def _gathered_values(vs: _Split, plan: _Plan, rows):
+    vg = vs.regional[rows].index_select(1, plan.ids)
+    return vg.view(-1, vg.shape[1] * vg.shape[2] // plan.num_blocks, vg.shape[3])
 
 
-def _chunk_forward(qs, kp, vp, columns, plan: _Plan, start, stop, out, lse):
-    """Output rows and log-sum-exp of query blocks start..stop (written into out and lse)."""
-    logits, kg, tok_cls, qc, _ = _chunk_logits(qs, kp, columns, plan, start, stop)
-    del kg, qc
-    top = torch.maximum(logits.amax(-1), tok_cls)
+def _chunk_forward(qs, ks, vs, columns, plan: _Plan, index, chunk, out, lse):
+    """Output rows and log-sum-exp of a chunk of heads (written into out [B H, N, d] and lse)."""
+    logits, kg, to_cls, rows = _chunk_logits(qs, ks, columns, plan, index, chunk)
+    del kg
+    top = torch.maximum(logits.amax(-1), to_cls)
     probs = logits.sub_(top[..., None]).exp_()  # unnormalised
-    cls_p = tok_cls.sub_(top).exp_()
+    cls_p = to_cls.sub_(top).exp_()
     total = probs.sum(-1).add_(cls_p)
-    res = probs @ _gathered_values(vp, plan, start, stop)
-    res.addcmul_(cls_p[..., None], vp[:, :, None, None, 0]).div_(total[..., None])
-    _put_rows(out, res, start, plan.block_size)
-    _block_rows(lse, start, stop, plan.block_size).copy_(top.add_(total.log_()))
+    hc, nb, g, sg = probs.shape
+    res = torch.bmm(probs.view(hc * nb, g, sg), _gathered_values(vs, plan, rows)).view(hc, nb, g, -1)
+    res.addcmul_(cls_p[..., None], vs.cls[rows, None, None, :]).div_(total[..., None])
+    n = out.shape[1]
+    out[rows, 1:] = res.view(hc, nb * g, -1)[:, : n - 1]
+    lse[rows] = top.add_(total.log_())
 
 
-def _chunk_backward(qs, kp, vp, columns, plan: _Plan, start, stop, lse, grad_out, row_term,
+def _chunk_grad(grad_out: torch.Tensor, plan: _Plan, chunk) -> torch.Tensor:
+    """The output gradient of a chunk's regional queries, [Hc, nb, G, d] (zero padded)."""
+    b, h0, h1 = chunk
+    go = grad_out.new_zeros(h1 - h0, plan.num_blocks * plan.block_size, grad_out.shape[-1])
+    go[:, : grad_out.shape[2] - 1] = grad_out[b, h0:h1, 1:]
+    return go.view(h1 - h0, plan.num_blocks, plan.block_size, -1)
+
+
+def _chunk_backward(qs, ks, vs, columns, plan: _Plan, index, chunk, lse, grad_out, row,
                     dq, dk, dv, dcolumns):
-    """Add query blocks start..stop's gradients into dq (pre-scale), dk, dv and dcolumns."""
-    b, h, _, d = qs.shape
-    g = plan.block_size
-    ids = plan.ids[start:stop].reshape(-1)
-    logits, kg, tok_cls, qc, index = _chunk_logits(qs, kp, columns, plan, start, stop)
-    lse_c = _block_rows(lse, start, stop, g)
+    """Add a chunk of heads' gradients into dq (pre-scale), dk, dv and dcolumns."""
+    logits, kg, to_cls, rows = _chunk_logits(qs, ks, columns, plan, index, chunk)
+    hc, nb, g, sg = logits.shape
+    d = kg.shape[-1]
+    lse_c = lse[rows]
     probs = logits.sub_(lse_c[..., None]).exp_()
     del logits
-    cls_p = tok_cls.sub_(lse_c).exp_()
-    go = _chunk_rows(grad_out, start, stop, g)  # [B, H, C, G, d]
-    row = _block_rows(row_term, start, stop, g)
-    _blocks(dv, plan).index_add_(2, ids, (probs.transpose(-1, -2) @ go).view(b, h, -1, g, d))
-    dv[:, :, :1] += cls_p.view(b, h, 1, -1) @ go.view(b, h, -1, d)
-    ds = go @ _gathered_values(vp, plan, start, stop).transpose(-1, -2)
-    ds = ds.sub_(row[..., None]).mul_(probs)  # dlogits [B, H, C, G, S G]
+    cls_p = to_cls.sub_(lse_c).exp_()
+    go, row_c = _chunk_grad(grad_out, plan, chunk), row.regional[rows, ..., 0]
+    dvg = torch.bmm(probs.view(hc * nb, g, sg).transpose(1, 2), go.view(hc * nb, g, d))
+    dv.regional[rows].index_add_(1, plan.ids, dvg.view(hc, -1, g, d))
+    del dvg
+    dv.cls[rows] += (cls_p.view(hc, 1, -1) @ go.view(hc, -1, d)).squeeze(1)
+    ds = torch.bmm(go.view(hc * nb, g, d), _gathered_values(vs, plan, rows).transpose(1, 2))
+    ds = ds.view(hc, nb, g, sg).sub_(row_c[..., None]).mul_(probs)  # dlogits
     del probs
-    ds_cls = (go @ _cls_vector(vp)).squeeze(-1).sub_(row).mul_(cls_p)
-    dqc = (ds @ kg).addcmul_(ds_cls[..., None], kp[:, :, None, None, 0])
+    ds_cls = (go.view(hc, -1, d) @ vs.cls[rows, :, None]).view(hc, nb, g).sub_(row_c).mul_(cls_p)
+    dqc = dq.regional[rows]
+    torch.bmm(ds.view(hc * nb, g, sg), kg, out=dqc.view(hc * nb, g, d))
+    dqc.addcmul_(ds_cls[..., None], ks.cls[rows, None, None, :])
     del kg
-    _block_rows(dq, start, stop, g).copy_(dqc)
-    _blocks(dk, plan).index_add_(2, ids, (ds.transpose(-1, -2) @ qc).view(b, h, -1, g, d))
-    dk[:, :, :1] += ds_cls.view(b, h, 1, -1) @ qc.view(b, h, -1, d)
+    qc = qs.regional[rows]
+    dkg = torch.bmm(ds.view(hc * nb, g, sg).transpose(1, 2), qc.view(hc * nb, g, d))
+    dk.regional[rows].index_add_(1, plan.ids, dkg.view(hc, -1, g, d))
+    del dkg
+    dk.cls[rows] += (ds_cls.view(hc, 1, -1) @ qc.view(hc, -1, d)).squeeze(1)
     if dcolumns is not None:
-        for i in range(b):
-            dcolumns.index_add_(1, index[i % index.shape[0]], ds[i].view(h, -1))
-        dcolumns[:, -3] += ds_cls.sum((0, 2, 3))  # token->CLS
-
-
-def _put_rows(out: torch.Tensor, res: torch.Tensor, start: int, g: int):
-    """Write query blocks [B, H, C, G, d] into unpadded out [B, H, N, d] from block `start` on."""
-    rows = out[:, :, 1 + start * g: 1 + start * g + res.shape[2] * g]
-    rows.copy_(res.flatten(2, 3)[:, :, : rows.shape[2]])
+        b, h0, h1 = chunk
+        dcolumns[h0:h1].index_add_(1, index[b % index.shape[0]], ds.view(hc, -1))
+        dcolumns[h0:h1, _TOKEN_TO_CLS] += ds_cls.sum((1, 2))
 
 
 def _cls_row(q, k, v, table):
