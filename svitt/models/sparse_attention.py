@@ -191,9 +191,10 @@ def gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False):
     return out, _cls_attention(cls_probs) if need_cls_attn else None
 
 
-# Logits per chunk of heads (8 MB in fp32): bounds the transient [heads, blocks, G, (K_l+K_r) G]
-# buffers of forward and backward; smaller chunks only add Python overhead per chunk.
-CHUNK_ELEMENTS = 1 << 21
+# Logits per chunk of heads (16 MB in fp32): bounds the transient [heads, blocks, G, (K_l+K_r) G]
+# buffers of forward and backward. Smaller chunks save little more (the saved q, k, v and the
+# gradient buffers dominate) and cost ~35 more ops each, which is what a loaded CPU pays for.
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
