@@ -71,6 +71,7 @@ def demo_file(path):
 
 VIDEO_STAGE_KEYS = (
     "frames",
+    "temporal",
     "local_blocks",
     "random_blocks",
     "block_size",
@@ -86,7 +87,37 @@ def _stages():
     ego = config["pretrain"].get("egoclip")
     if ego:
         stages[ego["name"]] = ego
-    return stages
+    return {**stages, **_control_stages()}
+
+
+def _control_stages():
+    """analysis.control: an order-blind twin of each listed curriculum stage, <name>_<temporal>,
+    with the stage's own settings and steps and video.temporal replaced, started from the twin of
+    the stage's init (paper_figures target)."""
+    control = config.get("analysis", {}).get("control")
+    if not control:
+        return {}
+    names, suffix = control["stages"], f"_{control['temporal']}"
+    twins = {}
+    for stage in config["pretrain"]["curriculum"]:
+        if stage["name"] not in names:
+            continue
+        twin = {**stage, "name": stage["name"] + suffix, "temporal": control["temporal"]}
+        if stage.get("init"):
+            if stage["init"] not in names:
+                raise ValueError(
+                    f"analysis.control.stages has {stage['name']!r} but not its init "
+                    f"{stage['init']!r}: list the whole chain (have {names})"
+                )
+            twin["init"] = stage["init"] + suffix
+        twins[twin["name"]] = twin
+    curriculum = [s["name"] for s in config["pretrain"]["curriculum"]]
+    unknown = sorted(set(names) - set(curriculum))
+    if unknown:
+        raise ValueError(
+            f"analysis.control.stages {unknown} are not curriculum stages (have {curriculum})"
+        )
+    return twins
 
 
 STAGES = _stages()
@@ -264,11 +295,5 @@ def nlq_outputs():
 
 
 def final_outputs():
-    figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
-    figures += [
-        f"results/figures/retrieval_{d}.png"
-        for d in config["evaluation"]["retrieval"]["datasets"]
-    ]
-    if config["evaluation"].get("egomcq"):
-        figures.append("results/figures/egomcq.png")
-    return figures + nlq_outputs()
+    """`all`: figures and tables (rules/analysis.smk, which lists them) and the NLQ features."""
+    return analysis_outputs() + nlq_outputs()
