@@ -7,142 +7,10 @@ size, pruning maps; the order-blind late-fusion control (second target `paper_fi
 """
 
 
-import shlex
+include: "analysis_common.smk"
 
 
 report: "../report/workflow.rst"
-
-
-ANALYSIS = config["analysis"]
-RETRIEVAL_DATASETS = config["evaluation"]["retrieval"]["datasets"]
-
-
-# ------------------------------------------------------------------------------ result files
-def results_of(path):
-    """The result files of one model: a list (one file per seed) so that seeds plug in here and
-    every figure and table shows the mean and each value."""
-    return [path]
-
-
-def retrieval_runs(dataset_name, stages=None):
-    return {
-        s: results_of(f"results/eval/retrieval/{dataset_name}/{s}.json")
-        for s in (stages or CURRICULUM)
-    }
-
-
-def egomcq_runs():
-    return {s: results_of(f"results/eval/egomcq/{s}.json") for s in all_stages()}
-
-
-def runs_flags(runs, prefix=""):
-    """{name: [paths]} -> "prefixname=path ..." (a name repeats once per file)."""
-    return " ".join(f"{prefix}{name}={p}" for name, paths in runs.items() for p in paths)
-
-
-def runs_files(runs):
-    return [p for paths in runs.values() for p in paths]
-
-
-# ---------------------------------------------------------------------------------- sweeps
-def _number(value):
-    return f"{value:g}"
-
-
-def sweep_points(section):
-    """{point name: settings} of a sweep section: edge_<K_l>_<K_r>_<G>, keep_<q_v>_<q_m>."""
-    grid = ANALYSIS.get(section) or {}
-    points = {}
-    for k_l, k_r, g in grid.get("edge", []):
-        points[f"edge_{k_l}_{k_r}_{g}"] = {
-            "local_blocks": k_l,
-            "random_blocks": k_r,
-            "block_size": g,
-        }
-    for q_v, q_m in grid.get("keep", []):
-        points[f"keep_{_number(q_v)}_{_number(q_m)}"] = {
-            "visual_keep": q_v,
-            "multimodal_keep": q_m,
-        }
-    return points
-
-
-SWEEP_POINTS = {**sweep_points("paper_sweep"), **sweep_points("sweep")}
-
-
-def sweep_dataset(section="sweep"):
-    grid = ANALYSIS.get(section) or {}
-    return grid.get("dataset") or RETRIEVAL_DATASETS[0]
-
-
-def sweep_runs(section, kind):
-    grid = ANALYSIS.get(section) or {}
-    return {
-        f"{stage}/{name}": results_of(f"results/analysis/sweep/{stage}/{name}.json")
-        for stage in grid.get("stages", [])
-        for name in sweep_points(section)
-        if name.startswith(kind)
-    }
-
-
-def sweep_references(section):
-    grid = ANALYSIS.get(section) or {}
-    return retrieval_runs(sweep_dataset(section), grid.get("stages", []))
-
-
-def sweep_section(wildcards):
-    return "paper_sweep" if wildcards.suffix else "sweep"
-
-
-def sweep_figures(section, suffix):
-    grid = ANALYSIS.get(section) or {}
-    return [
-        f"results/figures/sweep_{kind}{suffix}.png"
-        for kind in ("edge", "keep")
-        if grid.get(kind) and grid.get("stages")
-    ]
-
-
-# ---------------------------------------------------------------------------------- targets
-def table_outputs():
-    names = [f"{kind}_{d}" for d in RETRIEVAL_DATASETS for kind in ("retrieval", "twins", "probing")]
-    if config["evaluation"].get("egomcq"):
-        names += ["egomcq", "probing_egomcq"]
-    names.append("efficiency")
-    return names
-
-
-def analysis_outputs():
-    """What `all` builds beside the models and evaluations."""
-    figures = ["training_curves", "sparsity", "efficiency"]
-    figures += [f"retrieval_{d}" for d in RETRIEVAL_DATASETS]
-    figures += [f"probing_{d}" for d in RETRIEVAL_DATASETS]
-    if config["evaluation"].get("egomcq"):
-        figures += ["egomcq", "probing_egomcq"]
-    if ANALYSIS.get("pruning_maps"):
-        figures.append("pruning_maps")
-    out = [f"results/figures/{f}.png" for f in figures] + sweep_figures("sweep", "")
-    return out + [f"results/tables/{t}.html" for t in table_outputs()] + [
-        "results/tables/results.md"
-    ]
-
-
-CONTROL = ANALYSIS.get("control")
-
-
-def control_pairs():
-    suffix = f"_{CONTROL['temporal']}"
-    return {s: s + suffix for s in CONTROL["stages"]}
-
-
-def paper_outputs():
-    """The second target: the late-fusion control, the full sweep grid, memory, the ablation."""
-    out = ["results/figures/efficiency_full.png"] + sweep_figures("paper_sweep", "_full")
-    if CONTROL:
-        out.append("results/figures/control.png")
-    if ANALYSIS.get("ablation"):
-        out.append("results/figures/ablation.png")
-    return out
 
 
 rule paper_figures:
@@ -152,6 +20,8 @@ rule paper_figures:
 
 
 # ---------------------------------------------------------------------------------- figures
+
+
 rule plot_training:
     input:
         [f"results/pretrain/{s}/metrics.jsonl" for s in all_stages()],
@@ -172,7 +42,10 @@ rule plot_training:
         runtime=10,
     params:
         pairs=runs_flags(
-            {s: results_of(f"results/pretrain/{s}/metrics.jsonl") for s in all_stages()}
+            {
+                s: results_of(f"results/pretrain/{s}/metrics.jsonl")
+                for s in all_stages()
+            }
         ),
     shell:
         "python workflow_scripts/plot.py training {params.pairs} --out {output} > {log} 2>&1"
@@ -306,6 +179,8 @@ rule plot_probing_egomcq:
 
 
 # ------------------------------------------------------------------------------- sweeps
+
+
 rule sweep_point:
     input:
         model="results/pretrain/{stage}/model.safetensors",
@@ -369,14 +244,6 @@ rule plot_sweep:
 
 
 # --------------------------------------------------------------------------- efficiency
-def efficiency_flags(wildcards):
-    eff = ANALYSIS["efficiency"]
-    memory = "auto" if wildcards.table == "efficiency_full" else eff["memory"]
-    return (
-        f"--frames {' '.join(map(str, eff['frames']))} --modes {' '.join(eff['modes'])} "
-        f"--blocks {' '.join(map(str, eff['blocks']))} --multimodal-keep {eff['multimodal_keep']} "
-        f"--text-len {eff['text_len']} --memory {memory} --model-json '{canonical(eff['model'])}'"
-    )
 
 
 rule efficiency:
@@ -393,7 +260,9 @@ rule efficiency:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=lambda w: config["evaluation"]["gpus"] if w.table == "efficiency_full" else 0,
+        gpu=lambda w: (
+            config["evaluation"]["gpus"] if w.table == "efficiency_full" else 0
+        ),
         mem_mb=4000,
         runtime=60,
     params:
@@ -428,16 +297,6 @@ rule plot_efficiency:
 
 
 # ---------------------------------------------------------------------------- pruning maps
-def pruning_settings():
-    maps = ANALYSIS["pruning_maps"]
-    flags = f"--clips {maps['clips']}"
-    for key in ("visual_keep", "multimodal_keep"):
-        if maps.get(key) is not None:
-            flags += f" --{key.replace('_', '-')} {maps[key]}"
-    if maps.get("videos"):
-        flags += " --video " + " ".join(maps["videos"])
-        flags += " --caption " + " ".join(shlex.quote(c) for c in maps["captions"])
-    return flags
 
 
 rule pruning_maps:
@@ -476,12 +335,11 @@ rule pruning_maps:
 
 
 # ----------------------------------------------------------------------- the control, Table 3
+
+
 rule plot_control:
     input:
-        lambda w: runs_files(retrieval_runs(RETRIEVAL_DATASETS[0], list(control_pairs())))
-        + runs_files(
-            retrieval_runs(RETRIEVAL_DATASETS[0], list(control_pairs().values()))
-        ),
+        lambda w: control_inputs(),
     output:
         report(
             "results/figures/control.png",
@@ -499,29 +357,11 @@ rule plot_control:
         mem_mb=1000,
         runtime=10,
     params:
-        joint=lambda w: runs_flags(
-            retrieval_runs(RETRIEVAL_DATASETS[0], list(control_pairs()))
-        ),
-        late=lambda w: " ".join(
-            f"{stage}={p}"
-            for stage, late in control_pairs().items()
-            for p in results_of(
-                f"results/eval/retrieval/{RETRIEVAL_DATASETS[0]}/{late}.json"
-            )
-        ),
+        joint=lambda w: runs_flags(control_runs("joint")),
+        late=lambda w: runs_flags(control_runs("late")),
     shell:
         "python workflow_scripts/plot.py control {params.joint} --late {params.late} --out {output} "
         "> {log} 2>&1"
-
-
-def ablation_runs():
-    return {
-        f"{entry['frames']}:{kind}": results_of(
-            f"results/eval/retrieval/{RETRIEVAL_DATASETS[0]}/{entry[kind]}.json"
-        )
-        for entry in ANALYSIS.get("ablation") or []
-        for kind in ("single", "expansion")
-    }
 
 
 rule plot_ablation:
@@ -549,20 +389,6 @@ rule plot_ablation:
 
 
 # ---------------------------------------------------------------------------------- tables
-def table_inputs():
-    runs = [retrieval_runs(d) for d in RETRIEVAL_DATASETS]
-    if config["evaluation"].get("egomcq"):
-        runs.append(egomcq_runs())
-    return [p for r in runs for p in runs_files(r)] + ["results/analysis/efficiency.json"]
-
-
-def table_flags():
-    flags = "--retrieval " + " ".join(
-        runs_flags(retrieval_runs(d), prefix=f"{d}:") for d in RETRIEVAL_DATASETS
-    )
-    if config["evaluation"].get("egomcq"):
-        flags += " --egomcq " + runs_flags(egomcq_runs())
-    return flags + " --efficiency results/analysis/efficiency.json"
 
 
 rule tables:
@@ -578,7 +404,11 @@ rule tables:
             )
             for t in table_outputs()
         ],
-        files=[f"results/tables/{t}.{ext}" for t in table_outputs() for ext in ("md", "csv")],
+        files=[
+            f"results/tables/{t}.{ext}"
+            for t in table_outputs()
+            for ext in ("md", "csv")
+        ],
     log:
         "logs/analysis/tables.log",
     conda:

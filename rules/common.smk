@@ -102,7 +102,11 @@ def _control_stages():
     for stage in config["pretrain"]["curriculum"]:
         if stage["name"] not in names:
             continue
-        twin = {**stage, "name": stage["name"] + suffix, "temporal": control["temporal"]}
+        twin = {
+            **stage,
+            "name": f"{stage['name']}{suffix}",
+            "temporal": control["temporal"],
+        }
         if stage.get("init"):
             if stage["init"] not in names:
                 raise ValueError(
