@@ -98,9 +98,9 @@ def paper_size(model_cfg: dict) -> bool:
 
 def model_name(model_cfg: dict) -> str:
     if paper_size(model_cfg):
-        return "BEiT-B + BERT-base (the paper's size)"
+        return "BEiT-B + BERT-base"
     video, text = model_cfg.get("video", {}), model_cfg.get("text", {})
-    return f"video {video.get('preset') or 'custom'} + text {text.get('preset') or 'custom'} model"
+    return f"video {video.get('preset') or 'custom'} + text {text.get('preset') or 'custom'} (not the paper's size)"
 
 
 def meta_model(model_cfg: dict):

@@ -167,12 +167,18 @@ PROBING_PANELS = {  # per task: (key under a frame order's results, panel title,
 }
 
 
+def _metric_panels(runs) -> list[tuple]:
+    """One panel per numeric metric of a task without a fixed layout (e.g. QA accuracy)."""
+    first = next(iter(runs.values()))[0].get("metrics", {})
+    return [(f"metrics.{k}", f"{k} (%)", None) for k, v in sorted(first.items()) if isinstance(v, (int, float))]
+
+
 def plot_probing(results: dict, out: str | Path, task: str = "retrieval"):
     """Temporal probing (SViTT Table 14): each model's metrics with its frames in normal, shuffled
     and reversed order; the text above each group is normal minus shuffled (the paper's Delta)."""
     runs = load_runs(results)
     names = list(runs)
-    panels = [p for p in PROBING_PANELS[task]
+    panels = [p for p in PROBING_PANELS.get(task) or _metric_panels(runs)
               if any(not math.isnan(pick(r, f"frame_orders.normal.{p[0]}")) for rs in runs.values() for r in rs)]
     if not panels or not all("frame_orders" in r for rs in runs.values() for r in rs):
         raise ValueError(f"the results {[str(p) for ps in as_runs(results).values() for p in ps]} hold no "

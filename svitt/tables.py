@@ -111,9 +111,11 @@ def probing_table(results: dict, task: str, dataset: str) -> Table:
     """Temporal probing (SViTT Table 14): each metric under each frame order and normal - order."""
     runs = load_runs(results)
     columns = ["model", "metric", "normal", "shuffled", "reversed", "Δ shuffled", "Δ reversed"]
+    first = next(iter(runs.values()))[0].get("metrics", {})
+    probed = PROBED.get(task) or [(f"metrics.{k}", k) for k, v in sorted(first.items()) if isinstance(v, (int, float))]
     rows = []
     for name, rs in runs.items():
-        for key, label in PROBED[task]:
+        for key, label in probed:
             if all(math.isnan(pick(r, f"frame_orders.normal.{key}")) for r in rs):
                 continue
             values = [cell([pick(r, f"frame_orders.{o}.{key}") for r in rs]) for o in ORDERS]
@@ -153,4 +155,4 @@ def efficiency_table(path) -> Table:
         notes.append("Not the paper's model size: no paper numbers or checks.")
     notes += [f"GFLOPs: {data['conventions']['gflops']}.", f"Memory: {data['conventions']['memory_gb']}"
               + ("." if data["memory"] else "; not measured in this table (see the paper_figures target).")]
-    return Table(f"Efficiency of {data['model_name']} (SViTT Tables 2 and 7)", columns, rows, notes, labels=4)
+    return Table(f"Efficiency at {data['model_name']} size (SViTT Tables 2 and 7)", columns, rows, notes, labels=4)

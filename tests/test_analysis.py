@@ -47,7 +47,11 @@ def test_tables_are_regenerated_from_the_result_files(tmp_path):
             "stage2": [_write(tmp_path / "s0/stage2.json", _retrieval(30.0, 82.0))]}
     mcq = _write(tmp_path / "egoclip.json", combine({o: {"metrics": {"inter": 40.0, "intra": 25.0}} for o in
                                                      ("normal", "shuffled", "reversed")}, frames=4, seed=0))
-    args = ["--out-dir", str(tmp_path / "tables"), "--egomcq", f"egoclip={mcq}", "--retrieval"]
+    qa = _write(tmp_path / "qa.json", combine({o: {"metrics": {"accuracy": a}} for o, a in
+                                               (("normal", 41.0), ("shuffled", 40.0), ("reversed", 40.5))},
+                                              frames=4, seed=0))
+    args = ["--out-dir", str(tmp_path / "tables"), "--egomcq", f"egoclip={mcq}", "--qa", f"msrvtt_qa:stage3={qa}",
+            "--retrieval"]
     args += [f"demo:{name}={p}" for name, paths in runs.items() for p in paths]
     assert script("tables").main(args) == 0
     results = (tmp_path / "tables/results.md").read_text()
@@ -55,6 +59,7 @@ def test_tables_are_regenerated_from_the_result_files(tmp_path):
     assert "| stage2 | 82.0 | 50.0 | 50.0 |" in results  # twins: time-reversed, event-order, exact reversal
     assert "| stage2 | mean recall | 40.0 | 38.0 | 39.0 | 2.0 | 1.0 |" in results  # probing, Δ = normal - order
     assert "| egoclip | 40.0 | 25.0 |" in results
+    assert "| stage3 | 41.0 |" in results and "| stage3 | accuracy | 41.0 | 40.0 | 40.5 | 1.0 | 0.5 |" in results
     for name in ("retrieval_demo", "twins_demo", "probing_demo", "egomcq", "probing_egomcq"):
         assert (tmp_path / f"tables/{name}.html").read_text().startswith("<!DOCTYPE html>")
         assert (tmp_path / f"tables/{name}.csv").exists()
@@ -64,7 +69,10 @@ def test_every_figure_draws_from_result_files(tmp_path):
     plot = script("plot").main
     runs = [f"stage1={_write(tmp_path / f's{seed}/stage1.json', _retrieval(40.0 + seed, 60.0))}" for seed in (0, 1)]
     late = f"stage1={_write(tmp_path / 'late.json', _retrieval(38.0, 50.0))}"
+    qa = _write(tmp_path / "qa.json", combine({o: {"metrics": {"accuracy": 40.0}} for o in
+                                               ("normal", "shuffled", "reversed")}, frames=4, seed=0))
     figures = {"retrieval": ["retrieval", *runs], "probing": ["probing", *runs], "control": ["control", *runs, "--late", late],
+               "probing_qa": ["probing", "--task", "qa", f"stage3={qa}"],
                "ablation": ["ablation", runs[0].replace("stage1=", "4:single="), runs[1].replace("stage1=", "4:expansion=")]}
     points = []
     for name, settings, valid in (("edge_1_1_8", {"local_blocks": 1, "random_blocks": 1, "block_size": 8}, True),

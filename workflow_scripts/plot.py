@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("figure", choices=FIGURES)
     p.add_argument("inputs", nargs="+", metavar="NAME=PATH")
     p.add_argument("--out", required=True)
-    p.add_argument("--task", default="retrieval", choices=["retrieval", "egomcq"], help="probing: which results")
+    p.add_argument("--task", default="retrieval", help="probing: retrieval, egomcq, or any task whose results "
+                                                       "have numeric `metrics` (one panel each, e.g. qa)")
     p.add_argument("--late", nargs="*", default=[], metavar="NAME=PATH", help="control: the late-fusion results")
     p.add_argument("--kind", default="edge", choices=["edge", "keep"], help="sweep: which grid")
     p.add_argument("--reference", nargs="*", default=[], metavar="STAGE=PATH",
