@@ -4,8 +4,8 @@ inference FLOPs and training memory per clip, at any size and without a GPU.
 - Edges / S: svitt.sparsity.edge_count (appendix eq. 17-19) of the resolved model config.
 - FLOPs: torch.utils.flop_counter over one video-text pair at inference (the video encoder on one
   clip, the text encoder on one caption of `text_len` tokens, one matching score through the fusion
-  layers), run on the meta device: shapes only, so BEiT-B at 16 frames counts in about a second
-  on a CPU. FLOPs are 2 x multiply-adds, as the counter reports them.
+  layers), run on the meta device: shapes only, so BEiT-B at 16 frames counts in seconds on a CPU.
+  FLOPs are 2 x multiply-adds, as the counter reports them.
 - Training memory per clip: the bytes of tensors alive at the peak of one fp32 training step
   (VTC, VTM with one negative per side, MLM: the computation of SViTT.forward), counted on the
   meta device by tracking every storage from its creation to its release; per clip = peak at
@@ -19,9 +19,9 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from svitt import losses
@@ -34,7 +34,7 @@ PAPER_MULTIMODAL_KEEP = 0.1  # q_m (Table 7)
 # Published numbers the full-size table is checked against.
 TABLE7 = {4: {"edges_m": 1.48, "sparsity": 0.80}, 8: {"edges_m": 2.60, "sparsity": 0.91},
           16: {"edges_m": 4.61, "sparsity": 0.96}}  # hybrid, (1, 3, 56), q_m = 0.1
-TABLE2 = {  # (frames, mode): (inference GFLOPs, training memory GB per clip); None: untrainable
+TABLE2 = {  # (frames, mode): (inference GFLOPs, training memory GB per sample)
     (4, "dense"): (139.9, 0.96), (4, "edge"): (135.9, 0.80), (4, "node"): (95.8, 0.61), (4, "hybrid"): (93.9, 0.54),
     (8, "dense"): (291.3, 3.14), (8, "edge"): (271.8, 1.57), (8, "node"): (197.6, 1.77), (8, "hybrid"): (166.4, 0.92),
     (16, "dense"): (627.8, 10.66), (16, "edge"): (543.6, 3.02), (16, "node"): (370.9, 4.39),
