@@ -23,6 +23,13 @@ def retrieval_runs(dataset_name, stages=None):
     }
 
 
+def probed(task):
+    """Whether the task's evaluations run more than one frame order (the library's default: all
+    three; svitt.evaluation.probing)."""
+    orders = (config["evaluation"].get(task) or {}).get("frame_orders")
+    return orders is None or len(orders) > 1
+
+
 def egomcq_runs():
     return {s: results_of(f"results/eval/egomcq/{s}.json") for s in all_stages()}
 
@@ -112,9 +119,10 @@ def analysis_outputs():
     """What `all` builds beside the models and evaluations."""
     figures = ["training_curves", "sparsity", "efficiency"]
     figures += [f"retrieval_{d}" for d in RETRIEVAL_DATASETS]
-    figures += [f"probing_{d}" for d in RETRIEVAL_DATASETS]
+    if probed("retrieval"):
+        figures += [f"probing_{d}" for d in RETRIEVAL_DATASETS]
     if config["evaluation"].get("egomcq"):
-        figures += ["egomcq", "probing_egomcq"]
+        figures += ["egomcq"] + (["probing_egomcq"] if probed("egomcq") else [])
     if ANALYSIS.get("pruning_maps"):
         figures.append("pruning_maps")
     out = [f"results/figures/{f}.png" for f in figures] + sweep_figures("sweep", "")

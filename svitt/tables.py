@@ -102,6 +102,11 @@ def qa_table(results: dict, dataset: str) -> Table:
                  _rows(runs, [f"metrics.{k}" for k in keys]), [_seeds(runs)])
 
 
+def probed(results: dict) -> bool:
+    """Whether every result file holds more than one frame order (svitt.evaluation.probing)."""
+    return all(len(r.get("frame_orders", {})) > 1 for rs in load_runs(results).values() for r in rs)
+
+
 PROBED = {"retrieval": [("metrics.t2v_mean", "mean recall"), ("twins.time_reversed", "time-reversed twins"),
                         ("twins.event_order", "event-order twins")],
           "egomcq": [("metrics.inter", "inter-video"), ("metrics.intra", "intra-video")]}

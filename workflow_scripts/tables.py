@@ -10,7 +10,8 @@ the README's results section), regenerated from the result files.
 
 NAME=PATH may repeat a NAME (one file per seed): cells show the mean and each value. Writes
 <out-dir>/<table>.{md,html,csv} for retrieval_<dataset>, twins_<dataset>, probing_<dataset>,
-qa_<dataset>, probing_qa_<dataset>, egomcq, probing_egomcq, efficiency (each when its results are given).
+qa_<dataset>, probing_qa_<dataset>, egomcq, probing_egomcq, efficiency (each when its results are given;
+the probing tables when the results hold more than one frame order).
 """
 from __future__ import annotations
 
@@ -58,13 +59,16 @@ def main(argv=None) -> int:
     for dataset, results in grouped(args.retrieval).items():
         built[f"retrieval_{dataset}"] = tables.retrieval_table(results, dataset)
         built[f"twins_{dataset}"] = tables.twins_table(results, dataset)
-        built[f"probing_{dataset}"] = tables.probing_table(results, "retrieval", dataset)
+        if tables.probed(results):
+            built[f"probing_{dataset}"] = tables.probing_table(results, "retrieval", dataset)
     for dataset, results in grouped(args.qa).items():
         built[f"qa_{dataset}"] = tables.qa_table(results, dataset)
-        built[f"probing_qa_{dataset}"] = tables.probing_table(results, "qa", dataset)
+        if tables.probed(results):
+            built[f"probing_qa_{dataset}"] = tables.probing_table(results, "qa", dataset)
     if args.egomcq:
         built["egomcq"] = tables.egomcq_table(named(args.egomcq))
-        built["probing_egomcq"] = tables.probing_table(named(args.egomcq), "egomcq", "EgoMCQ")
+        if tables.probed(named(args.egomcq)):
+            built["probing_egomcq"] = tables.probing_table(named(args.egomcq), "egomcq", "EgoMCQ")
     if args.efficiency:
         built["efficiency"] = tables.efficiency_table(args.efficiency)
     if not built:
