@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo demo-seeds demo-figures test clean-demo
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all
+
+demo-seeds: install  # the demo over seeds 0 and 1 (configs/demo_seeds.yaml)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all --configfile configs/demo_seeds.yaml
+
+demo-figures: install  # + the late-fusion control, the full sweep grid, training memory
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all paper_figures
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

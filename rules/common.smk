@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)  # svitt.stages: the torch-free stage resol
 from svitt.stages import (  # noqa: E402
     all_stage_names,
     configured_stages,
+    with_control,
     section_names,
     split_variant,
     stage_config,
@@ -121,12 +122,13 @@ def demo_file(path):
 
 # ------------------------------------------------------------------------------------- pretrain
 
-PRETRAIN = config["pretrain"]
-STAGES = configured_stages(PRETRAIN)  # name -> stage (curriculum, egoclip, extra, ablation)
+PRETRAIN = with_control(config)  # pretrain with the derived "control" section (analysis.control)
+STAGES = configured_stages(PRETRAIN)  # name -> stage (curriculum, egoclip, extra, ablation, control)
 CURRICULUM = section_names(PRETRAIN, "curriculum")
 EGO_STAGES = section_names(PRETRAIN, "egoclip")
 EXTRA_STAGES = section_names(PRETRAIN, "extra")
 ABLATION_STAGES = section_names(PRETRAIN, "ablation")
+CONTROL_STAGES = section_names(PRETRAIN, "control")
 SEEDS = PRETRAIN["seeds"]
 ALL_STAGE_NAMES = all_stage_names(PRETRAIN)
 
@@ -316,15 +318,9 @@ def result_files(stages, ego_stages):
 
 
 def final_outputs():
-    """What `all` builds: every stage model, every result file, every figure."""
-    figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
-    figures += [
-        f"results/figures/retrieval_{d}.png"
-        for d in config["evaluation"]["retrieval"]["datasets"]
-    ]
-    if config["evaluation"].get("egomcq"):
-        figures.append("results/figures/egomcq.png")
-    return result_files(eval_stages(), EGO_STAGES) + figures + nlq_outputs()
+    """What `all` builds: every stage model and result file, the figures and tables
+    (rules/analysis_common.smk lists them) and the NLQ outputs."""
+    return result_files(eval_stages(), EGO_STAGES) + analysis_outputs() + nlq_outputs()
 
 
 def seed_outputs():

@@ -104,7 +104,7 @@ if config["evaluation"].get("nlq"):
         benchmark:
             "logs/nlq_features/{stage}.benchmark.tsv"
         wildcard_constraints:
-            stage="|".join(STAGES),
+            stage="|".join(ALL_STAGE_NAMES),
         conda:
             "../envs/svitt.yaml"
         threads: 2
@@ -136,7 +136,7 @@ if config["evaluation"].get("nlq"):
         benchmark:
             "logs/nlq/{stage}.benchmark.tsv"
         wildcard_constraints:
-            stage="|".join(STAGES),
+            stage="|".join(ALL_STAGE_NAMES),
         conda:
             "../envs/svitt.yaml"
         threads: 1

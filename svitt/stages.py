@@ -7,11 +7,14 @@ tests call it directly.
     pretrain.egoclip      SViTT-Ego stage(s) on EgoClip with EgoNCE (null, a stage or a list)
     pretrain.extra        further stages built by `all` beside the chain, e.g. the late-fusion control
     pretrain.ablation     stages built by the `ablation` target only (Table 3's single-stage runs)
+    analysis.control      derived section "control": an order-blind twin `<stage>_<temporal>` of
+                          each listed curriculum stage (same settings and steps, video.temporal
+                          replaced, started from its init's twin)
     pretrain.seeds        extra seeds: every stage also exists as `<stage>-seed<k>` for k in seeds,
                           trained with seed k and started from its init's seed-k variant
 
-A stage sets the sparsity vocabulary at its top level (frames, local_blocks, random_blocks,
-block_size, visual_keep, prune_layers, multimodal_keep, multimodal_prune_layers), any other model
+A stage sets the sparsity vocabulary at its top level (frames, temporal, local_blocks,
+random_blocks, block_size, visual_keep, prune_layers, multimodal_keep, multimodal_prune_layers), any other model
 key under `model: {video: {...}, text: {...}}`, and optimisation keys over pretrain.defaults
 (`data` merges key by key, everything else replaces).
 """
@@ -23,12 +26,12 @@ import re
 # Stage keys that override the model section: key -> model.video / model.text.
 VOCABULARY = {
     "frames": "video", "local_blocks": "video", "random_blocks": "video", "block_size": "video",
-    "visual_keep": "video", "prune_layers": "video",
+    "visual_keep": "video", "prune_layers": "video", "temporal": "video",
     "multimodal_keep": "text", "multimodal_prune_layers": "text",
 }
 STAGE_ONLY_KEYS = ("name", "init", "dataset", "model")
 DEFAULT_DATASET = "webvid"
-SECTIONS = ("curriculum", "egoclip", "extra", "ablation")
+SECTIONS = ("curriculum", "egoclip", "extra", "ablation", "control")  # control: derived (with_control)
 _VARIANT = re.compile(r"^(?P<base>[A-Za-z0-9_]+)-seed(?P<seed>\d+)$")
 
 
@@ -36,6 +39,35 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, list) else [value]
+
+
+def control_stages(pretrain: dict, control: dict | None) -> list[dict]:
+    """analysis.control -> the twin of each listed curriculum stage, `<name>_<temporal>`."""
+    if not control:
+        return []
+    curriculum = {s["name"]: s for s in _as_list(pretrain.get("curriculum"))}
+    names, suffix = list(control["stages"]), f"_{control.get('temporal', 'late')}"
+    unknown = sorted(set(names) - set(curriculum))
+    if unknown:
+        raise ValueError(f"analysis.control.stages {unknown} are not curriculum stages (have {sorted(curriculum)})")
+    twins = []
+    for name in names:
+        twin = {**copy.deepcopy(curriculum[name]), "name": name + suffix, "temporal": suffix[1:]}
+        init = curriculum[name].get("init")
+        if init:
+            if init not in names:
+                raise ValueError(f"analysis.control.stages has {name!r} but not its init {init!r}: "
+                                 f"list the whole chain (have {names})")
+            twin["init"] = init + suffix
+        twins.append(twin)
+    return twins
+
+
+def with_control(config: dict) -> dict:
+    """config["pretrain"] with the derived "control" section (analysis.control) filled in."""
+    pretrain = dict(config["pretrain"])
+    pretrain["control"] = control_stages(pretrain, (config.get("analysis") or {}).get("control"))
+    return pretrain
 
 
 def configured_stages(pretrain: dict) -> dict[str, dict]:
@@ -115,7 +147,7 @@ def over_defaults(defaults: dict, stage: dict) -> dict:
 def stage_config(config: dict, name: str) -> dict:
     """The config svitt.train reads for one stage (variant): the model with the stage's
     overrides, the stage's optimisation settings over pretrain.defaults, and the seed."""
-    pretrain = config["pretrain"]
+    pretrain = with_control(config)
     stage, seed = _stage(pretrain, name)
     model = copy.deepcopy(config["model"])
     for part, overrides in stage.get("model", {}).items():

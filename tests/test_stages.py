@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from svitt.stages import all_stage_names, configured_stages, stage_config, stage_init, split_variant
+from svitt.stages import all_stage_names, configured_stages, split_variant, stage_config, stage_init, with_control
 
 CONFIG = {
     "datasets": {"webvid": {}, "egoclip": {"clips": "egoclip"}},
@@ -77,3 +77,22 @@ def test_the_workflow_can_import_it_without_torch():
 
     code = "import sys, svitt.stages; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_control_twins_copy_each_curriculum_stage_with_late_fusion():
+    config = {**CONFIG, "analysis": {"control": {"temporal": "late", "stages": ["stage1", "stage2"]}}}
+    twin, stage = stage_config(config, "stage2_late"), stage_config(config, "stage2")
+    assert twin["model"]["video"] == {**stage["model"]["video"], "temporal": "late"}
+    assert {k: v for k, v in twin.items() if k not in ("name", "model")} == \
+        {k: v for k, v in stage.items() if k not in ("name", "model")}  # same steps and optimisation
+    assert stage_init(with_control(config), "stage2_late") == "stage1_late"
+    assert stage_init(with_control(config), "stage2_late-seed1") == "stage1_late-seed1"
+    assert "stage1_late" not in configured_stages(CONFIG["pretrain"])  # only with analysis.control
+
+
+@pytest.mark.parametrize("stages,match", [(["stage2"], "but not its init 'stage1'"),
+                                          (["stage9"], r"\['stage9'\] are not curriculum stages")])
+def test_a_control_of_a_broken_chain_is_an_error(stages, match):
+    config = {**CONFIG, "analysis": {"control": {"temporal": "late", "stages": stages}}}
+    with pytest.raises(ValueError, match=match):
+        with_control(config)

@@ -69,9 +69,10 @@ def test_a_stage_trains_and_exports_model_and_metrics(reference):
 
 
 def test_training_reduces_the_loss_on_a_small_set(pipeline, tmp_path):
-    train(stage(epochs=10, checkpoint_every=100), data(pipeline), tmp_path, progress=False)
+    # 40 steps: the MLM term starts at ln(vocab), and the demo vocabulary grows with the corpus
+    train(stage(epochs=20, checkpoint_every=100), data(pipeline), tmp_path, progress=False)
     steps = losses(tmp_path)
-    first, last = steps[1], sum(steps[s] for s in range(18, 21)) / 3
+    first, last = steps[1], sum(steps[s] for s in range(38, 41)) / 3
     assert last < 0.8 * first
 
 

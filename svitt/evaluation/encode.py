@@ -1,9 +1,49 @@
-"""The one embedding path of every evaluation: videos, texts, matching scores (torch)."""
+"""The one embedding path of every evaluation: videos, texts, matching scores (torch).
+
+Every video reaches the model through `encode_clips`, which can present its frames in another
+order (temporal probing, SViTT Table 14): "normal" (as sampled), "reversed", or "shuffled" by one
+fixed permutation drawn from a seed (the same for every clip of that length, recorded in results).
+"""
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+FRAME_ORDERS = ("normal", "shuffled", "reversed")
+
+
+def frame_permutation(frames: int, order: str, seed: int = 0) -> list[int]:
+    """Indices of the frames of a `frames`-frame clip in `order`.
+
+    shuffled: a permutation drawn from `seed`, redrawn while it is the identity or the reversal
+    (possible from 3 frames on; with 2 frames the only shuffle is the reversal)."""
+    if order not in FRAME_ORDERS:
+        raise ValueError(f"frame order must be one of {FRAME_ORDERS}, got {order!r}")
+    identity, reverse = list(range(frames)), list(range(frames))[::-1]
+    if order == "normal":
+        return identity
+    if order == "reversed" or frames < 3:
+        return reverse
+    generator = torch.Generator().manual_seed(int(seed))
+    while True:
+        perm = torch.randperm(frames, generator=generator).tolist()
+        if perm not in (identity, reverse):
+            return perm
+
+
+def reorder_frames(video: torch.Tensor, order: str, seed: int = 0) -> torch.Tensor:
+    """video [..., T, C, H, W] with its frames (dim -4) in `order`."""
+    if order == "normal":
+        return video
+    index = torch.tensor(frame_permutation(video.shape[-4], order, seed), device=video.device)
+    return video.index_select(video.dim() - 4, index)
+
+
+def encode_clips(model, video: torch.Tensor, frame_order: str = "normal", seed: int = 0):
+    """model.encode_video of clips [B, T, 3, H, W] with their frames in `frame_order`:
+    (tokens [B, 1 + N', D], emb [B, E])."""
+    return model.encode_video(reorder_frames(video, frame_order, seed))
 
 
 def video_loader(dataset, batch_size: int, num_workers: int):
@@ -11,13 +51,14 @@ def video_loader(dataset, batch_size: int, num_workers: int):
 
 
 def embed_videos(model, dataset, batch_size: int = 16, num_workers: int = 0, device="cpu",
-                 keep_tokens: bool = False, progress: bool = True):
+                 keep_tokens: bool = False, progress: bool = True, frame_order: str = "normal",
+                 shuffle_seed: int = 0):
     """Video embeddings [Nv, E] (and, with keep_tokens, the fusion tokens [Nv, 1 + N', D])."""
     embs, tokens = [], []
     with torch.no_grad():
-        for batch in tqdm(video_loader(dataset, batch_size, num_workers), desc="videos",
+        for batch in tqdm(video_loader(dataset, batch_size, num_workers), desc=f"videos ({frame_order})",
                           disable=not progress):
-            tok, emb = model.encode_video(batch["video"].to(device))
+            tok, emb = encode_clips(model, batch["video"].to(device), frame_order, shuffle_seed)
             embs.append(emb.float().cpu())
             if keep_tokens:
                 tokens.append(tok.float().cpu())

@@ -209,8 +209,9 @@ def twin_accuracy(sim, pairs) -> dict[str, float]:
     sim: [num_videos, num_videos], sim[v, w] = score of video v with the caption of video w;
     pairs: [(a, b, kind)] video indices of twins, kind e.g. "reverse" (time-reversed twins: same
     frames in reverse order) or "order" (the same two events in the other order). Each pair gives
-    two decisions (a between captions a and b, and b likewise); ties count as wrong, so a model
-    blind to frame order scores 0% on exact ties and ~50% otherwise.
+    two decisions (a between captions a and b, and b likewise); ties count as wrong.
+    A model whose video embeddings of a and b are identical gets exactly one of a pair's two
+    decisions right (sim[a, .] == sim[b, .]), or none when the two captions also tie: 50% at most.
     Returns {kind: accuracy} for each kind present.
     """
     sim = _to_numpy(sim, "sim").astype(np.float64)
@@ -272,3 +273,31 @@ def nlq_recall(predictions, ground_truth, ks=NLQ_KS, ious=NLQ_IOUS) -> dict[str,
     out = {f"r{k}_iou{iou:g}": float(100.0 * found[k, iou].mean()) for iou in ious for k in ks}
     out["miou"] = float(100.0 * best3.mean())
     return out
+
+
+def reversal_twin_accuracy(normal, reversed_, pairs) -> float:
+    """Time-reversed twins against the exact reversal of each clip's own frames, in percent.
+
+    normal[v, w] / reversed_[v, w]: score of video v's frames as sampled / in reverse order with
+    the caption of video w; pairs: [(a, b, kind)], only kind "reverse" is used. Four decisions per
+    pair: clip a prefers caption a over b, reversed clip a prefers caption b over a, and likewise
+    for b; ties count as wrong. Unlike `twin_accuracy` on the twin's own file (re-encoded by the
+    video codec and sampled at other stored frames), the reversed clip holds exactly the same
+    frames: a model blind to frame order has reversed_ == normal, so of each clip's two decisions
+    exactly one is right (none on a caption tie), and it scores 50% by construction.
+    """
+    normal = _to_numpy(normal, "normal").astype(np.float64)
+    reversed_ = _to_numpy(reversed_, "reversed_").astype(np.float64)
+    if normal.shape != reversed_.shape:
+        raise ValueError(f"normal {normal.shape} and reversed_ {reversed_.shape} score matrices differ in shape")
+    _check_finite(normal, "normal")
+    _check_finite(reversed_, "reversed_")
+    hits = []
+    for a, b, kind in pairs:
+        if kind != "reverse":
+            continue
+        for v, w in ((a, b), (b, a)):
+            hits += [normal[v, v] > normal[v, w], reversed_[v, w] > reversed_[v, v]]
+    if not hits:
+        raise ValueError("no time-reversed ('reverse') pairs to score")
+    return float(100.0 * np.mean(hits))

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from svitt.evaluation.encode import embed_texts, embed_videos, vtm_scores
+from svitt.evaluation.encode import FRAME_ORDERS, embed_texts, embed_videos, vtm_scores
 from svitt.evaluation.metrics import (RERANK_CONVENTIONS, TWIN_NAMES, rerank_candidates, rerank_metrics,
-                                      retrieval_metrics, twin_accuracy)
+                                      retrieval_metrics, reversal_twin_accuracy, twin_accuracy)
+from svitt.evaluation.probing import combine, over_frame_orders
 
 # evaluation.retrieval defaults; vtm_score: svitt.models.svitt.VTM_SCORES
-SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32, "vtm_score": "log_odds"}
+SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32, "vtm_score": "log_odds",
+            "frame_orders": list(FRAME_ORDERS), "shuffle_seed": 0}
 
 
 def build_dataset(shards, annotations, frames: int, transform):
@@ -18,34 +20,58 @@ def build_dataset(shards, annotations, frames: int, transform):
 
 
 def run(model, dataset, collator, settings: dict, device="cpu", progress: bool = True) -> dict:
+    """Retrieval under each of settings["frame_orders"] (svitt.evaluation.probing); with the
+    reversed order and time-reversed twins also `twins_exact_reversal` (per head, itc / vtm)."""
     settings = {**SETTINGS, **settings}
-    return evaluate_retrieval(model, dataset, collator, batch_size=settings["batch_size"],
-                              rerank_k=settings["rerank_k"], vtm_score=settings["vtm_score"], device=device,
-                              progress=progress)
+    seed = settings["shuffle_seed"]
+
+    def one_order(order):
+        return _retrieval_pass(model, dataset, collator, settings["batch_size"], settings["rerank_k"],
+                               device=device, progress=progress, frame_order=order, shuffle_seed=seed,
+                               vtm_score=settings["vtm_score"])
+
+    passes = over_frame_orders(model, settings["frame_orders"], one_order)
+    results = {order: result for order, (result, _) in passes.items()}
+    if "reversed" in passes and any(kind == "reverse" for *_, kind in dataset.twin_pairs):
+        normal, reversed_ = passes["normal"][1], passes["reversed"][1]
+        results["normal"]["twins_exact_reversal"] = {
+            head: reversal_twin_accuracy(normal[head], reversed_[head], dataset.twin_pairs) for head in normal}
+    return combine(results, model.video_encoder.cfg["frames"], seed)
 
 
 def evaluate_retrieval(model, dataset, collator, batch_size: int = 16, rerank_k: int = 16,
                        num_workers: int = 0, device="cpu", progress: bool = True,
-                       vtm_score: str = "log_odds") -> dict:
+                       frame_order: str = "normal", shuffle_seed: int = 0, vtm_score: str = "log_odds") -> dict:
     """Retrieval of a RetrievalDataset: recall from the contrastive similarity (`metrics`) and
     after re-ranking each side's top-k by the matching head (`metrics_vtm`, Singularity's
     protocol: svitt.evaluation.metrics.rerank_metrics), plus temporal twin accuracy when the
-    annotation defines twins (`twins` by contrastive score, `twins_vtm` by matching score)."""
+    annotation defines twins (`twins` by contrastive score, `twins_vtm` by matching score).
+    frame_order: the order the model sees each clip's frames in (encode.FRAME_ORDERS)."""
+    return _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers, device,
+                           progress, frame_order, shuffle_seed, vtm_score)[0]
+
+
+def _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers=0, device="cpu",
+                    progress=True, frame_order="normal", shuffle_seed=0, vtm_score="log_odds"):
+    """One evaluation -> (result, {head: twin score matrix [Nv, Nv]} with video v's score for the
+    caption of video w; empty without twins)."""
     model = model.to(device).eval()
     video_emb, video_tokens = embed_videos(model, dataset, batch_size, num_workers, device,
-                                           keep_tokens=rerank_k > 0, progress=progress)
+                                           keep_tokens=rerank_k > 0, progress=progress,
+                                           frame_order=frame_order, shuffle_seed=shuffle_seed)
     text_emb, text_hidden, text_mask = embed_texts(model, collator, dataset.texts, device=device)
     sim = text_emb @ video_emb.T  # [Nt, Nv]
     metrics = retrieval_metrics(sim, dataset.text_to_video)
     metrics["r_mean"] = (metrics["t2v_mean"] + metrics["v2t_mean"]) / 2
     result = {"num_videos": len(dataset), "num_texts": len(dataset.texts),
-              "chance_r1": 100.0 / len(dataset), "metrics": metrics}
+              "chance_r1": 100.0 / len(dataset), "metrics": metrics, "frame_order": frame_order}
     first_text = [texts[0] for texts in dataset.video_to_texts]
     pairs_by_kind = dataset.twin_pairs
+    twin_scores = {}
     if pairs_by_kind:
-        video_by_caption = sim[first_text].T  # [Nv, Nv]: video v with caption of video w
+        twin_scores["itc"] = sim[first_text].T  # [Nv, Nv]: video v with caption of video w
         result["twins"] = {TWIN_NAMES.get(k, k): v for k, v in
-                           twin_accuracy(video_by_caption, pairs_by_kind).items()}
+                           twin_accuracy(twin_scores["itc"], pairs_by_kind).items()}
     if rerank_k > 0:
         score = lambda pairs: vtm_scores(model, text_hidden, text_mask, video_tokens, pairs,  # noqa: E731
                                          device=device, kind=vtm_score)
@@ -61,6 +87,7 @@ def evaluate_retrieval(model, dataset, collator, batch_size: int = 16, rerank_k:
             matrix = torch.full((len(dataset), len(dataset)), float("nan"))
             for (t, w), s in zip(twin_pairs, twin):
                 matrix[w, dataset.text_to_video[t]] = s
+            twin_scores["vtm"] = torch.nan_to_num(matrix, nan=0.0)
             result["twins_vtm"] = {TWIN_NAMES.get(k, k): v for k, v in
-                                   twin_accuracy(torch.nan_to_num(matrix, nan=0.0), pairs_by_kind).items()}
-    return result
+                                   twin_accuracy(twin_scores["vtm"], pairs_by_kind).items()}
+    return result, twin_scores

@@ -18,6 +18,8 @@ query is one dense row in every kernel, so cls_attn never needs an N x N matrix.
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 from dataclasses import dataclass
 
@@ -275,6 +277,14 @@ class _Split:
         return torch.cat([self.cls[:, None], self.regional.view(bh, -1, d)[:, : n - 1]], 1).view(b, -1, n, d)
 
 
+def _no_autocast(device_type: str):
+    """Autocast off inside the kernel (it picks its own compute dtype); the meta device, where
+    svitt.efficiency counts FLOPs and memory, has no autocast to turn off."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     """(q, k, v [B, H, N, d], table, plan) -> (out [B, H, N, d], CLS probabilities [B, H, N]).
 
@@ -286,7 +296,7 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, plan: _Plan):
-        with torch.autocast(q.device.type, enabled=False):
+        with _no_autocast(q.device.type):
             b, h, n, d = q.shape
             dtype = _compute_dtype(q.dtype)
             qs, ks, vs = (_Split(x, plan, dtype) for x in (q, k, v))
@@ -312,7 +322,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         plan, want_table = ctx.plan, ctx.needs_input_grad[3]
         qs, ks, vs = (_Split(None, plan, None, c, r) for c, r in
                       ((q_cls, q_reg), (k_cls, k_reg), (v_cls, v_reg)))
-        with torch.autocast(q_reg.device.type, enabled=False):
+        with _no_autocast(q_reg.device.type):
             b, h, n, d = out.shape
             dtype = q_reg.dtype
             columns = _table_columns(table, dtype)

@@ -5,6 +5,9 @@ parameter names) with the two SViTT sparsities: edge sparsity inside attention
 (svitt.models.sparse_attention) and node sparsity after the layers listed in `prune_layers`
 (svitt.models.token_pruning). Image weights load through `load_image_weights`, which inflates the
 2D bias tables over time and the patch embedding over tubelets (svitt.models.weights).
+
+`temporal: late` is the order-blind control (Singularity-style late fusion): the same image
+encoder runs on each frame alone and the frames' CLS states are mean-pooled over time.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ VIDEO_PRESETS = {
                  tubelet_frames=2, prune_layers=[2, 3], layer_scale_init=None, init_std=0.1),
 }
 
+TEMPORAL = ("joint", "late")
+
 VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
     preset=None,  # "beit_base" or "tiny": a set of the keys below; explicit keys override it
     frames=4,  # clip length T; video inputs are [B, T, 3, H, W]
@@ -51,6 +56,7 @@ VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
     attention_kernel="auto",  # auto (flex on CUDA, else gather) | gather | flex | dense | reference
     grad_checkpointing=False,  # recompute block activations in backward (less memory)
     seed=0,  # of the random-block generator (edge sparsity)
+    temporal="joint",  # joint: one sequence over the clip | late: each frame alone, CLS mean-pooled (order-blind control)
     init_std=0.02,  # BEiT's; from-scratch tiny models train faster with more
 )
 
@@ -107,8 +113,19 @@ def resolve_video_config(cfg: dict) -> dict:
     if cfg["attention_kernel"] not in KERNELS:
         raise ValueError(f"video.attention_kernel must be one of {KERNELS}, "
                          f"got {cfg['attention_kernel']!r}")
+    if cfg["temporal"] not in TEMPORAL:
+        raise ValueError(f"video.temporal must be one of {TEMPORAL}, got {cfg['temporal']!r}")
     _keep_rates(cfg)
     return cfg
+
+
+def canonical_frame_order(video: torch.Tensor) -> torch.Tensor:
+    """[B, T, C, H, W] -> [B, T] frame indices sorted by a content key (a position-weighted pixel
+    sum accumulated in float64, so translated copies differ), identical for any reordering of
+    the frames."""
+    flat = video.detach().flatten(2)
+    weight = torch.arange(1, flat.shape[2] + 1, dtype=flat.dtype, device=flat.device) / flat.shape[2]
+    return (flat * weight).sum(-1, dtype=torch.float64).argsort(dim=1, stable=True)
 
 
 class PatchEmbed(nn.Module):
@@ -222,13 +239,14 @@ class VideoEncoder(nn.Module):
         cfg = resolve_video_config(cfg)
         self.cfg = cfg
         p = cfg["patch_size"]
-        self.grid = (cfg["frames"] // cfg["tubelet_frames"], cfg["image_size"] // p,
-                     cfg["image_size"] // p)
+        # late fusion: every sequence is one frame (a static tubelet), so the grid has one time step
+        slots = 1 if cfg["temporal"] == "late" else cfg["frames"] // cfg["tubelet_frames"]
+        self.grid = (slots, cfg["image_size"] // p, cfg["image_size"] // p)
         self.width = cfg["width"]
         self.patch_embed = PatchEmbed(p, cfg["tubelet_frames"], cfg["in_chans"], cfg["width"])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg["width"]))
         keep = _keep_rates(cfg)
-        rates = torch.linspace(0, cfg["drop_path"], cfg["depth"]).tolist()
+        rates = torch.linspace(0, cfg["drop_path"], cfg["depth"], device="cpu").tolist()  # CPU: also under a meta default device
         self.blocks = nn.ModuleList(
             Block(cfg, self.grid, rates[i], keep.get(i + 1, 1.0)) for i in range(cfg["depth"]))
         self.norm = nn.LayerNorm(cfg["width"], eps=1e-6)
@@ -275,8 +293,17 @@ class VideoEncoder(nn.Module):
 
     def forward(self, video: torch.Tensor, return_positions: bool = False):
         """video [B, T, C, H, W] -> hidden [B, 1 + N', D]; with return_positions also the kept
-        tokens' positions [B or 1, N'] (p = t H' W' + h W' + w on the tubelet grid)."""
+        tokens' positions [B or 1, N'] (p = t H' W' + h W' + w on the tubelet grid; late fusion:
+        on the (T, H', W') frame grid)."""
         self.check_input(video)
+        if self.cfg["temporal"] == "late":
+            x, pos = self._forward_late(video)
+        else:
+            x, pos = self._encode(video)
+        return (x, pos) if return_positions else x
+
+    def _encode(self, video: torch.Tensor):
+        """[B, T, C, H, W] sequences on self.grid -> (hidden [B, 1 + N', D], positions [B or 1, N'])."""
         x = self.patch_embed(video)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         pos = token_positions(self.grid, x.device)[None]  # shared until the first pruning
@@ -287,7 +314,25 @@ class VideoEncoder(nn.Module):
                 x, pos = checkpoint(block, x, pos, layout, kernel, use_reentrant=False)
             else:
                 x, pos = block(x, pos, layout, kernel)
-        return (x, pos) if return_positions else x
+        return x, pos
+
+    def _forward_late(self, video: torch.Tensor):
+        """Late fusion: each frame alone (repeated over a tubelet, a static clip), CLS states
+        mean-pooled over time, the frames' tokens concatenated for the fusion layers.
+
+        Frames are encoded in a canonical order (sorted by content), so the output is a function
+        of the set of frames bit for bit: reversing or shuffling a clip changes nothing, not even
+        the float rounding of the mean (whose sum depends on the order of its terms)."""
+        b, t = video.shape[:2]
+        order = canonical_frame_order(video)  # [B, T]
+        frames = torch.gather(video, 1, order.view(b, t, 1, 1, 1).expand_as(video))
+        tubelet = self.cfg["tubelet_frames"]
+        x, pos = self._encode(frames.reshape(b * t, 1, *video.shape[2:]).expand(-1, tubelet, -1, -1, -1))
+        x = x.view(b, t, x.shape[1], x.shape[2])
+        hidden = torch.cat([x[:, :, 0].mean(1, keepdim=True), x[:, :, 1:].flatten(1, 2)], dim=1)
+        per_frame = self.grid[1] * self.grid[2]
+        pos = pos.expand(b * t, -1).view(b, t, -1) + order[:, :, None] * per_frame  # original frame index
+        return hidden, pos.flatten(1)
 
     def load_image_weights(self, state_dict: dict, strict: bool = True):
         """Load 2D BEiT weights (timm or HF layout), inflated to this clip geometry."""
