@@ -10,7 +10,7 @@ from svitt.evaluation.metrics import egomcq_accuracy
 SETTINGS = {"frames": 4, "text_len": 32}  # SViTT-Ego evaluates EgoMCQ with 4 frames
 
 
-def build_dataset(shards, annotations, frames: int, transform):
+def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None):
     from svitt.data.datasets import EgoMCQDataset
 
     return EgoMCQDataset(shards, annotations, frames, transform)

@@ -6,13 +6,15 @@ import torch
 from svitt.evaluation.encode import embed_texts, embed_videos, vtm_scores
 from svitt.evaluation.metrics import TWIN_NAMES, retrieval_metrics, twin_accuracy
 
-SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32}  # evaluation.retrieval defaults
+# evaluation.retrieval defaults; paragraph: a caption list is one text (DiDeMo)
+SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32, "paragraph": False}
 
 
-def build_dataset(shards, annotations, frames: int, transform):
+def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None):
     from svitt.data.datasets import RetrievalDataset
 
-    return RetrievalDataset(shards, annotations, frames, transform)
+    settings = {**SETTINGS, **(settings or {})}
+    return RetrievalDataset(shards, annotations, frames, transform, paragraph=settings["paragraph"])
 
 
 def run(model, dataset, collator, settings: dict, device="cpu", progress: bool = True) -> dict:
