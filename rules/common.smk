@@ -240,6 +240,104 @@ def eval_settings(task):
     return canonical(config["evaluation"][task])
 
 
+# ------------------------------------------------------------------- finetuning, per-dataset settings
+
+DATASET_TEXT_KEYS = ("text_len", "paragraph")  # a dataset's texts, for every task on it
+FINETUNE = config["finetune"]
+FINETUNE_TASKS = [t for t in ("retrieval", "qa") if FINETUNE.get(t)]
+
+
+def by_name(entries):
+    """A list of names or {name: ..., settings} -> {name: settings}, in list order."""
+    out = {}
+    for entry in entries:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        out[entry.pop("name")] = entry
+    return out
+
+
+def dataset_text_settings(name):
+    return {k: v for k, v in dataset(name).items() if k in DATASET_TEXT_KEYS}
+
+
+def retrieval_eval_settings(name):
+    """One retrieval evaluation's settings: evaluation.retrieval's, the dataset's text settings,
+    then its own entry of evaluation.retrieval.datasets (only these: adding a dataset reruns no
+    other). Finetuned models are evaluated the same way."""
+    section = config["evaluation"]["retrieval"]
+    settings = {k: v for k, v in section.items() if k != "datasets"}
+    settings.update(dataset_text_settings(name))
+    settings.update(by_name(section["datasets"]).get(name, {}))
+    return settings
+
+
+def retrieval_datasets():
+    return list(by_name(config["evaluation"]["retrieval"]["datasets"]))
+
+
+def finetune_pairs(task):
+    """(dataset, stage) of every finetuning job of a task."""
+    if task not in FINETUNE_TASKS:
+        return []
+    section = FINETUNE[task]
+    return [(d, s) for d in by_name(section["datasets"]) for s in by_name(section["stages"])]
+
+
+def _check_finetune():
+    for task in FINETUNE_TASKS:
+        for name, stage in finetune_pairs(task):
+            if stage not in STAGES:
+                raise ValueError(f"finetune.{task}.stages names {stage!r}, which is not a pretraining stage "
+                                 f"(have {sorted(STAGES)})")
+            needed = ["train_annotations"] + (["answer_list"] if task == "qa" else [])
+            missing = [key for key in needed if key not in dataset(name)]
+            if missing:
+                raise ValueError(f"finetune.{task}.datasets names {name!r}, whose entry under `datasets` has no "
+                                 f"{missing[0]} (a {task} finetuning job needs {needed})")
+
+
+_check_finetune()
+
+
+def finetune_settings(task, name, stage):
+    """One finetuning job's entry for finetune.py: finetune.<task>.defaults, then the stage's entry,
+    then the dataset's (data merges key by key), then the dataset's text settings. Only its own
+    stage and dataset: adding either to a list reruns no other job."""
+    section = FINETUNE[task]
+    cfg = _over_defaults(section.get("defaults", {}), by_name(section["stages"])[stage])
+    cfg = _over_defaults(cfg, by_name(section["datasets"])[name])
+    text = dataset_text_settings(name)
+    if text:
+        cfg["data"] = {**cfg.get("data", {}), **text}
+    return {**cfg, "task": task, "name": f"{task}/{name}/{stage}"}
+
+
+def finetune_inputs(wildcards):
+    ds = dataset(wildcards.dataset)
+    return {
+        "init": f"results/pretrain/{wildcards.stage}/model.safetensors",
+        "shards": shard_paths(wildcards.dataset),
+        "train": ds["train_annotations"],
+        "test": ds["annotations"],
+        "tokenizer": f"{config['tokenizer']}/vocab.txt",
+    }
+
+
+def finetune_io(wildcards, threads):
+    """finetune.io as finetune.py flags: derived from the job, so never a rerun (as pretrain_io)."""
+    return cli_flags(FINETUNE["io"])
+
+
+def overlap_mode():
+    """A train/test overlap is a bug in the generated demo corpus, the user's call on real data."""
+    return "error" if config.get("demo_corpus") else "warn"
+
+
+def finetune_outputs():
+    out = [f"results/eval/retrieval_finetuned/{d}/{s}.json" for d, s in finetune_pairs("retrieval")]
+    return out + [f"results/eval/qa/{d}/{s}.json" for d, s in finetune_pairs("qa")]
+
+
 def retrieval_results(dataset_name):
     return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in CURRICULUM}
 
@@ -265,10 +363,7 @@ def nlq_outputs():
 
 def final_outputs():
     figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
-    figures += [
-        f"results/figures/retrieval_{d}.png"
-        for d in config["evaluation"]["retrieval"]["datasets"]
-    ]
+    figures += [f"results/figures/retrieval_{d}.png" for d in retrieval_datasets()]
     if config["evaluation"].get("egomcq"):
         figures.append("results/figures/egomcq.png")
-    return figures + nlq_outputs()
+    return figures + nlq_outputs() + finetune_outputs()
