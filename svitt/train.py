@@ -435,7 +435,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                         save()
         save()
         if rank == 0:
-            export_model(model, out_dir, _model_info(cfg, step, last))
+            export_model(model, out_dir, {**_model_info(cfg, step, last), "init": data.init})
         dist.barrier()
     finally:
         bar.close()

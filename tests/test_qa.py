@@ -145,6 +145,17 @@ def test_the_decoder_starts_from_the_fusion_layers(pipeline, qa_model):
     assert not any(name.startswith(("vtm_head", "mlm_head", "vision_proj")) for name in qa.state_dict())
 
 
+def test_every_parameter_learns_from_the_answer_loss(qa_model):
+    """So DDP runs without find_unused_parameters (svitt.train.QATask)."""
+    model, tokenizer = qa_model
+    ids = torch.randint(5, len(tokenizer), (2, 6))
+    answers = torch.tensor([[2, 7, 3], [2, 9, 3]])
+    model.zero_grad()
+    model(torch.randn(2, 4, 3, 32, 32), ids, torch.ones_like(ids), answers, torch.ones_like(answers))["qa"].backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    model.zero_grad(set_to_none=True)
+
+
 def test_qa_evaluation_counts_answers_missing_from_the_list(pipeline, qa_model, tmp_path):
     corpus, res = pipeline
     model, tokenizer = qa_model
