@@ -1,5 +1,6 @@
 """Downstream: zero-shot retrieval of every stage, EgoMCQ of the EgoClip model, finetuning
-(retrieval, video QA) from pretraining stages and its evaluation, NLQ features.
+(retrieval, video QA) from pretraining stages and its evaluation, and Ego4D NLQ (window features ->
+a grounder trained on the train split -> recall on val).
 
     results/eval/retrieval/<dataset>/<stage>.json              zero-shot
     results/finetune/<task>/<dataset>/<stage>/                 finetuned model (task: retrieval, qa)
@@ -159,32 +160,91 @@ rule eval_egomcq:
         "--out {output} > {log} 2>&1"
 
 
-rule nlq_features:
-    input:
-        model="results/pretrain/{stage}/model.safetensors",
-        shards=lambda w: shard_paths(config["evaluation"]["nlq"]["dataset"]),
-    output:
-        "results/nlq_features/{stage}.h5",
-    log:
-        "logs/nlq_features/{stage}.log",
-    benchmark:
-        "logs/nlq_features/{stage}.benchmark.tsv"
-    conda:
-        "../envs/svitt.yaml"
-    threads: 2
-    resources:
-        gpu=config["evaluation"]["gpus"],
-        mem_mb=config["evaluation"]["mem_mb"],
-        runtime=config["evaluation"]["runtime"],
-    params:
-        flags=lambda w: cli_flags(
-            {
-                k: v
-                for k, v in config["evaluation"]["nlq"].items()
-                if k in ("window", "stride")
-            }
-        ),
-        launch=launch("evaluation"),
-    shell:
-        "{params.launch} workflow_scripts/nlq_features.py --model {input.model} --shards {input.shards} "
-        "{params.flags} --out {output} --no-progress > {log} 2>&1"
+# ---- NLQ
+# Ego4D NLQ: the videos of nlq_train.json / nlq_val.json, whole, at a fixed fps -> window features
+# of one stage's model ({video_uid}.pt per video, the layout VSLNet / GroundNLQ read) -> a span
+# grounder trained on train, evaluated on val next to the most-frequent-window baseline.
+
+if config["evaluation"].get("nlq"):
+    NLQ = config["evaluation"]["nlq"]
+
+    rule nlq_videos:
+        input:
+            train=NLQ["train"],
+            val=NLQ["val"],
+        output:
+            dataset(NLQ["dataset"])["annotations"],
+        log:
+            "logs/nlq/videos.log",
+        conda:
+            "../envs/svitt.yaml"
+        threads: 1
+        resources:
+            gpu=0,
+            mem_mb=2000,
+            runtime=10,
+        shell:
+            "python workflow_scripts/ground.py videos --train {input.train} --val {input.val} "
+            "--out {output} > {log} 2>&1"
+
+    rule nlq_features:
+        input:
+            model="results/pretrain/{stage}/model.safetensors",
+            shards=lambda w: shard_paths(NLQ["dataset"]),
+        output:
+            h5="results/nlq_features/{stage}.h5",
+            pt=directory("results/nlq_features/{stage}"),
+        log:
+            "logs/nlq_features/{stage}.log",
+        benchmark:
+            "logs/nlq_features/{stage}.benchmark.tsv"
+        wildcard_constraints:
+            stage="|".join(STAGES),
+        conda:
+            "../envs/svitt.yaml"
+        threads: 2
+        resources:
+            gpu=config["evaluation"]["gpus"],
+            mem_mb=config["evaluation"]["mem_mb"],
+            runtime=config["evaluation"]["runtime"],
+        params:
+            flags=cli_flags({k: NLQ[k] for k in ("window", "stride", "kind")}),
+            launch=launch("evaluation"),
+        shell:
+            "{params.launch} workflow_scripts/nlq_features.py --model {input.model} --shards {input.shards} "
+            "{params.flags} --out {output.h5} --pt-dir {output.pt} --no-progress > {log} 2>&1"
+
+    rule ground:
+        input:
+            features="results/nlq_features/{stage}",
+            train=NLQ["train"],
+            val=NLQ["val"],
+            model="results/pretrain/{stage}/model.safetensors",
+            tokenizer=f"{config['tokenizer']}/vocab.txt",
+        output:
+            result="results/eval/nlq/{stage}.json",
+            predictions="results/nlq/{stage}/predictions_val.json",
+            metrics="results/nlq/{stage}/metrics.jsonl",
+            grounder="results/nlq/{stage}/grounder.safetensors",
+        log:
+            "logs/nlq/{stage}.log",
+        benchmark:
+            "logs/nlq/{stage}.benchmark.tsv"
+        wildcard_constraints:
+            stage="|".join(STAGES),
+        conda:
+            "../envs/svitt.yaml"
+        threads: 1
+        resources:
+            gpu=config["evaluation"]["gpus"],
+            mem_mb=config["evaluation"]["mem_mb"],
+            runtime=config["evaluation"]["runtime"],
+        params:
+            settings=canonical(NLQ["grounder"]),
+            launch=launch("evaluation"),
+        shell:
+            "{params.launch} workflow_scripts/ground.py train --features {input.features} "
+            "--train {input.train} --val {input.val} --model {input.model} "
+            "--tokenizer $(dirname {input.tokenizer}) --config-json {params.settings:q} "
+            "--out {output.result} --out-dir $(dirname {output.grounder}) --threads {threads} "
+            "--no-progress > {log} 2>&1"

@@ -30,11 +30,13 @@ from tqdm import tqdm
 from svitt import distributed as dist
 from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
                               load_training_state, restore_rng)
+from svitt.grad_cache import cached_step
 from svitt.io import atomic_write_bytes
 from svitt.losses import mask_tokens
 from svitt.models.svitt import SViTT, resolve_model_config
 from svitt.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
 from svitt.scheduler import cosine_lr, set_lr
+from svitt.stages import VOCABULARY as STAGE_VOCABULARY
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, rerun to continue
 OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")  # of the pairs task; the qa task's one loss is "qa"
@@ -54,8 +56,8 @@ TRAIN_KEYS = {
     "mlm_prob": (_NUMBER, 0.15),  # share of text tokens masked for MLM (80/10/10 replacement)
     "egonce_temperature": (_NUMBER, 0.05),
     "max_steps": ((int, type(None)), None),  # cap on optimiser steps
-    "grad_accum": (int, 1),  # micro-batches per optimiser step (the contrastive batch is one micro-batch)
-    "min_lr": (_NUMBER, 0.0),  # end of the cosine schedule
+    "grad_accum": (int, 1),  # micro-batches per optimiser step; the contrastive batch stays the whole step's
+    "min_lr_ratio": (_NUMBER, 0.0),  # end of the cosine schedule as a fraction of lr (released SViTT: 0.01)
     "warmup_epochs": (_NUMBER, 1.0),  # linear warm-up
     "weight_decay": (_NUMBER, 0.02),  # AdamW; not on biases, norms, layer scales, tables, temperature
     "betas": (list, [0.9, 0.999]),
@@ -64,6 +66,7 @@ TRAIN_KEYS = {
     "compile": (bool, False),  # torch.compile the model
     "device": (str, "auto"),  # auto | cpu | cuda
     "seed": (int, 0),  # model init, masking, sampling and augmentation
+    "deterministic": ((bool, type(None)), None),  # torch deterministic algorithms; None: on the CPU only
     "checkpoint_every": (int, 200),  # optimiser steps between resumable checkpoints
     "log_every": (int, 10),  # optimiser steps between metrics.jsonl rows
 }
@@ -94,10 +97,8 @@ QA_DATA_KEYS = {
 # Finetuning jobs: the workflow's task name -> the training task, and the keys of a job's entry
 # that set the model of the job (a curriculum stage's sparsity vocabulary) rather than training.
 FINETUNE_TASKS = {"retrieval": "pairs", "qa": "qa"}
-MODEL_STAGE_KEYS = {
-    "video": ("frames", "local_blocks", "random_blocks", "block_size", "visual_keep", "prune_layers"),
-    "text": ("multimodal_keep",),
-}
+MODEL_STAGE_KEYS = {section: tuple(k for k, part in STAGE_VOCABULARY.items() if part == section)
+                    for section in ("video", "text")}  # as a pretraining stage's (svitt.stages)
 
 # How a stage runs, not what it learns (augmentation is seeded per sample, so the number of
 # loader processes does not matter either): a checkpoint stays resumable when these change, and
@@ -163,6 +164,8 @@ def resolve_train_config(cfg: dict) -> dict:
             raise ValueError(f"stage.{key} must be >= 1, got {out[key]}")
     if out["precision"] not in PRECISIONS:
         raise ValueError(f"stage.precision must be one of {PRECISIONS}, got {out['precision']!r}")
+    if not 0 <= out["min_lr_ratio"] <= 1:
+        raise ValueError(f"stage.min_lr_ratio must be in [0, 1] (a fraction of lr), got {out['min_lr_ratio']}")
     _check_task_keys(out)
     return out
 
@@ -250,6 +253,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _set_deterministic(requested: bool | None, device: torch.device):
+    """Same seed, same numbers: deterministic kernels on the CPU by default (they cost little
+    there); on CUDA only when asked, as they slow training and need CUBLAS_WORKSPACE_CONFIG."""
+    on = device.type == "cpu" if requested is None else requested
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     """No weight decay on biases, norms, layer scales, tokens, bias tables and the temperature."""
     decay, no_decay = [], []
@@ -302,14 +312,25 @@ class PairsTask:
         objectives = set(cfg["objectives"])
         return objectives != {"vtc", "vtm", "mlm"} and objectives != {"egonce", "vtm", "mlm"}
 
-    def losses(self, net, inputs: dict, cfg: dict, tokenizer) -> dict:
-        """{objective: loss} of one micro-batch (MLM masks drawn from torch's RNG here)."""
-        objectives = tuple(cfg["objectives"])
-        if "mlm" in objectives:
+    cached = True  # grad_accum > 1: svitt.grad_cache keeps the contrastive batch of the whole step
+
+    def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:
+        """One micro-batch on the device, with its MLM masks (drawn from torch's RNG here)."""
+        inputs = _to_device(batch, device)
+        if "mlm" in cfg["objectives"]:
             inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
                 inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
                 tokenizer.all_special_ids, cfg["mlm_prob"])
-        return net(objectives=objectives, egonce_temperature=cfg["egonce_temperature"], **inputs)
+        return inputs
+
+    def losses(self, net, inputs: dict, cfg: dict) -> dict:
+        """{objective: loss} of one micro-batch (SViTT.forward: features() then losses())."""
+        return net(objectives=tuple(cfg["objectives"]), egonce_temperature=cfg["egonce_temperature"], **inputs)
+
+    def cached_step(self, model, micro: list[dict], cfg: dict, scaler, autocast_fn) -> dict:
+        """The losses of the whole step's batch over grad_accum micro-batches (GradCache)."""
+        return cached_step(model, micro, tuple(cfg["objectives"]), cfg["objectives"], scaler, autocast_fn,
+                           cfg["egonce_temperature"])
 
 
 class QATask:
@@ -329,7 +350,14 @@ class QATask:
     def find_unused_parameters(self, cfg: dict) -> bool:
         return False  # VideoQA holds no head the answer loss does not reach
 
-    def losses(self, net, inputs: dict, cfg: dict, tokenizer) -> dict:
+    # The answer loss is a mean of per-question terms: grad_accum > 1 accumulates micro-batches
+    # plainly (exact for equal micro-batches), under the DDP wrapper's no_sync.
+    cached = False
+
+    def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:
+        return _to_device(batch, device)
+
+    def losses(self, net, inputs: dict, cfg: dict) -> dict:
         return net(**inputs)
 
 
@@ -346,6 +374,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = dist.init_distributed(cfg["device"])
+    _set_deterministic(cfg["deterministic"], device)
     torch.manual_seed(cfg["seed"])
     precision = resolve_precision(cfg["precision"], device)
 
@@ -381,7 +410,10 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     logged = _restore_metrics(out_dir / "metrics.jsonl", step, rank, logged)
 
     net = model
-    if world > 1:
+    cached = _cached(cfg, task)  # svitt.grad_cache: the contrastive batch of the whole step
+    if world > 1 and cached:
+        dist.broadcast_parameters(model)  # what the DDP wrapper would do; gradients are averaged by hand
+    if world > 1 and not cached:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=task.find_unused_parameters(cfg))
@@ -410,7 +442,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                     if step >= total:
                         break
                     start = time.perf_counter()
-                    lr = cosine_lr(step, total, warmup, cfg["lr"], cfg["min_lr"])
+                    lr = cosine_lr(step, total, warmup, cfg["lr"], cfg["lr"] * cfg["min_lr_ratio"])
                     set_lr(optimizer, lr)
                     parts, clips = _optimizer_step(net, model, optimizer, scaler, batches, cfg,
                                                    task, tokenizer, device, precision)
@@ -457,32 +489,51 @@ def _resume(path, digest, world, model, optimizer, scaler, generator):
     return state["step"], state.get("metrics")
 
 
+def _cached(cfg: dict, task) -> bool:
+    """Whether a step runs through svitt.grad_cache (no DDP wrapper, gradients averaged by hand)."""
+    return cfg["grad_accum"] > 1 and task.cached
+
+
 def _optimizer_step(net, model, optimizer, scaler, batches, cfg, task, tokenizer, device, precision):
-    """Forward/backward over grad_accum micro-batches and one optimiser step; the task computes
-    each micro-batch's losses, weighted here by cfg["objectives"].
-    Returns ({loss name: value averaged over micro-batches}, clips seen by this rank)."""
+    """Forward/backward over grad_accum micro-batches and one optimiser step; the task prepares each
+    micro-batch's inputs and computes its losses, weighted here by cfg["objectives"].
+    Returns ({loss name: value}, clips seen by this rank). With grad_accum > 1 a task with
+    cross-sample losses (pairs: VTC / EgoNCE, VTM's hard negatives) runs svitt.grad_cache, so the
+    losses are those of the whole step's batch, as if it were one micro-batch; a task whose loss is
+    a mean of per-sample terms (qa) accumulates plainly, which is exact for equal micro-batches."""
     weights = cfg["objectives"]
-    sums, clips = {}, 0
     optimizer.zero_grad(set_to_none=True)
-    for micro in range(cfg["grad_accum"]):
-        inputs = _to_device(next(batches), device)
-        sync = micro == cfg["grad_accum"] - 1 or not hasattr(net, "no_sync")
-        ctx = contextlib.nullcontext() if sync else net.no_sync()  # all-reduce once per step
-        with ctx, autocast(precision, device):
-            losses = task.losses(net, inputs, cfg, tokenizer)
-            loss = sum(weights[k] * losses[k] for k in weights)
-        scaler.scale(loss / cfg["grad_accum"]).backward()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.item() / cfg["grad_accum"]
-        sums["loss"] = sums.get("loss", 0.0) + loss.item() / cfg["grad_accum"]
-        clips += inputs["video"].shape[0]
+    n = cfg["grad_accum"]
+    if _cached(cfg, task):
+        micro = [task.inputs(next(batches), cfg, tokenizer, device) for _ in range(n)]
+        sums = task.cached_step(model, micro, cfg, scaler, lambda: autocast(precision, device))
+        dist.average_gradients(model)
+        clips = sum(m["video"].shape[0] for m in micro)
+    else:
+        sums, clips = {}, 0
+        for index in range(n):
+            inputs = task.inputs(next(batches), cfg, tokenizer, device)
+            sync = index == n - 1 or not hasattr(net, "no_sync")
+            ctx = contextlib.nullcontext() if sync else net.no_sync()  # all-reduce once per step
+            with ctx, autocast(precision, device):
+                losses = task.losses(net, inputs, cfg)
+                loss = sum(weights[k] * losses[k] for k in weights)
+            scaler.scale(loss / n).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / n
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / n
+            clips += inputs["video"].shape[0]
+    return _clip_and_step(model, optimizer, scaler, cfg, sums), clips
+
+
+def _clip_and_step(model, optimizer, scaler, cfg, losses: dict) -> dict:
     if cfg["clip_grad_norm"]:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad_norm"])
-    if all(math.isfinite(v) for v in sums.values()):
+    if all(math.isfinite(v) for v in losses.values()):
         scaler.step(optimizer)
         scaler.update()
-    return sums, clips
+    return losses
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -517,6 +568,7 @@ def _restore_metrics(path: Path, step: int, rank: int, logged: list | None) -> l
 
 
 def _model_info(cfg: dict, step: int, last: dict) -> dict:
+    from svitt.models.text_encoder import multimodal_keep_rates
     from svitt.sparsity import edge_count
 
     video, text = cfg["model"]["video"], cfg["model"]["text"]
@@ -525,7 +577,7 @@ def _model_info(cfg: dict, step: int, last: dict) -> dict:
         frames=video["frames"], local_blocks=video["local_blocks"] if sparse else None,
         random_blocks=video["random_blocks"] if sparse else None,
         block_size=video["block_size"] if sparse else None, visual_keep=video["visual_keep"],
-        multimodal_keep=text["multimodal_keep"], text_len=cfg["data"]["text_len"],
+        multimodal_keep=multimodal_keep_rates(text), text_len=cfg["data"]["text_len"],
         image_size=video["image_size"], patch_size=video["patch_size"], depth=video["depth"],
         fusion_layers=text["fusion_layers"], prune_layers=tuple(video["prune_layers"]),
         tubelet_frames=video["tubelet_frames"])

@@ -186,3 +186,34 @@ def test_qa_batches_hold_question_and_answer_tokens(pipeline):
     assert batch["answer_ids"][:, 0].tolist() == [tokenizer.cls_token_id] * 2
     assert batch["answer"] == [data[0]["answer"], data[1]["answer"]] and batch["type"][0] in ("first", "second",
                                                                                               "direction", "before")
+
+
+def test_grad_accum_on_the_qa_task_gives_the_gradients_of_the_whole_batch(qa_model):
+    """The answer loss is a mean of per-question terms: plain accumulation over equal micro-batches
+    (svitt.train.QATask, no grad cache) is exact."""
+    import copy
+
+    from svitt.train import QATask, _optimizer_step
+
+    model, tokenizer = qa_model
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, len(tokenizer), (4, 6), generator=g)
+    answers = torch.randint(5, len(tokenizer), (4, 3), generator=g)
+    answers[:, 0], answers[:, -1] = 2, 3
+    batch = {"video": torch.randn(4, 4, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "answer_ids": answers, "answer_mask": torch.ones_like(answers)}
+    grads, losses = [], []
+    for accum in (1, 2):
+        net = copy.deepcopy(model).eval()  # no dropout: both runs see the same function
+        micro = [{k: v.chunk(accum)[i] for k, v in batch.items()} for i in range(accum)]
+        cfg = {"objectives": {"qa": 1.0}, "grad_accum": accum, "clip_grad_norm": None}
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        parts, clips = _optimizer_step(net, net, optimizer, torch.amp.GradScaler("cpu", enabled=False), iter(micro),
+                                       cfg, QATask(), tokenizer, "cpu", "fp32")
+        assert clips == 4
+        losses.append(parts["qa"])
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)

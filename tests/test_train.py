@@ -240,13 +240,15 @@ def test_an_empty_dataset_is_an_error_not_a_zero_step_run(pipeline, tmp_path):
         train(stage(), data(pipeline, annotations=str(tmp_path / "empty.csv")), tmp_path / "out", progress=False)
 
 
-def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
-    """VTC gathered over 2 ranks + DDP gradient averaging == one process on the whole batch."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path, grad_accum):
+    """VTC gathered over 2 ranks + gradient averaging == one process on the whole batch; with
+    grad_accum 2 each rank's half comes in two micro-batches and the contrastive batch stays whole."""
     helper = ROOT / "tests/helpers/ddp_step.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(helper), str(tmp_path / "one.pt")], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(helper), str(tmp_path / "two.pt")], check=True, env=env)
+                    str(helper), str(tmp_path / "two.pt"), str(grad_accum)], check=True, env=env)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     largest = max(g.abs().max() for g in one["grads"].values() if g is not None)

@@ -9,7 +9,7 @@
         --shards ... --annotations qa_test.json --answer-list answers.json --tokenizer DIR --out ...
 
 Settings (JSON, what the workflow passes): each task's SETTINGS in svitt/evaluation/<task>.py
-(retrieval: batch_size, rerank_k, text_len, paragraph; egomcq: frames, text_len; qa: batch_size,
+(retrieval: batch_size, rerank_k, text_len, vtm_score, paragraph; egomcq: frames, text_len; qa: batch_size,
 rerank_k, scoring). `frames` evaluates the model at another clip length; a setting given as null
 takes the model's training value (QA's question and answer lengths). The JSON written holds the
 metrics (percent) and the settings used.

@@ -5,7 +5,7 @@
     retrieval.py  text-video retrieval (+ temporal twins on the demo corpus)
     egomcq.py     EgoMCQ (SViTT-Ego)
     qa.py         open-ended video QA with an answer decoder (answers ranked from a list)
-    nlq.py        Ego4D NLQ window features
+    nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.grounding)
 
 Public names are re-exported here; the torch-backed ones are imported on first use, so
 `from svitt.evaluation import retrieval_metrics` needs numpy only.
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib
 
-from svitt.evaluation.metrics import (EGOMCQ_TYPES, RECALL_KS, TWIN_NAMES, egomcq_accuracy, qa_accuracy,
-                                      retrieval_metrics, twin_accuracy)
+from svitt.evaluation.metrics import (EGOMCQ_TYPES, NLQ_IOUS, NLQ_KS, RECALL_KS, RERANK_CONVENTIONS,
+                                      TWIN_NAMES, egomcq_accuracy, nlq_metric_names, nlq_recall, qa_accuracy,
+                                      rerank_candidates, rerank_metrics, retrieval_metrics, temporal_iou,
+                                      twin_accuracy)
 
 _LAZY = {
     "video_loader": "encode", "embed_videos": "encode", "embed_texts": "encode", "vtm_scores": "encode",
@@ -27,8 +29,9 @@ _LAZY = {
 
 TASKS = ("retrieval", "egomcq", "qa")  # modules with SETTINGS, build_dataset(...) and run(...)
 
-__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "RECALL_KS", "TWIN_NAMES", "egomcq_accuracy", "qa_accuracy",
-           "retrieval_metrics", "twin_accuracy", *_LAZY]
+__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "NLQ_IOUS", "NLQ_KS", "RECALL_KS", "RERANK_CONVENTIONS",
+           "TWIN_NAMES", "egomcq_accuracy", "nlq_metric_names", "nlq_recall", "qa_accuracy", "rerank_candidates",
+           "rerank_metrics", "retrieval_metrics", "temporal_iou", "twin_accuracy", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -6,8 +6,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 
-def video_loader(dataset, batch_size: int, num_workers: int):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def video_loader(dataset, batch_size: int, num_workers: int, collate_fn=None):
+    """The dataset's clips in order (collate_fn: for items with more than tensors, e.g. QA's)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
 
 
 def embed_videos(model, dataset, batch_size: int = 16, num_workers: int = 0, device="cpu",
@@ -39,8 +40,10 @@ def embed_texts(model, collator, texts: list[str], batch_size: int = 64, device=
     return torch.cat(embs), torch.cat(hidden), tokens["attention_mask"]
 
 
-def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: int = 64, device="cpu"):
-    """Matching scores of (text i, video j) pairs [(i, j), ...] through the fusion layers."""
+def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: int = 64, device="cpu",
+               kind: str = "log_odds"):
+    """Matching scores [P] of (text i, video j) pairs [(i, j), ...] through the fusion layers
+    (kind: svitt.models.svitt.VTM_SCORES)."""
     out = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -48,5 +51,5 @@ def vtm_scores(model, text_hidden, text_mask, video_tokens, pairs, batch_size: i
             t = torch.tensor([p[0] for p in chunk])
             v = torch.tensor([p[1] for p in chunk])
             out.append(model.vtm_score(text_hidden[t].to(device), text_mask[t].to(device),
-                                       video_tokens[v].to(device)).float().cpu())
+                                       video_tokens[v].to(device), kind=kind).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from svitt.evaluation.encode import video_loader
 from svitt.evaluation.metrics import qa_accuracy
 
 # evaluation.qa defaults (Singularity's k_test 128); text_len / answer_len None: as the model was
@@ -74,7 +74,7 @@ def evaluate_qa(model, dataset, collator, batch_size: int = 32, rerank_k: int = 
     answer_ids, answer_mask = answers["input_ids"].to(device), answers["attention_mask"].to(device)
     k = min(rerank_k, len(dataset.answer_list))
     predictions = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
+    loader = video_loader(dataset, batch_size, num_workers, collate_fn=_collate)  # the one clip path (encode.py)
     with torch.no_grad():
         for batch in tqdm(loader, desc="QA", disable=not progress):
             question = collator.tokenize(batch["question"])

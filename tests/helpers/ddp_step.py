@@ -2,6 +2,7 @@
 
     python ddp_step.py OUT.pt                                   (whole batch, one process)
     python -m torch.distributed.run --nproc_per_node 2 ddp_step.py OUT.pt   (half per rank)
+    ... ddp_step.py OUT.pt 2                                    (each rank's half in 2 micro-batches)
 Writes {"loss", "params" after the step, "grads" of the step} from rank 0.
 """
 import sys
@@ -24,7 +25,7 @@ class Tokenizer:
         return 40
 
 
-def main(out: str):
+def main(out: str, grad_accum: int = 1):
     rank, world, device = dist.init_distributed("cpu")
     torch.manual_seed(0)
     model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
@@ -36,13 +37,14 @@ def main(out: str):
     mask = torch.ones_like(ids)
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     batch = {"video": video[part], "input_ids": ids[part], "attention_mask": mask[part]}
+    micro = [{k: v.chunk(grad_accum)[i] for k, v in batch.items()} for i in range(grad_accum)]
     net = model
-    if world > 1:
+    if world > 1 and grad_accum == 1:  # as svitt.train: the cached step averages gradients itself
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
-    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": 1, "clip_grad_norm": None, "egonce_temperature": 0.05}
+    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter([batch]), cfg, PairsTask(), Tokenizer(),
+    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, PairsTask(), Tokenizer(),
                                device, "fp32")
     if rank == 0:
         named = list(model.named_parameters())
@@ -53,4 +55,4 @@ def main(out: str):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
