@@ -8,7 +8,7 @@ ANALYSIS = config["analysis"]
 EFFICIENCY_JSON = "results/analysis/efficiency.json"
 
 
-RETRIEVAL_DATASETS = config["evaluation"]["retrieval"]["datasets"]
+RETRIEVAL_DATASETS = retrieval_datasets()  # names (an entry may carry its own settings)
 
 
 def results_of(path):
@@ -105,14 +105,31 @@ def sweep_figures(section, suffix):
     ]
 
 
+def finetuned_retrieval_runs():
+    """{dataset: {stage: results}} of the finetuned retrieval models (finetune.retrieval)."""
+    runs = {}
+    for d, s in finetune_pairs("retrieval"):
+        runs.setdefault(d, {})[s] = [f"results/eval/retrieval_finetuned/{d}/{s}.json"]
+    return runs
+
+
+def qa_runs():
+    """{dataset: {stage: results}} of the finetuned QA models (finetune.qa)."""
+    runs = {}
+    for d, s in finetune_pairs("qa"):
+        runs.setdefault(d, {})[s] = [f"results/eval/qa/{d}/{s}.json"]
+    return runs
+
+
 def table_outputs():
-    names = [
-        f"{kind}_{d}"
-        for d in RETRIEVAL_DATASETS
-        for kind in ("retrieval", "twins", "probing")
-    ]
+    retrieval = RETRIEVAL_DATASETS + [f"{d}_finetuned" for d in finetuned_retrieval_runs()]
+    names = [f"{kind}_{d}" for d in retrieval for kind in ("retrieval", "twins")]
+    if probed("retrieval"):
+        names += [f"probing_{d}" for d in retrieval]
+    for d in qa_runs():
+        names += [f"qa_{d}"] + ([f"probing_qa_{d}"] if probed("qa") else [])
     if config["evaluation"].get("egomcq"):
-        names += ["egomcq", "probing_egomcq"]
+        names += ["egomcq"] + (["probing_egomcq"] if probed("egomcq") else [])
     names.append("efficiency")
     return names
 
@@ -203,6 +220,7 @@ def ablation_runs():
 
 def table_inputs():
     runs = [retrieval_runs(d) for d in RETRIEVAL_DATASETS]
+    runs += list(finetuned_retrieval_runs().values()) + list(qa_runs().values())
     if config["evaluation"].get("egomcq"):
         runs.append(egomcq_runs())
     return [p for r in runs for p in runs_files(r)] + [EFFICIENCY_JSON]
@@ -212,7 +230,14 @@ def table_flags():
     retrieval = " ".join(
         runs_flags(retrieval_runs(d), prefix=f"{d}:") for d in RETRIEVAL_DATASETS
     )
+    retrieval += "".join(
+        " " + runs_flags(r, prefix=f"{d}_finetuned:")
+        for d, r in finetuned_retrieval_runs().items()
+    )
     flags = f"--retrieval {retrieval} --efficiency {EFFICIENCY_JSON}"
+    if qa_runs():
+        qa = " ".join(runs_flags(r, prefix=f"{d}:") for d, r in qa_runs().items())
+        flags = f"{flags} --qa {qa}"
     if config["evaluation"].get("egomcq"):
         flags = f"{flags} --egomcq {runs_flags(egomcq_runs())}"
     return flags

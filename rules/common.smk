@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)  # svitt.stages: the torch-free stage resol
 from svitt.stages import (  # noqa: E402
     all_stage_names,
     configured_stages,
+    over_defaults,
     with_control,
     section_names,
     split_variant,
@@ -216,6 +217,8 @@ def extraction_inputs(wildcards):
     later rerun nothing (force with --forcerun extract_frames)."""
     ds = dataset(wildcards.dataset)
     inputs = {"annotations": ds["annotations"]}
+    if "train_annotations" in ds and not is_downloaded(wildcards.dataset):
+        inputs["train_annotations"] = ds["train_annotations"]  # its videos are extracted too
     if is_downloaded(wildcards.dataset):
         inputs["manifest"] = f"{download_dir(wildcards)}/manifest.csv"
         inputs["videos"] = f"{download_dir(wildcards)}/files"
@@ -226,13 +229,14 @@ def extraction_inputs(wildcards):
 
 def extraction_source(wildcards):
     """--videos: the shard's manifest, or the folder with the videos the annotations name (clip
-    datasets name them by their clips)."""
+    datasets name them by their clips; a finetuning dataset's train_annotations name more)."""
     ds = dataset(wildcards.dataset)
     if is_downloaded(wildcards.dataset):
         return f"--videos {download_dir(wildcards)}/manifest.csv"
     if ds.get("clips"):
         return f"--videos {ds['videos']}"
-    return f"--videos {ds['videos']} --ids {ds['annotations']}"
+    ids = " ".join([ds["annotations"]] + ([ds["train_annotations"]] if "train_annotations" in ds else []))
+    return f"--videos {ds['videos']} --ids {ids}"
 
 
 def extraction_flags(wildcards):
@@ -268,6 +272,111 @@ def clip_flag(wildcards):
 
 def eval_settings(task):
     return canonical(config["evaluation"][task])
+
+
+# ------------------------------------------------------------------- finetuning, per-dataset settings
+
+DATASET_TEXT_KEYS = ("text_len", "paragraph")  # a dataset's texts, for every task on it
+FINETUNE = config["finetune"]
+FINETUNE_TASKS = [t for t in ("retrieval", "qa") if FINETUNE.get(t)]
+
+
+def by_name(entries):
+    """A list of names or {name: ..., settings} -> {name: settings}, in list order."""
+    out = {}
+    for entry in entries:
+        entry = {"name": entry} if isinstance(entry, str) else dict(entry)
+        out[entry.pop("name")] = entry
+    return out
+
+
+def dataset_text_settings(name):
+    return {k: v for k, v in dataset(name).items() if k in DATASET_TEXT_KEYS}
+
+
+def retrieval_eval_settings(name):
+    """One retrieval evaluation's settings: evaluation.retrieval's, the dataset's text settings,
+    then its own entry of evaluation.retrieval.datasets (only these: adding a dataset reruns no
+    other). Finetuned models are evaluated the same way."""
+    section = config["evaluation"]["retrieval"]
+    settings = {k: v for k, v in section.items() if k != "datasets"}
+    settings.update(dataset_text_settings(name))
+    settings.update(by_name(section["datasets"]).get(name, {}))
+    return settings
+
+
+def retrieval_datasets():
+    return list(by_name(config["evaluation"]["retrieval"]["datasets"]))
+
+
+def finetune_pairs(task):
+    """(dataset, stage) of every finetuning job of a task."""
+    if task not in FINETUNE_TASKS:
+        return []
+    section = FINETUNE[task]
+    return [(d, s) for d in by_name(section["datasets"]) for s in by_name(section["stages"])]
+
+
+def _check_finetune():
+    for task in FINETUNE_TASKS:
+        for name, stage in finetune_pairs(task):
+            if stage not in ALL_STAGE_NAMES:
+                raise ValueError(f"finetune.{task}.stages names {stage!r}, which is not a pretraining stage "
+                                 f"(have {sorted(ALL_STAGE_NAMES)})")
+            needed = ["train_annotations"] + (["answer_list"] if task == "qa" else [])
+            missing = [key for key in needed if key not in dataset(name)]
+            if missing:
+                raise ValueError(f"finetune.{task}.datasets names {name!r}, whose entry under `datasets` has no "
+                                 f"{missing[0]} (a {task} finetuning job needs {needed})")
+
+
+_check_finetune()
+
+
+def finetune_settings(task, name, stage):
+    """One finetuning job's entry for finetune.py: finetune.<task>.defaults, then the stage's entry,
+    then the dataset's (data merges key by key), then the dataset's text settings. Only its own
+    stage and dataset: adding either to a list reruns no other job."""
+    section = FINETUNE[task]
+    cfg = over_defaults(section.get("defaults", {}), by_name(section["stages"])[stage])
+    cfg = over_defaults(cfg, by_name(section["datasets"])[name])
+    text = dataset_text_settings(name)
+    if text:
+        cfg["data"] = {**cfg.get("data", {}), **text}
+    return {**cfg, "task": task, "name": f"{task}/{name}/{stage}"}
+
+
+def finetune_inputs(wildcards):
+    ds = dataset(wildcards.dataset)
+    return {
+        "init": f"results/pretrain/{wildcards.stage}/model.safetensors",
+        "shards": shard_paths(wildcards.dataset),
+        "train": ds["train_annotations"],
+        "test": ds["annotations"],
+        "tokenizer": f"{config['tokenizer']}/vocab.txt",
+    }
+
+
+def finetune_io(wildcards, threads):
+    """finetune.io as finetune.py flags: derived from the job, so never a rerun (as pretrain_io)."""
+    return cli_flags(FINETUNE["io"])
+
+
+def overlap_mode():
+    """A train/test overlap is a bug in the generated demo corpus, the user's call on real data."""
+    return "error" if config.get("demo_corpus") else "warn"
+
+
+def finetune_outputs():
+    """Every finetuned model (with its model.json and metrics) and its evaluation."""
+    out = [
+        f"results/finetune/{task}/{d}/{s}/{f}"
+        for task in FINETUNE_TASKS
+        for d, s in finetune_pairs(task)
+        for f in ("model.safetensors", "model.json", "metrics.jsonl")
+    ]
+    out += [f"results/eval/retrieval_finetuned/{d}/{s}.json" for d, s in finetune_pairs("retrieval")]
+    return out + [f"results/eval/qa/{d}/{s}.json" for d, s in finetune_pairs("qa")]
 
 
 def eval_stages():
@@ -310,7 +419,7 @@ def nlq_outputs():
 def result_files(stages, ego_stages):
     """Every model and result file of these stages."""
     files = stage_files(stages + ego_stages)
-    for d in config["evaluation"]["retrieval"]["datasets"]:
+    for d in retrieval_datasets():
         files += retrieval_results(d, stages).values()
     if config["evaluation"].get("egomcq"):
         files += egomcq_results(stages + ego_stages).values()
@@ -319,8 +428,12 @@ def result_files(stages, ego_stages):
 
 def final_outputs():
     """What `all` builds: every stage model and result file, the figures and tables
-    (rules/analysis_common.smk lists them) and the NLQ outputs."""
-    return result_files(eval_stages(), EGO_STAGES) + analysis_outputs() + nlq_outputs()
+    (rules/analysis_common.smk lists them) the NLQ outputs and the finetuned models
+    with their evaluations."""
+    return (
+        result_files(eval_stages(), EGO_STAGES) + analysis_outputs() + nlq_outputs()
+        + finetune_outputs()
+    )
 
 
 def seed_outputs():

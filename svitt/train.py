@@ -1,4 +1,9 @@
-"""One pretraining stage: the loop of SViTT's curriculum and of SViTT-Ego (open_clip style).
+"""The one training loop (open_clip style): pretraining stages of SViTT's curriculum and of
+SViTT-Ego, and downstream finetuning. A task supplies the model, the batches and the loss:
+
+    pairs  video-text pairs: pretraining (VTC or EgoNCE, VTM, MLM), and retrieval finetuning
+           (VTC + VTM on a downstream train split, from a stage's model.safetensors)
+    qa     open-ended video QA: the answer generation loss of an answer decoder (VideoQA)
 
     cfg = resolve_train_config(stage_config)        # every key checked before any data loads
     train(cfg, data=TrainData(...), out_dir=...)    # resumes from out_dir/checkpoint.pt
@@ -10,6 +15,7 @@ from and the position inside the epoch, and data augmentation is seeded per (epo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -22,23 +28,25 @@ import torch
 from tqdm import tqdm
 
 from svitt import distributed as dist
-from svitt.grad_cache import cached_step
 from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
                               load_training_state, restore_rng)
+from svitt.grad_cache import cached_step
 from svitt.io import atomic_write_bytes
 from svitt.losses import mask_tokens
 from svitt.models.svitt import SViTT, resolve_model_config
 from svitt.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
 from svitt.scheduler import cosine_lr, set_lr
+from svitt.stages import VOCABULARY as STAGE_VOCABULARY
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, rerun to continue
-OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")
+OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")  # of the pairs task; the qa task's one loss is "qa"
 
 _NUMBER = (int, float)
 REQUIRED = object()
 # Every key of a stage config, documented here once: key: (accepted types, default or REQUIRED).
 TRAIN_KEYS = {
     "name": (str, REQUIRED),  # stage name (metrics, exported model.json)
+    "task": (str, "pairs"),  # pairs (pretraining, retrieval finetuning) | qa (TASKS)
     "model": (dict, REQUIRED),  # the model section (svitt.models.svitt.MODEL_DEFAULTS)
     "objectives": (dict, REQUIRED),  # {vtc|egonce, vtm, mlm: loss weight}; paper: equal weights
     "epochs": (int, REQUIRED),
@@ -70,11 +78,27 @@ DATA_KEYS = {
     "mean": (list, [0.5, 0.5, 0.5]),  # normalisation (BEiT's)
     "std": (list, [0.5, 0.5, 0.5]),
     "twin_batches": (bool, False),  # keep the annotation's `family` groups (demo twins) in one batch
+    "paragraph": (bool, False),  # a JSON caption list is one text, its sentences joined (DiDeMo)
     "num_workers": (int, 2),  # DataLoader processes per rank (results do not depend on it)
     "num_nouns": (int, 582),  # EgoClip tag vocabulary sizes (Ego4D taxonomy as in EgoVLP)
     "num_verbs": (int, 118),
 }
 
+# Keys only the qa task has, and the qa task's own defaults (Table 9: question 25, answer 5 tokens).
+QA_KEYS = {
+    "objectives": (dict, {"qa": 1.0}),
+    "decoder_layers": ((int, type(None)), None),  # answer decoder depth (None: the model's fusion layers)
+}
+QA_DATA_KEYS = {
+    "text_len": (int, 25),  # question tokens
+    "answer_len": (int, 5),  # answer tokens, [CLS] and [SEP] included
+}
+
+# Finetuning jobs: the workflow's task name -> the training task, and the keys of a job's entry
+# that set the model of the job (a curriculum stage's sparsity vocabulary) rather than training.
+FINETUNE_TASKS = {"retrieval": "pairs", "qa": "qa"}
+MODEL_STAGE_KEYS = {section: tuple(k for k, part in STAGE_VOCABULARY.items() if part == section)
+                    for section in ("video", "text")}  # as a pretraining stage's (svitt.stages)
 
 # How a stage runs, not what it learns (augmentation is seeded per sample, so the number of
 # loader processes does not matter either): a checkpoint stays resumable when these change, and
@@ -128,29 +152,67 @@ def _type_names(types) -> str:
 
 def resolve_train_config(cfg: dict) -> dict:
     """Defaults and validation of a stage config; raises ValueError naming the key."""
-    out = _check_section(cfg, TRAIN_KEYS, "stage")
-    out["data"] = _check_section(out["data"], DATA_KEYS, "stage.data")
+    task = cfg.get("task", "pairs")
+    if task not in TASKS:
+        raise ValueError(f"stage.task must be one of {sorted(TASKS)}, got {task!r}")
+    qa = task == "qa"  # the qa task has keys of its own (QA_KEYS, QA_DATA_KEYS)
+    out = _check_section(cfg, {**TRAIN_KEYS, **QA_KEYS} if qa else TRAIN_KEYS, "stage")
+    out["data"] = _check_section(out["data"], {**DATA_KEYS, **QA_DATA_KEYS} if qa else DATA_KEYS, "stage.data")
     resolve_model_config(_with_vocab(out["model"], 1))  # validates every model key now
     for key in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if out[key] < 1:
             raise ValueError(f"stage.{key} must be >= 1, got {out[key]}")
     if out["precision"] not in PRECISIONS:
         raise ValueError(f"stage.precision must be one of {PRECISIONS}, got {out['precision']!r}")
-    unknown = sorted(set(out["objectives"]) - set(OBJECTIVES))
-    if unknown or not out["objectives"]:
-        raise ValueError(f"stage.objectives {sorted(out['objectives'])} must be a non-empty mapping "
-                         f"of {OBJECTIVES} to loss weights")
-    if "vtc" in out["objectives"] and "egonce" in out["objectives"]:
-        raise ValueError("stage.objectives: use either 'vtc' (InfoNCE) or 'egonce', not both")
-    if "egonce" in out["objectives"] and out["data"]["kind"] != "egoclip":
-        raise ValueError("stage.objectives 'egonce' needs data.kind 'egoclip' (noun/verb tags)")
-    if out["data"]["kind"] not in ("webvid", "egoclip"):
-        raise ValueError(f"stage.data.kind must be 'webvid' or 'egoclip', got {out['data']['kind']!r}")
     if not 0 <= out["min_lr_ratio"] <= 1:
         raise ValueError(f"stage.min_lr_ratio must be in [0, 1] (a fraction of lr), got {out['min_lr_ratio']}")
-    if not 0 < out["mlm_prob"] < 1:
-        raise ValueError(f"stage.mlm_prob must be in (0, 1), got {out['mlm_prob']}")
+    _check_task_keys(out)
     return out
+
+
+def _check_task_keys(cfg: dict):
+    objectives = cfg["objectives"]
+    if cfg["task"] == "qa":
+        if set(objectives) != {"qa"}:
+            raise ValueError(f"stage.objectives of task 'qa' must be {{'qa': weight}}, got {objectives}")
+        if cfg["decoder_layers"] is not None and cfg["decoder_layers"] < 1:
+            raise ValueError(f"stage.decoder_layers must be >= 1, got {cfg['decoder_layers']}")
+        return
+    unknown = sorted(set(objectives) - set(OBJECTIVES))
+    if unknown or not objectives:
+        raise ValueError(f"stage.objectives {sorted(objectives)} must be a non-empty mapping "
+                         f"of {OBJECTIVES} to loss weights")
+    if "vtc" in objectives and "egonce" in objectives:
+        raise ValueError("stage.objectives: use either 'vtc' (InfoNCE) or 'egonce', not both")
+    if "egonce" in objectives and cfg["data"]["kind"] != "egoclip":
+        raise ValueError("stage.objectives 'egonce' needs data.kind 'egoclip' (noun/verb tags)")
+    if cfg["data"]["kind"] not in ("webvid", "egoclip"):
+        raise ValueError(f"stage.data.kind must be 'webvid' or 'egoclip', got {cfg['data']['kind']!r}")
+    if not 0 < cfg["mlm_prob"] < 1:
+        raise ValueError(f"stage.mlm_prob must be in (0, 1), got {cfg['mlm_prob']}")
+
+
+def finetune_config(entry: dict, init_model: dict) -> dict:
+    """A finetuning job's stage config from its entry and the model it starts from.
+
+    entry: the job's settings as the workflow merges them (finetune.<task>.defaults, then the stage's
+    and the dataset's entries): "task" ("retrieval" or "qa", FINETUNE_TASKS), training keys, and the
+    sparsity keys of MODEL_STAGE_KEYS (frames, keep rates, ...) side by side, as in a curriculum
+    stage. init_model: the model_config of the init's model.json (the architecture of the weights).
+    Retrieval jobs train VTC + VTM unless the entry names objectives."""
+    entry = copy.deepcopy(entry)
+    task = entry.pop("task", None)
+    if task not in FINETUNE_TASKS:
+        raise ValueError(f"finetuning task must be one of {sorted(FINETUNE_TASKS)}, got {task!r}")
+    model = copy.deepcopy(init_model)
+    model["video_weights"] = model["text_weights"] = None  # the init's weights replace them
+    for section, keys in MODEL_STAGE_KEYS.items():
+        for key in keys:
+            if key in entry:
+                model[section][key] = entry.pop(key)
+    if task == "retrieval":
+        entry.setdefault("objectives", {"vtc": 1.0, "vtm": 1.0})
+    return {**entry, "task": FINETUNE_TASKS[task], "model": model}
 
 
 @dataclass
@@ -234,12 +296,81 @@ def build_stage_model(cfg: dict, data: TrainData, tokenizer) -> SViTT:
     return model
 
 
+class PairsTask:
+    """Video-text pairs (WebVid / EgoClip / a downstream retrieval split): SViTT.forward's losses."""
+
+    def build_model(self, cfg: dict, data: TrainData, tokenizer) -> torch.nn.Module:
+        return build_stage_model(cfg, data, tokenizer)
+
+    def build_loader(self, cfg: dict, data: TrainData, tokenizer, per_step: int, rank: int, world: int):
+        from svitt.data.pipeline import build_train_loader
+
+        return build_train_loader(cfg, data, tokenizer, per_step, rank, world)
+
+    def find_unused_parameters(self, cfg: dict) -> bool:
+        """DDP must look for unused parameters unless every head is trained."""
+        objectives = set(cfg["objectives"])
+        return objectives != {"vtc", "vtm", "mlm"} and objectives != {"egonce", "vtm", "mlm"}
+
+    cached = True  # grad_accum > 1: svitt.grad_cache keeps the contrastive batch of the whole step
+
+    def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:
+        """One micro-batch on the device, with its MLM masks (drawn from torch's RNG here)."""
+        inputs = _to_device(batch, device)
+        if "mlm" in cfg["objectives"]:
+            inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
+                inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
+                tokenizer.all_special_ids, cfg["mlm_prob"])
+        return inputs
+
+    def losses(self, net, inputs: dict, cfg: dict) -> dict:
+        """{objective: loss} of one micro-batch (SViTT.forward: features() then losses())."""
+        return net(objectives=tuple(cfg["objectives"]), egonce_temperature=cfg["egonce_temperature"], **inputs)
+
+    def cached_step(self, model, micro: list[dict], cfg: dict, scaler, autocast_fn) -> dict:
+        """The losses of the whole step's batch over grad_accum micro-batches (GradCache)."""
+        return cached_step(model, micro, tuple(cfg["objectives"]), cfg["objectives"], scaler, autocast_fn,
+                           cfg["egonce_temperature"])
+
+
+class QATask:
+    """Video QA: VideoQA (a stage's encoders + an answer decoder from its fusion layers), trained
+    on (video, question, answer) with the answer generation loss."""
+
+    def build_model(self, cfg: dict, data: TrainData, tokenizer) -> torch.nn.Module:
+        from svitt.models.answer_decoder import VideoQA
+
+        return VideoQA.from_svitt(build_stage_model(cfg, data, tokenizer), cfg["decoder_layers"])
+
+    def build_loader(self, cfg: dict, data: TrainData, tokenizer, per_step: int, rank: int, world: int):
+        from svitt.data.pipeline import build_qa_loader
+
+        return build_qa_loader(cfg, data, tokenizer, per_step, rank, world)
+
+    def find_unused_parameters(self, cfg: dict) -> bool:
+        return False  # VideoQA holds no head the answer loss does not reach
+
+    # The answer loss is a mean of per-question terms: grad_accum > 1 accumulates micro-batches
+    # plainly (exact for equal micro-batches), under the DDP wrapper's no_sync.
+    cached = False
+
+    def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:
+        return _to_device(batch, device)
+
+    def losses(self, net, inputs: dict, cfg: dict) -> dict:
+        return net(**inputs)
+
+
+TASKS = {"pairs": PairsTask(), "qa": QATask()}
+
+
 def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
           progress: bool = True) -> dict:
     """Run (or continue) one stage. Returns a summary dict; raises Preempted on SIGTERM/SIGUSR1."""
-    from svitt.data.pipeline import build_train_loader, load_tokenizer
+    from svitt.data.pipeline import load_tokenizer
 
     cfg = resolve_train_config(cfg)
+    task = TASKS[cfg["task"]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = dist.init_distributed(cfg["device"])
@@ -248,7 +379,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     precision = resolve_precision(cfg["precision"], device)
 
     tokenizer = load_tokenizer(data.tokenizer)
-    model = build_stage_model(cfg, data, tokenizer).to(device)
+    model = task.build_model(cfg, data, tokenizer).to(device)
     cfg["model"] = model.cfg  # fully resolved (vocab size filled in), stored with the weights
     digest = config_digest(_learning_config(cfg))
 
@@ -256,7 +387,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     if per_step < 2 or per_step * world * cfg["grad_accum"] != cfg["batch_size"]:
         raise ValueError(f"stage.batch_size {cfg['batch_size']} must split evenly into at least 2 "
                          f"clips per step over {world} rank(s) x grad_accum {cfg['grad_accum']}")
-    loaders = build_train_loader(cfg, data, tokenizer, per_step, rank, world)
+    loaders = task.build_loader(cfg, data, tokenizer, per_step, rank, world)
     steps_per_epoch = loaders.batches_per_epoch // cfg["grad_accum"]
     if steps_per_epoch < 1:
         raise ValueError(f"the dataset gives {loaders.batches_per_epoch} batches of {per_step} per "
@@ -279,15 +410,13 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     logged = _restore_metrics(out_dir / "metrics.jsonl", step, rank, logged)
 
     net = model
-    cached = cfg["grad_accum"] > 1  # svitt.grad_cache: the contrastive batch of the whole step
+    cached = _cached(cfg, task)  # svitt.grad_cache: the contrastive batch of the whole step
     if world > 1 and cached:
         dist.broadcast_parameters(model)  # what the DDP wrapper would do; gradients are averaged by hand
     if world > 1 and not cached:
-        unused = set(cfg["objectives"]) != {"vtc", "vtm", "mlm"} and \
-            set(cfg["objectives"]) != {"egonce", "vtm", "mlm"}
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=unused)
+            find_unused_parameters=task.find_unused_parameters(cfg))
     if cfg["compile"]:
         net = torch.compile(net)
 
@@ -300,7 +429,6 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                 "metrics": logged}, ckpt_path)
         dist.barrier()
 
-    objectives = tuple(cfg["objectives"])
     bar = tqdm(total=total, initial=step, desc=cfg["name"], disable=not progress or rank != 0,
                dynamic_ncols=True)
     metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
@@ -317,7 +445,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                     lr = cosine_lr(step, total, warmup, cfg["lr"], cfg["lr"] * cfg["min_lr_ratio"])
                     set_lr(optimizer, lr)
                     parts, clips = _optimizer_step(net, model, optimizer, scaler, batches, cfg,
-                                                   objectives, tokenizer, device, precision)
+                                                   task, tokenizer, device, precision)
                     flags = torch.tensor([float(not all(math.isfinite(v) for v in parts.values())),
                                           float(stop.requested)], device=device)
                     dist.all_reduce_(flags)
@@ -339,7 +467,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                         save()
         save()
         if rank == 0:
-            export_model(model, out_dir, _model_info(cfg, step, last))
+            export_model(model, out_dir, {**_model_info(cfg, step, last), "init": data.init})
         dist.barrier()
     finally:
         bar.close()
@@ -361,36 +489,40 @@ def _resume(path, digest, world, model, optimizer, scaler, generator):
     return state["step"], state.get("metrics")
 
 
-def _inputs(batch, cfg, objectives, tokenizer, device) -> dict:
-    inputs = _to_device(batch, device)
-    if "mlm" in objectives:
-        inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
-            inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
-            tokenizer.all_special_ids, cfg["mlm_prob"])
-    return inputs
+def _cached(cfg: dict, task) -> bool:
+    """Whether a step runs through svitt.grad_cache (no DDP wrapper, gradients averaged by hand)."""
+    return cfg["grad_accum"] > 1 and task.cached
 
 
-def _optimizer_step(net, model, optimizer, scaler, batches, cfg, objectives, tokenizer, device,
-                    precision):
-    """Forward/backward over grad_accum micro-batches and one optimiser step.
-    Returns ({loss name: value}, clips seen by this rank). With grad_accum > 1 the losses are those
-    of the whole step's batch (svitt.grad_cache), as if it were one micro-batch."""
+def _optimizer_step(net, model, optimizer, scaler, batches, cfg, task, tokenizer, device, precision):
+    """Forward/backward over grad_accum micro-batches and one optimiser step; the task prepares each
+    micro-batch's inputs and computes its losses, weighted here by cfg["objectives"].
+    Returns ({loss name: value}, clips seen by this rank). With grad_accum > 1 a task with
+    cross-sample losses (pairs: VTC / EgoNCE, VTM's hard negatives) runs svitt.grad_cache, so the
+    losses are those of the whole step's batch, as if it were one micro-batch; a task whose loss is
+    a mean of per-sample terms (qa) accumulates plainly, which is exact for equal micro-batches."""
     weights = cfg["objectives"]
     optimizer.zero_grad(set_to_none=True)
-    if cfg["grad_accum"] > 1:
-        micro = [_inputs(next(batches), cfg, objectives, tokenizer, device) for _ in range(cfg["grad_accum"])]
-        sums = cached_step(model, micro, objectives, weights, scaler, lambda: autocast(precision, device),
-                           cfg["egonce_temperature"])
+    n = cfg["grad_accum"]
+    if _cached(cfg, task):
+        micro = [task.inputs(next(batches), cfg, tokenizer, device) for _ in range(n)]
+        sums = task.cached_step(model, micro, cfg, scaler, lambda: autocast(precision, device))
         dist.average_gradients(model)
         clips = sum(m["video"].shape[0] for m in micro)
     else:
-        inputs = _inputs(next(batches), cfg, objectives, tokenizer, device)
-        with autocast(precision, device):
-            losses = net(objectives=objectives, egonce_temperature=cfg["egonce_temperature"], **inputs)
-            loss = sum(weights[k] * losses[k] for k in objectives)
-        scaler.scale(loss).backward()
-        sums = {**{k: v.item() for k, v in losses.items()}, "loss": loss.item()}
-        clips = inputs["video"].shape[0]
+        sums, clips = {}, 0
+        for index in range(n):
+            inputs = task.inputs(next(batches), cfg, tokenizer, device)
+            sync = index == n - 1 or not hasattr(net, "no_sync")
+            ctx = contextlib.nullcontext() if sync else net.no_sync()  # all-reduce once per step
+            with ctx, autocast(precision, device):
+                losses = task.losses(net, inputs, cfg)
+                loss = sum(weights[k] * losses[k] for k in weights)
+            scaler.scale(loss / n).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / n
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / n
+            clips += inputs["video"].shape[0]
     return _clip_and_step(model, optimizer, scaler, cfg, sums), clips
 
 
@@ -405,7 +537,7 @@ def _clip_and_step(model, optimizer, scaler, cfg, losses: dict) -> dict:
 
 
 def _to_device(batch: dict, device) -> dict:
-    keys = ("video", "input_ids", "attention_mask", "nouns", "verbs")
+    keys = ("video", "input_ids", "attention_mask", "nouns", "verbs", "answer_ids", "answer_mask")
     return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
 
 

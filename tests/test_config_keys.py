@@ -7,7 +7,7 @@ from svitt.models.svitt import MODEL_DEFAULTS
 from svitt.models.text_encoder import TEXT_DEFAULTS
 from svitt.models.video_encoder import VIDEO_DEFAULTS
 from svitt.stages import STAGE_ONLY_KEYS, VOCABULARY
-from svitt.train import DATA_KEYS, IO_KEYS, TRAIN_KEYS
+from svitt.train import DATA_KEYS, IO_KEYS, MODEL_STAGE_KEYS, QA_DATA_KEYS, QA_KEYS, TRAIN_KEYS
 from tests.helpers.workflow import REPO, copy_workflow, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())
@@ -27,11 +27,24 @@ def test_model_sections_list_the_library_keys():
 
 
 def test_stage_sections_list_the_training_keys():
-    # name and model come from the stage's identity and the model section; the io keys from pretrain.io
-    derived = {"name", "model", "device"} | set(IO_KEYS)
+    # name and model come from the stage's identity and the model section; the io keys from pretrain.io;
+    # task from the section (pretraining stages are pairs, finetune.<task> names its own)
+    derived = {"name", "model", "device", "task"} | set(IO_KEYS)
     assert _properties(DEFS["train_settings"]) == set(TRAIN_KEYS) - derived
     assert _properties(DEFS["stage"]) == set(STAGE_ONLY_KEYS) | set(VOCABULARY)
-    assert _properties(DEFS["stage_data"]) == set(DATA_KEYS) - {"kind"} - set(IO_KEYS)
+    assert _properties(DEFS["stage_data"]) == (set(DATA_KEYS) | set(QA_DATA_KEYS)) - {"kind"} - set(IO_KEYS)
+
+
+def test_finetune_sections_list_the_finetuning_keys():
+    """A finetuning entry: the training keys, the qa task's own, and a stage's sparsity vocabulary."""
+    assert _properties(DEFS["finetune_settings"]) == set(VOCABULARY) | (set(QA_KEYS) - set(TRAIN_KEYS))
+    assert {k for keys in MODEL_STAGE_KEYS.values() for k in keys} == set(VOCABULARY)
+    assert DEFS["finetune_defaults"]["unevaluatedProperties"] is False
+    assert DEFS["finetune_entry"]["oneOf"][1]["unevaluatedProperties"] is False
+    assert DEFS["finetune_task"]["additionalProperties"] is False
+    finetune = SCHEMA["properties"]["finetune"]
+    assert finetune["additionalProperties"] is False and finetune["properties"]["io"]["additionalProperties"] is False
+    assert _properties(finetune["properties"]["io"]) == set(IO_KEYS)
     assert _properties(SCHEMA["properties"]["pretrain"]["properties"]["io"]) == set(IO_KEYS)
 
 

@@ -14,7 +14,7 @@ import pytest
 from svitt.data import demo_corpus as dc
 
 SMALL = dc.DemoSizes(train_videos=8, test_videos=8, qa_videos=8, qa_questions_per_video=3, ego_train_videos=2,
-                     ego_mcq_videos=5, ego_mcq_questions=6, ego_seconds=12.0)
+                     ego_mcq_videos=5, ego_mcq_questions=6, ego_seconds=12.0, finetune_videos=8)
 GEO = dc.DemoGeometry(ego_chunk_seconds=5.0)
 OPP = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CAPTION = re.compile(r"^the (\w+) (\w+) moves (\w+), then the (\w+) (\w+) moves (\w+)$")
@@ -46,10 +46,10 @@ def read_webvid(corpus: Path) -> list[dict]:
 def test_layout_and_counts(corpus):
     names = {p.name for p in corpus.iterdir()}
     assert names == {"videos", "ego_videos", "tokenizer", "corpus.json", "webvid_train.csv", "downstream_videos.csv",
-                     "retrieval_train.json", "retrieval_test.json", "retrieval_test_didemo.json", "twins_test.json",
-                     "qa_train.json", "qa_test.json", "qa_answers.json", "egoclip.csv", "egomcq.json",
-                     "ego_taxonomy.json", "nlq_train.json", "nlq_val.json"}
-    assert len(list((corpus / "videos").glob("*.mp4"))) == 24
+                     "qa_videos.csv", "retrieval_train.json", "retrieval_test.json", "retrieval_test_didemo.json",
+                     "twins_test.json", "qa_train.json", "qa_test.json", "qa_answers.json", "egoclip.csv",
+                     "egomcq.json", "ego_taxonomy.json", "nlq_train.json", "nlq_val.json"}
+    assert len(list((corpus / "videos").glob("*.mp4"))) == 32
     rows = read_webvid(corpus)
     assert list(rows[0]) == ["videoid", "contentUrl", "duration", "page_dir", "name", "family", "variant"]
     assert len(rows) == 8 and all(r["contentUrl"].startswith("file:///") for r in rows)
@@ -130,10 +130,14 @@ def test_retrieval_qa_and_twins_files(corpus):
     assert sorted(p["kind"] for p in pairs) == ["order"] * 4 + ["reverse"] * 4
     didemo = json.loads((corpus / "retrieval_test_didemo.json").read_text())
     assert all(isinstance(d["caption"], list) and len(d["caption"]) == 2 for d in didemo)
+    finetune = json.loads((corpus / "retrieval_train.json").read_text())
+    assert len(finetune) == 8 and not {f["video"] for f in finetune} & set(by_id)  # a disjoint train split
     answers = json.loads((corpus / "qa_answers.json").read_text())
     downstream = {r["id"]: r["caption"] for r in csv.DictReader(open(corpus / "downstream_videos.csv"))}
+    assert {f["video"] for f in finetune} | set(by_id) <= set(downstream)
     qa = json.loads((corpus / "qa_train.json").read_text()) + json.loads((corpus / "qa_test.json").read_text())
     assert len(qa) == 8 * 3
+    assert {r["id"] for r in csv.DictReader(open(corpus / "qa_videos.csv"))} == {q["video"] for q in qa}
     train_videos = {q["video"] for q in json.loads((corpus / "qa_train.json").read_text())}
     test_videos = {q["video"] for q in json.loads((corpus / "qa_test.json").read_text())}
     assert train_videos and test_videos and not train_videos & test_videos
@@ -141,15 +145,15 @@ def test_retrieval_qa_and_twins_files(corpus):
         assert q["answer"] in answers
         first, second = parse(downstream[q["video"]])
         text = q["question"]
-        if text == "what color is the shape that moves first?":
-            assert q["answer"] == first[0]
-        elif text == "what shape moves second?":
-            assert q["answer"] == second[1]
-        elif text.startswith("which way does the "):
+        if q["type"] == "first":
+            assert text == "what moves first?" and q["answer"] == f"{first[0]} {first[1]}"
+        elif q["type"] == "second":
+            assert text == "what moves second?" and q["answer"] == f"{second[0]} {second[1]}"
+        elif q["type"] == "direction":
             obj = tuple(text[len("which way does the "):-len(" move?")].split())
-            expected = first[2] if obj == first[:2] else second[2]
-            assert q["answer"] == expected
+            assert q["answer"] == (first[2] if obj == first[:2] else second[2])
         else:
+            assert q["type"] == "before"
             m = re.match(r"does the (\w+) (\w+) move before the (\w+) (\w+)\?", text)
             assert q["answer"] == ("yes" if (m[1], m[2]) == first[:2] else "no")
 

@@ -217,6 +217,21 @@ def test_folder_videos_named_by_their_annotations(tmp_path):
                                                    "folder gone/)"}
 
 
+def test_several_id_lists_extract_the_union(tmp_path):
+    """--ids TEST TRAIN (a finetuning dataset read in place): the videos of both splits, once each."""
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name, level in (("a.mp4", 10), ("b.mp4", 20), ("c.mp4", 30), ("unlisted.mp4", 40)):
+        gray_video(src / name, [level])
+    test, train = tmp_path / "test.json", tmp_path / "train.json"
+    test.write_text('[{"video": "a.mp4"}, {"video": "b.mp4"}]')
+    train.write_text('[{"video": "b.mp4"}, {"video": "c.mp4"}]')
+    out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
+    assert cli.main(["--videos", str(src), "--ids", str(test), str(train), "--out", str(out),
+                     "--failures", str(failures), "--no-progress"]) == 0
+    assert sorted(FrameStore(out).shard_of) == ["a.mp4", "b.mp4", "c.mp4"]
+    assert read_failures(failures) == {}
+
 def test_shards_partition_the_videos(tmp_path):
     """Shard i of the extraction holds exactly the videos shard i of the download fetched."""
     items = [dl.VideoItem(i, f"v{i}", None) for i in range(50)]

@@ -22,11 +22,11 @@ BERT_BASE = dict(preset="bert_base", vocab_size=30522, width=768, depth=12, head
                  fusion_layers=3, max_position_embeddings=512, type_vocab_size=2, dropout=0.1, layer_norm_eps=1e-12,
                  pad_token_id=0, multimodal_prune_layers=[1], init_std=0.02)
 PRETRAIN = dict(  # Table 9 pretraining columns' shared rows, appendix A.3, released code (mlm, min lr)
-    objectives={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}, epochs=10, warmup_epochs=1, weight_decay=0.02,
+    task="pairs", objectives={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}, epochs=10, warmup_epochs=1, weight_decay=0.02,
     betas=[0.9, 0.999], mlm_prob=0.5, min_lr_ratio=0.01, egonce_temperature=0.05, max_steps=None, grad_accum=1,
     clip_grad_norm=None, precision="auto", compile=False, device="auto", seed=0, deterministic=None,
     data=dict(kind="webvid", text_len=32, flip=True, scale=[0.5, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
-              twin_batches=False, num_nouns=582, num_verbs=118))
+              twin_batches=False, num_nouns=582, num_verbs=118, paragraph=False))
 # Table 9: frames -> batch, lr, (K_l, K_r, G), (q_v, q_m); Table 7: S. Stage 1 is Table 3's dense
 # single-frame "1_0" (not in Table 9: its T = 4 column's batch and learning rate).
 CHAIN = {
@@ -128,3 +128,81 @@ def test_overlays_after_the_paper_config_still_merge(tmp_path):
                     "configs/cluster.yaml").stdout
     stages = stage_configs(out)
     assert stages["stage3"]["grad_accum"] == 4 and stages["stage3"]["mlm_prob"] == 0.5
+
+
+# ---------------------------------------------------------------------------------- finetuning
+# Table 9's finetuning columns (retrieval): T = 4 / 8 / 16 from the chain's stage of that clip
+# length, 15 epochs, no warm-up, batch 64 / 48 / 32, lr 1e-5, weight decay 0.02, (1, 3, 56),
+# (q_v, q_m) = (0.7, 0.1) / (0.6, 0.1) / (0.5, 0.1); VTC + VTM. DiDeMo: paragraphs of 64 tokens.
+FINETUNE_RETRIEVAL = {
+    "stage2": dict(frames=4, batch_size=64, keep=(0.7, 0.1)),
+    "stage3": dict(frames=8, batch_size=48, keep=(0.6, 0.1)),
+    "stage4": dict(frames=16, batch_size=32, keep=(0.5, 0.1)),
+}
+RETRIEVAL_DATASETS = ("msrvtt", "didemo", "charades", "ssv2_label", "ssv2_template")
+# Video QA from the 8-frame stage: 8 frames, batch 128, lr 5e-5, 5 epochs (AGQA 1), question 25
+# and answer 5 tokens, a 3-layer decoder from the fusion layers.
+QA_DATASETS = ("msrvtt_qa", "anet_qa", "agqa")
+FINETUNE_SHARED = dict(  # what every finetuning job shares; the rest are svitt.train's defaults
+    epochs=15, warmup_epochs=0, lr=1e-5, weight_decay=0.02, betas=[0.9, 0.999], mlm_prob=0.15, min_lr_ratio=0.0,
+    egonce_temperature=0.05, max_steps=None, grad_accum=1, clip_grad_norm=None, precision="auto", compile=False,
+    device="auto", seed=0, deterministic=None,
+    data=dict(kind="webvid", text_len=32, flip=True, scale=[0.5, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
+              twin_batches=False, num_nouns=582, num_verbs=118, paragraph=False))
+
+
+def _expected_finetune(name, task, frames, batch_size, keep, **changes):
+    cfg = copy.deepcopy(FINETUNE_SHARED)
+    video = dict(BEIT_BASE, frames=frames, local_blocks=1, random_blocks=3, block_size=56, visual_keep=keep[0])
+    text = dict(BERT_BASE, multimodal_keep=keep[1])
+    cfg.update(name=name, task=task, batch_size=batch_size,
+               objectives={"vtc": 1.0, "vtm": 1.0} if task == "pairs" else {"qa": 1.0},
+               model=dict(video=video, text=text, embed_dim=256, temperature=0.07, video_weights=None, text_weights=None))
+    for key, value in changes.items():
+        if key == "data":
+            cfg["data"].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def _finetune_jobs(dry_run: str) -> dict[str, dict]:
+    import json
+    import re
+
+    return {json.loads(m[1])["name"]: json.loads(m[1])
+            for m in re.finditer(r"finetune\.py --config-json '(\{.*?\})'", dry_run)}
+
+
+def _resolved_finetune(entry, init_stage):
+    """What finetune.py trains with: the entry over the init's model (its model.json's model_config)."""
+    from svitt.train import finetune_config
+
+    return _resolved(finetune_config(entry, resolve_model_config(init_stage["model"])))
+
+
+def _assert_equal(resolved, expected, name):
+    assert set(resolved) == set(expected), name
+    for key in expected:
+        assert resolved[key] == pytest.approx(expected[key]) if isinstance(expected[key], float) \
+            else resolved[key] == expected[key], f"{name}.{key}: {resolved[key]!r} != {expected[key]!r}"
+
+
+def test_finetuning_jobs_resolve_to_table_9(paper_dry_run):
+    stages, jobs = stage_configs(paper_dry_run), _finetune_jobs(paper_dry_run)
+    expected_names = {f"retrieval/{d}/{s}" for d in RETRIEVAL_DATASETS for s in FINETUNE_RETRIEVAL}
+    expected_names |= {f"qa/{d}/stage3" for d in QA_DATASETS}
+    assert set(jobs) == expected_names
+    for stage, row in FINETUNE_RETRIEVAL.items():
+        assert stages[stage]["model"]["video"]["frames"] == row["frames"]  # finetuned at its stage's T
+        for dataset in RETRIEVAL_DATASETS:
+            name = f"retrieval/{dataset}/{stage}"
+            data = {"text_len": 64, "paragraph": True} if dataset == "didemo" else {}
+            _assert_equal(_resolved_finetune(jobs[name], stages[stage]),
+                          _expected_finetune(name, "pairs", **row, data=data), name)
+    for dataset in QA_DATASETS:
+        name = f"qa/{dataset}/stage3"
+        expected = _expected_finetune(name, "qa", frames=8, batch_size=128, keep=(0.6, 0.5), lr=5e-5,
+                                      epochs=1 if dataset == "agqa" else 5, decoder_layers=3,
+                                      data={"text_len": 25, "answer_len": 5})
+        _assert_equal(_resolved_finetune(jobs[name], stages["stage3"]), expected, name)

@@ -59,6 +59,22 @@ def test_demo_dag_runs_end_to_end(demo_run):
         assert (demo_run / f"results/figures/{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_demo_dag_finetunes_retrieval_and_qa_from_the_last_stage(demo_run):
+    for task in ("retrieval", "qa"):
+        folder = demo_run / f"results/finetune/{task}/demo_{task}/stage3"
+        info = json.loads((folder / "model.json").read_text())
+        assert info["steps"] >= 1 and (folder / "model.safetensors").stat().st_size > 0
+        assert info["train_config"]["task"] == {"retrieval": "pairs", "qa": "qa"}[task]
+        assert json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["step"] == info["steps"]
+    assert json.loads((demo_run / "results/finetune/qa/demo_qa/stage3/model.json").read_text())["frames"] == 8
+    retrieval = json.loads((demo_run / "results/eval/retrieval_finetuned/demo_retrieval/stage3.json").read_text())
+    assert retrieval["stage"] == "retrieval/demo_retrieval/stage3"
+    assert set(retrieval["metrics"]) >= {"t2v_r1", "v2t_r1"} and set(retrieval["metrics_vtm"]) >= {"t2v_r1"}
+    qa = json.loads((demo_run / "results/eval/qa/demo_qa/stage3.json").read_text())
+    assert set(qa["metrics"]) == {"overall", "first", "second", "direction", "before"}
+    assert qa["scoring"] == "sequence" and qa["unanswerable"] == 0 and qa["num_questions"] == 4 * 3
+
+
 def test_an_untouched_config_reruns_nothing(demo_run):
     assert planned_jobs(demo_run, "configs/test.yaml") == set()
 
@@ -125,6 +141,40 @@ def test_an_appended_32_frame_stage_is_scheduled_without_code_changes(demo_run):
     assert ("pretrain", "stage=stage3") not in jobs
 
 
+def test_adding_a_dataset_or_a_stage_reruns_only_its_own_jobs(demo_run):
+    """A paragraph-retrieval dataset (64 tokens) joins the evaluation list and stage2 the retrieval
+    finetuning list: only their jobs are planned, each with its own settings."""
+    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg["datasets"] = {"demo_didemo": {"videos": "resources/demo/downstream_videos.csv", "text_len": 64,
+                                       "annotations": "resources/demo/retrieval_test_didemo.json", "paragraph": True}}
+    # configs/test.yaml's own evaluation keys (the NLQ grounder's) stay: only the retrieval list changes
+    cfg["evaluation"]["retrieval"] = {"datasets": ["demo_retrieval", {"name": "demo_didemo", "rerank_k": 4}]}
+    cfg["finetune"]["retrieval"]["stages"] = ["stage3", "stage2"]
+    (demo_run / "configs/added.yaml").write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(demo_run, "configs/added.yaml") == {
+        ("download", "dataset=demo_didemo, index=000, shards=001"), ("extract_frames", "dataset=demo_didemo, index=000, shards=001"),
+        *{("eval_retrieval", f"dataset=demo_didemo, stage={s}") for s in ("stage1", "stage2", "stage3")},
+        ("plot_retrieval", "dataset=demo_didemo"),
+        ("finetune", "task=retrieval, dataset=demo_retrieval, stage=stage2"),
+        ("eval_finetuned_retrieval", "dataset=demo_retrieval, stage=stage2")}
+    shell = snakemake(demo_run, "-n", "-p", "--cores", "1", "--configfile", "configs/added.yaml",
+                      "--forcerun", "results/eval/retrieval/demo_retrieval/stage1.json",
+                      "results/eval/retrieval/demo_retrieval/stage1.json",
+                      "results/eval/retrieval/demo_didemo/stage1.json").stdout
+    settings = {m[2]: json.loads(m[1]) for m in re.finditer(r"--config-json '(\{.*?\})' --out results/eval/retrieval/"
+                                                             r"(\w+)/stage1.json", shell)}
+    assert settings["demo_didemo"] == {"batch_size": 32, "paragraph": True, "rerank_k": 4, "text_len": 64}
+    assert settings["demo_retrieval"] == {"batch_size": 32, "rerank_k": 8, "text_len": 32}
+
+
+def test_evaluation_settings_rerun_the_evaluation_not_the_finetuning(demo_run):
+    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg["evaluation"]["qa"] = {"scoring": "singularity"}
+    cfg["finetune"]["io"] = {"num_workers": 0, "checkpoint_every": 3, "log_every": 1}
+    (demo_run / "configs/scoring.yaml").write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(demo_run, "configs/scoring.yaml") == {("eval_qa", "dataset=demo_qa, stage=stage3")}
+
+
 @pytest.mark.parametrize("edit,message", [
     ({"pretrain": {"gpu": 1}}, "Additional properties are not allowed \\('gpu' was unexpected\\)"),
     ({"frames": {"short_side": "big"}}, "'big' is not of type 'integer'"),
@@ -154,7 +204,8 @@ def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
         f"stage={s}" for s in ("stage1", "stage2", "stage3", "stage4", "egoclip", "egoclip_k5")}
     # WebVid is downloaded shard by shard; folder datasets are read in place (no download job)
     assert {w for r, w in jobs if r == "download"} == {f"dataset=webvid, index={i:03d}, shards=256" for i in range(256)}
-    assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 128 + 4 + 16
+    # msrvtt, didemo, charades, ssv2_label (8), ssv2_template (8), msrvtt_qa, anet_qa, agqa: finetuning datasets
+    assert sum(r == "extract_frames" for r, _ in jobs) == 256 + 1 + 1 + 1 + 8 + 8 + 1 + 1 + 1 + 128 + 4 + 16
     assert {("nlq_videos", ""), ("nlq_features", "stage=egoclip"), ("ground", "stage=egoclip")} <= jobs
     assert {("eval_egomcq", "stage=egoclip"), ("eval_egomcq", "stage=egoclip_k5")} <= jobs
     assert {r for r, _ in jobs} >= {"plot_training", "plot_retrieval", "plot_egomcq", "plot_sparsity"}

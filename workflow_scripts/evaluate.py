@@ -5,10 +5,14 @@
         --tokenizer DIR --out results/eval/retrieval/<dataset>/<stage>.json
     python workflow_scripts/evaluate.py egomcq --model M --shards ... --annotations egomcq.json \\
         --tokenizer DIR --out results/eval/egomcq/<stage>.json
+    python workflow_scripts/evaluate.py qa --model results/finetune/qa/<dataset>/<stage>/model.safetensors \\
+        --shards ... --annotations qa_test.json --answer-list answers.json --tokenizer DIR --out ...
 
 Settings (JSON, what the workflow passes): each task's SETTINGS in svitt/evaluation/<task>.py
-(retrieval: batch_size, rerank_k, text_len; egomcq: frames, text_len). `frames` evaluates the
-model at another clip length. The JSON written holds the metrics (percent) and the settings used.
+(retrieval: batch_size, rerank_k, text_len, vtm_score, paragraph; egomcq: frames, text_len; qa: batch_size,
+rerank_k, scoring). `frames` evaluates the model at another clip length; a setting given as null
+takes the model's training value (QA's question and answer lengths). The JSON written holds the
+metrics (percent) and the settings used.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, type=Path, help="model.safetensors (model.json beside it)")
     p.add_argument("--shards", nargs="+", required=True)
     p.add_argument("--annotations", required=True)
+    p.add_argument("--answer-list", help="QA: the dataset's answer list (JSON list of strings)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--config-json", default="{}", help="task settings as JSON")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -49,15 +54,17 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    model, info = load_exported(args.model, frames=settings.get("frames"))
+    model, info = getattr(module, "load_model", load_exported)(args.model, frames=settings.get("frames"))
     video = model.cfg["video"]
     data_cfg = info["train_config"]["data"]  # normalise as in training
+    settings.update({k: data_cfg[k] for k, v in settings.items() if v is None and k in data_cfg})
     transform = EvalTransform(size=video["image_size"], mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
     collator = PairCollator(load_tokenizer(args.tokenizer), settings["text_len"])
-    dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform)
+    files = {"answer_list": args.answer_list} if args.answer_list else {}
+    dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform, settings, **files)
     result = module.run(model, dataset, collator, settings, device=device, progress=not args.no_progress)
     result.update({"task": args.task, "model": str(args.model), "stage": info["name"],
-                   "frames": video["frames"], "settings": settings})
+                   "frames": video["frames"], "settings": settings, **files})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(json.dumps(result.get("metrics")))

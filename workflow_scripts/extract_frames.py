@@ -39,9 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failed-fraction", type=float, default=0.05)
     p.add_argument("--clips", type=Path, help="tab-separated egoclip.csv: extract its clips")
     p.add_argument("--mcq", type=Path, help="egomcq.json: extract the clips of its queries and choices")
-    p.add_argument("--ids", type=Path,
-                   help="with a --videos folder: the videos to extract, from a video list or annotation file "
-                        "(nlq_videos.tsv, egomcq.json, a retrieval / QA JSON list); default every video there")
+    p.add_argument("--ids", type=Path, nargs="+",
+                   help="with a --videos folder: the videos to extract, from video lists or annotation files "
+                        "(nlq_videos.tsv, egomcq.json, retrieval / QA JSON lists: a test and a finetuning "
+                        "split); default every video there")
     p.add_argument("--num-shards", type=int, default=1, help="split the videos into this many shards")
     p.add_argument("--shard-index", type=int, default=0, help="which shard this call writes")
     p.add_argument("--no-progress", action="store_true")
@@ -103,7 +104,7 @@ def plan_jobs(args) -> tuple[list, list[tuple[str, str]]]:
         clips = {uid: items for uid, items in clips.items() if mine(uid)}
     not_found = []
     if args.videos.is_dir() and (clips is not None or args.ids):
-        wanted = list(clips) if clips is not None else [item.id for item in dl.read_video_list(args.ids)]
+        wanted = list(clips) if clips is not None else [item.id for path in args.ids for item in dl.read_video_list(path)]
         sources, not_found = fr.local_sources(args.videos, [v for v in dict.fromkeys(wanted) if v and mine(v)])
     else:
         if args.ids:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Generate the embedded demo corpus: synthetic H.264 clips with order-dependent captions,
-time-reversed and event-order twins, retrieval/QA annotations, an egocentric part (egoclip.csv,
-egomcq.json, Ego4D NLQ nlq_train.json / nlq_val.json) and a BERT WordPiece vocabulary. Deterministic from --seed. The folder is built under
+time-reversed and event-order twins, retrieval annotations (test and finetuning splits),
+order-dependent QA with an answer list, an egocentric part (egoclip.csv, egomcq.json, Ego4D NLQ
+nlq_train.json / nlq_val.json) and a BERT WordPiece vocabulary. Deterministic from --seed. The folder is built under
 a temporary name and renamed when complete. Layout: docs/data.md.
 """
 from __future__ import annotations
@@ -24,7 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-videos", type=int, default=d_sizes.train_videos, help="multiple of 4")
     p.add_argument("--test-videos", type=int, default=d_sizes.test_videos, help="multiple of 4")
     p.add_argument("--qa-videos", type=int, default=d_sizes.qa_videos, help="multiple of 4 (3/4 train, 1/4 test)")
-    p.add_argument("--qa-questions-per-video", type=int, default=d_sizes.qa_questions_per_video)
+    p.add_argument("--qa-questions-per-video", type=int, default=d_sizes.qa_questions_per_video,
+                   help="of the 4 order-dependent question types")
+    p.add_argument("--finetune-videos", type=int, default=d_sizes.finetune_videos,
+                   help="multiple of 4: the retrieval finetuning split (retrieval_train.json)")
     p.add_argument("--ego-train-videos", type=int, default=d_sizes.ego_train_videos)
     p.add_argument("--ego-mcq-videos", type=int, default=d_sizes.ego_mcq_videos,
                    help="held-out ego videos for EgoMCQ (>= 5 when there are questions)")
@@ -43,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="encoding threads")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("train_videos", "test_videos", "qa_videos"):
+    for name in ("train_videos", "test_videos", "qa_videos", "finetune_videos"):
         value = getattr(args, name)
         if value < 0 or value % 4:
             p.error(f"--{name.replace('_', '-')} must be a non-negative multiple of 4 "
@@ -54,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = DemoSizes(args.train_videos, args.test_videos, args.qa_videos, args.qa_questions_per_video,
-                      args.ego_train_videos, args.ego_mcq_videos, args.ego_mcq_questions, args.ego_seconds)
+                      args.ego_train_videos, args.ego_mcq_videos, args.ego_mcq_questions, args.ego_seconds,
+                      finetune_videos=args.finetune_videos)
     geometry = DemoGeometry(args.size, args.frames, args.fps, args.object_size, args.travel, args.ego_fps,
                             args.ego_chunk_seconds, ego_nlq_clip_seconds=args.ego_nlq_clip_seconds)
     try:

@@ -172,16 +172,17 @@ class ClipDataset(Dataset):
 # ----------------------------------------------------------------------------------------------
 # Pretraining pairs
 # ----------------------------------------------------------------------------------------------
-def read_caption_table(path: str | Path, group_column: str | None = "family") -> list[dict]:
+def read_caption_table(path: str | Path, group_column: str | None = "family", paragraph: bool = False) -> list[dict]:
     """Rows {id, caption, group} of a WebVid CSV, a generic id,...,caption CSV or a JSON list
-    [{"video", "caption"}] (captions that are lists give one row each)."""
+    [{"video", "caption"}] (Singularity's layout). A caption list gives one row per sentence, or with
+    `paragraph` one row of the sentences joined by spaces (DiDeMo paragraph retrieval)."""
     path = Path(path)
     if path.suffix == ".json":
-        with open(path, encoding="utf-8") as handle:
-            items = json.load(handle)
         rows = []
-        for item in items:
+        for item in read_annotation_list(path, ("video", "caption")):
             captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
+            if paragraph:
+                captions = [" ".join(captions)]
             rows += [{"id": str(item["video"]), "caption": c, "group": item.get(group_column or "")}
                      for c in captions]
         return rows
@@ -199,17 +200,56 @@ def read_caption_table(path: str | Path, group_column: str | None = "family") ->
         return [{"id": r[id_col], "caption": r[cap_col], "group": r[group] if group else None} for r in reader]
 
 
+def read_annotation_list(path: str | Path, required: tuple[str, ...]) -> list[dict]:
+    """A JSON list of annotation entries (Singularity's layout), every entry holding `required`;
+    a missing key is an error naming the file, the entry index and the key."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as handle:
+        items = json.load(handle)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of entries with keys {list(required)}, got a "
+                         f"{type(items).__name__}")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: entry {index} is a {type(item).__name__}, expected an object with keys "
+                             f"{list(required)}")
+        missing = [key for key in required if key not in item]
+        if missing:
+            raise ValueError(f"{path}: entry {index} has no '{missing[0]}' key (has {sorted(item)}; every entry "
+                             f"needs {list(required)})")
+    return items
+
+
+def _video_stem(video_id: str) -> str:
+    stem, ext = os.path.splitext(video_id)
+    return stem if ext.lower() in VIDEO_EXTENSIONS else video_id
+
+
+def annotation_videos(path: str | Path) -> set[str]:
+    """The videos an annotation file names (caption CSV/JSON or QA JSON), file extensions dropped."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return {_video_stem(str(item["video"])) for item in read_annotation_list(path, ("video",))}
+    return {_video_stem(row["id"]) for row in read_caption_table(path, None)}
+
+
+def split_overlap(train_annotations: str | Path, test_annotations: str | Path) -> list[str]:
+    """Videos named by both a finetuning split and its test split, sorted."""
+    return sorted(annotation_videos(train_annotations) & annotation_videos(test_annotations))
+
+
 class VideoTextDataset(ClipDataset):
     """Pretraining pairs: {"video": [T,3,H,W], "caption": str, "video_id": str, "index": int}.
 
     `groups[i]` (the annotation's `family` column when present, else None) feeds TwinBatchSampler.
+    `paragraph`: a JSON caption list is one text (read_caption_table).
     """
 
     def __init__(self, shards, annotations, num_frames: int, transform=None, *, train: bool = True,
-                 seed: int | None = None, group_column: str | None = "family"):
+                 seed: int | None = None, group_column: str | None = "family", paragraph: bool = False):
         super().__init__(shards, num_frames, transform, train, seed)
         self.rows = []
-        for row in read_caption_table(annotations, group_column):
+        for row in read_caption_table(annotations, group_column, paragraph):
             row["id"] = _resolve_id(self.store, row["id"])
             if row["id"] in self.store:
                 self.rows.append(row)
@@ -243,8 +283,7 @@ class RetrievalDataset(ClipDataset):
 
     def __init__(self, shards, annotation, num_frames: int, transform=None, *, paragraph: bool = False):
         super().__init__(shards, num_frames, transform, train=False, seed=None)
-        with open(annotation, encoding="utf-8") as handle:
-            items = json.load(handle)
+        items = read_annotation_list(annotation, ("video", "caption"))
         self.video_ids: list[str] = []
         self.texts: list[str] = []
         self.text_to_video: list[int] = []
@@ -297,27 +336,51 @@ class RetrievalDataset(ClipDataset):
 # QA
 # ----------------------------------------------------------------------------------------------
 class QADataset(ClipDataset):
-    """MSRVTT-QA style [{"video", "question", "answer"}]; items {"video", "question", "answer",
-    "answer_index" (into `answer_list`, -1 if absent), "video_id", "index"}."""
+    """Open-ended QA in Singularity's layout [{"video", "question", "answer", "type" (optional)}].
+
+    Items: {"video", "question", "answer", "answer_index" (into `answer_list`, -1 if absent),
+    "type" ("" when the entry has none), "video_id", "index"}. `answer_list` is a JSON list file
+    or a list (default: the file's own answers, sorted). Questions whose answer is not in the list
+    stay in the dataset (an evaluation counts them as wrong): `unanswerable` holds their indices.
+    An entry without video, question or answer is an error naming the file, the entry and the key.
+    """
+
+    KEYS = ("video", "question", "answer")
 
     def __init__(self, shards, annotation, num_frames: int, transform=None, *, answer_list=None,
                  train: bool = False, seed: int | None = None):
         super().__init__(shards, num_frames, transform, train, seed)
-        with open(annotation, encoding="utf-8") as handle:
-            items = json.load(handle)
+        items = read_annotation_list(annotation, self.KEYS)
         if isinstance(answer_list, (str, os.PathLike)):
-            with open(answer_list, encoding="utf-8") as handle:
-                answer_list = json.load(handle)
-        self.answer_list = list(answer_list) if answer_list is not None else sorted({i["answer"] for i in items})
+            answer_list = self._read_answer_list(answer_list)
+        self.answer_list = list(answer_list) if answer_list is not None else sorted({str(i["answer"]) for i in items})
         self.answer_index = {a: k for k, a in enumerate(self.answer_list)}
         self.items = []
         for item in items:
             video_id = _resolve_id(self.store, str(item["video"]))
             if video_id in self.store:
-                self.items.append({**item, "video": video_id})
+                self.items.append({**item, "video": video_id, "answer": str(item["answer"]),
+                                   "type": str(item["type"]) if item.get("type") is not None else ""})
             else:
                 self.missing.append(video_id)
         self._require(len(self.items), "question", annotation)
+        self.unanswerable = [i for i, item in enumerate(self.items) if item["answer"] not in self.answer_index]
+
+    @staticmethod
+    def _read_answer_list(path) -> list[str]:
+        with open(path, encoding="utf-8") as handle:
+            answers = json.load(handle)
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{path}: expected a non-empty JSON list of answer strings")
+        return answers
+
+    @property
+    def answers(self) -> list[str]:
+        return [item["answer"] for item in self.items]
+
+    @property
+    def types(self) -> list[str | None]:
+        return [item["type"] or None for item in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -326,8 +389,8 @@ class QADataset(ClipDataset):
         item = self.items[index]
         video = self.load_clip(item["video"], self._rng(index) if self.train else None)
         return {"video": video, "question": item["question"], "answer": item["answer"],
-                "answer_index": self.answer_index.get(item["answer"], -1), "video_id": item["video"],
-                "index": index}
+                "answer_index": self.answer_index.get(item["answer"], -1), "type": item["type"],
+                "video_id": item["video"], "index": index}
 
 
 # ----------------------------------------------------------------------------------------------

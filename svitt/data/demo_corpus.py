@@ -14,6 +14,10 @@ rev/swaprev are event-order twins. A model that ignores frame order scores exact
 time-reversed twins. The event of each half spans half the clip, so with T = 4 frames and
 2-frame tubelets each tubelet sees one event's motion.
 
+Downstream splits (families disjoint from the pretraining and test families): `finetune`, a
+retrieval train split (retrieval_train.json), and `qa`, questions whose answers need the order of
+events ("what moves first?", "which way does the blue square move?"), typed and with an answer list.
+
 The egocentric part: long videos of a scene with three objects and the camera wearer's hand,
 narrated every couple of seconds ("#C C lifts the red ball"), written as egoclip.csv and
 egomcq.json in the official layouts, and Ego4D NLQ queries over clips of the same videos ("when
@@ -106,6 +110,7 @@ class DemoSizes:
     ego_mcq_videos: int = 5
     ego_mcq_questions: int = 40
     ego_seconds: float = 90.0
+    finetune_videos: int = 0  # retrieval finetuning split
 
 
 @dataclass
@@ -281,7 +286,8 @@ def plan_clips(sizes: DemoSizes, rng: np.random.Generator) -> tuple[list[Clip], 
     """Clips of every split (disjoint families) and the (A, B) events of each family."""
     counts = {"train": _family_count(sizes.train_videos, "--train-videos"),
               "test": _family_count(sizes.test_videos, "--test-videos"),
-              "qa": _family_count(sizes.qa_videos, "--qa-videos")}
+              "qa": _family_count(sizes.qa_videos, "--qa-videos"),
+              "finetune": _family_count(sizes.finetune_videos, "--finetune-videos")}
     families = all_families()
     needed = sum(counts.values())
     if needed > len(families):
@@ -302,20 +308,28 @@ def plan_clips(sizes: DemoSizes, rng: np.random.Generator) -> tuple[list[Clip], 
 # ----------------------------------------------------------------------------------------------
 # QA
 # ----------------------------------------------------------------------------------------------
+QA_TYPES = ("first", "second", "direction", "before")
+
+
 def qa_pairs(clip: Clip, count: int, rng: np.random.Generator) -> list[dict]:
-    """MSRVTT-QA style one-word questions about order and direction."""
+    """`count` of the four question types (QA_TYPES), MSRVTT-QA style with a `type` field.
+
+    Each needs the order of events: the clip's event-order twin swaps what moves first and second
+    and whether one object moves before the other, its time-reversed twin flips both directions,
+    and every twin shows the same two objects. So a model blind to frame order answers at chance
+    (one of two objects, one of two directions along the axis of motion, yes or no)."""
     f, s = clip.first, clip.second
-    before = (rng.random() < 0.5)
+    asked_first = rng.random() < 0.5  # which object the direction / before questions name
+    asked, other = (f, s) if asked_first else (s, f)
     candidates = [
-        ("what color is the shape that moves first?", f.color),
-        ("what shape moves second?", s.shape),
-        (f"which way does {f.noun_phrase} move?", f.direction),
-        (f"which way does {s.noun_phrase} move?", s.direction),
-        ((f"does {f.noun_phrase} move before {s.noun_phrase}?", "yes") if before else
-         (f"does {s.noun_phrase} move before {f.noun_phrase}?", "no")),
+        ("first", "what moves first?", f"{f.color} {f.shape}"),
+        ("second", "what moves second?", f"{s.color} {s.shape}"),
+        ("direction", f"which way does {asked.noun_phrase} move?", asked.direction),
+        ("before", f"does {asked.noun_phrase} move before {other.noun_phrase}?", "yes" if asked_first else "no"),
     ]
-    chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
-    return [{"video": clip.id, "question": candidates[i][0], "answer": candidates[i][1]} for i in sorted(chosen)]
+    chosen = sorted(rng.choice(len(candidates), size=min(count, len(candidates)), replace=False))
+    return [{"video": clip.id, "question": candidates[i][1], "answer": candidates[i][2], "type": candidates[i][0]}
+            for i in chosen]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,7 +658,9 @@ def _swap_in(tmp: Path, final: Path) -> None:
 def _generate(tmp: Path, final: Path, seed: int, sizes: DemoSizes, geo: DemoGeometry,
               rng: np.random.Generator, workers: int, progress: bool) -> dict:
     clips, events = plan_clips(sizes, rng)
-    family_seeds = {key: int(rng.integers(2**63)) for key in events}
+    # The finetune split draws from its own generator: adding it changes no other part of the corpus.
+    extra = np.random.default_rng([seed, 1])
+    family_seeds = {key: int((extra if key[0] == "finetune" else rng).integers(2**63)) for key in events}
 
     jobs = [(tmp / "videos" / f"{split}_{family:05d}", *events[(split, family)], family_seeds[(split, family)], geo)
             for split, family in events]
@@ -655,10 +671,10 @@ def _generate(tmp: Path, final: Path, seed: int, sizes: DemoSizes, geo: DemoGeom
     train = [c for c in clips if c.split == "train"]
     _write_csv(tmp / "webvid_train.csv", ["videoid", "contentUrl", "duration", "page_dir", "name", "family", "variant"],
                [[c.id, url[c.id], duration, "demo", c.caption, f"train_{c.family:05d}", c.variant] for c in train])
-    downstream = [c for c in clips if c.split in ("test", "qa")]
-    _write_csv(tmp / "downstream_videos.csv", ["id", "url", "caption"],
-               [[c.id, url[c.id], c.caption] for c in downstream])
-    _write_retrieval(tmp, [c for c in clips if c.split == "test"], train)
+    for name, splits in (("downstream_videos.csv", ("test", "qa", "finetune")), ("qa_videos.csv", ("qa",))):
+        _write_csv(tmp / name, ["id", "url", "caption"],
+                   [[c.id, url[c.id], c.caption] for c in clips if c.split in splits])
+    _write_retrieval(tmp, [c for c in clips if c.split == "test"], [c for c in clips if c.split == "finetune"])
     texts = [c.caption for c in clips]
     texts += _write_qa(tmp, [c for c in clips if c.split == "qa"], sizes, rng)
     ego_texts, ego_summary = _write_ego(tmp, final, sizes, geo, rng, workers, progress)
@@ -666,14 +682,14 @@ def _generate(tmp: Path, final: Path, seed: int, sizes: DemoSizes, geo: DemoGeom
     vocab = write_vocab(tmp / "tokenizer", texts)
     return {
         "format_version": FORMAT_VERSION, "seed": seed, "sizes": asdict(sizes), "geometry": asdict(geo),
-        "videos": {split: sum(c.split == split for c in clips) for split in ("train", "test", "qa")},
+        "videos": {split: sum(c.split == split for c in clips) for split in ("train", "test", "qa", "finetune")},
         "ego": ego_summary, "vocab_size": len(vocab.read_text().split("\n")) - 1,
         "variants": {"fwd": "A then B", "rev": "fwd reversed in time", "swap": "B then A",
                      "swaprev": "swap reversed in time"},
     }
 
 
-def _write_retrieval(tmp: Path, test: list[Clip], train: list[Clip]) -> None:
+def _write_retrieval(tmp: Path, test: list[Clip], finetune: list[Clip]) -> None:
     twin = {"fwd": ("rev", "swap"), "rev": ("fwd", "swaprev"), "swap": ("swaprev", "fwd"),
             "swaprev": ("swap", "rev")}
     items, pairs, paragraphs = [], [], []
@@ -690,7 +706,8 @@ def _write_retrieval(tmp: Path, test: list[Clip], train: list[Clip]) -> None:
     _write_json(tmp / "retrieval_test.json", items)
     _write_json(tmp / "retrieval_test_didemo.json", paragraphs)
     _write_json(tmp / "twins_test.json", pairs)
-    _write_json(tmp / "retrieval_train.json", [{"video": c.id, "caption": c.caption} for c in train])
+    _write_json(tmp / "retrieval_train.json", [{"video": c.id, "caption": c.caption, "family": f"finetune_{c.family:05d}",
+                                                 "variant": c.variant} for c in finetune])
 
 
 def _write_qa(tmp: Path, qa_clips: list[Clip], sizes: DemoSizes, rng: np.random.Generator) -> list[str]:

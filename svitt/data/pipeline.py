@@ -2,7 +2,8 @@
 
 Batches are dicts of tensors: video [B, T, 3, H, W], input_ids / attention_mask [B, L], and for
 EgoClip nouns [B, num_nouns] / verbs [B, num_verbs]; EgoClip's scene-aware negatives are appended
-to the batch (B anchors + B negatives), as EgoVLP does.
+to the batch (B anchors + B negatives), as EgoVLP does. QA batches: the question as input_ids /
+attention_mask [B, Lq] and the answer as answer_ids / answer_mask [B, La] ([CLS] answer [SEP]).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from svitt.data.datasets import EgoClipDataset, VideoTextDataset
+from svitt.data.datasets import EgoClipDataset, QADataset, VideoTextDataset
 from svitt.data.samplers import TwinBatchSampler
 from svitt.data.transforms import TrainTransform
 
@@ -45,6 +46,28 @@ class PairCollator:
         if rows[0][2] is not None:
             batch["nouns"] = torch.stack([r[2] for r in rows])
             batch["verbs"] = torch.stack([r[3] for r in rows])
+        return batch
+
+
+class QACollator:
+    """Stack clips, tokenise questions (text_len) and answers (answer_len tokens, [CLS] and [SEP]
+    included, as Singularity's max_a_len). Raw answers and types ride along for evaluation."""
+
+    def __init__(self, tokenizer, text_len: int, answer_len: int):
+        self.tokenizer, self.text_len, self.answer_len = tokenizer, text_len, answer_len
+        self.questions = PairCollator(tokenizer, text_len)
+
+    def tokenize_answers(self, answers: list[str]) -> dict:
+        tokens = self.tokenizer(answers, padding="longest", truncation=True, max_length=self.answer_len,
+                                return_tensors="pt")
+        return {"answer_ids": tokens["input_ids"], "answer_mask": tokens["attention_mask"]}
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {"video": torch.stack([it["video"] for it in items]),
+                 **self.questions.tokenize([it["question"] for it in items]),
+                 **self.tokenize_answers([it["answer"] for it in items])}
+        batch["answer"] = [it["answer"] for it in items]
+        batch["type"] = [it.get("type", "") for it in items]
         return batch
 
 
@@ -86,7 +109,7 @@ def build_train_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, w
         groups = [None] * len(dataset)
     else:
         dataset = VideoTextDataset(data.shards, data.annotations, video["frames"], transform,
-                                   train=True, seed=cfg["seed"])
+                                   train=True, seed=cfg["seed"], paragraph=dcfg["paragraph"])
         groups = dataset.groups if dcfg["twin_batches"] else [None] * len(dataset)
     if len(dataset) < batch_size * world:
         raise ValueError(f"{len(dataset)} training clips in {data.annotations} cannot fill one batch "
@@ -94,4 +117,19 @@ def build_train_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, w
     sampler = TwinBatchSampler(groups, batch_size, rank=rank, world_size=world, seed=cfg["seed"],
                                drop_last=True)
     return TrainLoader(dataset, sampler, PairCollator(tokenizer, dcfg["text_len"]),
+                       dcfg["num_workers"], pin_memory=torch.cuda.is_available())
+
+
+def build_qa_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, world: int) -> TrainLoader:
+    """A QA finetuning split (`data.annotations`, Singularity's QA layout) as training batches."""
+    dcfg, video = cfg["data"], cfg["model"]["video"]
+    transform = TrainTransform(size=video["image_size"], scale=tuple(dcfg["scale"]), flip=dcfg["flip"],
+                               mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
+    dataset = QADataset(data.shards, data.annotations, video["frames"], transform, train=True, seed=cfg["seed"])
+    if len(dataset) < batch_size * world:
+        raise ValueError(f"{len(dataset)} training questions in {data.annotations} cannot fill one batch "
+                         f"of {batch_size} on each of {world} rank(s)")
+    sampler = TwinBatchSampler([None] * len(dataset), batch_size, rank=rank, world_size=world, seed=cfg["seed"],
+                               drop_last=True)
+    return TrainLoader(dataset, sampler, QACollator(tokenizer, dcfg["text_len"], dcfg["answer_len"]),
                        dcfg["num_workers"], pin_memory=torch.cuda.is_available())

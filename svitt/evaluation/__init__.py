@@ -4,6 +4,7 @@
     encode.py     the one embedding path: videos, texts, matching scores
     retrieval.py  text-video retrieval (+ temporal twins on the demo corpus)
     egomcq.py     EgoMCQ (SViTT-Ego)
+    qa.py         open-ended video QA with an answer decoder (answers ranked from a list)
     nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.grounding)
 
 Public names are re-exported here; the torch-backed ones are imported on first use, so
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 
 from svitt.evaluation.metrics import (EGOMCQ_TYPES, NLQ_IOUS, NLQ_KS, RECALL_KS, RERANK_CONVENTIONS,
-                                      TWIN_NAMES, egomcq_accuracy, nlq_metric_names, nlq_recall,
+                                      TWIN_NAMES, egomcq_accuracy, nlq_metric_names, nlq_recall, qa_accuracy,
                                       rerank_candidates, rerank_metrics, retrieval_metrics, temporal_iou,
                                       twin_accuracy)
 
@@ -22,13 +23,14 @@ _LAZY = {
     "video_loader": "encode", "embed_videos": "encode", "embed_texts": "encode", "vtm_scores": "encode",
     "evaluate_retrieval": "retrieval",
     "evaluate_egomcq": "egomcq",
+    "evaluate_qa": "qa",
     "window_starts": "nlq", "extract_window_features": "nlq",
 }
 
-TASKS = ("retrieval", "egomcq")  # modules with SETTINGS, build_dataset(...) and run(...)
+TASKS = ("retrieval", "egomcq", "qa")  # modules with SETTINGS, build_dataset(...) and run(...)
 
 __all__ = ["TASKS", "task", "EGOMCQ_TYPES", "NLQ_IOUS", "NLQ_KS", "RECALL_KS", "RERANK_CONVENTIONS",
-           "TWIN_NAMES", "egomcq_accuracy", "nlq_metric_names", "nlq_recall", "rerank_candidates",
+           "TWIN_NAMES", "egomcq_accuracy", "nlq_metric_names", "nlq_recall", "qa_accuracy", "rerank_candidates",
            "rerank_metrics", "retrieval_metrics", "temporal_iou", "twin_accuracy", *_LAZY]
 
 

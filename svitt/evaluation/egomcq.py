@@ -12,7 +12,7 @@ SETTINGS = {"frames": 4, "text_len": 32,  # SViTT-Ego evaluates EgoMCQ with 4 fr
             "frame_orders": list(FRAME_ORDERS), "shuffle_seed": 0}
 
 
-def build_dataset(shards, annotations, frames: int, transform):
+def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None):
     from svitt.data.datasets import EgoMCQDataset
 
     return EgoMCQDataset(shards, annotations, frames, transform)

@@ -46,8 +46,9 @@ def encode_clips(model, video: torch.Tensor, frame_order: str = "normal", seed: 
     return model.encode_video(reorder_frames(video, frame_order, seed))
 
 
-def video_loader(dataset, batch_size: int, num_workers: int):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def video_loader(dataset, batch_size: int, num_workers: int, collate_fn=None):
+    """The dataset's clips in order (collate_fn: for items with more than tensors, e.g. QA's)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn)
 
 
 def embed_videos(model, dataset, batch_size: int = 16, num_workers: int = 0, device="cpu",

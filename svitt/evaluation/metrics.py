@@ -1,5 +1,5 @@
-"""Evaluation metrics from score matrices: retrieval recall, EgoMCQ accuracy, twin accuracy, and
-NLQ recall at temporal IoU (from predicted windows).
+"""Evaluation metrics from score matrices: retrieval recall, EgoMCQ accuracy, twin accuracy, QA
+accuracy, and NLQ recall at temporal IoU (from predicted windows).
 
 Importable without torch (numpy only); tensors are accepted and converted.
 
@@ -220,6 +220,35 @@ def twin_accuracy(sim, pairs) -> dict[str, float]:
     for a, b, kind in pairs:
         correct.setdefault(kind, []).extend([sim[a, a] > sim[a, b], sim[b, b] > sim[b, a]])
     return {kind: float(100.0 * np.mean(hits)) for kind, hits in correct.items()}
+
+
+def qa_accuracy(predictions, answers, types=None) -> dict[str, float]:
+    """Open-ended QA accuracy in percent, exact string match (Singularity's eval_simple_qa_acc).
+
+    predictions, answers: lists of strings, one per question; types: optional list of question
+    type names (None entries count overall only). Returns {"overall": pct, "<type>": pct, ...}
+    with the types in sorted order. An answer the model could never produce (absent from the
+    answer list) still counts, as wrong, in every accuracy it belongs to.
+    """
+    predictions, answers = list(predictions), list(answers)
+    if len(predictions) != len(answers) or not answers:
+        raise ValueError(f"predictions and answers must be non-empty lists of one length, got "
+                         f"{len(predictions)} and {len(answers)}")
+    bad = [x for x in predictions + answers if not isinstance(x, str)][:3]
+    if bad:
+        raise ValueError(f"predictions and answers must be strings, got {bad!r}")
+    correct = np.array([p == a for p, a in zip(predictions, answers)], dtype=np.float64)
+    out = {"overall": float(100.0 * correct.mean())}
+    if types is not None:
+        types = list(types)
+        if len(types) != len(answers):
+            raise ValueError(f"types must have one entry per question ({len(answers)}), got {len(types)}")
+        for name in sorted({t for t in types if t is not None}):
+            if name == "overall":
+                raise ValueError("a question type may not be named 'overall'")
+            selected = np.array([t == name for t in types])
+            out[str(name)] = float(100.0 * correct[selected].mean())
+    return out
 
 
 def temporal_iou(windows, target) -> np.ndarray:

@@ -8,15 +8,17 @@ from svitt.evaluation.metrics import (RERANK_CONVENTIONS, TWIN_NAMES, rerank_can
                                       retrieval_metrics, reversal_twin_accuracy, twin_accuracy)
 from svitt.evaluation.probing import combine, over_frame_orders
 
-# evaluation.retrieval defaults; vtm_score: svitt.models.svitt.VTM_SCORES
-SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32, "vtm_score": "log_odds",
+# evaluation.retrieval defaults; vtm_score: svitt.models.svitt.VTM_SCORES; paragraph: a caption
+# list is one text (DiDeMo)
+SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32, "vtm_score": "log_odds", "paragraph": False,
             "frame_orders": list(FRAME_ORDERS), "shuffle_seed": 0}
 
 
-def build_dataset(shards, annotations, frames: int, transform):
+def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None):
     from svitt.data.datasets import RetrievalDataset
 
-    return RetrievalDataset(shards, annotations, frames, transform)
+    settings = {**SETTINGS, **(settings or {})}
+    return RetrievalDataset(shards, annotations, frames, transform, paragraph=settings["paragraph"])
 
 
 def run(model, dataset, collator, settings: dict, device="cpu", progress: bool = True) -> dict:

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from svitt import distributed as dist  # noqa: E402
 from svitt.models.svitt import SViTT  # noqa: E402
-from svitt.train import _optimizer_step  # noqa: E402
+from svitt.train import PairsTask, _optimizer_step  # noqa: E402
 
 BATCH = 8
 
@@ -44,7 +44,7 @@ def main(out: str, grad_accum: int = 1):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
     cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, ("vtc",), Tokenizer(),
+    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, PairsTask(), Tokenizer(),
                                device, "fp32")
     if rank == 0:
         named = list(model.named_parameters())
