@@ -1,5 +1,14 @@
 """Figures of the training curves, of the evaluation per stage, and of sparsity."""
 
+# Seconds of work each: on Slurm they run beside Snakemake instead of waiting in the queue.
+localrules:
+    all,
+    plot_training,
+    plot_sparsity,
+    plot_retrieval,
+    plot_egomcq,
+
+
 
 rule plot_training:
     input:

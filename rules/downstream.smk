@@ -18,9 +18,9 @@ rule eval_retrieval:
         "logs/eval/retrieval/{dataset}/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -49,9 +49,9 @@ rule eval_egomcq:
         "logs/eval/egomcq/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -76,9 +76,9 @@ rule nlq_features:
         "logs/nlq_features/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:

@@ -19,11 +19,17 @@ rule pretrain:
         stage="|".join(STAGES),
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("pretrain")
     resources:
-        gpu=config["pretrain"]["gpus"],
+        **gpu_resources("pretrain"),
         mem_mb=config["pretrain"]["mem_mb"],
         runtime=config["pretrain"]["runtime"],
+    # Training first: a stage takes the GPUs before evaluations and NLQ features that became
+    # ready at the same time (100 outweighs any number of priority-0 jobs, also for --scheduler ilp).
+    priority: 100
+    # A stage longer than `runtime` is a chain of jobs: each saves before its time limit
+    # (launch.py --save-before) and fails with 75, Snakemake submits the next, which resumes.
+    retries: config["pretrain"]["retries"]
     params:
         stage=lambda w: canonical(stage_config(w.stage)),
         init=init_flag,
