@@ -326,7 +326,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                                    logged)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", clips_s=f"{last['clips_per_s']:.1f}")
-                    if flags[1] > 0:
+                    if flags[1] > 0 and step < total:  # at the last step: finish instead
                         save()
                         raise Preempted(f"stage {cfg['name']} stopped (signal or time limit) at step {step}; "
                                         f"checkpoint saved to {ckpt_path}")

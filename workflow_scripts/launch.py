@@ -14,9 +14,11 @@ entries. The lock is held by every process of the job and released by the kernel
 exits.
 
 Time limits: inside a Slurm job the script is told (SVITT_STOP_AT) to save and stop --save-before
-seconds before the job's time limit; training then exits 75 and Snakemake's `retries` resubmit it,
-resuming from the checkpoint. SIGTERM, SIGUSR1 and SIGINT are passed on to the script; the
-script's exit code is returned (75 when it stopped for the time limit).
+seconds before the job's time limit (re-read from squeue while it runs); training then exits 75 and
+Snakemake's `retries` resubmit it, resuming from the checkpoint. (Slurm's own --signal cannot do
+this here: it reaches the Snakemake and shell processes around the job too, which die of it.)
+SIGTERM, SIGUSR1 and SIGINT are passed on to the script; the script's exit code is returned (75
+when it stopped for the time limit).
 """
 from __future__ import annotations
 
@@ -119,20 +121,48 @@ def log(message: str):
     print(f"launch: {message}", file=sys.stderr, flush=True)
 
 
-def arm_time_limit(env: dict, job_id: str, save_before: float) -> float | None:
-    """SVITT_STOP_AT: when the script is to save and stop (the job's end less save_before)."""
-    left = slurm_seconds_left(job_id)
-    if left is None:
-        log(f"Slurm job {job_id} has no time limit squeue can tell: no stop before it is set")
-        return None
-    stop_at = time.time() + left - save_before
-    env["SVITT_STOP_AT"] = f"{stop_at:.0f}"
-    log(f"Slurm job {job_id} ends in {left:.0f} s: training saves and stops {save_before:.0f} s before "
-        f"(at {time.strftime('%H:%M:%S', time.localtime(stop_at))})")
-    if left < 2 * save_before:
-        log(f"warning: that leaves {left - save_before:.0f} s of work per job; raise the rule's runtime "
-            f"or lower save_before")
-    return stop_at
+class TimeLimit:
+    """A Slurm job's end, less `save_before`: when training is to save and stop. The script learns
+    it at launch (SVITT_STOP_AT, read by every rank: no agent in between can kill a rank that is
+    still saving). squeue is asked again every `poll` seconds (SVITT_SLURM_POLL, default 60): when
+    the limit was shortened (scontrol update), the script gets SIGUSR1 at the new time instead."""
+
+    def __init__(self, job_id: str, save_before: float, poll: float):
+        self.job_id, self.save_before, self.poll = job_id, save_before, poll
+        self.stop_at = self.launch_stop_at = None
+        self.signalled = False
+
+    def _stop_time(self) -> float | None:
+        left = slurm_seconds_left(self.job_id)
+        return None if left is None else time.time() + left - self.save_before
+
+    def arm(self, env: dict):
+        self.stop_at = self.launch_stop_at = self._stop_time()
+        if self.stop_at is None:
+            log(f"Slurm job {self.job_id} has no time limit squeue can tell: no stop before it is set")
+            return
+        env["SVITT_STOP_AT"] = f"{self.stop_at:.0f}"
+        work = self.stop_at - time.time()
+        log(f"Slurm job {self.job_id} ends in {work + self.save_before:.0f} s: training saves and stops "
+            f"{self.save_before:.0f} s before (at {time.strftime('%H:%M:%S', time.localtime(self.stop_at))})")
+        if work < self.save_before:
+            log(f"warning: that leaves {work:.0f} s of work per job; raise the rule's runtime or lower save_before")
+
+    def check(self, child: subprocess.Popen):
+        if self.stop_at is None or self.signalled:
+            return
+        new = self._stop_time()
+        if new is not None and new < self.stop_at - 1:
+            log(f"the Slurm time limit of job {self.job_id} was shortened: training stops at "
+                f"{time.strftime('%H:%M:%S', time.localtime(new))}")
+            self.stop_at = new
+        if self.stop_at < self.launch_stop_at - 1 and time.time() >= self.stop_at:
+            log("asking the script to save and stop (SIGUSR1)")
+            child.send_signal(signal.SIGUSR1)
+            self.signalled = True
+
+    def passed(self) -> bool:
+        return self.stop_at is not None and time.time() >= self.stop_at
 
 
 def devices(args, env: dict, slurm: bool):
@@ -160,9 +190,13 @@ def main(argv=None) -> int:
                          f"job (SLURM_JOB_ID is not set); submit with --profile profiles/slurm")
     lease = devices(args, env, slurm=job_id is not None)
     log(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<Slurm, per node>')!r}")
-    stop_at = arm_time_limit(env, job_id, args.save_before) if job_id else None
+    limit = None
+    if job_id:
+        limit = TimeLimit(job_id, args.save_before, float(env.get("SVITT_SLURM_POLL") or 60))
+        limit.arm(env)
     if multi:
         cmd = srun_command(args.script, args.nodes, max(args.gpus, 1), args.threads, job_id)
+        log(" ".join(cmd))
     else:
         cmd = command(args.script, args.gpus)
     if "torch.distributed.run" in cmd:
@@ -172,14 +206,22 @@ def main(argv=None) -> int:
         child = subprocess.Popen(cmd, env=env, stdin=lease.file if lease else None)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda s, f: child.send_signal(s))
-        code = child.wait()
+        code = wait(child, limit)
     finally:
         if lease:
             lease.release()
-    if code != 0 and stop_at is not None and time.time() >= stop_at:
+    if code != 0 and limit is not None and limit.passed():
         log(f"stopped before the Slurm time limit (exit {code}); the next attempt resumes from the checkpoint")
         return STOPPED_EXIT_CODE
     return code if code >= 0 else 128 - code
+
+
+def wait(child: subprocess.Popen, limit: TimeLimit | None) -> int:
+    while True:
+        try:
+            return child.wait(timeout=limit.poll if limit else None)
+        except subprocess.TimeoutExpired:
+            limit.check(child)
 
 
 if __name__ == "__main__":
