@@ -224,6 +224,13 @@ def job_threads(section):
     return max(job_gpus(section), 1) * config[section]["threads_per_gpu"]
 
 
+def job_retries(section):
+    """Further jobs a stage may take after one stopped for its time limit (or failed). Counted by
+    the Snakemake that submits jobs, not by the one running a job inside its Slurm allocation: a
+    retry there would start again under the same, spent, time limit."""
+    return 0 if workflow.remote_exec else config[section]["retries"]
+
+
 def job_nodes(section):
     return config[section].get("nodes", 1)
 

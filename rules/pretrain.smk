@@ -29,7 +29,7 @@ rule pretrain:
     priority: 100
     # A stage longer than `runtime` is a chain of jobs: each saves before its time limit
     # (launch.py --save-before) and fails with 75, Snakemake submits the next, which resumes.
-    retries: config["pretrain"]["retries"]
+    retries: job_retries("pretrain")
     params:
         stage=lambda w: canonical(stage_config(w.stage)),
         init=init_flag,

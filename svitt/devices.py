@@ -55,9 +55,18 @@ def gpu_ids(env=None) -> list[str]:
     return [str(i) for i in range(physical_gpu_count(env))]
 
 
+def job_gpu_count(env=None) -> int:
+    """GPUs a job started from this environment may use: inside a Slurm job only those Slurm
+    assigned (none without CUDA_VISIBLE_DEVICES), elsewhere gpu_ids()."""
+    env = os.environ if env is None else env
+    if "SLURM_JOB_ID" in env and "CUDA_VISIBLE_DEVICES" not in env:
+        return 0
+    return len(gpu_ids(env))
+
+
 def auto_gpus(env=None) -> int:
     """`gpus: auto`: one GPU per job where there is one, else the CPU."""
-    return 1 if gpu_ids(env) else 0
+    return 1 if job_gpu_count(env) else 0
 
 
 def default_pool(env=None) -> Path:

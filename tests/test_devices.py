@@ -232,10 +232,13 @@ def test_asking_for_more_gpus_than_are_visible_is_an_error(tmp_path):
     ({"SVITT_NUM_GPUS": "0"}, []),
     ({"SVITT_NUM_GPUS": "3", "CUDA_VISIBLE_DEVICES": "2,6"}, ["2", "6"]),
     ({"SVITT_NUM_GPUS": "3", "CUDA_VISIBLE_DEVICES": ""}, []),  # GPUs hidden on purpose
+    ({"SVITT_NUM_GPUS": "3", "SLURM_JOB_ID": "5"}, None),  # a Slurm job given no GPU has none
 ])
 def test_visible_gpus_and_auto(env, ids):
-    assert gpu_ids(env) == ids
-    assert auto_gpus(env) == (1 if ids else 0)
+    if ids is not None:
+        assert gpu_ids(env) == ids
+    count = len(ids or [])
+    assert auto_gpus(env) == (1 if count else 0)
     out = subprocess.run([sys.executable, str(ROOT / "workflow_scripts/launch.py"), "--count-gpus"],
                          env=environment(**env), capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == str(len(ids))
+    assert out.stdout.strip() == str(count)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.devices import acquire, default_pool, gpu_ids  # noqa: E402
+from svitt.devices import acquire, default_pool, gpu_ids, job_gpu_count  # noqa: E402
 
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as svitt.train: saved, run again to continue
 # torchrun's agent dies on SIGUSR1 by default (its workers would run on, orphaned): let it pass
@@ -180,7 +180,7 @@ def devices(args, env: dict, slurm: bool):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.count_gpus:
-        print(len(gpu_ids()))
+        print(job_gpu_count())
         return 0
     env = dict(os.environ)
     job_id = env.get("SLURM_JOB_ID")
