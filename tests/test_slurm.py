@@ -308,10 +308,12 @@ def test_every_job_ran_as_a_slurm_job(runs):
     for job in finished:
         assert job.slurm["ExitCode"] == "0:0", job.key
         assert f"(Rule: {job.rule})" in Path(job.slurm_log).read_text()
-    # The jobs Slurm completed are exactly those the local run executed, each once; the only other
-    # one is stage2's first job, stopped by its time limit.
+    # The jobs Slurm completed are exactly those the local run executed, each once; the others are
+    # stage2's jobs that stopped for their time limit: the one the test cut short, and more where
+    # the machine is slow enough for stage2 to outlast a whole 10-minute job too.
     assert sorted(j.key for j in finished) == sorted(j.key for j in runs["reference"].jobs)
-    assert [j.slurm_id for j in jobs if j not in finished] == [runs["stopped"]["job"]]
+    stopped = [j for j in jobs if j not in finished]
+    assert {j.key for j in stopped} == {"pretrain[stage=stage2]"} and stopped[0].slurm_id == runs["stopped"]["job"]
     assert "localrule" not in slurm.output
 
 
@@ -368,10 +370,16 @@ def test_a_job_that_hits_its_time_limit_saves_and_stops_mid_training(runs):
 def test_snakemake_submits_the_next_job_which_resumes_from_the_checkpoint(runs):
     slurm, step = runs["slurm"], runs["stopped"]["step"]
     stage2 = [j for j in slurm_jobs(slurm) if j.key == "pretrain[stage=stage2]"]
-    assert [j.slurm["JobState"] for j in stage2] == ["FAILED", "COMPLETED"]  # a chain of two jobs
-    assert "Trying to restart job" in slurm.output
-    log = (runs["work"] / "logs/pretrain/stage2.log").read_text()
-    assert f"resumed stage2 from results/pretrain/stage2/checkpoint.pt at step {step}/{STAGE2_STEPS}" in log
+    states = [j.slurm["JobState"] for j in stage2]
+    assert len(stage2) >= 2 and states == ["FAILED"] * (len(stage2) - 1) + ["COMPLETED"], states  # a chain
+    assert slurm.output.count("Trying to restart job") == len(stage2) - 1
+    log = (runs["work"] / "logs/pretrain/stage2.log").read_text()  # the last job's
+    resumed = re.search(rf"resumed stage2 from results/pretrain/stage2/checkpoint.pt at step (\d+)/{STAGE2_STEPS}", log)
+    assert resumed, log
+    if len(stage2) == 2:
+        assert int(resumed.group(1)) == step
+    else:  # a slow machine: stage2's second job hit its own (10-minute) limit as well
+        assert step < int(resumed.group(1)) < STAGE2_STEPS
 
 
 # ------------------------------------------------------------------- outputs vs the local run

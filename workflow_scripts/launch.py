@@ -13,10 +13,11 @@ waiting as long as it takes; a CUDA_VISIBLE_DEVICES set in the shell narrows the
 entries. The lock is held by every process of the job and released by the kernel when the last one
 exits.
 
-Time limits: inside a Slurm job the script is told (SVITT_STOP_AT) to save and stop --save-before
-seconds before the job's time limit (re-read from squeue while it runs); training then exits 75 and
-Snakemake's `retries` resubmit it, resuming from the checkpoint. (Slurm's own --signal cannot do
-this here: it reaches the Snakemake and shell processes around the job too, which die of it.)
+Time limits: with --save-before, inside a Slurm job the script is told (SVITT_STOP_AT) to save and
+stop that many seconds before the job's time limit (re-read from squeue while it runs); training
+then exits 75 and Snakemake's `retries` resubmit it, resuming from the checkpoint. (Slurm's own
+--signal cannot do this here: it reaches the Snakemake and shell processes around the job too,
+which die of it.)
 SIGTERM, SIGUSR1 and SIGINT are passed on to the script; the script's exit code is returned (75
 when it stopped for the time limit).
 """
@@ -50,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPUs per node (the rule's threads; srun -c)")
     p.add_argument("--pool", help=f"folder of the machine's GPU pool (default: $SVITT_GPU_POOL or {default_pool({})})")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between tries while the GPUs are busy")
-    p.add_argument("--save-before", type=float, default=300.0,
-                   help="seconds before a Slurm job's time limit at which training saves and stops")
+    p.add_argument("--save-before", type=float,
+                   help="in a Slurm job: seconds before its time limit at which training is to save and stop")
     p.add_argument("--count-gpus", action="store_true",
                    help="print how many GPUs jobs started here may use, and exit (gpus: auto)")
     p.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     lease = devices(args, env, slurm=job_id is not None)
     log(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<Slurm, per node>')!r}")
     limit = None
-    if job_id:
+    if job_id and args.save_before is not None:
         limit = TimeLimit(job_id, args.save_before, float(env.get("SVITT_SLURM_POLL") or 60))
         limit.arm(env)
     if multi:

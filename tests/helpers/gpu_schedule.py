@@ -6,7 +6,7 @@ rules and the figures run) and, in place of train.py / evaluate.py / nlq_feature
 one stub that sleeps, writes its outputs and records when it ran on which GPUs. Used by
 tests/test_gpu_server.py; run as a script it prints the schedule of each layout as JSON:
 
-    python tests/helpers/gpu_schedule.py [--train 20 --eval 1 --nlq 10]
+    python tests/helpers/gpu_schedule.py [--server-gpus 8 --train 20 --eval 1 --nlq 10]
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ value = lambda flag: args[args.index(flag) + 1]
 cvd = os.environ.get("CUDA_VISIBLE_DEVICES") or ""
 gpus = len([d for d in cvd.split(",") if d])
 seconds = json.loads(os.environ["SVITT_SCHEDULE_SECONDS"])[kind]
-if kind == "train" and os.environ.get("SVITT_SCHEDULE_SCALE"):  # perfect scaling: 8 GPUs = 1 unit
-    seconds *= 8 / max(gpus, 1)
+if kind == "train" and os.environ.get("SVITT_SCHEDULE_SCALE"):  # linear scaling: the whole server = 1 unit
+    seconds *= int(os.environ["SVITT_SCHEDULE_SCALE"]) / max(gpus, 1)
 start = time.time()
 time.sleep(seconds)
 if int(os.environ.get("RANK", 0)) == 0:
@@ -114,7 +114,7 @@ def run(workdir: Path, configs, env: dict, seconds: dict, gpus: int = SERVER_GPU
     log = workdir / "schedule.jsonl"
     env = {**env, "SVITT_NUM_GPUS": str(gpus), "SVITT_GPU_POOL": str(workdir / "gpu-pool"),
            "SVITT_SCHEDULE_LOG": str(log), "SVITT_SCHEDULE_SECONDS": json.dumps(seconds),
-           "SVITT_SCHEDULE_SCALE": "1" if scale else ""}
+           "SVITT_SCHEDULE_SCALE": str(gpus) if scale else ""}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     done = snakemake(workdir, ["all", "--cores", "8", "--resources", f"gpu={gpus}",
                                "--configfile", *configs], env)
@@ -143,29 +143,36 @@ def summary(rows: list[dict], gpus: int = SERVER_GPUS) -> dict:
             "order": [r["name"] if r["kind"] == "train" else f"{r['kind']}:{Path(r['name']).stem}" for r in gpu_rows]}
 
 
-PAPER_LIKE = {"pretrain": {"gpus": 8, "egoclip": {"init": None}}, "evaluation": {"gpus": 1}}
 # Evaluation inputs larger than training's: without priorities, the greedy scheduler picks them first.
 SIZES = {"webvid": 1000, "egoclip": 50_000, "demo_retrieval": 100_000, "egomcq": 100_000, "ego_nlq": 200_000}
 
+
+def layouts(server: int) -> dict:
+    """name: (config overlay, drop the training priority)."""
+    def stages_on(gpus):
+        return {"pretrain": {"gpus": gpus, "egoclip": {"init": None}}, "evaluation": {"gpus": 1}}
+
+    return {f"stages on all {server} GPUs, training first (this change)": (stages_on(server), False),
+            f"stages on all {server} GPUs, no priority (main)": (stages_on(server), True),
+            f"stages on {server // 2} GPUs, training first (room for evaluations)": (stages_on(server // 2), False)}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", type=float, default=20.0, help="seconds of one stage on 8 GPUs")
+    p.add_argument("--server-gpus", type=int, default=SERVER_GPUS)
+    p.add_argument("--train", type=float, default=20.0, help="seconds of one stage on the whole server")
     p.add_argument("--eval", type=float, default=1.0)
     p.add_argument("--nlq", type=float, default=10.0)
     a = p.parse_args()
     seconds = {"train": a.train, "evaluate": a.eval, "nlq_features": a.nlq, "plot": 0.1}
-    layouts = {
-        "8 GPUs per stage, training first (priority)": (PAPER_LIKE, False),
-        "8 GPUs per stage, no priority (main before this change)": (PAPER_LIKE, True),
-        "4 GPUs per stage, training first": ({**PAPER_LIKE, "pretrain": {"gpus": 4, "egoclip": {"init": None}}}, False),
-    }
     results = {}
-    for name, (overlay, strip_priority) in layouts.items():
+    for name, (overlay, strip_priority) in layouts(a.server_gpus).items():
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp) / "w"
             configs = prepare(work, overlay, SIZES, dict(os.environ))
             if strip_priority:
                 smk = work / "rules/pretrain.smk"
                 smk.write_text(smk.read_text().replace("    priority: 100\n", ""))
-            results[name] = summary(run(work, configs, dict(os.environ), seconds, scale=True))
-    print(json.dumps({"seconds": seconds, "layouts": results}, indent=1))
+            rows = run(work, configs, dict(os.environ), seconds, gpus=a.server_gpus, scale=True)
+            results[name] = summary(rows, gpus=a.server_gpus)
+    print(json.dumps({"server_gpus": a.server_gpus, "seconds": seconds, "layouts": results}, indent=1))
