@@ -3,6 +3,11 @@
 #   snakemake --cores 8 --resources gpu=8 all                 (GPU server)
 #   snakemake --profile profiles/slurm all                    (Slurm)
 #   snakemake --cores 2 all                                   (the demo default, CPU)
+#   snakemake --cores 2 seeds | ablation                      (more seeds, Table 3's single stages)
+
+from snakemake.utils import min_version
+
+min_version("9.0")
 
 
 configfile: "config.yaml"
@@ -19,3 +24,13 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+
+
+rule seeds:
+    input:
+        seed_outputs(),
+
+
+rule ablation:
+    input:
+        ablation_outputs(),

@@ -1,8 +1,11 @@
 """Figures of the training curves, of the evaluation per stage, and of sparsity."""
 
-# Seconds of work each: on Slurm they run beside Snakemake instead of waiting in the queue.
+# Seconds of work each (and the targets all / seeds / ablation, which only gather files): on Slurm
+# they run beside Snakemake instead of waiting in the queue. (nlq_videos: rules/downstream.smk.)
 localrules:
     all,
+    seeds,
+    ablation,
     plot_training,
     plot_sparsity,
     plot_retrieval,

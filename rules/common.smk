@@ -1,12 +1,24 @@
 """Helpers of the rules: config checks, canonical params, stage lookups, paths."""
 
-import copy
 import json
 import re
 import subprocess
 import sys
 
-from snakemake.utils import validate
+import yaml
+from snakemake.utils import update_config, validate
+
+sys.path.insert(0, workflow.basedir)  # svitt.stages: the torch-free stage resolution
+from svitt.stages import (  # noqa: E402
+    all_stage_names,
+    configured_stages,
+    section_names,
+    split_variant,
+    stage_config,
+    stage_dataset,
+    stage_init,
+    variant,
+)
 
 # YAML 1.1 reads 1e-5 (no dot) as a string; users write learning rates that way.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -22,6 +34,27 @@ def _numbers(obj):
     return obj
 
 
+def _standalone_layers():
+    """A --configfile overlay with `standalone: true` (configs/paper.yaml) replaces config.yaml
+    instead of merging into it: Snakemake merges nested dicts key by key, so an overlay would
+    otherwise inherit every demo key it does not set (crop scales, warm-up, demo datasets).
+    Overlays given after it still merge on top of it, and --config key=value last."""
+    layers = []
+    for path in workflow.overwrite_configfiles:
+        with open(path) as handle:
+            layers.append(yaml.safe_load(handle) or {})
+    standalone = [i for i, layer in enumerate(layers) if layer.get("standalone")]
+    if not standalone:
+        return
+    merged = {}
+    for layer in layers[standalone[-1] :]:
+        update_config(merged, layer)
+    update_config(merged, dict(workflow.config_settings.config))
+    config.clear()
+    config.update(merged)
+
+
+_standalone_layers()
 config.update(_numbers(dict(config)))
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
@@ -45,6 +78,14 @@ def cli_flags(settings, skip=()):
 
 DATASETS = config["datasets"]
 
+# Settings that change how a data job runs, not what it writes: they reach the scripts through
+# derived params (functions taking `threads`), which Snakemake leaves out of its rerun check, so
+# editing them reruns nothing (tests/test_workflow_data.py); `workers` is the rules' threads, never
+# a rerun either. max_bytes is not one of them: a video over the cap fails on every run whatever
+# the network does, so the cap decides which videos a dataset holds.
+DOWNLOAD_RUN_KEYS = ("timeout", "retries", "max_failed_fraction")
+FRAMES_RUN_KEYS = ("max_failed_fraction",)
+
 
 def dataset(name):
     if name not in DATASETS:
@@ -59,9 +100,19 @@ def is_video_list(name):
     return dataset(name)["videos"].endswith((".csv", ".tsv", ".json"))
 
 
+def is_downloaded(name):
+    """Videos the workflow fetches (a video list, or the Ego4D CLI); else read in place."""
+    return is_video_list(name) or dataset(name)["ego4d_cli"]
+
+
 def shard_paths(name):
     n = dataset(name)["shards"]
     return [f"resources/frames/{name}/shard-{i:03d}-of-{n:03d}.h5" for i in range(n)]
+
+
+def download_dir(wildcards):
+    """Shard i of a downloaded dataset: its manifest and its videos, fetched for shard i's extraction."""
+    return f"resources/videos/{wildcards.dataset}/shard-{wildcards.index}-of-{wildcards.shards}"
 
 
 def demo_file(path):
@@ -71,56 +122,14 @@ def demo_file(path):
 
 # ------------------------------------------------------------------------------------- pretrain
 
-VIDEO_STAGE_KEYS = (
-    "frames",
-    "local_blocks",
-    "random_blocks",
-    "block_size",
-    "visual_keep",
-    "prune_layers",
-)
-TEXT_STAGE_KEYS = ("multimodal_keep",)
-STAGE_ONLY_KEYS = ("init", "dataset")
-
-
-def _stages():
-    stages = {s["name"]: s for s in config["pretrain"]["curriculum"]}
-    ego = config["pretrain"].get("egoclip")
-    if ego:
-        stages[ego["name"]] = ego
-    return stages
-
-
-STAGES = _stages()
-CURRICULUM = [s["name"] for s in config["pretrain"]["curriculum"]]
-EGO_STAGE = (
-    config["pretrain"]["egoclip"]["name"] if config["pretrain"].get("egoclip") else None
-)
-
-
-def _check_inits():
-    for name, stage in STAGES.items():
-        init = stage.get("init")
-        if init is not None and init not in STAGES:
-            raise ValueError(
-                f"pretrain stage {name!r} starts from {init!r}, which is not a stage "
-                f"(have {sorted(STAGES)})"
-            )
-
-
-_check_inits()
-
-
-def _over_defaults(defaults, stage):
-    """Stage settings over pretrain.defaults; `data` merges key by key, the rest replaces
-    (a stage's objectives are its whole objective set)."""
-    out = copy.deepcopy(defaults)
-    for key, value in stage.items():
-        if key == "data":
-            out["data"] = {**out.get("data", {}), **value}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+PRETRAIN = config["pretrain"]
+STAGES = configured_stages(PRETRAIN)  # name -> stage (curriculum, egoclip, extra, ablation)
+CURRICULUM = section_names(PRETRAIN, "curriculum")
+EGO_STAGES = section_names(PRETRAIN, "egoclip")
+EXTRA_STAGES = section_names(PRETRAIN, "extra")
+ABLATION_STAGES = section_names(PRETRAIN, "ablation")
+SEEDS = PRETRAIN["seeds"]
+ALL_STAGE_NAMES = all_stage_names(PRETRAIN)
 
 
 def stage_model(path):
@@ -131,51 +140,30 @@ def stage_model(path):
 
 
 def downloaded_videos(path):
-    """The downloaded video files: deleted once every shard is extracted unless download.keep_videos."""
+    """A download shard's video files: with download.keep_videos false they are temporary, deleted
+    as soon as the shard's frames are extracted (their one consumer), so disk holds only the shards
+    in flight."""
     return (
         directory(path) if config["download"]["keep_videos"] else temp(directory(path))
     )
 
 
-def stage_config(name):
-    """The config svitt.train reads for one stage: model with the stage's sparsity, and the
-    stage's optimisation settings over pretrain.defaults."""
-    stage = STAGES[name]
-    model = copy.deepcopy(config["model"])
-    for key in VIDEO_STAGE_KEYS:
-        if key in stage:
-            model["video"][key] = stage[key]
-    for key in TEXT_STAGE_KEYS:
-        if key in stage:
-            model["text"][key] = stage[key]
-    train = {
-        k: v
-        for k, v in stage.items()
-        if k not in VIDEO_STAGE_KEYS + TEXT_STAGE_KEYS + STAGE_ONLY_KEYS
-    }
-    cfg = _over_defaults(config["pretrain"].get("defaults", {}), train)
-    cfg["model"] = model
-    if stage_dataset(name) != "webvid" and "clips" in dataset(stage_dataset(name)):
-        cfg.setdefault("data", {})["kind"] = "egoclip"
-    return cfg
-
-
-def stage_dataset(name):
-    return STAGES[name].get("dataset", "webvid")
+def stage_params(wildcards):
+    return canonical(stage_config(config, wildcards.stage))
 
 
 def stage_inputs(wildcards):
-    stage = STAGES[wildcards.stage]
-    name = stage_dataset(wildcards.stage)
+    name = stage_dataset(PRETRAIN, wildcards.stage)
+    init = stage_init(PRETRAIN, wildcards.stage)
     inputs = {
         "shards": shard_paths(name),
         "annotations": dataset(name)["annotations"],
         "tokenizer": f"{config['tokenizer']}/vocab.txt",
     }
-    if stage.get("init"):
-        inputs["init"] = f"results/pretrain/{stage['init']}/model.safetensors"
+    if init:
+        inputs["init"] = f"results/pretrain/{init}/model.safetensors"
     for key in ("video_weights", "text_weights"):
-        if not stage.get("init") and config["model"].get(key):
+        if not init and config["model"].get(key):
             inputs[key] = config["model"][key]
     return inputs
 
@@ -269,32 +257,71 @@ def launch(section):
 # ----------------------------------------------------------------------------- rule inputs
 
 
-def download_input(wildcards):
-    return (
-        dataset(wildcards.dataset)["videos"] if is_video_list(wildcards.dataset) else []
-    )
+def download_list(wildcards):
+    ds = dataset(wildcards.dataset)
+    if not is_downloaded(wildcards.dataset):
+        raise ValueError(
+            f"dataset {wildcards.dataset!r} reads its videos in place from {ds['videos']}: "
+            "nothing to download"
+        )
+    return ds["videos"] if is_video_list(wildcards.dataset) else ds["annotations"]
 
 
 def download_source(wildcards):
+    flag = "" if is_video_list(wildcards.dataset) else " --ego4d-cli"
+    return f"--csv {download_list(wildcards)}{flag}"
+
+
+def download_run(wildcards, threads):
+    """download.timeout / retries / max_failed_fraction (and workers, as threads): derived, so
+    editing them reruns nothing (see DOWNLOAD_RUN_KEYS)."""
+    return cli_flags({k: config["download"][k] for k in DOWNLOAD_RUN_KEYS})
+
+
+def extraction_inputs(wildcards):
+    """A downloaded shard's manifest and videos, or the folder the videos already live in. The
+    folder is ancient(): it must exist (a dry run names it when it does not), but files added to it
+    later rerun nothing (force with --forcerun extract_frames)."""
     ds = dataset(wildcards.dataset)
-    annotations = ds["annotations"]
-    if is_video_list(wildcards.dataset):
-        return f"--csv {ds['videos']}"
-    if ds.get("ego4d_cli"):
-        return f"--csv {annotations} --ego4d-cli"
-    return f"--csv {annotations} --local-dir {ds['videos']}"
+    inputs = {"annotations": ds["annotations"]}
+    if is_downloaded(wildcards.dataset):
+        inputs["manifest"] = f"{download_dir(wildcards)}/manifest.csv"
+        inputs["videos"] = f"{download_dir(wildcards)}/files"
+    else:
+        inputs["videos"] = ancient(ds["videos"])
+    return inputs
+
+
+def extraction_source(wildcards):
+    """--videos: the shard's manifest, or the folder with the videos the annotations name (clip
+    datasets name them by their clips)."""
+    ds = dataset(wildcards.dataset)
+    if is_downloaded(wildcards.dataset):
+        return f"--videos {download_dir(wildcards)}/manifest.csv"
+    if ds.get("clips"):
+        return f"--videos {ds['videos']}"
+    return f"--videos {ds['videos']} --ids {ds['annotations']}"
 
 
 def extraction_flags(wildcards):
-    """The global frame settings, with the dataset's own fps / max_frames where it sets them
-    (long videos for NLQ features are sampled at a fixed rate)."""
-    settings = {k: v for k, v in config["frames"].items() if k != "workers"}
+    """What extraction stores: the global frame settings, with the dataset's own fps / max_frames
+    where it sets them (long videos for NLQ features are sampled at a fixed rate)."""
+    settings = {
+        k: v
+        for k, v in config["frames"].items()
+        if k not in FRAMES_RUN_KEYS + ("workers",)
+    }
     ds = dataset(wildcards.dataset)
     if "fps" in ds:
         settings["fps"] = ds["fps"]
     if "max_frames" in ds:
         settings["frames"] = ds["max_frames"]
     return cli_flags(settings)
+
+
+def extraction_run(wildcards, threads):
+    """frames.max_failed_fraction (and workers, as threads): derived, so editing reruns nothing."""
+    return cli_flags({k: config["frames"][k] for k in FRAMES_RUN_KEYS})
 
 
 def clip_flag(wildcards):
@@ -311,17 +338,31 @@ def eval_settings(task):
     return canonical(config["evaluation"][task])
 
 
-def retrieval_results(dataset_name):
-    return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in CURRICULUM}
+def eval_stages():
+    """Stages the `all` target evaluates: the curriculum and the extra stages (controls)."""
+    return CURRICULUM + EXTRA_STAGES
 
 
-def egomcq_results():
-    stages = CURRICULUM + ([EGO_STAGE] if EGO_STAGE else [])
+def retrieval_results(dataset_name, stages=None):
+    stages = eval_stages() if stages is None else stages
+    return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in stages}
+
+
+def egomcq_results(stages=None):
+    stages = eval_stages() + EGO_STAGES if stages is None else stages
     return {s: f"results/eval/egomcq/{s}.json" for s in stages}
 
 
 def all_stages():
-    return CURRICULUM + ([EGO_STAGE] if EGO_STAGE else [])
+    return CURRICULUM + EGO_STAGES + EXTRA_STAGES
+
+
+def stage_files(stages):
+    return [
+        f"results/pretrain/{s}/{f}"
+        for s in stages
+        for f in ("model.safetensors", "model.json", "metrics.jsonl")
+    ]
 
 
 def named(paths):
@@ -331,10 +372,21 @@ def named(paths):
 
 def nlq_outputs():
     nlq = config["evaluation"].get("nlq")
-    return [f"results/nlq_features/{nlq['stage']}.h5"] if nlq else []
+    return [f"results/eval/nlq/{nlq['stage']}.json"] if nlq else []
+
+
+def result_files(stages, ego_stages):
+    """Every model and result file of these stages."""
+    files = stage_files(stages + ego_stages)
+    for d in config["evaluation"]["retrieval"]["datasets"]:
+        files += retrieval_results(d, stages).values()
+    if config["evaluation"].get("egomcq"):
+        files += egomcq_results(stages + ego_stages).values()
+    return files
 
 
 def final_outputs():
+    """What `all` builds: every stage model, every result file, every figure."""
     figures = ["results/figures/training_curves.png", "results/figures/sparsity.png"]
     figures += [
         f"results/figures/retrieval_{d}.png"
@@ -342,4 +394,16 @@ def final_outputs():
     ]
     if config["evaluation"].get("egomcq"):
         figures.append("results/figures/egomcq.png")
-    return figures + nlq_outputs()
+    return result_files(eval_stages(), EGO_STAGES) + figures + nlq_outputs()
+
+
+def seed_outputs():
+    """What `seeds` builds: every stage of `all` again for each seed of pretrain.seeds."""
+    stages = [variant(n, k) for k in SEEDS for n in eval_stages()]
+    egos = [variant(n, k) for k in SEEDS for n in EGO_STAGES]
+    return result_files(stages, egos)
+
+
+def ablation_outputs():
+    """What `ablation` builds: the pretrain.ablation stages (e.g. Table 3's single-stage runs)."""
+    return result_files(ABLATION_STAGES, [])

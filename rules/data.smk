@@ -1,4 +1,9 @@
-"""Data stages: the demo corpus, video download, frame extraction to HDF5."""
+"""Data stages: the demo corpus, video download, frame extraction to HDF5.
+
+Both are sharded by one hash of the video id: download shard i -> extract shard i -> shard i's
+videos dropped (download.keep_videos: false), so disk holds only the shards in flight and a
+cluster spreads the shards over its nodes. Videos already on disk (a folder) are read in place.
+"""
 
 if config.get("demo_corpus"):
 
@@ -9,7 +14,10 @@ if config.get("demo_corpus"):
             retrieval="resources/demo/retrieval_test.json",
             egoclip="resources/demo/egoclip.csv",
             egomcq="resources/demo/egomcq.json",
+            nlq_train="resources/demo/nlq_train.json",
+            nlq_val="resources/demo/nlq_val.json",
             vocab="resources/demo/tokenizer/vocab.txt",
+            ego_videos=directory("resources/demo/ego_videos"),
         log:
             "logs/demo_corpus.log",
         conda:
@@ -28,15 +36,16 @@ if config.get("demo_corpus"):
 
 rule download:
     input:
-        videos=download_input,
-        annotations=lambda w: dataset(w.dataset)["annotations"],
+        videos=download_list,
     output:
-        manifest="resources/videos/{dataset}/manifest.csv",
-        videos=downloaded_videos("resources/videos/{dataset}/files"),
+        manifest="resources/videos/{dataset}/shard-{index}-of-{shards}/manifest.csv",
+        videos=downloaded_videos(
+            "resources/videos/{dataset}/shard-{index}-of-{shards}/files"
+        ),
     log:
-        "logs/download/{dataset}.log",
+        "logs/download/{dataset}-{index}-of-{shards}.log",
     benchmark:
-        "logs/download/{dataset}.benchmark.tsv"
+        "logs/download/{dataset}-{index}-of-{shards}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
     threads: config["download"]["workers"]
@@ -46,16 +55,17 @@ rule download:
         runtime=24 * 60,
     params:
         source=download_source,
-        flags=cli_flags(config["download"], skip=("workers", "keep_videos")),
+        flags=cli_flags({"max_bytes": config["download"]["max_bytes"]}),
+        run=download_run,
     shell:
         "python workflow_scripts/download.py {params.source} --out {output.videos} "
-        "--manifest {output.manifest} --workers {threads} {params.flags} --no-progress > {log} 2>&1"
+        "--manifest {output.manifest} --num-shards {wildcards.shards} --shard-index {wildcards.index} "
+        "{params.flags} {params.run} --workers {threads} --no-progress > {log} 2>&1"
 
 
 rule extract_frames:
     input:
-        manifest="resources/videos/{dataset}/manifest.csv",
-        annotations=lambda w: dataset(w.dataset)["annotations"],
+        unpack(extraction_inputs),
     output:
         shard="resources/frames/{dataset}/shard-{index}-of-{shards}.h5",
         failures="resources/frames/{dataset}/failures-{index}-of-{shards}.csv",
@@ -71,9 +81,12 @@ rule extract_frames:
         mem_mb=4000,
         runtime=12 * 60,
     params:
+        source=extraction_source,
         clips=clip_flag,
         flags=extraction_flags,
+        run=extraction_run,
     shell:
-        "python workflow_scripts/extract_frames.py --videos {input.manifest} {params.clips} "
-        "--out {output.shard} --failures {output.failures} {params.flags} --workers {threads} "
-        "--num-shards {wildcards.shards} --shard-index {wildcards.index} --no-progress > {log} 2>&1"
+        "python workflow_scripts/extract_frames.py {params.source} {params.clips} "
+        "--out {output.shard} --failures {output.failures} {params.flags} {params.run} "
+        "--workers {threads} --num-shards {wildcards.shards} --shard-index {wildcards.index} "
+        "--no-progress > {log} 2>&1"

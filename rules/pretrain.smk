@@ -1,6 +1,8 @@
-"""Pretraining: the curriculum stages (T = 4 dense -> 8 -> 16 sparser) and EgoClip/EgoNCE.
+"""Pretraining: the curriculum stages (dense, then 4 -> 8 -> 16 frames sparser), EgoClip/EgoNCE,
+the extra and ablation stages, and their seed variants (<stage>-seed<k>).
 
-One rule over {stage}: a stage appended to pretrain.curriculum in the config is scheduled as is.
+One rule over {stage}: a stage appended to pretrain.curriculum in the config is scheduled as is;
+svitt/stages.py resolves what each stage trains with.
 """
 
 
@@ -16,7 +18,7 @@ rule pretrain:
     benchmark:
         "logs/pretrain/{stage}.benchmark.tsv"
     wildcard_constraints:
-        stage="|".join(STAGES),
+        stage="|".join(ALL_STAGE_NAMES),
     conda:
         "../envs/svitt.yaml"
     threads: job_threads("pretrain")
@@ -31,7 +33,7 @@ rule pretrain:
     # (launch.py --save-before) and fails with 75, Snakemake submits the next, which resumes.
     retries: job_retries("pretrain")
     params:
-        stage=lambda w: canonical(stage_config(w.stage)),
+        stage=stage_params,
         init=init_flag,
         io=pretrain_io,
         launch=launch("pretrain"),

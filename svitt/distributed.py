@@ -121,3 +121,25 @@ def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
 def barrier():
     if is_dist():
         dist.barrier()
+
+
+def broadcast_parameters(module: torch.nn.Module):
+    """Rank 0's parameters and buffers on every rank (what DDP's constructor does)."""
+    if is_dist() and world_size() > 1:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(module: torch.nn.Module):
+    """Average parameter gradients over ranks in one flat all-reduce (what DDP does in backward)
+    for steps that do not run through a DDP wrapper (svitt.grad_cache)."""
+    if not is_dist() or world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

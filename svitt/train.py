@@ -10,7 +10,6 @@ from and the position inside the epoch, and data augmentation is seeded per (epo
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from svitt import distributed as dist
+from svitt.grad_cache import cached_step
 from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
                               load_training_state, restore_rng)
 from svitt.io import atomic_write_bytes
@@ -49,8 +49,8 @@ TRAIN_KEYS = {
     "mlm_prob": (_NUMBER, 0.15),  # share of text tokens masked for MLM (80/10/10 replacement)
     "egonce_temperature": (_NUMBER, 0.05),
     "max_steps": ((int, type(None)), None),  # cap on optimiser steps
-    "grad_accum": (int, 1),  # micro-batches per optimiser step (the contrastive batch is one micro-batch)
-    "min_lr": (_NUMBER, 0.0),  # end of the cosine schedule
+    "grad_accum": (int, 1),  # micro-batches per optimiser step; the contrastive batch stays the whole step's
+    "min_lr_ratio": (_NUMBER, 0.0),  # end of the cosine schedule as a fraction of lr (released SViTT: 0.01)
     "warmup_epochs": (_NUMBER, 1.0),  # linear warm-up
     "weight_decay": (_NUMBER, 0.02),  # AdamW; not on biases, norms, layer scales, tables, temperature
     "betas": (list, [0.9, 0.999]),
@@ -59,6 +59,7 @@ TRAIN_KEYS = {
     "compile": (bool, False),  # torch.compile the model
     "device": (str, "auto"),  # auto | cpu | cuda
     "seed": (int, 0),  # model init, masking, sampling and augmentation
+    "deterministic": ((bool, type(None)), None),  # torch deterministic algorithms; None: on the CPU only
     "checkpoint_every": (int, 200),  # optimiser steps between resumable checkpoints
     "log_every": (int, 10),  # optimiser steps between metrics.jsonl rows
 }
@@ -146,6 +147,8 @@ def resolve_train_config(cfg: dict) -> dict:
         raise ValueError("stage.objectives 'egonce' needs data.kind 'egoclip' (noun/verb tags)")
     if out["data"]["kind"] not in ("webvid", "egoclip"):
         raise ValueError(f"stage.data.kind must be 'webvid' or 'egoclip', got {out['data']['kind']!r}")
+    if not 0 <= out["min_lr_ratio"] <= 1:
+        raise ValueError(f"stage.min_lr_ratio must be in [0, 1] (a fraction of lr), got {out['min_lr_ratio']}")
     if not 0 < out["mlm_prob"] < 1:
         raise ValueError(f"stage.mlm_prob must be in (0, 1), got {out['mlm_prob']}")
     return out
@@ -197,6 +200,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _set_deterministic(requested: bool | None, device: torch.device):
+    """Same seed, same numbers: deterministic kernels on the CPU by default (they cost little
+    there); on CUDA only when asked, as they slow training and need CUBLAS_WORKSPACE_CONFIG."""
+    on = device.type == "cpu" if requested is None else requested
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float):
     """No weight decay on biases, norms, layer scales, tokens, bias tables and the temperature."""
     decay, no_decay = [], []
@@ -242,6 +252,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world, device = dist.init_distributed(cfg["device"])
+    _set_deterministic(cfg["deterministic"], device)
     torch.manual_seed(cfg["seed"])
     precision = resolve_precision(cfg["precision"], device)
 
@@ -277,7 +288,10 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     logged = _restore_metrics(out_dir / "metrics.jsonl", step, rank, logged)
 
     net = model
-    if world > 1:
+    cached = cfg["grad_accum"] > 1  # svitt.grad_cache: the contrastive batch of the whole step
+    if world > 1 and cached:
+        dist.broadcast_parameters(model)  # what the DDP wrapper would do; gradients are averaged by hand
+    if world > 1 and not cached:
         unused = set(cfg["objectives"]) != {"vtc", "vtm", "mlm"} and \
             set(cfg["objectives"]) != {"egonce", "vtm", "mlm"}
         net = torch.nn.parallel.DistributedDataParallel(
@@ -309,7 +323,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                     if step >= total:
                         break
                     start = time.perf_counter()
-                    lr = cosine_lr(step, total, warmup, cfg["lr"], cfg["min_lr"])
+                    lr = cosine_lr(step, total, warmup, cfg["lr"], cfg["lr"] * cfg["min_lr_ratio"])
                     set_lr(optimizer, lr)
                     parts, clips = _optimizer_step(net, model, optimizer, scaler, batches, cfg,
                                                    objectives, tokenizer, device, precision)
@@ -356,37 +370,47 @@ def _resume(path, digest, world, model, optimizer, scaler, generator):
     return state["step"], state.get("metrics")
 
 
+def _inputs(batch, cfg, objectives, tokenizer, device) -> dict:
+    inputs = _to_device(batch, device)
+    if "mlm" in objectives:
+        inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
+            inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
+            tokenizer.all_special_ids, cfg["mlm_prob"])
+    return inputs
+
+
 def _optimizer_step(net, model, optimizer, scaler, batches, cfg, objectives, tokenizer, device,
                     precision):
     """Forward/backward over grad_accum micro-batches and one optimiser step.
-    Returns ({loss name: value averaged over micro-batches}, clips seen by this rank)."""
+    Returns ({loss name: value}, clips seen by this rank). With grad_accum > 1 the losses are those
+    of the whole step's batch (svitt.grad_cache), as if it were one micro-batch."""
     weights = cfg["objectives"]
-    sums, clips = {}, 0
     optimizer.zero_grad(set_to_none=True)
-    for micro in range(cfg["grad_accum"]):
-        batch = next(batches)
-        inputs = _to_device(batch, device)
-        if "mlm" in objectives:
-            inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
-                inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
-                tokenizer.all_special_ids, cfg["mlm_prob"])
-        sync = micro == cfg["grad_accum"] - 1 or not hasattr(net, "no_sync")
-        ctx = contextlib.nullcontext() if sync else net.no_sync()  # all-reduce once per step
-        with ctx, autocast(precision, device):
+    if cfg["grad_accum"] > 1:
+        micro = [_inputs(next(batches), cfg, objectives, tokenizer, device) for _ in range(cfg["grad_accum"])]
+        sums = cached_step(model, micro, objectives, weights, scaler, lambda: autocast(precision, device),
+                           cfg["egonce_temperature"])
+        dist.average_gradients(model)
+        clips = sum(m["video"].shape[0] for m in micro)
+    else:
+        inputs = _inputs(next(batches), cfg, objectives, tokenizer, device)
+        with autocast(precision, device):
             losses = net(objectives=objectives, egonce_temperature=cfg["egonce_temperature"], **inputs)
             loss = sum(weights[k] * losses[k] for k in objectives)
-        scaler.scale(loss / cfg["grad_accum"]).backward()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.item() / cfg["grad_accum"]
-        sums["loss"] = sums.get("loss", 0.0) + loss.item() / cfg["grad_accum"]
-        clips += inputs["video"].shape[0]
+        scaler.scale(loss).backward()
+        sums = {**{k: v.item() for k, v in losses.items()}, "loss": loss.item()}
+        clips = inputs["video"].shape[0]
+    return _clip_and_step(model, optimizer, scaler, cfg, sums), clips
+
+
+def _clip_and_step(model, optimizer, scaler, cfg, losses: dict) -> dict:
     if cfg["clip_grad_norm"]:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad_norm"])
-    if all(math.isfinite(v) for v in sums.values()):
+    if all(math.isfinite(v) for v in losses.values()):
         scaler.step(optimizer)
         scaler.update()
-    return sums, clips
+    return losses
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -421,6 +445,7 @@ def _restore_metrics(path: Path, step: int, rank: int, logged: list | None) -> l
 
 
 def _model_info(cfg: dict, step: int, last: dict) -> dict:
+    from svitt.models.text_encoder import multimodal_keep_rates
     from svitt.sparsity import edge_count
 
     video, text = cfg["model"]["video"], cfg["model"]["text"]
@@ -429,7 +454,7 @@ def _model_info(cfg: dict, step: int, last: dict) -> dict:
         frames=video["frames"], local_blocks=video["local_blocks"] if sparse else None,
         random_blocks=video["random_blocks"] if sparse else None,
         block_size=video["block_size"] if sparse else None, visual_keep=video["visual_keep"],
-        multimodal_keep=text["multimodal_keep"], text_len=cfg["data"]["text_len"],
+        multimodal_keep=multimodal_keep_rates(text), text_len=cfg["data"]["text_len"],
         image_size=video["image_size"], patch_size=video["patch_size"], depth=video["depth"],
         fusion_layers=text["fusion_layers"], prune_layers=tuple(video["prune_layers"]),
         tubelet_frames=video["tubelet_frames"])

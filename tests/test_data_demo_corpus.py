@@ -48,7 +48,7 @@ def test_layout_and_counts(corpus):
     assert names == {"videos", "ego_videos", "tokenizer", "corpus.json", "webvid_train.csv", "downstream_videos.csv",
                      "retrieval_train.json", "retrieval_test.json", "retrieval_test_didemo.json", "twins_test.json",
                      "qa_train.json", "qa_test.json", "qa_answers.json", "egoclip.csv", "egomcq.json",
-                     "ego_taxonomy.json"}
+                     "ego_taxonomy.json", "nlq_train.json", "nlq_val.json"}
     assert len(list((corpus / "videos").glob("*.mp4"))) == 24
     rows = read_webvid(corpus)
     assert list(rows[0]) == ["videoid", "contentUrl", "duration", "page_dir", "name", "family", "variant"]

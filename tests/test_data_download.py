@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -69,6 +70,8 @@ def make_handler(server_state):
                     return self.send_status(503)
                 if p == "/stall-body.mp4":  # headers, then one byte every 50 ms
                     return self.send_body(small, piece=1, delay=0.05)
+                if p.startswith("/trickle-close/"):  # a closing response, then one byte per 0.1 s
+                    return self.send_trickle(small, http10=p.endswith("/http10.mp4"))
                 if p == "/stall-headers.mp4":  # accepts, never answers
                     state["stop"].wait(20)
                     return None
@@ -141,6 +144,26 @@ def make_handler(server_state):
                 self.wfile.write(data[i:i + piece])
                 self.wfile.flush()
                 time.sleep(delay)
+
+        def send_trickle(self, body, http10):
+            """HTTP/1.0 (or HTTP/1.1 with `Connection: close`): http.client hands such a socket to
+            the response and sets conn.sock to None; a byte arrives well within every per-read
+            timeout, for up to 60 s."""
+            if http10:
+                self.protocol_version = "HTTP/1.0"
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(body) + 600))
+            if not http10:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self.wfile.write(body[:16])
+            for _ in range(600):
+                if server_state["stop"].wait(0.1):
+                    return
+                self.wfile.write(b"\0")
+                self.wfile.flush()
 
         def send_truncated(self, body):
             self.send_response(200)
@@ -275,6 +298,34 @@ def test_stalled_server_is_cut_by_the_total_timeout(server, tmp_path):
     assert m["silent"]["reason"] == "timeout: no complete response within 1 s (0 bytes on disk)"
 
 
+@pytest.mark.parametrize("kind", ["http10", "connection-close"])
+def test_timeout_bounds_every_attempt_of_a_closing_trickle(server, tmp_path, kind):
+    """--timeout bounds one attempt in total also when the response owns the socket (HTTP/1.0 or
+    `Connection: close`, where http.client sets conn.sock to None): --timeout 1 --retries 3 against
+    a server sending a byte every 0.1 s (never tripping the per-read timeout) ends after about
+    (retries + 1) x timeout, with the failure in the manifest. The CLI runs in a subprocess with a
+    hard limit, so a hang fails the test instead of stalling the suite."""
+    timeout, retries = 1, 3
+    url = f"{server['url']}/trickle-close/{kind}.mp4"
+    manifest = tmp_path / "manifest.csv"
+    args = ["--csv", str(write_csv(tmp_path / "l.csv", [("trickle", url, "")])), "--out", str(tmp_path / "v"),
+            "--manifest", str(manifest), "--timeout", str(timeout), "--retries", str(retries), "--backoff", "0.01",
+            "--max-failed-fraction", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    try:
+        subprocess.run([sys.executable, str(REPO / "workflow_scripts" / "download.py"), *args], env=env,
+                       timeout=40, check=True, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the download was still running after 40 s: the deadline did not hold")
+    elapsed = time.monotonic() - start
+    assert len(requests_for(server, urlsplit(url).path)) == retries + 1
+    assert elapsed < (retries + 1) * timeout + 5  # 4 attempts of 1 s, plus interpreter start-up
+    reason = manifest_rows(manifest)["trickle"]["reason"]
+    assert reason.startswith(f"timeout: no complete response within {timeout} s (") and reason.endswith(
+        f"(after {retries + 1} attempts)")
+
+
 def test_ids_never_escape_the_output_folder(videos, tmp_path):
     ids = ["../../evil", "a/b", "a_b", "/abs/path", ".hidden", "..", "ok-1.2"]
     csv_path = write_csv(tmp_path / "l.csv", [(i, videos["small_path"].as_uri(), "") for i in ids])
@@ -302,6 +353,48 @@ def test_webvid_columns_and_bad_header(videos, tmp_path):
     manifest = tmp_path / "m.csv"
     assert cli.main(["--csv", str(bad), "--out", str(tmp_path / "v"), "--manifest", str(manifest)]) == 2
     assert not manifest.exists()
+
+
+def test_annotation_files_name_their_videos(tmp_path):
+    """Folder datasets are selected by their annotations: a retrieval / QA JSON list, a video_uid
+    table (nlq_videos.tsv), an egomcq.json."""
+    listing = tmp_path / "ret.json"
+    listing.write_text('[{"video": "video7010.mp4", "caption": "a"}, {"video": "video7011.mp4", "caption": "b"},'
+                       ' {"video": "video7010.mp4", "caption": "c"}]')
+    assert [(i.row, i.id, i.url) for i in dl.read_video_list(listing)] == [(0, "video7010.mp4", None),
+                                                                            (1, "video7011.mp4", None)]
+    nlq = tmp_path / "nlq_videos.tsv"
+    nlq.write_text("video_uid\tsplit\nuid-a\ttrain\nuid-b\tval\nuid-a\tval\n")
+    assert [i.id for i in dl.read_video_list(nlq)] == ["uid-a", "uid-b"]
+    uids = write_csv(tmp_path / "uids.csv", [("uid-c", "x")], ("video_uid", "other"))
+    assert [i.id for i in dl.read_video_list(uids)] == ["uid-c"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"clip": 1}]')
+    with pytest.raises(dl.InputError, match=r'bad.json: expected an egomcq.json object or a list of \{"video"'):
+        dl.read_video_list(bad)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "video7010.mp4").write_bytes(b"x")
+    assert dl.find_local_video(folder, "video7010.mp4") == folder / "video7010.mp4"
+    assert dl.find_local_video(folder, "video7010") == folder / "video7010.mp4"
+
+
+def test_download_shards_partition_the_rows(videos, tmp_path):
+    """--num-shards N --shard-index i: the manifests of the N shards together hold every input row
+    once, each in the shard its id hashes to; a repeated id is skipped in its own shard."""
+    ids = [f"vid{i}" for i in range(12)] + ["vid3"]
+    csv_path = write_csv(tmp_path / "l.csv", [(i, videos["small_path"].as_uri(), "") for i in ids])
+    seen = []
+    for k in range(3):
+        manifest = tmp_path / f"m{k}.csv"
+        assert cli.main(["--csv", str(csv_path), "--out", str(tmp_path / f"v{k}"), "--manifest", str(manifest),
+                         "--num-shards", "3", "--shard-index", str(k), *FAST]) == 0
+        with open(manifest, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert all(dl.shard_of(r["id"], 3) == k for r in rows)
+        seen += [(r["id"], r["status"], r["reason"]) for r in rows]
+    assert sorted(i for i, _, _ in seen) == sorted(ids)
+    assert [s for s in seen if s[1] != "ok"] == [("vid3", "skipped", "duplicate id (first seen in input row 4)")]
 
 
 def test_failed_fraction_threshold(server, tmp_path, capsys):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from svitt.data import download as dl
 from svitt.data import frames as fr
 from svitt.data.datasets import FrameStore
 from svitt.data.demo_corpus import write_mp4
@@ -196,13 +197,46 @@ def test_manifest_input_uses_ok_rows_only(tmp_path):
         assert fr.h5_id(fr.h5_key(odd)) == odd and "/" not in fr.h5_key(odd) and not fr.h5_key(odd).startswith(".")
 
 
+def test_folder_videos_named_by_their_annotations(tmp_path):
+    """--videos FOLDER --ids ANNOTATIONS: the listed videos, read where they are (a file named by
+    the id, <id>.mp4, or a chunk folder); a listed video that is not there is a failure."""
+    src = tmp_path / "videos"
+    (src / "u2").mkdir(parents=True)
+    gray_video(src / "video1.mp4", [10, 20, 30])
+    gray_video(src / "u2" / "0.mp4", [40, 50])
+    gray_video(src / "unlisted.mp4", [60])
+    listing = tmp_path / "ret.json"
+    listing.write_text('[{"video": "video1.mp4"}, {"video": "u2"}, {"video": "gone.mp4"}]')
+    out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
+    assert cli.main(["--videos", str(src), "--ids", str(listing), "--out", str(out), "--failures", str(failures),
+                     "--max-failed-fraction", "0.5", "--no-progress"]) == 0
+    store = FrameStore(out)
+    assert sorted(store.shard_of) == ["u2", "video1.mp4"]
+    assert store.attrs("u2")["source"] == str(src / "u2") and store.num_frames("video1.mp4") == 3
+    assert read_failures(failures) == {"gone.mp4": f"not found in folder {src} (looked for gone.mp4 or a chunk "
+                                                   "folder gone/)"}
+
+
 def test_shards_partition_the_videos(tmp_path):
-    jobs = [fr.VideoJob(f"v{i}", tmp_path / f"v{i}.mp4") for i in range(50)]
-    parts = [fr.select_shard(jobs, k, 3) for k in range(3)]
-    ids = [j.id for p in parts for j in p]
-    assert sorted(ids) == sorted(j.id for j in jobs) and len(set(ids)) == 50
+    """Shard i of the extraction holds exactly the videos shard i of the download fetched."""
+    items = [dl.VideoItem(i, f"v{i}", None) for i in range(50)]
+    parts = [dl.select_items(items, k, 3) for k in range(3)]
+    ids = [item.id for part in parts for item in part]
+    assert sorted(ids) == sorted(item.id for item in items) and len(set(ids)) == 50
     assert all(len(p) > 5 for p in parts)
-    assert [j.id for j in fr.select_shard(list(reversed(jobs)), 1, 3)] == [j.id for j in reversed(parts[1])]
+    assert [i.id for i in dl.select_items(list(reversed(items)), 1, 3)] == [i.id for i in reversed(parts[1])]
+    src = tmp_path / "videos"
+    src.mkdir()
+    for i in range(6):
+        gray_video(src / f"v{i}.mp4", [10 * i, 20])
+    stored = []
+    for k in range(3):
+        out = tmp_path / f"s{k}.h5"
+        assert cli.main(["--videos", str(src), "--out", str(out), "--failures", str(tmp_path / f"f{k}.csv"),
+                         "--num-shards", "3", "--shard-index", str(k), "--no-progress"]) == 0
+        stored.append(sorted(FrameStore(out).shard_of))
+        assert stored[-1] == sorted(f"v{i}" for i in range(6) if dl.shard_of(f"v{i}", 3) == k)
+    assert sorted(sum(stored, [])) == [f"v{i}" for i in range(6)]
 
 
 def test_error_mid_shard_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):

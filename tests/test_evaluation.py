@@ -101,3 +101,82 @@ def test_egomcq_bad_input():
         egomcq_accuracy(SCORES, [1, 0, 2, 4, 5], TYPES)
     with pytest.raises(ValueError, match="NaN"):
         egomcq_accuracy([[np.nan, 0.0]], [0], [1])
+
+
+# ------------------------------------------------------------------------------- re-ranked recall
+from svitt.evaluation import RERANK_CONVENTIONS, rerank_candidates, rerank_metrics  # noqa: E402
+
+# 5 texts x 3 videos, 1-2 captions per video (texts 0, 1 -> video 0; 2 -> 1; 3, 4 -> 2), k = 2
+RR_SIM = np.array([
+    [0.9, 0.5, 0.1],
+    [0.2, 0.8, 0.6],
+    [0.7, 0.3, 0.4],
+    [0.3, 0.2, 0.1],
+    [0.5, 0.6, 0.55],
+])
+RR_TEXT_TO_VIDEO = [0, 0, 1, 2, 2]
+# each text's top-2 videos: t0 [0, 1], t1 [1, 2], t2 [0, 2], t3 [0, 1], t4 [1, 2]
+RR_VTM_T2V = [[2.0, 1.0], [3.0, 1.0], [0.5, 0.2], [1.0, -1.0], [0.0, 4.0]]
+# each video's top-2 texts: v0 [t0, t2], v1 [t1, t4], v2 [t1, t4]
+RR_VTM_V2T = [[-1.0, 2.0], [0.5, 0.7], [0.1, 0.9]]
+
+
+def test_rerank_candidates_are_each_sides_own_top_k():
+    t2v, v2t = rerank_candidates(RR_SIM, 2)
+    assert t2v.tolist() == [[0, 1], [1, 2], [0, 2], [0, 1], [1, 2]]
+    assert v2t.tolist() == [[0, 2], [1, 4], [1, 4]]
+
+
+def test_rerank_metrics_by_hand_with_several_captions_per_video():
+    out = rerank_metrics(RR_SIM, RR_VTM_T2V, RR_VTM_V2T, RR_TEXT_TO_VIDEO, k=2)
+    # t2v ranks: t0 0 (gt top-1 by vtm), t1 2 (gt outside its top-2: below both), t2 2, t3 2, t4 0
+    assert out["t2v_r1"] == pytest.approx(40.0) and out["t2v_r5"] == pytest.approx(100.0)
+    assert out["t2v_mean"] == pytest.approx(80.0)
+    # v2t ranks: v0 1 (non-gt t2 re-ranked above gt t0), v1 3 (gt t2 outside the top-2: below
+    # t1 and t4, and below t0 by contrastive score 0.5 >= 0.3), v2 0 (gt t4 by vtm 0.9)
+    assert out["v2t_r1"] == pytest.approx(100 / 3) and out["v2t_r5"] == pytest.approx(100.0)
+    assert out["v2t_mean"] == pytest.approx((100 / 3 + 200) / 3)
+    assert out["r_mean"] == pytest.approx((80.0 + (100 / 3 + 200) / 3) / 2)
+    assert set(RERANK_CONVENTIONS) == {"candidates", "below_top_k", "ties"}
+
+
+def _singularity_recalls(itc, vtm_t2v, vtm_v2t, text_to_video, k):
+    """Singularity's evaluation() + itm_eval(), written from its description: -100 everywhere,
+    the re-ranked scores at each side's own top-k, ranks from a descending argsort."""
+    num_texts, num_videos = itc.shape
+    t2v_top, v2t_top = np.argsort(-itc, axis=1)[:, :k], np.argsort(-itc.T, axis=1)[:, :k]
+    t2i = np.full(itc.shape, -100.0)
+    i2t = np.full(itc.T.shape, -100.0)
+    for i in range(num_texts):
+        t2i[i, t2v_top[i]] = vtm_t2v[i]
+    for v in range(num_videos):
+        i2t[v, v2t_top[v]] = vtm_v2t[v]
+    img2txt = [[t for t, g in enumerate(text_to_video) if g == v] for v in range(num_videos)]
+    txt_ranks = [min(np.where(np.argsort(i2t[v])[::-1] == t)[0][0] for t in img2txt[v]) for v in range(num_videos)]
+    img_ranks = [np.where(np.argsort(t2i[i])[::-1] == text_to_video[i])[0][0] for i in range(num_texts)]
+    recall = lambda ranks, r: 100.0 * np.mean(np.array(ranks) < r)  # noqa: E731
+    return {**{f"t2v_r{r}": recall(img_ranks, r) for r in (1, 5, 10)},
+            **{f"v2t_r{r}": recall(txt_ranks, r) for r in (1, 5, 10)}}
+
+
+@pytest.mark.parametrize("captions_per_video", [1, 5])
+def test_rerank_metrics_equal_singularity_for_k_at_least_10(captions_per_video):
+    rng = np.random.default_rng(captions_per_video)
+    num_videos, k = 40, 12
+    text_to_video = np.repeat(np.arange(num_videos), captions_per_video)
+    if captions_per_video > 1:  # 1 to 5 captions per video
+        text_to_video = np.concatenate([np.arange(num_videos), rng.integers(0, num_videos, 3 * num_videos)])
+    itc = rng.normal(size=(len(text_to_video), num_videos))
+    t2v_top, v2t_top = rerank_candidates(itc, k)
+    vtm_t2v = rng.normal(size=t2v_top.shape) + (t2v_top == text_to_video[:, None])
+    is_gt_text = text_to_video[v2t_top] == np.arange(num_videos)[:, None]
+    vtm_v2t = rng.normal(size=v2t_top.shape) + is_gt_text
+    ours = rerank_metrics(itc, vtm_t2v, vtm_v2t, text_to_video, k)
+    reference = _singularity_recalls(itc, vtm_t2v, vtm_v2t, list(text_to_video), k)
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value), key
+
+
+def test_rerank_metrics_reject_scores_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"vtm_v2t must have shape \[3, 2\]"):
+        rerank_metrics(RR_SIM, RR_VTM_T2V, [[0.0, 1.0]], RR_TEXT_TO_VIDEO, k=2)

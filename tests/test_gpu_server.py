@@ -21,8 +21,9 @@ from tests.helpers.workflow import copy_workflow
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SECONDS = {"train": 1.0, "evaluate": 0.2, "nlq_features": 0.5, "plot": 0.0}
-GPU_RULES = ("pretrain", "eval_retrieval", "eval_egomcq", "nlq_features")
+SECONDS = {"train": 1.0, "evaluate": 0.2, "nlq_features": 0.5, "ground": 0.2, "plot": 0.0}
+GPU_RULES = ("pretrain", "eval_retrieval", "eval_egomcq", "nlq_features", "ground")
+THREADS = {"ground": 1}  # the grounder uses one CPU thread; the other GPU rules threads_per_gpu (2) per GPU
 
 
 def environment(**extra) -> dict:
@@ -62,7 +63,7 @@ def test_training_goes_first_and_nlq_features_do_not_delay_stage1(tmp_path):
     train = [r for r in rows if r["kind"] == "train"]
     later = [r for r in rows if r["kind"] != "train"]
     assert sorted(r["name"] for r in train) == ["egoclip", "stage1", "stage2", "stage3"]
-    assert {r["kind"] for r in later} == {"evaluate", "nlq_features"} and len(later) == 8
+    assert {r["kind"] for r in later} == {"evaluate", "nlq_features", "ground"} and len(later) == 9
     order = [r["name"] if r["kind"] == "train" else f"{r['kind']}:{Path(r['name']).stem}" for r in rows]
     assert max(t["start"] for t in train) < min(r["start"] for r in later), order
     assert all(r["cvd"] == "0" for r in rows)
@@ -93,10 +94,46 @@ def test_gpus_auto_is_resolved_when_the_workflow_is_parsed(tmp_path, env, gpus):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     blocks = [b for b in re.split(r"\n(?=rule \w+:)", out.stdout) if re.match(r"rule (\w+):", b.strip())]
     jobs = [b for b in blocks if re.match(r"rule (\w+):", b.strip()).group(1) in GPU_RULES]
-    assert len(jobs) == 4 + 3 + 4 + 1  # stages, retrieval and EgoMCQ evaluations, NLQ features
+    assert len(jobs) == 4 + 3 + 4 + 1 + 1  # stages, retrieval and EgoMCQ evaluations, NLQ features and grounding
     for block in jobs:
+        threads = THREADS.get(re.match(r"rule (\w+):", block.strip()).group(1), 2)
         assert re.search(rf"resources: .*\bgpu={gpus}\b", block), block
-        assert f"workflow_scripts/launch.py --gpus {gpus} --threads 2 " in block, block
+        assert f"workflow_scripts/launch.py --gpus {gpus} --threads {threads} " in block, block
+
+
+def test_every_stage_kind_gets_the_training_layout(tmp_path):
+    """The device settings of `pretrain` reach every stage svitt/stages.py resolves, not only the
+    curriculum: the EgoClip stage, extra and ablation stages and the seed variants of all of them
+    (`seeds`, `ablation` targets) each ask for pretrain.gpus, gpus x threads_per_gpu CPUs, go
+    first (priority) and run through the launcher with the save-before flag; NLQ features and the
+    grounder lease evaluation.gpus."""
+    work = copy_workflow(tmp_path / "w")
+    stage = {"frames": 4, "epochs": 1, "lr": 0.001}
+    overlay = {"pretrain": {"gpus": 2, "threads_per_gpu": 3, "save_before": 120, "seeds": [1],
+                            "extra": [{"name": "control", **stage}],
+                            "ablation": [{"name": "single4", **stage}]},
+               "evaluation": {"gpus": 1, "threads_per_gpu": 3}}
+    (work / "configs/kinds.yaml").write_text(yaml.safe_dump(overlay))
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "all", "seeds", "ablation", "--cores", "8",
+                          "--resources", "gpu=8", "--configfile", "configs/test.yaml", "configs/kinds.yaml"],
+                         cwd=work, env=environment(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    blocks = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out.stdout) if re.match(r"(?:local)?rule (\w+):", b.strip())]
+    pretrain = [b for b in blocks if b.strip().startswith("rule pretrain:")]
+    stages = {re.search(r"wildcards: stage=(\S+)", b).group(1) for b in pretrain}
+    assert stages == {f"{n}{s}" for n in ("stage1", "stage2", "stage3", "egoclip", "control", "single4")
+                      for s in ("", "-seed1")} - {"single4-seed1"}  # ablation: the configured stages only
+    for block in pretrain:
+        assert re.search(r"resources: .*\bgpu=2\b", block), block
+        assert re.search(r"threads: 6\b", block), block
+        assert re.search(r"priority: 100\b", block), block
+        assert "workflow_scripts/launch.py --gpus 2 --threads 6 --save-before 120 -- workflow_scripts/train.py" in block, block
+    nlq = [b for b in blocks if b.strip().startswith(("rule nlq_features:", "rule ground:"))]
+    assert len(nlq) == 2, [b.splitlines()[0] for b in blocks]
+    for block in nlq:
+        threads = 1 if block.strip().startswith("rule ground:") else 3
+        assert re.search(r"resources: .*\bgpu=1\b", block), block
+        assert f"workflow_scripts/launch.py --gpus 1 --threads {threads} -- " in block, block
 
 
 # ----------------------------------------------------------------- protected stage models

@@ -78,8 +78,11 @@ def cluster():
     if os.geteuid() != 0:
         pytest.skip("local-slurm installs and starts Slurm daemons: it must run as root")
     try:
+        # The node's CPUs are the tool's `nproc`, which obeys OMP_NUM_THREADS / OMP_THREAD_LIMIT: with
+        # the tests' OMP_NUM_THREADS=1 the node would have 1 CPU and no 2-CPU job would ever start.
+        tool_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
         start = subprocess.run([str(tool), "start", str(FAKE_GPUS)], capture_output=True, text=True,
-                               timeout=START_TIMEOUT_S)
+                               timeout=START_TIMEOUT_S, env=tool_env)
         if start.returncode != 0:
             output = _tail(start.stdout + start.stderr)
             if shutil.which("sbatch") is None:

@@ -75,6 +75,39 @@ def test_multimodal_pruning_keeps_top_tokens_by_text_cls_cross_attention():
     assert torch.equal(kept, expected)
 
 
+def _video_seen_by_each_fusion_layer(cfg, num_regional=40):
+    """Video tokens (CLS included) that each fusion layer's cross-attention reads."""
+    encoder = TextEncoder(cfg, video_width=16).eval()
+    seen = []
+    for layer in encoder.encoder.layer[encoder.first_fusion:]:
+        layer.crossattention.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+    ids, mask = _batch()
+    with torch.no_grad():
+        encoder.fuse(encoder.encode(ids, mask), mask, torch.randn(3, 1 + num_regional, 16))
+    return seen
+
+
+def test_multimodal_pruning_is_one_step_by_default():
+    """q_m = 0.1 with three fusion layers: 40 -> 4 -> 4 regional tokens (one sparsification step,
+    after the first fusion layer), not 40 -> 4 -> 1 (q_m squared in the last layer)."""
+    cfg = dict(CFG, depth=5, fusion_layers=3, multimodal_keep=0.1)
+    assert _video_seen_by_each_fusion_layer(cfg) == [41, 5, 5]
+
+
+def test_per_layer_multimodal_keep_rates_compound():
+    cfg = dict(CFG, depth=5, fusion_layers=3, multimodal_keep=[0.5, 0.5], multimodal_prune_layers=[1, 2])
+    assert _video_seen_by_each_fusion_layer(cfg) == [41, 21, 11]
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(multimodal_keep=[0.5, 0.5]), "multimodal_keep has 2 entries but multimodal_prune_layers has 1"),
+    (dict(multimodal_keep=0.5, multimodal_prune_layers=[2]), "entry 2 must be a fusion layer in 1..1"),
+])
+def test_bad_multimodal_pruning_settings_are_named(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        TextEncoder(dict(CFG, **cfg), video_width=16)
+
+
 def test_too_long_text_is_rejected():
     encoder = TextEncoder(CFG, video_width=16)
     with pytest.raises(ValueError, match="max_position_embeddings \\(40\\)"):

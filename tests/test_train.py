@@ -165,6 +165,61 @@ def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_pa
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
+class _Clock:
+    """svitt.train's `time`, with time() jumped forward once `late` is set."""
+
+    def __init__(self):
+        self.late = False
+
+    def time(self):
+        return time.time() + (1e6 if self.late else 0.0)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline, reference, tmp_path,
+                                                                        monkeypatch, grad_accum):
+    """SVITT_STOP_AT (launch.py --save-before on Slurm) passing during step 3's first micro-batch:
+    the step is finished (with grad_accum 2 the cached step takes both micro-batches), saved and
+    the run stops with Preempted; the resumed run's losses are the uninterrupted run's, in the
+    plain path and in the grad-cache path (svitt.grad_cache) alike."""
+    import svitt.train as engine
+
+    cfg = stage(grad_accum=grad_accum)
+    if grad_accum == 1:
+        expected = losses(reference)
+    else:
+        train(cfg, data(pipeline), tmp_path / "reference", progress=False)
+        expected = losses(tmp_path / "reference")
+    out = tmp_path / "run"
+    clock, inputs, calls = _Clock(), engine._inputs, {"n": 0}
+
+    def counted(*args):
+        calls["n"] += 1
+        if calls["n"] == 2 * grad_accum + 1:  # the first micro-batch of step 3
+            clock.late = True
+        return inputs(*args)
+
+    monkeypatch.setenv("SVITT_STOP_AT", f"{time.time() + 3600:.0f}")
+    monkeypatch.setattr(engine, "time", clock)
+    monkeypatch.setattr(engine, "_inputs", counted)
+    with pytest.raises(engine.Preempted, match="stopped \\(signal or time limit\\) at step 3"):
+        train(cfg, data(pipeline), out, progress=False)
+    assert calls["n"] == 3 * grad_accum  # step 3 whole, nothing of step 4
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.setattr(engine, "time", time)
+    monkeypatch.setattr(engine, "_inputs", inputs)
+    monkeypatch.delenv("SVITT_STOP_AT")
+    train(cfg, data(pipeline), out, progress=False)
+    got = losses(out)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
 def test_resume_rebuilds_metrics_that_snakemake_deleted(pipeline, reference, tmp_path):
     """Snakemake removes a failed job's outputs (metrics.jsonl among them) and a rerun's outputs
     before it starts; the checkpoint survives, and the rows up to its step come back from it."""
@@ -240,13 +295,15 @@ def test_an_empty_dataset_is_an_error_not_a_zero_step_run(pipeline, tmp_path):
         train(stage(), data(pipeline, annotations=str(tmp_path / "empty.csv")), tmp_path / "out", progress=False)
 
 
-def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
-    """VTC gathered over 2 ranks + DDP gradient averaging == one process on the whole batch."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path, grad_accum):
+    """VTC gathered over 2 ranks + gradient averaging == one process on the whole batch; with
+    grad_accum 2 each rank's half comes in two micro-batches and the contrastive batch stays whole."""
     helper = ROOT / "tests/helpers/ddp_step.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(helper), str(tmp_path / "one.pt")], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(helper), str(tmp_path / "two.pt")], check=True, env=env)
+                    str(helper), str(tmp_path / "two.pt"), str(grad_accum)], check=True, env=env)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     largest = max(g.abs().max() for g in one["grads"].values() if g is not None)

@@ -207,3 +207,41 @@ def test_checkpoint_of_another_architecture_is_rejected():
     wider = VideoEncoder.from_config(dict(SMALL, frames=1, width=64))
     with pytest.raises(ValueError, match=r"\(32, 3, 8, 8\).*\(64, 3, 8, 8\)"):
         wider.load_image_weights(_timm_small().state_dict())
+
+
+def _sparse_pair(kernel, **overrides):
+    """Two float64 encoders with the same weights and layout seed: `kernel` and the reference."""
+    cfg = dict(SMALL, frames=2, visual_keep=0.5, prune_layers=[1], local_blocks=1, random_blocks=2,
+               block_size=5, seed=7, **overrides)  # 32 tokens: blocks of 5 with padding
+    fast = _perturbed(VideoEncoder.from_config(dict(cfg, attention_kernel=kernel)), seed=2).double()
+    ref = VideoEncoder.from_config(dict(cfg, attention_kernel="reference")).double()
+    ref.load_state_dict(fast.state_dict())
+    return fast.train(), ref.train()
+
+
+def test_gather_kernel_trains_the_encoder_like_the_reference_including_the_bias_tables():
+    """Values, kept tokens and every parameter's gradient (the learned relative position tables
+    included) through edge sparsity with padding and through node pruning."""
+    fast, ref = _sparse_pair("gather")
+    video = torch.randn(2, 2, 3, 32, 32, dtype=torch.float64)
+    out_fast, pos_fast = fast(video, return_positions=True)
+    out_ref, pos_ref = ref(video, return_positions=True)
+    assert torch.equal(pos_fast, pos_ref) and pos_fast.shape == (2, 16)
+    torch.testing.assert_close(out_fast, out_ref, rtol=0, atol=1e-10)
+    weights = torch.randn_like(out_ref)
+    (out_fast * weights).sum().backward()
+    (out_ref * weights).sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=name)
+    assert fast.blocks[1].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_gather_kernel_under_gradient_checkpointing_gives_the_same_gradients():
+    plain, _ = _sparse_pair("gather")
+    ckpt, _ = _sparse_pair("gather", grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    video = torch.randn(2, 2, 3, 32, 32, dtype=torch.float64)
+    plain(video).pow(2).sum().backward()
+    ckpt(video).pow(2).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12, msg=name)

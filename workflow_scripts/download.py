@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Download the videos of a video list into one folder and write a manifest.
+"""Download the videos of a video list (or of one shard of it) into one folder and write a manifest.
 
 Inputs: a WebVid CSV (videoid, contentUrl, name, ...), a generic id,url,caption CSV, or for Ego4D a
 tab-separated egoclip.csv / an egomcq.json (one row per distinct video_uid; use --local-dir or
 --ego4d-cli, they carry no URLs). Output: videos in --out, and --manifest, a CSV with header
 id,status,reason,bytes,sha256,path (path relative to the manifest's folder).
+--num-shards N --shard-index i keeps the rows whose id hashes to shard i (the hash extract_frames.py
+uses), so shard i's download feeds shard i's extraction.
 
 Exit status: 0 when the failed fraction is at most --max-failed-fraction (failures are listed on
 stderr and in the manifest), 1 when it is above, 2 for unusable arguments or input files.
@@ -26,7 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="video list (repeatable; rows are concatenated in order)")
     parser.add_argument("--out", required=True, type=Path, help="folder the videos are written to")
     parser.add_argument("--manifest", required=True, type=Path, help="manifest CSV to write")
-    parser.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="parallel downloads, or parallel checks of --local-dir files (default 8)")
+    parser.add_argument("--num-shards", type=int, default=1, help="split the video list into this many shards")
+    parser.add_argument("--shard-index", type=int, default=0, help="which shard this call downloads")
     parser.add_argument("--max-failed-fraction", type=float, default=0.05,
                         help="fail the stage when more than this fraction of videos failed (default 0.05)")
     parser.add_argument("--timeout", type=float, default=120.0,
@@ -57,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.retries < 0 or args.max_bytes <= 0:
         parser.error(f"--retries must be >= 0 and --max-bytes > 0, got {args.retries} and {args.max_bytes}")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard-index must be in [0, --num-shards {args.num_shards}), got {args.shard_index}")
     if args.local_dir and args.ego4d_cli:
         parser.error("use either --local-dir or --ego4d-cli, not both")
     return args
@@ -72,12 +79,14 @@ def main(argv=None) -> int:
             item.row = row
         if not items:
             raise dl.InputError(f"no rows in {', '.join(args.csv)}")
+        items = dl.select_items(items, args.shard_index, args.num_shards)
         progress = not args.no_progress
         if args.local_dir:
-            results = dl.register_local(items, args.local_dir, args.verify, progress)
+            results = dl.register_local(items, args.local_dir, args.verify, progress, args.workers)
         elif args.ego4d_cli:
             results = dl.run_ego4d_cli(items, args.out, args.ego4d_executable, args.ego4d_datasets,
-                                       args.ego4d_aws_profile, args.ego4d_version, args.verify, progress)
+                                       args.ego4d_aws_profile, args.ego4d_version, args.verify, progress,
+                                       args.workers)
         else:
             options = dl.DownloadOptions(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
                                          max_bytes=args.max_bytes, verify=args.verify)

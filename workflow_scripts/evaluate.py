@@ -6,8 +6,9 @@
     python workflow_scripts/evaluate.py egomcq --model M --shards ... --annotations egomcq.json \\
         --tokenizer DIR --out results/eval/egomcq/<stage>.json
 
-Settings (JSON, what the workflow passes): retrieval {batch_size, rerank_k, text_len};
-egomcq {frames, text_len}. The JSON written holds the metrics (percent) and the settings used.
+Settings (JSON, what the workflow passes): each task's SETTINGS in svitt/evaluation/<task>.py
+(retrieval: batch_size, rerank_k, text_len; egomcq: frames, text_len). `frames` evaluates the
+model at another clip length. The JSON written holds the metrics (percent) and the settings used.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-TASKS = ("retrieval", "egomcq")
+from svitt.evaluation import TASKS, task  # noqa: E402  (numpy only until a task is run)
 
 
 def parse_args(argv=None):
@@ -37,32 +38,24 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = json.loads(args.config_json)
+    module = task(args.task)
+    settings = {**module.SETTINGS, **json.loads(args.config_json)}
     import torch
 
     from svitt.checkpoint import load_exported
-    from svitt.data.datasets import EgoMCQDataset, RetrievalDataset
     from svitt.data.pipeline import PairCollator, load_tokenizer
     from svitt.data.transforms import EvalTransform
-    from svitt.evaluation import evaluate_egomcq, evaluate_retrieval
     from svitt.io import atomic_write_json
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    frames = settings.get("frames") if args.task == "egomcq" else None
-    model, info = load_exported(args.model, frames=frames)
+    model, info = load_exported(args.model, frames=settings.get("frames"))
     video = model.cfg["video"]
     data_cfg = info["train_config"]["data"]  # normalise as in training
     transform = EvalTransform(size=video["image_size"], mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
-    collator = PairCollator(load_tokenizer(args.tokenizer), settings.get("text_len", 32))
-    progress = not args.no_progress
-    if args.task == "retrieval":
-        data = RetrievalDataset(args.shards, args.annotations, video["frames"], transform)
-        result = evaluate_retrieval(model, data, collator, batch_size=settings.get("batch_size", 16),
-                                    rerank_k=settings.get("rerank_k", 16), device=device, progress=progress)
-    else:
-        data = EgoMCQDataset(args.shards, args.annotations, video["frames"], transform)
-        result = evaluate_egomcq(model, data, collator, device=device, progress=progress)
+    collator = PairCollator(load_tokenizer(args.tokenizer), settings["text_len"])
+    dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform)
+    result = module.run(model, dataset, collator, settings, device=device, progress=not args.no_progress)
     result.update({"task": args.task, "model": str(args.model), "stage": info["name"],
                    "frames": video["frames"], "settings": settings})
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 """Extract frames of videos (or of EgoClip / EgoMCQ clips of long videos) into one HDF5 shard.
 
 --videos is a download manifest (rows with status ok) or a folder of videos (<id>.mp4, or chunk
-folders <id>/<k>.mp4). Without --clips/--mcq every video becomes one item named by its id; with
-them every clip becomes one item named <video_uid>_<clip_start>_<clip_end> (3 decimals).
+folders <id>/<k>.mp4), read in place (nothing is copied or hashed). Without --clips/--mcq every
+video becomes one item named by its id (of a folder: the videos --ids lists, else all of them);
+with them every clip becomes one item named <video_uid>_<clip_start>_<clip_end> (3 decimals).
+--num-shards N --shard-index i keeps the videos whose id hashes to shard i (download.py's hash).
 Frames are sampled uniformly over the video or clip, resized to --short-side, JPEG-encoded.
 The shard is written under a temporary name and renamed when complete; --failures lists
 id,reason of everything that could not be extracted. Layout: docs/data.md.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
+from svitt.data import download as dl  # noqa: E402
 from svitt.data import frames as fr  # noqa: E402
 
 
@@ -36,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failed-fraction", type=float, default=0.05)
     p.add_argument("--clips", type=Path, help="tab-separated egoclip.csv: extract its clips")
     p.add_argument("--mcq", type=Path, help="egomcq.json: extract the clips of its queries and choices")
+    p.add_argument("--ids", type=Path,
+                   help="with a --videos folder: the videos to extract, from a video list or annotation file "
+                        "(nlq_videos.tsv, egomcq.json, a retrieval / QA JSON list); default every video there")
     p.add_argument("--num-shards", type=int, default=1, help="split the videos into this many shards")
     p.add_argument("--shard-index", type=int, default=0, help="which shard this call writes")
     p.add_argument("--no-progress", action="store_true")
@@ -57,20 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        sources = fr.discover_videos(args.videos)
-        clips = None
-        if args.clips or args.mcq:
-            clips = {}
-            for reader, path in ((fr.read_egoclip_clips, args.clips), (fr.read_egomcq_clips, args.mcq)):
-                if path:
-                    for uid, items in reader(path).items():
-                        clips.setdefault(uid, []).extend(items)
-        jobs, missing = fr.build_jobs(sources, clips)
-        jobs = fr.select_shard(jobs, args.shard_index, args.num_shards)
-        if args.num_shards > 1:  # a missing video belongs to the shard its uid hashes to
-            shard_uids = {j.id for j in fr.select_shard([fr.VideoJob(m[0].rsplit("_", 2)[0], Path())
-                                                         for m in missing], args.shard_index, args.num_shards)}
-            missing = [m for m in missing if m[0].rsplit("_", 2)[0] in shard_uids]
+        jobs, missing = plan_jobs(args)
     except (OSError, ValueError, KeyError) as exc:
         print(f"extract_frames: error: {exc}", file=sys.stderr)
         return 2
@@ -93,6 +86,31 @@ def main(argv=None) -> int:
               f"--max-failed-fraction {args.max_failed_fraction:g}", file=sys.stderr)
         return 1
     return 0
+
+
+def plan_jobs(args) -> tuple[list, list[tuple[str, str]]]:
+    """This shard's jobs, and (id, reason) of its items whose video is not there."""
+    def mine(video_id: str) -> bool:
+        return dl.shard_of(video_id, args.num_shards) == args.shard_index
+
+    clips = None
+    if args.clips or args.mcq:
+        clips = {}
+        for reader, path in ((fr.read_egoclip_clips, args.clips), (fr.read_egomcq_clips, args.mcq)):
+            if path:
+                for uid, items in reader(path).items():
+                    clips.setdefault(uid, []).extend(items)
+        clips = {uid: items for uid, items in clips.items() if mine(uid)}
+    not_found = []
+    if args.videos.is_dir() and (clips is not None or args.ids):
+        wanted = list(clips) if clips is not None else [item.id for item in dl.read_video_list(args.ids)]
+        sources, not_found = fr.local_sources(args.videos, [v for v in dict.fromkeys(wanted) if v and mine(v)])
+    else:
+        if args.ids:
+            raise ValueError(f"--ids selects videos of a folder; --videos {args.videos} is a manifest")
+        sources = {k: v for k, v in fr.discover_videos(args.videos).items() if mine(k)}
+    jobs, missing = fr.build_jobs(sources, clips)
+    return jobs, (missing if clips is not None else not_found)
 
 
 if __name__ == "__main__":

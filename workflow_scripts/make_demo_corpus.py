@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the embedded demo corpus: synthetic H.264 clips with order-dependent captions,
 time-reversed and event-order twins, retrieval/QA annotations, an egocentric part (egoclip.csv,
-egomcq.json) and a BERT WordPiece vocabulary. Deterministic from --seed. The folder is built under
+egomcq.json, Ego4D NLQ nlq_train.json / nlq_val.json) and a BERT WordPiece vocabulary. Deterministic from --seed. The folder is built under
 a temporary name and renamed when complete. Layout: docs/data.md.
 """
 from __future__ import annotations
@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ego-fps", type=int, default=d_geo.ego_fps)
     p.add_argument("--ego-chunk-seconds", type=float, default=d_geo.ego_chunk_seconds,
                    help="write ego videos as <uid>/<k>.mp4 chunks of this length; 0 for one file per video")
+    p.add_argument("--ego-nlq-clip-seconds", type=float, default=d_geo.ego_nlq_clip_seconds,
+                   help="length of the NLQ clips cut from each ego video; 0 for the whole video")
     p.add_argument("--workers", type=int, default=2, help="encoding threads")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     sizes = DemoSizes(args.train_videos, args.test_videos, args.qa_videos, args.qa_questions_per_video,
                       args.ego_train_videos, args.ego_mcq_videos, args.ego_mcq_questions, args.ego_seconds)
     geometry = DemoGeometry(args.size, args.frames, args.fps, args.object_size, args.travel, args.ego_fps,
-                            args.ego_chunk_seconds)
+                            args.ego_chunk_seconds, ego_nlq_clip_seconds=args.ego_nlq_clip_seconds)
     try:
         summary = make_demo_corpus(args.out, args.seed, sizes, geometry, args.workers, not args.no_progress)
     except ValueError as exc:

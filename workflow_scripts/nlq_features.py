@@ -2,12 +2,18 @@
 """Ego4D NLQ video features from an exported SViTT-Ego model (paper section 4.4).
 
     python workflow_scripts/nlq_features.py --model results/pretrain/egoclip/model.safetensors \\
-        --shards resources/frames/ego_nlq/*.h5 --out results/nlq_features/egoclip.h5 --window 4 --stride 4
+        --shards resources/frames/ego_nlq/*.h5 --window 4 --stride 4 --kind cls \\
+        --out results/nlq_features/egoclip.h5 --pt-dir results/nlq_features/egoclip
 
-The shards hold whole videos extracted at a fixed fps (extract_frames.py --fps). Output: one HDF5
-file, a float32 dataset [num_windows, D] per video (video [CLS] of each window of `window` frames
-every `stride` frames) with attributes window, stride, start_frames and start_seconds (from the
-stored frames' timestamps): per-video feature sequences as GroundNLQ-style grounding models read.
+The shards hold whole videos extracted at a fixed fps (extract_frames.py --fps). Each window of
+`window` stored frames every `stride` frames is encoded as one clip; its feature is the video
+[CLS] (--kind cls, the encoder's width) or its vision projection (--kind projected, embed_dim, as
+EgoVLP saves). Outputs:
+  --out     HDF5, a float32 dataset [num_windows, D] per video with attributes window, stride,
+            start_frames, start_seconds; file attributes model, stage, kind, fps, features_per_second
+  --pt-dir  the layout VSLNet's / GroundNLQ's Ego4D preparation reads: {video_uid}.pt (float32
+            [N, D]) per video, feature_shapes.json {video_uid: N}, features.json (kind, fps, window,
+            stride, features_per_second = fps / stride, dim, stage, model)
 """
 from __future__ import annotations
 
@@ -18,13 +24,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
 
+def shard_fps(paths) -> float:
+    """The fixed frame rate the shards were extracted at (all must agree)."""
+    import h5py
+
+    rates = set()
+    for path in paths:
+        with h5py.File(path, "r") as handle:
+            rates.add(float(handle.attrs.get("fps", 0.0)))
+    if len(rates) != 1 or not next(iter(rates)) > 0:
+        raise ValueError(f"NLQ features need whole videos extracted at one fixed fps (extract_frames.py "
+                         f"--fps); the shards have fps {sorted(rates)}")
+    return rates.pop()
+
+
+def check_fixed_rate(video_id: str, attrs: dict, fps: float) -> None:
+    """A video longer than max_frames / fps was sampled sparser: its windows would not be fps / stride."""
+    stored, expected = len(attrs["timestamps"]), float(attrs["duration"]) * fps
+    if abs(stored - expected) > 1:
+        raise ValueError(f"video {video_id}: {stored} frames stored over {float(attrs['duration']):.1f} s, "
+                         f"not {fps:g} fps ({expected:.0f} frames): raise the dataset's max_frames")
+
+
 def main(argv=None) -> int:
+    from svitt.evaluation.nlq import FEATURE_KINDS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="model.safetensors (model.json beside it)")
     p.add_argument("--shards", nargs="+", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="HDF5 file of every video's features")
+    p.add_argument("--pt-dir", type=Path, help="also write {video_uid}.pt per video here (VSLNet layout)")
     p.add_argument("--window", type=int, default=4, help="frames per clip (the model runs at this length)")
     p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--kind", default="cls", choices=FEATURE_KINDS,
+                   help="cls: video [CLS] after the final norm; projected: its vision projection (EgoVLP)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
@@ -33,29 +66,41 @@ def main(argv=None) -> int:
     import torch
 
     from svitt.checkpoint import load_exported
-    from svitt.data.datasets import FrameStore
+    from svitt.data.datasets import FrameStore, resolve_shards
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import extract_window_features
+    from svitt.evaluation.nlq import VideoFeatureWriter
     from svitt.io import atomic_path
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
+    fps = shard_fps(resolve_shards(args.shards))
     model, info = load_exported(args.model, frames=args.window)
     data_cfg = info["train_config"]["data"]
     transform = EvalTransform(size=model.cfg["video"]["image_size"], mean=tuple(data_cfg["mean"]),
                               std=tuple(data_cfg["std"]))
     store = FrameStore(args.shards)
     ids = sorted(store.shard_of)
+    for video_id in ids:
+        check_fixed_rate(video_id, store.attrs(video_id), fps)
+    meta = {"model": str(args.model), "stage": info["name"], "kind": args.kind, "fps": fps, "window": args.window,
+            "stride": args.stride, "features_per_second": fps / args.stride}
+    writer = VideoFeatureWriter(args.pt_dir, meta) if args.pt_dir else None
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as out:
-        out.attrs.update(model=str(args.model), stage=info["name"], window=args.window, stride=args.stride)
+        out.attrs.update(meta)
         for video_id, feats, starts in extract_window_features(model, store, ids, transform, args.window,
                                                                args.stride, args.batch_size, device,
-                                                               not args.no_progress):
+                                                               not args.no_progress, kind=args.kind):
             timestamps = store.attrs(video_id)["timestamps"]
             ds = out.create_dataset(video_id, data=feats.numpy())
             ds.attrs.update(window=args.window, stride=args.stride, start_frames=starts.numpy(),
                             start_seconds=timestamps[starts.numpy()])
-    print(f"nlq_features: {len(ids)} videos -> {args.out}")
+            if writer:
+                writer.add(video_id, feats)
+    if writer:
+        writer.close()
+    print(f"nlq_features: {len(ids)} videos ({args.kind}, {fps / args.stride:g} features/s) -> {args.out}"
+          + (f" and {args.pt_dir}/" if args.pt_dir else ""))
     return 0
 
 

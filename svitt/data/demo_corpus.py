@@ -16,7 +16,9 @@ time-reversed twins. The event of each half spans half the clip, so with T = 4 f
 
 The egocentric part: long videos of a scene with three objects and the camera wearer's hand,
 narrated every couple of seconds ("#C C lifts the red ball"), written as egoclip.csv and
-egomcq.json in the official layouts.
+egomcq.json in the official layouts, and Ego4D NLQ queries over clips of the same videos ("when
+did I lift the red ball?", the answer window being that action) as nlq_train.json (the EgoClip
+videos) and nlq_val.json (the held-out EgoMCQ videos).
 
 Everything is deterministic from the seed (numpy Generator; libx264 single-threaded).
 """
@@ -31,6 +33,7 @@ import os
 import re
 import shutil
 import uuid
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,6 +118,7 @@ class DemoGeometry:
     ego_fps: int = 10
     ego_chunk_seconds: float = 25.0  # 0: one file per ego video; else EgoVLP-style <uid>/<k>.mp4 chunks
     ego_narration_every: float = 2.0
+    ego_nlq_clip_seconds: float = 30.0  # NLQ clips cut from each ego video (0: the whole video)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,6 +459,55 @@ def make_egomcq(mcq_rows: dict[str, list[dict]], questions: int, rng: np.random.
     return out
 
 
+def nlq_query_text(action: EgoAction, color: str) -> str:
+    """The Ego4D-style question whose answer is this action's window."""
+    where = f" to the {action.side}" if action.verb == "move" else ""
+    return f"when did I {action.verb} the {color} {action.noun}{where}?"
+
+
+def nlq_clip_spans(duration: float, geo: DemoGeometry) -> list[tuple[float, float]]:
+    """[start, end) of the NLQ clips cut from a video: consecutive ego_nlq_clip_seconds pieces,
+    the last one shorter (0: the whole video is one clip)."""
+    length = geo.ego_nlq_clip_seconds if geo.ego_nlq_clip_seconds > 0 else duration
+    starts = np.arange(0.0, duration - 1e-9, length)
+    return [(float(s), float(min(s + length, duration))) for s in starts]
+
+
+def make_nlq(plans: dict[str, dict], split: str, duration: float, geo: DemoGeometry) -> dict:
+    """Ego4D NLQ annotations (v1 layout) over clips of the videos in `plans` {uid: plan}.
+
+    A clip's queries ask for the actions that happen exactly once in it (each query has one
+    answer, as in Ego4D); the answer window is the action's [start, end], in seconds from the clip
+    start. clip / annotation uids are uuid5 of the video uid, so no random draw is spent here."""
+    videos = []
+    for uid, plan in plans.items():
+        clips = []
+        for k, (c0, c1) in enumerate(nlq_clip_spans(duration, geo)):
+            inside = [a for a in plan["actions"] if a.start >= c0 and a.end <= c1]
+            kinds = Counter((a.obj, a.verb, a.side) for a in inside)
+            queries = []
+            for a in inside:
+                if kinds[(a.obj, a.verb, a.side)] != 1:
+                    continue
+                color = plan["objects"][a.obj][0]
+                queries.append({
+                    "clip_start_sec": round(a.start - c0, 3), "clip_end_sec": round(a.end - c0, 3),
+                    "video_start_sec": a.start, "video_end_sec": a.end,
+                    "video_start_frame": int(round(a.start * geo.ego_fps)),
+                    "video_end_frame": int(round(a.end * geo.ego_fps)),
+                    "template": "Objects: When did I Y X?", "query": nlq_query_text(a, color),
+                    "slot_x": f"{color} {a.noun}", "verb_x": a.verb})
+            clips.append({
+                "clip_uid": str(uuid.uuid5(uuid.UUID(uid), f"nlq-clip-{k}")),
+                "video_start_sec": c0, "video_end_sec": c1,
+                "video_start_frame": int(round(c0 * geo.ego_fps)), "video_end_frame": int(round(c1 * geo.ego_fps)),
+                "clip_start_sec": 0.0, "clip_end_sec": c1 - c0,
+                "annotations": [{"annotation_uid": str(uuid.uuid5(uuid.UUID(uid), f"nlq-annotation-{k}")),
+                                 "language_queries": queries}]})
+        videos.append({"video_uid": uid, "split": split, "clips": clips})
+    return {"version": "1", "description": f"NLQ Annotations ({split}) of the demo corpus", "videos": videos}
+
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
 # ----------------------------------------------------------------------------------------------
@@ -661,6 +714,8 @@ def _write_ego(tmp: Path, final: Path, sizes: DemoSizes, geo: DemoGeometry, rng:
         _write_csv(tmp / "egoclip.csv", EGOCLIP_COLUMNS, [], delimiter="\t")
         _write_json(tmp / "egomcq.json", {})
         _write_json(tmp / "ego_taxonomy.json", {"nouns": EGO_NOUN_LIST, "verbs": EGO_VERB_LIST})
+        for split in ("train", "val"):
+            _write_json(tmp / f"nlq_{split}.json", make_nlq({}, split, sizes.ego_seconds, geo))
         return [], {"videos": 0}
     uids = [_ego_uid(rng) for _ in range(n_videos)]
     plans = [plan_ego_video(sizes.ego_seconds, geo, rng) for _ in uids]
@@ -676,7 +731,15 @@ def _write_ego(tmp: Path, final: Path, sizes: DemoSizes, geo: DemoGeometry, rng:
     _write_json(tmp / "egomcq.json", mcq)
     _write_json(tmp / "ego_taxonomy.json", {"nouns": EGO_NOUN_LIST, "verbs": EGO_VERB_LIST})
     texts = [r["clip_text"] for uid in uids for r in rows[uid]]
+    nlq_queries = {}
+    for split, split_uids in (("train", train_uids), ("val", mcq_uids)):
+        nlq = make_nlq({u: p for u, p in zip(uids, plans) if u in split_uids}, split, sizes.ego_seconds, geo)
+        _write_json(tmp / f"nlq_{split}.json", nlq)
+        nlq_queries[split] = [q["query"] for v in nlq["videos"] for c in v["clips"] for a in c["annotations"]
+                              for q in a["language_queries"]]
+        texts += nlq_queries[split]
     summary = {"videos": n_videos, "train_videos": train_uids, "mcq_videos": mcq_uids,
                "egoclip_rows": len(egoclip), "egomcq_questions": len(mcq),
+               "nlq_queries": {k: len(v) for k, v in nlq_queries.items()},
                "chunk_seconds": geo.ego_chunk_seconds, "folder": str(final / "ego_videos")}
     return texts, summary

@@ -3,7 +3,8 @@
 What it guarantees (issue 4, section 1):
 - one manifest row per input row, `id,status,reason,bytes,sha256,path`, status ok/failed/skipped;
 - `timeout` bounds one attempt at one file from connect to last byte (a watchdog shuts the socket,
-  so a server trickling one byte a second cannot hold a worker);
+  also one a closing HTTP/1.0 or `Connection: close` response owns, so a server trickling one byte
+  a second cannot hold a worker);
 - retries with exponential backoff on 5xx / 408 / 429 / timeouts / dropped connections, never on
   other 4xx; resume of `.part` files with HTTP Range; a size cap; content sniffing (an HTML error
   page saved as .mp4 is rejected; an MP4 whose boxes run past the end of the file is truncated);
@@ -26,6 +27,7 @@ import ssl
 import subprocess
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,21 +64,24 @@ class InputError(ValueError):
 
 
 def read_video_list(path: str | Path) -> list[VideoItem]:
-    """Read a WebVid CSV, a generic id,url,caption CSV, a tab-separated egoclip.csv or egomcq.json.
+    """Read a WebVid CSV, a generic id,url,caption CSV, a video_uid table, an egomcq.json or an
+    annotation JSON list.
 
     WebVid / generic: one item per row (duplicates kept, the downloader reports them).
-    egoclip.csv / egomcq.json: one item per distinct `video_uid` (no URL: use --local-dir or
-    --ego4d-cli).
+    video_uid tables (tab-separated egoclip.csv, nlq_videos.tsv, or any CSV/TSV whose header has a
+    `video_uid` column), egomcq.json, and JSON lists of {"video": ...} (Singularity's retrieval and
+    QA layout): one item per distinct video, without URL (videos on disk, or --ego4d-cli).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"video list {path} does not exist")
     if path.suffix == ".json":
-        return _read_egomcq_uids(path)
+        return _read_json_videos(path)
     with open(path, newline="", encoding="utf-8") as handle:
         first_line = handle.readline()
-    if "\t" in first_line and "video_uid" in first_line.split("\t"):
-        return _read_egoclip_uids(path)
+    delimiter = "\t" if "\t" in first_line else ","
+    if "video_uid" in [name.strip() for name in first_line.split(delimiter)]:
+        return _read_uid_table(path, delimiter)
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = [name.strip() for name in (reader.fieldnames or [])]
@@ -88,8 +93,8 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
         else:
             raise InputError(
                 f"{path}: unrecognised header {header}; expected WebVid columns "
-                "(videoid, contentUrl, name), a generic id,url,caption CSV, or a tab-separated "
-                "egoclip.csv with a video_uid column"
+                "(videoid, contentUrl, name), a generic id,url,caption CSV, or a table with a "
+                "video_uid column (egoclip.csv, nlq_videos.tsv)"
             )
         return [
             VideoItem(i, (r.get(id_col) or "").strip(), (r.get(url_col) or "").strip(),
@@ -98,16 +103,26 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
         ]
 
 
-def _read_egoclip_uids(path: Path) -> list[VideoItem]:
+def _read_uid_table(path: Path, delimiter: str) -> list[VideoItem]:
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         uids = dict.fromkeys(r["video_uid"].strip() for r in reader)
     return [VideoItem(i, uid, None) for i, uid in enumerate(uids)]
 
 
-def _read_egomcq_uids(path: Path) -> list[VideoItem]:
+def _read_json_videos(path: Path) -> list[VideoItem]:
     with open(path, encoding="utf-8") as handle:
-        questions = json.load(handle)
+        data = json.load(handle)
+    if isinstance(data, dict):
+        return _egomcq_uids(data)
+    if isinstance(data, list) and all(isinstance(r, dict) and "video" in r for r in data):
+        videos = dict.fromkeys(str(r["video"]).strip() for r in data)
+        return [VideoItem(i, video, None) for i, video in enumerate(videos)]
+    raise InputError(f"{path}: expected an egomcq.json object or a list of {{\"video\": ...}} annotations")
+
+
+def _egomcq_uids(questions: dict) -> list[VideoItem]:
     uids: dict[str, None] = {}
     for key in sorted(questions, key=_int_or_str):
         q = questions[key]
@@ -119,6 +134,19 @@ def _read_egomcq_uids(path: Path) -> list[VideoItem]:
 
 def _int_or_str(key: str):
     return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def shard_of(video_id: str, num_shards: int) -> int:
+    """The shard of a video: a stable hash of its id (the same in download and extraction, so shard
+    i's frames come from shard i's videos)."""
+    return zlib.crc32(video_id.encode("utf-8")) % num_shards
+
+
+def select_items(items: list[VideoItem], shard_index: int, num_shards: int) -> list[VideoItem]:
+    """The rows of one shard, in input order (every repeat of an id lands in the same shard)."""
+    if not 0 <= shard_index < num_shards:
+        raise InputError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
+    return [item for item in items if shard_of(item.id, num_shards) == shard_index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,19 +261,24 @@ class DownloadOptions:
 
 
 class _Watchdog:
-    """Shuts the socket of the current connection when the attempt's deadline passes."""
+    """Shuts the socket of the current connection when the attempt's deadline passes.
+
+    It keeps its own reference to the socket: once a response will close the connection (HTTP/1.0,
+    `Connection: close`) http.client hands the socket to the response and sets `conn.sock` to None,
+    and a trickling server would otherwise hold the read forever.
+    """
 
     def __init__(self, seconds: float):
         self.fired = False
-        self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(seconds, 0.0), self._fire)
         self._timer.daemon = True
         self._timer.start()
 
-    def watch(self, conn) -> None:
+    def watch(self, sock: socket.socket | None) -> None:
         with self._lock:
-            self._conn = conn
+            self._sock = sock
             if self.fired:
                 self._shutdown()
 
@@ -255,12 +288,12 @@ class _Watchdog:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        sock = getattr(self._conn, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self._sock is None:
+            return
+        try:  # the plain-socket shutdown (also for TLS): wakes a recv blocked in another thread
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except OSError:  # already closed (its fd is -1 then, never another file's)
+            pass
 
     def cancel(self) -> None:
         self._timer.cancel()
@@ -312,6 +345,7 @@ def _http_fetch(url: str, part: Path, opts: DownloadOptions, on_bytes) -> None:
                 _stream_body(response, part, offset, opts, watchdog, on_bytes)
                 return
             finally:
+                response.close()
                 conn.close()
         raise FetchError(f"too many redirects (more than {MAX_REDIRECTS})", retryable=False)
     except FetchError:
@@ -340,9 +374,9 @@ def _open(url: str, have: int, watchdog: _Watchdog, opts: DownloadOptions):
                                            context=ssl.create_default_context())
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=opts.timeout)
-    watchdog.watch(conn)
+    watchdog.watch(None)  # a connect is bounded by the socket timeout (= the deadline)
     conn.connect()
-    watchdog.watch(conn)  # the socket exists now; shut it if the deadline already passed
+    watchdog.watch(conn.sock)  # shut at once if the deadline passed while connecting
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
@@ -516,12 +550,13 @@ class _Progress:
 
 
 def mark_duplicates(items: list[VideoItem]) -> dict[int, DownloadResult]:
-    """Row index -> `skipped` result for every repeat of an id already seen in an earlier row."""
+    """Position in `items` -> `skipped` result for every repeat of an id seen in an earlier row
+    (the reason names that row's number in the input)."""
     first_row: dict[str, int] = {}
     skipped = {}
-    for item in items:
+    for position, item in enumerate(items):
         if item.id and item.id in first_row:
-            skipped[item.row] = DownloadResult(
+            skipped[position] = DownloadResult(
                 item.id, "skipped", f"duplicate id (first seen in input row {first_row[item.id] + 1})")
         else:
             first_row.setdefault(item.id, item.row)
@@ -534,8 +569,8 @@ def download_all(items: list[VideoItem], out_dir: str | Path, opts: DownloadOpti
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[DownloadResult | None] = [None] * len(items)
-    for row, result in mark_duplicates(items).items():
-        results[row] = result
+    for position, result in mark_duplicates(items).items():
+        results[position] = result
     todo = [i for i, r in enumerate(results) if r is None]
     bar = _Progress(len(items), progress)
     bar.files.update(len(items) - len(todo))
@@ -598,8 +633,11 @@ def failed_fraction(results: list[DownloadResult]) -> tuple[int, int, float]:
 # Ego4D: local folders and the official CLI
 # ----------------------------------------------------------------------------------------------
 def find_local_video(folder: Path, video_id: str) -> Path | None:
-    """`<folder>/<id>.<ext>`, or `<folder>/<id>/` holding chunk files `0.mp4, 1.mp4, ...`."""
+    """`<folder>/<id>.<ext>`, `<folder>/<id>` when the id names its file ("video7010.mp4"), or
+    `<folder>/<id>/` holding chunk files `0.mp4, 1.mp4, ...`."""
     name = safe_filename(video_id)
+    if name.lower().endswith(VIDEO_EXTENSIONS) and (folder / name).is_file():
+        return folder / name
     for ext in VIDEO_EXTENSIONS:
         candidate = folder / f"{name}{ext}"
         if candidate.is_file():
@@ -610,6 +648,13 @@ def find_local_video(folder: Path, video_id: str) -> Path | None:
     return None
 
 
+def looked_for(video_id: str) -> str:
+    """What find_local_video looked for, for the failure reason."""
+    name = safe_filename(video_id)
+    file = name if name.lower().endswith(VIDEO_EXTENSIONS) else f"{name}.mp4"
+    return f"looked for {file} or a chunk folder {os.path.splitext(file)[0]}/"
+
+
 def list_chunks(chunk_dir: Path) -> list[Path]:
     """Chunk files `<k>.mp4` of an EgoVLP-style chunked video, in numeric order."""
     chunks = [p for p in chunk_dir.iterdir() if p.suffix in VIDEO_EXTENSIONS and p.stem.isdigit()]
@@ -617,18 +662,21 @@ def list_chunks(chunk_dir: Path) -> list[Path]:
 
 
 def register_local(items: list[VideoItem], folder: str | Path, verify: str = "sha256",
-                   progress: bool = True) -> list[DownloadResult]:
-    """Manifest results for videos already on disk in `folder` (no copy is made)."""
+                   progress: bool = True, workers: int = 4) -> list[DownloadResult]:
+    """Manifest results for videos already on disk in `folder` (no copy is made); the files are
+    checked (and hashed with verify="sha256") by `workers` threads (hashlib releases the GIL)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"--local-dir {folder} is not a folder")
     results = [None] * len(items)
-    for row, result in mark_duplicates(items).items():
-        results[row] = result
-    for index, item in enumerate(tqdm(items, desc="verify local videos", unit="file", disable=not progress)):
-        if results[index] is not None:
-            continue
-        results[index] = _register_one(item, folder, verify)
+    for position, result in mark_duplicates(items).items():
+        results[position] = result
+    todo = [i for i, r in enumerate(results) if r is None]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        checked = pool.map(lambda i: _register_one(items[i], folder, verify), todo)
+        for index, result in zip(todo, tqdm(checked, total=len(todo), desc="verify local videos", unit="file",
+                                            disable=not progress)):
+            results[index] = result
     return results  # type: ignore[return-value]
 
 
@@ -637,8 +685,7 @@ def _register_one(item: VideoItem, folder: Path, verify: str) -> DownloadResult:
         return DownloadResult(item.id, "failed", f"empty id in input row {item.row + 1}")
     found = find_local_video(folder, item.id)
     if found is None:
-        return DownloadResult(item.id, "failed", f"not found in local folder {folder} "
-                                                 f"(looked for {safe_filename(item.id)}.mp4 or a chunk folder)")
+        return DownloadResult(item.id, "failed", f"not found in local folder {folder} ({looked_for(item.id)})")
     files = list_chunks(found) if found.is_dir() else [found]
     digest = hashlib.sha256()
     for file in files:
@@ -674,7 +721,7 @@ class Ego4DCliMissing(RuntimeError):
 def run_ego4d_cli(items: list[VideoItem], out_dir: str | Path, executable: str = "ego4d",
                   datasets: str = "full_scale", aws_profile: str | None = None,
                   version: str | None = None, verify: str = "sha256",
-                  progress: bool = True) -> list[DownloadResult]:
+                  progress: bool = True, workers: int = 4) -> list[DownloadResult]:
     """Call the Ego4D CLI for the items' uids, then register what it wrote (one row per uid)."""
     resolved = shutil.which(executable)
     if resolved is None:
@@ -692,5 +739,5 @@ def run_ego4d_cli(items: list[VideoItem], out_dir: str | Path, executable: str =
         raise RuntimeError(f"Ego4D CLI failed with exit code {completed.returncode}: {' '.join(command)}")
     # The CLI writes <out>/<version>/<dataset>/<uid>.mp4; register whichever folder holds them.
     folders = sorted({p.parent for p in out_dir.rglob("*.mp4")}) or [out_dir]
-    results = register_local(items, folders[0], verify, progress)
+    results = register_local(items, folders[0], verify, progress, workers)
     return results

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import re
-import zlib
 import functools
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, list_chunks, read_manifest, sniff_video)
+from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, find_local_video, list_chunks, looked_for,
+                                 read_manifest, shard_of, sniff_video)
 from svitt.io import atomic_path, atomic_write_csv
 
 FORMAT = "svitt-frames"
@@ -387,11 +387,20 @@ def build_jobs(sources: dict[str, Path], clips: dict[str, list[Clip]] | None = N
     return jobs, missing
 
 
-def select_shard(jobs: list[VideoJob], shard_index: int, num_shards: int) -> list[VideoJob]:
-    """The jobs of one shard: a stable hash of the (video) id, independent of input order."""
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index must be in [0, {num_shards}), got {shard_index}")
-    return [j for j in jobs if zlib.crc32(j.id.encode("utf-8")) % num_shards == shard_index]
+def local_sources(folder: str | Path, ids: list[str]) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """id -> path of the listed videos in a folder (read in place: nothing copied or hashed; the
+    extraction's decoding is the check), plus (id, reason) of those not there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--videos {folder} is not a folder")
+    found, missing = {}, []
+    for video_id in ids:
+        path = find_local_video(folder, video_id)
+        if path is None:
+            missing.append((video_id, f"not found in folder {folder} ({looked_for(video_id)})"))
+        else:
+            found[video_id] = path
+    return found, missing
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,21 @@ def relative_index(pos_q: torch.Tensor, pos_k: torch.Tensor, grid: tuple[int, in
     return index
 
 
+def code_offset(grid: tuple[int, int, int]) -> int:
+    """The table index of a zero offset (dt, dh, dw) = (0, 0, 0)."""
+    t, h, w = grid
+    return ((t - 1) * (2 * h - 1) + (h - 1)) * (2 * w - 1) + (w - 1)
+
+
+def position_code(pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per-token code with relative_index(p, q) = code(p) - code(q) + code_offset(grid) for any two
+    regional positions p, q: the index is linear in (t, h, w), so a block of indices is one
+    broadcast subtraction instead of the divisions and selects of relative_index."""
+    t, h, w = grid
+    hw = h * w
+    return ((pos // hw) * (2 * h - 1) + (pos // w) % h) * (2 * w - 1) + pos % w
+
+
 def relative_bias(table: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
                   grid: tuple[int, int, int]) -> torch.Tensor:
     """Bias for queries at pos_q [B, Nq] and keys at pos_k [B, Nk]: returns [B, heads, Nq, Nk]."""
@@ -59,6 +74,29 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table[index] -> [*index.shape, heads]; index_select's backward (index_add) is several times
     faster on CPU than advanced indexing's (index_put with accumulation)."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
+
+
+def sequence_index(pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Table index of every pair of [CLS, tokens at pos [B, N]]: [B, 1+N, 1+N] (int64: the
+    backward of index_select, index_add, is several times slower with int32 indices on CPU)."""
+    n = table_size(grid)
+    code = position_code(pos, grid).long()
+    index = code.new_empty(pos.shape[0], pos.shape[1] + 1, pos.shape[1] + 1)
+    torch.sub(code[:, :, None] + code_offset(grid), code[:, None, :], out=index[:, 1:, 1:])
+    index[:, 0, 1:] = n - 3
+    index[:, 1:, 0] = n - 2
+    index[:, 0, 0] = n - 1
+    return index
+
+
+def sequence_bias(table: torch.Tensor, pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Bias of every pair of [CLS, tokens at pos [B, N]]: [B, heads, 1+N, 1+N], equal to
+    relative_bias(table, [-1, pos], [-1, pos]) but gathered straight into the heads-first layout
+    from the (small) transposed table, so no [..., heads]-last tensor is permuted and copied."""
+    index = sequence_index(pos, grid)
+    b, m = index.shape[0], index.shape[1]
+    bias = table.t().contiguous().index_select(1, index.view(-1)).view(table.shape[1], b, m, m)
+    return bias.transpose(0, 1)
 
 
 def special_bias(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

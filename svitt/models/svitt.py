@@ -17,6 +17,14 @@ from svitt.config import check_keys
 from svitt.models.text_encoder import TextEncoder, resolve_text_config
 from svitt.models.video_encoder import VideoEncoder, resolve_video_config
 
+VTM_SCORES = ("log_odds", "match_logit")
+OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")
+
+
+def check_objectives(objectives):
+    unknown = sorted(set(objectives) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"unknown objectives {unknown}; expected some of {OBJECTIVES}")
 MODEL_DEFAULTS = dict(  # every key of the `model` section, documented here once
     video={},  # svitt.models.video_encoder.VIDEO_DEFAULTS
     text={},  # svitt.models.text_encoder.TEXT_DEFAULTS
@@ -85,10 +93,13 @@ class SViTT(nn.Module):
     def fuse(self, text_hidden, attention_mask, video_tokens):
         return self.text_encoder.fuse(text_hidden, attention_mask, video_tokens)
 
-    def vtm_score(self, text_hidden, attention_mask, video_tokens) -> torch.Tensor:
-        """Matching logit (positive minus negative class) per pair: [B]."""
+    def vtm_score(self, text_hidden, attention_mask, video_tokens, kind: str = "log_odds") -> torch.Tensor:
+        """Matching score per pair [B]: "log_odds" (match minus no-match logit, the log-odds of
+        p(match)) or "match_logit" (the match logit alone, what Singularity ranks by)."""
+        if kind not in VTM_SCORES:
+            raise ValueError(f"vtm score kind must be one of {VTM_SCORES}, got {kind!r}")
         logits = self.vtm_head(self.fuse(text_hidden, attention_mask, video_tokens)[:, 0])
-        return logits[:, 1] - logits[:, 0]
+        return logits[:, 1] - logits[:, 0] if kind == "log_odds" else logits[:, 1]
 
     def mlm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """fused [B, L, Dt] -> vocabulary logits [B, L, V]."""
@@ -105,28 +116,41 @@ class SViTT(nn.Module):
         objectives: any of "vtc" (InfoNCE), "egonce" (needs nouns/verbs multi-hot), "vtm",
         "mlm" (needs mlm_ids and mlm_labels from losses.mask_tokens). Returns {name: loss}.
         """
-        unknown = set(objectives) - {"vtc", "egonce", "vtm", "mlm"}
-        if unknown:
-            raise ValueError(f"unknown objectives {sorted(unknown)}; expected vtc, egonce, vtm, mlm")
+        check_objectives(objectives)
+        feats = self.features(video, input_ids, attention_mask, mlm_ids if "mlm" in objectives else None)
+        return self.losses(feats, attention_mask, objectives, nouns, verbs, mlm_labels, egonce_temperature)
+
+    def features(self, video, input_ids, attention_mask, mlm_ids=None) -> dict:
+        """What the encoders compute, per clip (svitt.grad_cache caches these between micro-batches):
+        video_tokens [B, 1 + N', Dv], video_emb [B, E], text_hidden [B, L, Dt], text_emb [B, E],
+        and with mlm_ids the masked text's hidden states masked_hidden [B, L, Dt]."""
         video_tokens, video_emb = self.encode_video(video)
         text_hidden, text_emb = self.encode_text(input_ids, attention_mask)
+        out = {"video_tokens": video_tokens, "video_emb": video_emb, "text_hidden": text_hidden,
+               "text_emb": text_emb}
+        if mlm_ids is not None:
+            out["masked_hidden"] = self.text_encoder.encode(mlm_ids, attention_mask)
+        return out
+
+    def losses(self, feats: dict, attention_mask, objectives, nouns=None, verbs=None, mlm_labels=None,
+               egonce_temperature=0.05) -> dict:
+        """The objectives from the encoders' features (`features`) of one whole batch."""
         out = {}
         if "vtc" in objectives:
-            out["vtc"] = losses.info_nce(video_emb, text_emb, self.temperature())
+            out["vtc"] = losses.info_nce(feats["video_emb"], feats["text_emb"], self.temperature())
         positives = None
         if "egonce" in objectives:
             if nouns is None or verbs is None:
                 raise ValueError("objective 'egonce' needs nouns and verbs multi-hot tensors")
-            out["egonce"] = losses.egonce(video_emb, text_emb, nouns, verbs, egonce_temperature)
+            out["egonce"] = losses.egonce(feats["video_emb"], feats["text_emb"], nouns, verbs, egonce_temperature)
             positives = losses.action_positives(nouns, verbs)
         if "vtm" in objectives:
-            out["vtm"] = self._vtm_loss(video_tokens, video_emb, text_hidden, text_emb,
-                                        attention_mask, positives)
+            out["vtm"] = self._vtm_loss(feats["video_tokens"], feats["video_emb"], feats["text_hidden"],
+                                        feats["text_emb"], attention_mask, positives)
         if "mlm" in objectives:
-            if mlm_ids is None or mlm_labels is None:
+            if "masked_hidden" not in feats or mlm_labels is None:
                 raise ValueError("objective 'mlm' needs mlm_ids and mlm_labels")
-            masked_hidden = self.text_encoder.encode(mlm_ids, attention_mask)
-            fused = self.fuse(masked_hidden, attention_mask, video_tokens)
+            fused = self.fuse(feats["masked_hidden"], attention_mask, feats["video_tokens"])
             out["mlm"] = losses.mlm_loss(self.mlm_logits(fused), mlm_labels)
         return out
 
@@ -136,9 +160,11 @@ class SViTT(nn.Module):
         with torch.no_grad():
             sim = video_emb @ text_emb.T / self.temperature()
         neg_text, neg_video = losses.vtm_hard_negatives(sim, positives_mask=positives)
-        texts = torch.cat([text_hidden, text_hidden[neg_text], text_hidden])
-        masks = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-        videos = torch.cat([video_tokens, video_tokens, video_tokens[neg_video]])
+        # index_select, not x[idx]: a negative drawn twice accumulates two gradient rows, which
+        # advanced indexing's CPU backward adds in a thread-dependent order (runs would differ).
+        texts = torch.cat([text_hidden, text_hidden.index_select(0, neg_text), text_hidden])
+        masks = torch.cat([attention_mask, attention_mask.index_select(0, neg_text), attention_mask])
+        videos = torch.cat([video_tokens, video_tokens, video_tokens.index_select(0, neg_video)])
         logits = self.vtm_head(self.fuse(texts, masks, videos)[:, 0])
         b = video_tokens.shape[0]
         return losses.vtm_loss(logits[:b], logits[b:])

@@ -5,9 +5,11 @@ cross-attention from text queries to video tokens after their self-attention. Pa
 follow Hugging Face's BertModel, so `bert-base-uncased` weights load by stripping the "bert."
 prefix; the cross-attention weights are new.
 
-Multimodal node sparsity (eq. 12-13): after each fusion layer, the text [CLS] query's
-cross-attention (mean over heads) keeps the top ceil(q_m N) regional video tokens for the next
-fusion layer; the video CLS token is always kept.
+Multimodal node sparsity (eq. 12-13): after the fusion layers in `multimodal_prune_layers`
+(default: the first only, one multimodal sparsification step as in the paper's Sec. 5.2 and the
+released code, which prunes once after BERT layer 9), the text [CLS] query's cross-attention
+(mean over heads) keeps the top ceil(q_m N) regional video tokens for the next fusion layers; the
+video CLS token is always kept.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ TEXT_DEFAULTS = dict(  # every key of model.text, documented here once
     dropout=0.1,
     layer_norm_eps=1e-12,
     pad_token_id=0,
-    multimodal_keep=1.0,  # q_m: video tokens kept after each fusion layer (text-[CLS] cross-attention)
+    multimodal_keep=1.0,  # q_m: keep rate at each multimodal prune layer (a number or one per layer)
+    multimodal_prune_layers=[1],  # fusion layers (1-indexed) after which video tokens are pruned
     init_std=0.02,  # BERT's initializer_range; from-scratch tiny models train faster with more
 )
 
@@ -53,10 +56,29 @@ def resolve_text_config(cfg: dict) -> dict:
         raise ValueError(f"text.width {cfg['width']} is not divisible by heads {cfg['heads']}")
     if not 0 <= cfg["fusion_layers"] <= cfg["depth"]:
         raise ValueError(f"text.fusion_layers {cfg['fusion_layers']} must be in 0..depth ({cfg['depth']})")
-    keep = cfg["multimodal_keep"]
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise ValueError(f"text.multimodal_keep {keep!r} must be a keep rate in (0, 1]")
+    multimodal_keep_rates(cfg)
     return cfg
+
+
+def multimodal_keep_rates(cfg: dict) -> list[float]:
+    """The keep rate applied after each fusion layer ([fusion_layers] floats, 1.0 = no pruning),
+    from multimodal_keep (a number, or one rate per entry of multimodal_prune_layers)."""
+    layers = list(cfg["multimodal_prune_layers"] or [])
+    keep = cfg["multimodal_keep"]
+    rates = keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)
+    if len(rates) != len(layers):
+        raise ValueError(f"text.multimodal_keep has {len(rates)} entries but multimodal_prune_layers has "
+                         f"{len(layers)} ({layers}); give one keep rate per prune layer or a number")
+    out = [1.0] * cfg["fusion_layers"]
+    for layer, rate in zip(layers, rates):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ValueError(f"text.multimodal_keep {rate!r} must be a keep rate in (0, 1]")
+        if rate < 1 and not (isinstance(layer, int) and 1 <= layer < cfg["fusion_layers"]):
+            raise ValueError(f"text.multimodal_prune_layers entry {layer!r} must be a fusion layer in "
+                             f"1..{cfg['fusion_layers'] - 1} (pruning after the last one has no effect)")
+        if rate < 1:
+            out[layer - 1] = float(rate)
+    return out
 
 
 class BertEmbeddings(nn.Module):
@@ -223,10 +245,10 @@ class TextEncoder(nn.Module):
              video_mask: torch.Tensor | None = None, return_kept: bool = False):
         """Fusion layers over text [B, L, D] and video tokens [B, 1 + N, Dv] (CLS first).
 
-        With multimodal_keep q_m < 1, each fusion layer but the last hands the next one only the
-        video CLS plus the top ceil(q_m N) regional tokens by text-[CLS] cross-attention.
+        After each fusion layer with a keep rate q < 1 (multimodal_keep_rates), the next layers see
+        only the video CLS plus the top ceil(q N) regional tokens by text-[CLS] cross-attention.
         """
-        keep = self.cfg["multimodal_keep"]
+        rates = multimodal_keep_rates(self.cfg)
         mask = additive_mask(attention_mask, text.dtype)
         if video_mask is None:
             video_mask = torch.ones(video.shape[:2], dtype=torch.long, device=video.device)
@@ -234,10 +256,10 @@ class TextEncoder(nn.Module):
         layers = self.encoder.layer[self.first_fusion:]
         kept = torch.arange(video.shape[1] - 1, device=video.device)[None].expand(video.shape[0], -1)
         for i, layer in enumerate(layers):
-            prune = keep < 1.0 and i < len(layers) - 1
+            prune = rates[i] < 1.0
             x, cls_attn = layer(x, mask, video, additive_mask(video_mask, x.dtype), need_cls_attn=prune)
             if prune:
-                index = select_tokens(cls_attn[:, 1:].detach(), keep)
+                index = select_tokens(cls_attn[:, 1:].detach(), rates[i])
                 video = torch.cat([video[:, :1], gather_tokens(video[:, 1:], index)], dim=1)
                 video_mask = torch.cat([video_mask[:, :1], torch.gather(video_mask[:, 1:], 1, index)], 1)
                 kept = torch.gather(kept, 1, index)

@@ -48,7 +48,7 @@ VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
     block_size=None,  # G: tokens per block
     visual_keep=1.0,  # q_v: keep rate after each prune layer (a number, or one per prune layer)
     prune_layers=[4, 7, 10],  # blocks (1-indexed) after which tokens are pruned by CLS attention
-    attention_kernel="auto",  # auto (flex on CUDA when G % 16 == 0, else gather) | gather | flex | dense | reference
+    attention_kernel="auto",  # auto (flex on CUDA, else gather) | gather | flex | dense | reference
     grad_checkpointing=False,  # recompute block activations in backward (less memory)
     seed=0,  # of the random-block generator (edge sparsity)
     init_std=0.02,  # BEiT's; from-scratch tiny models train faster with more

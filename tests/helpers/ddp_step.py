@@ -2,6 +2,7 @@
 
     python ddp_step.py OUT.pt                                   (whole batch, one process)
     python -m torch.distributed.run --nproc_per_node 2 ddp_step.py OUT.pt   (half per rank)
+    ... ddp_step.py OUT.pt 2                                    (each rank's half in 2 micro-batches)
 Writes {"loss", "params" after the step, "grads" of the step} from rank 0; with --every-rank,
 every rank writes OUT.rank<r>.pt, with its rank, world size and launch environment as well.
 """
@@ -29,7 +30,7 @@ LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZ
               "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NODEID", "CUDA_VISIBLE_DEVICES", "SVITT_STOP_AT")
 
 
-def main(out: str, every_rank: bool = False):
+def main(out: str, grad_accum: int = 1, every_rank: bool = False):
     rank, world, device = dist.init_distributed("cpu")
     torch.manual_seed(0)
     model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
@@ -41,13 +42,14 @@ def main(out: str, every_rank: bool = False):
     mask = torch.ones_like(ids)
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     batch = {"video": video[part], "input_ids": ids[part], "attention_mask": mask[part]}
+    micro = [{k: v.chunk(grad_accum)[i] for k, v in batch.items()} for i in range(grad_accum)]
     net = model
-    if world > 1:
+    if world > 1 and grad_accum == 1:  # as svitt.train: the cached step averages gradients itself
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
-    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": 1, "clip_grad_norm": None, "egonce_temperature": 0.05}
+    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter([batch]), cfg, ("vtc",), Tokenizer(),
+    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, ("vtc",), Tokenizer(),
                                device, "fp32")
     named = list(model.named_parameters())
     record = {"loss": parts["vtc"], "names": [n for n, _ in named],
@@ -66,4 +68,5 @@ def main(out: str, every_rank: bool = False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], every_rank="--every-rank" in sys.argv[2:])
+    positional = [a for a in sys.argv[2:] if not a.startswith("--")]
+    main(sys.argv[1], int(positional[0]) if positional else 1, every_rank="--every-rank" in sys.argv[2:])

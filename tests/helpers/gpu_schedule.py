@@ -2,8 +2,8 @@
 launcher and GPU pool, and stubbed GPU steps (no GPU here: SVITT_NUM_GPUS fakes the count).
 
 A copy of the workflow gets placeholder data (every output of the data rules, so only the GPU
-rules and the figures run) and, in place of train.py / evaluate.py / nlq_features.py / plot.py,
-one stub that sleeps, writes its outputs and records when it ran on which GPUs. Used by
+rules and the figures run) and, in place of train.py / evaluate.py / nlq_features.py / ground.py /
+plot.py, one stub that sleeps, writes its outputs and records when it ran on which GPUs. Used by
 tests/test_gpu_server.py; run as a script it prints the schedule of each layout as JSON:
 
     python tests/helpers/gpu_schedule.py [--server-gpus 8 --train 20 --eval 1 --nlq 10]
@@ -24,8 +24,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers.workflow import copy_workflow  # noqa: E402
 
-DATA_RULES = ("demo_corpus", "download", "extract_frames")
-STUBBED = ("train", "evaluate", "nlq_features", "plot")
+DATA_RULES = ("demo_corpus", "nlq_videos", "download", "extract_frames")  # in the order they run
+STUBBED = ("train", "evaluate", "nlq_features", "ground", "plot")
 SERVER_GPUS = 8
 
 STUB = r'''#!/usr/bin/env python
@@ -38,7 +38,7 @@ args = sys.argv[1:]
 value = lambda flag: args[args.index(flag) + 1]
 cvd = os.environ.get("CUDA_VISIBLE_DEVICES") or ""
 gpus = len([d for d in cvd.split(",") if d])
-seconds = json.loads(os.environ["SVITT_SCHEDULE_SECONDS"])[kind]
+seconds = json.loads(os.environ["SVITT_SCHEDULE_SECONDS"]).get(kind, 0.0)
 if kind == "train" and os.environ.get("SVITT_SCHEDULE_SCALE"):  # linear scaling: the whole server = 1 unit
     seconds *= int(os.environ["SVITT_SCHEDULE_SCALE"]) / max(gpus, 1)
 start = time.time()
@@ -55,6 +55,13 @@ if int(os.environ.get("RANK", 0)) == 0:
     else:
         Path(value("--out")).parent.mkdir(parents=True, exist_ok=True)
         Path(value("--out")).write_bytes(b"\0" * 10)
+        if "--pt-dir" in args:  # nlq_features: one .pt per video as well
+            Path(value("--pt-dir")).mkdir(parents=True, exist_ok=True)
+        if "--out-dir" in args:  # ground: the grounder, its curve and its predictions
+            out_dir = Path(value("--out-dir"))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for f in ("predictions_val.json", "metrics.jsonl", "grounder.safetensors"):
+                (out_dir / f).write_bytes(b"\0" * 10)
         name = value("--out")
     line = json.dumps({"kind": kind, "name": name, "cvd": cvd, "gpus": gpus, "start": start, "end": time.time()})
     with open(os.environ["SVITT_SCHEDULE_LOG"], "a") as log:
@@ -164,7 +171,7 @@ if __name__ == "__main__":
     p.add_argument("--eval", type=float, default=1.0)
     p.add_argument("--nlq", type=float, default=10.0)
     a = p.parse_args()
-    seconds = {"train": a.train, "evaluate": a.eval, "nlq_features": a.nlq, "plot": 0.1}
+    seconds = {"train": a.train, "evaluate": a.eval, "nlq_features": a.nlq, "ground": a.eval, "plot": 0.1}
     results = {}
     for name, (overlay, strip_priority) in layouts(a.server_gpus).items():
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,3 +18,48 @@ def copy_workflow(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     return dest
+
+
+# The input files of configs/paper.yaml (empty placeholders: enough for a dry run).
+PAPER_INPUTS = (
+    "data/webvid/results_2M_train.csv", "data/anno/msrvtt_ret_test1k.json", "data/anno/didemo_ret_test.json",
+    "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json", "data/ego4d/nlq_train.json", "data/ego4d/nlq_val.json",
+    "data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth",
+)
+
+
+PAPER_VIDEO_FOLDERS = ("data/msrvtt/videos", "data/didemo/videos", "data/ego4d/videos")
+
+
+def paper_inputs(workdir: Path) -> None:
+    for path in PAPER_INPUTS:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).touch()
+    for folder in PAPER_VIDEO_FOLDERS:  # folder datasets are read in place: the folders are inputs
+        (workdir / folder).mkdir(parents=True, exist_ok=True)
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True):
+    """Run Snakemake in `workdir` with this venv's executables first on PATH."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def stage_configs(dry_run_output: str) -> dict[str, dict]:
+    """{stage name: the --config-json a pretrain job gets} from `snakemake -n -p` output."""
+    import json
+    import re
+
+    stages = {}
+    for match in re.finditer(r"workflow_scripts/train\.py --config-json '(\{.*?\})'", dry_run_output):
+        cfg = json.loads(match.group(1))
+        stages[cfg["name"]] = cfg
+    return stages

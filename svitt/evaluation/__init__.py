@@ -1,0 +1,45 @@
+"""Evaluation of SViTT models: one module per task, one embedding path, numpy metrics.
+
+    metrics.py    score matrices -> numbers (numpy only: importable without torch)
+    encode.py     the one embedding path: videos, texts, matching scores
+    retrieval.py  text-video retrieval (+ temporal twins on the demo corpus)
+    egomcq.py     EgoMCQ (SViTT-Ego)
+    nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.grounding)
+
+Public names are re-exported here; the torch-backed ones are imported on first use, so
+`from svitt.evaluation import retrieval_metrics` needs numpy only.
+"""
+from __future__ import annotations
+
+import importlib
+
+from svitt.evaluation.metrics import (EGOMCQ_TYPES, NLQ_IOUS, NLQ_KS, RECALL_KS, RERANK_CONVENTIONS,
+                                      TWIN_NAMES, egomcq_accuracy, nlq_metric_names, nlq_recall,
+                                      rerank_candidates, rerank_metrics, retrieval_metrics, temporal_iou,
+                                      twin_accuracy)
+
+_LAZY = {
+    "video_loader": "encode", "embed_videos": "encode", "embed_texts": "encode", "vtm_scores": "encode",
+    "evaluate_retrieval": "retrieval",
+    "evaluate_egomcq": "egomcq",
+    "window_starts": "nlq", "extract_window_features": "nlq",
+}
+
+TASKS = ("retrieval", "egomcq")  # modules with SETTINGS, build_dataset(...) and run(...)
+
+__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "NLQ_IOUS", "NLQ_KS", "RECALL_KS", "RERANK_CONVENTIONS",
+           "TWIN_NAMES", "egomcq_accuracy", "nlq_metric_names", "nlq_recall", "rerank_candidates",
+           "rerank_metrics", "retrieval_metrics", "temporal_iou", "twin_accuracy", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"svitt.evaluation.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'svitt.evaluation' has no attribute {name!r}")
+
+
+def task(name: str):
+    """The evaluation module of a task (SETTINGS, build_dataset, run)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown evaluation task {name!r}; expected one of {TASKS}")
+    return importlib.import_module(f"svitt.evaluation.{name}")

@@ -1,0 +1,136 @@
+"""The pretraining stages of a workflow config, resolved into what svitt.train reads.
+
+Pure Python (no torch): the workflow imports it when it parses the config (rules/common.smk), and
+tests call it directly.
+
+    pretrain.curriculum   the temporal sparse expansion chain (a list; each stage may `init` from one)
+    pretrain.egoclip      SViTT-Ego stage(s) on EgoClip with EgoNCE (null, a stage or a list)
+    pretrain.extra        further stages built by `all` beside the chain, e.g. the late-fusion control
+    pretrain.ablation     stages built by the `ablation` target only (Table 3's single-stage runs)
+    pretrain.seeds        extra seeds: every stage also exists as `<stage>-seed<k>` for k in seeds,
+                          trained with seed k and started from its init's seed-k variant
+
+A stage sets the sparsity vocabulary at its top level (frames, local_blocks, random_blocks,
+block_size, visual_keep, prune_layers, multimodal_keep, multimodal_prune_layers), any other model
+key under `model: {video: {...}, text: {...}}`, and optimisation keys over pretrain.defaults
+(`data` merges key by key, everything else replaces).
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+# Stage keys that override the model section: key -> model.video / model.text.
+VOCABULARY = {
+    "frames": "video", "local_blocks": "video", "random_blocks": "video", "block_size": "video",
+    "visual_keep": "video", "prune_layers": "video",
+    "multimodal_keep": "text", "multimodal_prune_layers": "text",
+}
+STAGE_ONLY_KEYS = ("name", "init", "dataset", "model")
+DEFAULT_DATASET = "webvid"
+SECTIONS = ("curriculum", "egoclip", "extra", "ablation")
+_VARIANT = re.compile(r"^(?P<base>[A-Za-z0-9_]+)-seed(?P<seed>\d+)$")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def configured_stages(pretrain: dict) -> dict[str, dict]:
+    """{name: stage} of every section (SECTIONS), in that order."""
+    stages: dict[str, dict] = {}
+    for section in SECTIONS:
+        for stage in _as_list(pretrain.get(section)):
+            if stage["name"] in stages:
+                raise ValueError(f"pretrain stage name {stage['name']!r} is used twice")
+            stages[stage["name"]] = stage
+    for name, stage in stages.items():
+        init = stage.get("init")
+        if init is not None and init not in stages:
+            raise ValueError(f"pretrain stage {name!r} starts from {init!r}, which is not a stage "
+                             f"(have {sorted(stages)})")
+        nested = sorted(set(stage.get("model", {}).get("video", {})) | set(stage.get("model", {}).get("text", {})))
+        clash = [k for k in nested if k in VOCABULARY]
+        if clash:
+            raise ValueError(f"pretrain stage {name!r} sets {clash} under `model`; set them at the stage's top "
+                             f"level (the sparsity vocabulary: {sorted(VOCABULARY)})")
+    return stages
+
+
+def section_names(pretrain: dict, section: str) -> list[str]:
+    """Names of one section's stages (one of SECTIONS), in config order."""
+    return [s["name"] for s in _as_list(pretrain.get(section))]
+
+
+def split_variant(name: str) -> tuple[str, int | None]:
+    """"stage3-seed1" -> ("stage3", 1); "stage3" -> ("stage3", None)."""
+    match = _VARIANT.match(name)
+    return (match["base"], int(match["seed"])) if match else (name, None)
+
+
+def variant(name: str, seed: int | None) -> str:
+    return name if seed is None else f"{name}-seed{seed}"
+
+
+def all_stage_names(pretrain: dict) -> list[str]:
+    """Every stage the pretrain rule can build: configured stages and their seed variants."""
+    names = list(configured_stages(pretrain))
+    return names + [variant(n, s) for s in pretrain.get("seeds", []) for n in names]
+
+
+def _stage(pretrain: dict, name: str) -> tuple[dict, int | None]:
+    base, seed = split_variant(name)
+    stages = configured_stages(pretrain)
+    if base not in stages:
+        raise ValueError(f"{name!r} is not a pretrain stage (have {sorted(stages)})")
+    if seed is not None and seed not in pretrain.get("seeds", []):
+        raise ValueError(f"{name!r}: seed {seed} is not in pretrain.seeds {pretrain.get('seeds', [])}")
+    return stages[base], seed
+
+
+def stage_init(pretrain: dict, name: str) -> str | None:
+    """The stage (variant) this one starts from, or None (image/text weights)."""
+    stage, seed = _stage(pretrain, name)
+    return variant(stage["init"], seed) if stage.get("init") else None
+
+
+def stage_dataset(pretrain: dict, name: str) -> str:
+    return _stage(pretrain, name)[0].get("dataset", DEFAULT_DATASET)
+
+
+def over_defaults(defaults: dict, stage: dict) -> dict:
+    """Stage settings over pretrain.defaults: `data` merges key by key, the rest replaces (a
+    stage's objectives are its whole objective set)."""
+    out = copy.deepcopy(defaults)
+    for key, value in stage.items():
+        if key == "data":
+            out["data"] = {**out.get("data", {}), **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_config(config: dict, name: str) -> dict:
+    """The config svitt.train reads for one stage (variant): the model with the stage's
+    overrides, the stage's optimisation settings over pretrain.defaults, and the seed."""
+    pretrain = config["pretrain"]
+    stage, seed = _stage(pretrain, name)
+    model = copy.deepcopy(config["model"])
+    for part, overrides in stage.get("model", {}).items():
+        model.setdefault(part, {}).update(copy.deepcopy(overrides))
+    for key, part in VOCABULARY.items():
+        if key in stage:
+            model[part][key] = copy.deepcopy(stage[key])
+    train = {k: v for k, v in stage.items() if k not in VOCABULARY and k not in STAGE_ONLY_KEYS}
+    cfg = over_defaults(pretrain.get("defaults", {}), train)
+    cfg["name"] = name
+    cfg["model"] = model
+    if seed is not None:
+        cfg["seed"] = seed
+        model["video"]["seed"] = seed  # the random-block layouts too
+    dataset = stage_dataset(pretrain, name)
+    if dataset != DEFAULT_DATASET and "clips" in config["datasets"].get(dataset, {}):
+        cfg.setdefault("data", {})["kind"] = "egoclip"
+    return cfg

@@ -1,0 +1,49 @@
+"""One home per config key: the schema checks exactly the keys the library reads, so a typo in
+the model or stage sections fails when the workflow is parsed, not days later in the first job."""
+import pytest
+import yaml
+
+from svitt.models.svitt import MODEL_DEFAULTS
+from svitt.models.text_encoder import TEXT_DEFAULTS
+from svitt.models.video_encoder import VIDEO_DEFAULTS
+from svitt.stages import STAGE_ONLY_KEYS, VOCABULARY
+from svitt.train import DATA_KEYS, IO_KEYS, TRAIN_KEYS
+from tests.helpers.workflow import REPO, copy_workflow, snakemake
+
+SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())
+DEFS = SCHEMA["$defs"]
+
+
+def _properties(definition):
+    return set(definition["properties"])
+
+
+def test_model_sections_list_the_library_keys():
+    assert _properties(DEFS["video_settings"]) == set(VIDEO_DEFAULTS)
+    assert _properties(DEFS["text_settings"]) == set(TEXT_DEFAULTS)
+    assert _properties(SCHEMA["properties"]["model"]) == set(MODEL_DEFAULTS)
+    assert DEFS["video_settings"]["additionalProperties"] is False
+    assert DEFS["text_settings"]["additionalProperties"] is False
+
+
+def test_stage_sections_list_the_training_keys():
+    # name and model come from the stage's identity and the model section; the io keys from pretrain.io
+    derived = {"name", "model", "device"} | set(IO_KEYS)
+    assert _properties(DEFS["train_settings"]) == set(TRAIN_KEYS) - derived
+    assert _properties(DEFS["stage"]) == set(STAGE_ONLY_KEYS) | set(VOCABULARY)
+    assert _properties(DEFS["stage_data"]) == set(DATA_KEYS) - {"kind"} - set(IO_KEYS)
+    assert _properties(SCHEMA["properties"]["pretrain"]["properties"]["io"]) == set(IO_KEYS)
+
+
+def test_vocabulary_keys_are_model_keys():
+    for key, part in VOCABULARY.items():
+        assert key in (VIDEO_DEFAULTS if part == "video" else TEXT_DEFAULTS), key
+
+
+@pytest.mark.parametrize("section,key", [("video", "drop_pth"), ("text", "fusion_layer")])
+def test_a_typo_in_the_model_section_fails_the_dry_run_naming_it(tmp_path, section, key):
+    workdir = copy_workflow(tmp_path)
+    (workdir / "configs/typo.yaml").write_text(yaml.safe_dump({"model": {section: {key: 0.1}}}))
+    result = snakemake(workdir, "-n", "all", "--configfile", "configs/typo.yaml", check=False)
+    assert result.returncode != 0
+    assert f"'{key}' was unexpected" in result.stdout + result.stderr
