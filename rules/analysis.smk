@@ -21,6 +21,18 @@ rule paper_figures:
 
 # ---------------------------------------------------------------------------------- figures
 
+# Seconds of work each (and the targets all / seeds / ablation, which only gather files): on Slurm
+# they run beside Snakemake instead of waiting in the queue. (nlq_videos: rules/downstream.smk.)
+localrules:
+    all,
+    seeds,
+    ablation,
+    plot_training,
+    plot_sparsity,
+    plot_retrieval,
+    plot_egomcq,
+
+
 
 rule plot_training:
     input:
@@ -197,9 +209,9 @@ rule sweep_point:
         point="|".join(re.escape(p) for p in SWEEP_POINTS) or "^$",
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -261,7 +273,7 @@ rule efficiency:
     threads: 1
     resources:
         gpu=lambda w: (
-            config["evaluation"]["gpus"] if w.table == "efficiency_full" else 0
+            job_gpus("evaluation") if w.table == "efficiency_full" else 0
         ),
         mem_mb=4000,
         runtime=60,

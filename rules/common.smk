@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 
 import yaml
@@ -182,9 +183,78 @@ def init_flag(wildcards, input):
     return f"--init {input.init}" if "init" in input.keys() else ""
 
 
+# -------------------------------------------------------------------------------------- devices
+
+_GPU_COUNT = []  # asked once, and only when a section says `gpus: auto`
+
+
+def visible_gpus():
+    """GPUs jobs started from here may use, as the launcher counts them (CUDA_VISIBLE_DEVICES's
+    entries when set, else SVITT_NUM_GPUS, else nvidia-smi -L)."""
+    if not _GPU_COUNT:
+        out = subprocess.run(
+            [sys.executable, f"{workflow.basedir}/workflow_scripts/launch.py", "--count-gpus"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        _GPU_COUNT.append(int(out.stdout))
+    return _GPU_COUNT[0]
+
+
+def job_gpus(section):
+    """GPUs per job (per node) of a section; `auto`: one where the machine has a GPU, else 0."""
+    gpus = config[section]["gpus"]
+    if gpus == "auto":
+        return 1 if visible_gpus() else 0
+    return gpus
+
+
+def job_threads(section):
+    """CPUs per job (per node): threads_per_gpu for each GPU, as many for a CPU job."""
+    return max(job_gpus(section), 1) * config[section]["threads_per_gpu"]
+
+
+def job_retries(section):
+    """Further jobs a stage may take after one stopped for its time limit (or failed). Counted by
+    the Snakemake that submits jobs, not by the one running a job inside its Slurm allocation: a
+    retry there would start again under the same, spent, time limit."""
+    return 0 if workflow.remote_exec else config[section]["retries"]
+
+
+def job_nodes(section):
+    return config[section].get("nodes", 1)
+
+
+def gpu_resources(section):
+    """The device resources of a job. One node: `gpu` (counted by --resources gpu=N on a server,
+    sbatch --gpus on Slurm). Several (Slurm only): one task per node, each with its node's GPUs
+    (gres), and the job's shell run once in the batch script (`mpi`), where launch.py starts the
+    ranks with srun."""
+    gpus, nodes = job_gpus(section), job_nodes(section)
+    if nodes == 1:
+        return {"gpu": gpus}
+    layout = {"gpu": 0, "nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}
+    if gpus:
+        layout["gres"] = f"gpu:{gpus}"
+    return layout
+
+
 def launch(section):
-    """Prefix of a GPU job: leases distinct GPUs, uses torchrun for several."""
-    return f"python workflow_scripts/launch.py --gpus {config[section]['gpus']} --"
+    """Prefix of a GPU job (workflow_scripts/launch.py): leases distinct GPUs, uses torchrun for
+    several, srun for several nodes, and stops training before a Slurm time limit. A params
+    function of `threads`: the device layout changes how a job runs, not what it makes, so editing
+    it reruns nothing (see pretrain_io)."""
+
+    def prefix(wildcards, threads):
+        flags = [f"--gpus {job_gpus(section)}", f"--threads {threads}"]
+        if job_nodes(section) > 1:
+            flags.append(f"--nodes {job_nodes(section)}")
+        if "save_before" in config[section]:
+            flags.append(f"--save-before {config[section]['save_before']}")
+        return f"python workflow_scripts/launch.py {' '.join(flags)} --"
+
+    return prefix
 
 
 # ----------------------------------------------------------------------------- rule inputs

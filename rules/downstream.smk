@@ -23,9 +23,9 @@ rule eval_retrieval:
         "logs/eval/retrieval/{dataset}/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -53,11 +53,13 @@ rule finetune:
         task="retrieval|qa",
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("finetune")
     resources:
-        gpu=config["finetune"]["gpus"],
+        **gpu_resources("finetune"),
         mem_mb=config["finetune"]["mem_mb"],
         runtime=config["finetune"]["runtime"],
+    priority: 50  # training before evaluations, after pretraining stages
+    retries: job_retries("finetune")
     params:
         settings=lambda w: canonical(finetune_settings(w.task, w.dataset, w.stage)),
         overlap=overlap_mode(),
@@ -84,9 +86,9 @@ rule eval_finetuned_retrieval:
         "logs/eval/retrieval_finetuned/{dataset}/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -114,9 +116,9 @@ rule eval_qa:
         "logs/eval/qa/{dataset}/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -145,9 +147,9 @@ rule eval_egomcq:
         "logs/eval/egomcq/{stage}.benchmark.tsv"
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("evaluation")
     resources:
-        gpu=config["evaluation"]["gpus"],
+        gpu=job_gpus("evaluation"),
         mem_mb=config["evaluation"]["mem_mb"],
         runtime=config["evaluation"]["runtime"],
     params:
@@ -167,6 +169,10 @@ rule eval_egomcq:
 
 if config["evaluation"].get("nlq"):
     NLQ = config["evaluation"]["nlq"]
+
+    # Seconds of work (two annotation files -> a video table): on Slurm it runs beside Snakemake.
+    localrules:
+        nlq_videos,
 
     rule nlq_videos:
         input:
@@ -202,9 +208,9 @@ if config["evaluation"].get("nlq"):
             stage="|".join(ALL_STAGE_NAMES),
         conda:
             "../envs/svitt.yaml"
-        threads: 2
+        threads: job_threads("evaluation")
         resources:
-            gpu=config["evaluation"]["gpus"],
+            gpu=job_gpus("evaluation"),
             mem_mb=config["evaluation"]["mem_mb"],
             runtime=config["evaluation"]["runtime"],
         params:
@@ -234,9 +240,11 @@ if config["evaluation"].get("nlq"):
             stage="|".join(ALL_STAGE_NAMES),
         conda:
             "../envs/svitt.yaml"
+        # One CPU thread: the grounder's matrices are small (ground.py --threads); its GPU, when
+        # evaluation.gpus (or auto) gives one, is leased like every other GPU job's (launch).
         threads: 1
         resources:
-            gpu=config["evaluation"]["gpus"],
+            gpu=job_gpus("evaluation"),
             mem_mb=config["evaluation"]["mem_mb"],
             runtime=config["evaluation"]["runtime"],
         params:

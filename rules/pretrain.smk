@@ -21,11 +21,17 @@ rule pretrain:
         stage="|".join(ALL_STAGE_NAMES),
     conda:
         "../envs/svitt.yaml"
-    threads: 2
+    threads: job_threads("pretrain")
     resources:
-        gpu=config["pretrain"]["gpus"],
+        **gpu_resources("pretrain"),
         mem_mb=config["pretrain"]["mem_mb"],
         runtime=config["pretrain"]["runtime"],
+    # Training first: a stage takes the GPUs before evaluations and NLQ features that became
+    # ready at the same time (100 outweighs any number of priority-0 jobs, also for --scheduler ilp).
+    priority: 100
+    # A stage longer than `runtime` is a chain of jobs: each saves before its time limit
+    # (launch.py --save-before) and fails with 75, Snakemake submits the next, which resumes.
+    retries: job_retries("pretrain")
     params:
         stage=stage_params,
         init=init_flag,

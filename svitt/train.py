@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from svitt.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
 from svitt.scheduler import cosine_lr, set_lr
 from svitt.stages import VOCABULARY as STAGE_VOCABULARY
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, rerun to continue
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1/SVITT_STOP_AT, rerun to continue
 OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")  # of the pairs task; the qa task's one loss is "qa"
 
 _NUMBER = (int, float)
@@ -226,11 +227,19 @@ class TrainData:
 
 
 class _StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to save and exit at the next step."""
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to save and exit at the next step, and so
+    does the clock passing SVITT_STOP_AT (seconds since the epoch): workflow_scripts/launch.py sets
+    it to a Slurm job's time limit less a margin. A time rather than a signal reaches every rank on
+    every node, torchrun's agents in between having no say."""
 
     def __init__(self):
-        self.requested = False
+        self.signalled = False
+        self.stop_at = float(os.environ.get("SVITT_STOP_AT") or "inf")
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or time.time() >= self.stop_at
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -238,7 +247,7 @@ class _StopFlag:
         return self
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.signalled = True
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -459,9 +468,9 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                                    logged)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", clips_s=f"{last['clips_per_s']:.1f}")
-                    if flags[1] > 0:
+                    if flags[1] > 0 and step < total:  # at the last step: finish instead
                         save()
-                        raise Preempted(f"stage {cfg['name']} stopped by signal at step {step}; "
+                        raise Preempted(f"stage {cfg['name']} stopped (signal or time limit) at step {step}; "
                                         f"checkpoint saved to {ckpt_path}")
                     if step % cfg["checkpoint_every"] == 0 and step < total:
                         save()

@@ -166,6 +166,61 @@ def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_pa
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
+class _Clock:
+    """svitt.train's `time`, with time() jumped forward once `late` is set."""
+
+    def __init__(self):
+        self.late = False
+
+    def time(self):
+        return time.time() + (1e6 if self.late else 0.0)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline, reference, tmp_path,
+                                                                        monkeypatch, grad_accum):
+    """SVITT_STOP_AT (launch.py --save-before on Slurm) passing during step 3's first micro-batch:
+    the step is finished (with grad_accum 2 the cached step takes both micro-batches), saved and
+    the run stops with Preempted; the resumed run's losses are the uninterrupted run's, in the
+    plain path and in the grad-cache path (svitt.grad_cache) alike."""
+    import svitt.train as engine
+
+    cfg = stage(grad_accum=grad_accum)
+    if grad_accum == 1:
+        expected = losses(reference)
+    else:
+        train(cfg, data(pipeline), tmp_path / "reference", progress=False)
+        expected = losses(tmp_path / "reference")
+    out = tmp_path / "run"
+    clock, inputs, calls = _Clock(), engine.PairsTask.inputs, {"n": 0}
+
+    def counted(*args):
+        calls["n"] += 1
+        if calls["n"] == 2 * grad_accum + 1:  # the first micro-batch of step 3
+            clock.late = True
+        return inputs(*args)
+
+    monkeypatch.setenv("SVITT_STOP_AT", f"{time.time() + 3600:.0f}")
+    monkeypatch.setattr(engine, "time", clock)
+    monkeypatch.setattr(engine.PairsTask, "inputs", counted)
+    with pytest.raises(engine.Preempted, match="stopped \\(signal or time limit\\) at step 3"):
+        train(cfg, data(pipeline), out, progress=False)
+    assert calls["n"] == 3 * grad_accum  # step 3 whole, nothing of step 4
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not (out / "model.safetensors").exists()
+    monkeypatch.setattr(engine, "time", time)
+    monkeypatch.setattr(engine.PairsTask, "inputs", inputs)
+    monkeypatch.delenv("SVITT_STOP_AT")
+    train(cfg, data(pipeline), out, progress=False)
+    got = losses(out)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
 def test_resume_rebuilds_metrics_that_snakemake_deleted(pipeline, reference, tmp_path):
     """Snakemake removes a failed job's outputs (metrics.jsonl among them) and a rerun's outputs
     before it starts; the checkpoint survives, and the rows up to its step come back from it."""

@@ -3,7 +3,8 @@
     python ddp_step.py OUT.pt                                   (whole batch, one process)
     python -m torch.distributed.run --nproc_per_node 2 ddp_step.py OUT.pt   (half per rank)
     ... ddp_step.py OUT.pt 2                                    (each rank's half in 2 micro-batches)
-Writes {"loss", "params" after the step, "grads" of the step} from rank 0.
+Writes {"loss", "params" after the step, "grads" of the step} from rank 0; with --every-rank,
+every rank writes OUT.rank<r>.pt, with its rank, world size and launch environment as well.
 """
 import sys
 from pathlib import Path
@@ -25,7 +26,11 @@ class Tokenizer:
         return 40
 
 
-def main(out: str, grad_accum: int = 1):
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID",
+              "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NODEID", "CUDA_VISIBLE_DEVICES", "SVITT_STOP_AT")
+
+
+def main(out: str, grad_accum: int = 1, every_rank: bool = False):
     rank, world, device = dist.init_distributed("cpu")
     torch.manual_seed(0)
     model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
@@ -46,13 +51,22 @@ def main(out: str, grad_accum: int = 1):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, PairsTask(), Tokenizer(),
                                device, "fp32")
-    if rank == 0:
-        named = list(model.named_parameters())
-        torch.save({"loss": parts["vtc"], "names": [n for n, _ in named],
-                    "params": {n: p.detach().clone() for n, p in named},
-                    "grads": {n: None if p.grad is None else p.grad.clone() for n, p in named}}, out)
+    named = list(model.named_parameters())
+    record = {"loss": parts["vtc"], "names": [n for n, _ in named],
+              "params": {n: p.detach().clone() for n, p in named},
+              "grads": {n: None if p.grad is None else p.grad.clone() for n, p in named}}
+    if every_rank:
+        import os
+        import socket
+
+        record.update(rank=rank, world=world, backend=torch.distributed.get_backend() if world > 1 else None,
+                      host=socket.gethostname(), env={k: os.environ.get(k) for k in LAUNCH_ENV})
+        torch.save(record, out.replace(".pt", f".rank{rank}.pt"))
+    elif rank == 0:
+        torch.save(record, out)
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    positional = [a for a in sys.argv[2:] if not a.startswith("--")]
+    main(sys.argv[1], int(positional[0]) if positional else 1, every_rank="--every-rank" in sys.argv[2:])
