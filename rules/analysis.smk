@@ -216,7 +216,7 @@ rule sweep_point:
         runtime=config["evaluation"]["runtime"],
     params:
         point=lambda w: cli_flags(SWEEP_POINTS[w.point]),
-        settings=eval_settings("retrieval"),
+        settings=lambda w: canonical(retrieval_eval_settings(sweep_dataset())),
         launch=launch("evaluation"),
     shell:
         "{params.launch} workflow_scripts/sweep.py --model {input.model} --shards {input.shards} "

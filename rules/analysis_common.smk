@@ -15,7 +15,7 @@ def results_of(path):
     """The result files of one model, one per seed (the stage and its `-seed<k>` variants for k in
     pretrain.seeds), so every figure and table shows the mean and each value."""
     stem, suffix = os.path.splitext(path)
-    return [path] + [f"{stem}-seed{k}{suffix}" for k in SEEDS]
+    return [path, *(f"{stem}-seed{k}{suffix}" for k in SEEDS)]
 
 
 def retrieval_runs(dataset_name, stages=None):
@@ -122,7 +122,7 @@ def qa_runs():
 
 
 def table_outputs():
-    retrieval = RETRIEVAL_DATASETS + [f"{d}_finetuned" for d in finetuned_retrieval_runs()]
+    retrieval = [*RETRIEVAL_DATASETS, *(f"{d}_finetuned" for d in finetuned_retrieval_runs())]
     names = [f"{kind}_{d}" for d in retrieval for kind in ("retrieval", "twins")]
     if probed("retrieval"):
         names += [f"probing_{d}" for d in retrieval]
@@ -231,7 +231,7 @@ def table_flags():
         runs_flags(retrieval_runs(d), prefix=f"{d}:") for d in RETRIEVAL_DATASETS
     )
     retrieval += "".join(
-        " " + runs_flags(r, prefix=f"{d}_finetuned:")
+        f" {runs_flags(r, prefix=f'{d}_finetuned:')}"
         for d, r in finetuned_retrieval_runs().items()
     )
     flags = f"--retrieval {retrieval} --efficiency {EFFICIENCY_JSON}"

@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Snakemake's Slurm plugin runs `scontrol show config` whenever Snakemake starts; on a machine with
+# a Slurm client whose controller is down (local-slurm between its tests) that call waits ~9 s.
+# Every test but the Slurm ones gets an `scontrol` that fails at once (the plugin then skips its
+# hint); tests/test_slurm.py takes this folder off PATH again (tests/helpers/slurm_path.py).
+NO_SLURM_DIR = Path(tempfile.mkdtemp(prefix="svitt-no-scontrol-"))
+(NO_SLURM_DIR / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+(NO_SLURM_DIR / "scontrol").chmod(0o755)
+os.environ["SVITT_TEST_NO_SCONTROL"] = str(NO_SLURM_DIR)
+os.environ["PATH"] = f"{NO_SLURM_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def script(name: str):
@@ -40,3 +52,14 @@ def pipeline(tmp_path_factory):
                          "--failures", str(res / "frames" / "ego-failures.csv"), "--frames", "16",
                          "--short-side", "40", "--workers", "2", "--no-progress"]) == 0
     return corpus, res
+
+
+@pytest.fixture(scope="session")
+def test_dag(tmp_path_factory):
+    """The demo DAG at test size (configs/test.yaml), `all` and `paper_figures`, run once for the
+    workflow and analysis tests (each writes its own config files; none rebuilds anything)."""
+    from tests.helpers.workflow import copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("test_dag"))
+    snakemake(workdir, "all", "paper_figures", "--cores", "2", "--configfile", "configs/test.yaml")
+    return workdir

@@ -61,10 +61,8 @@ class TestEndToEnd:
     """`all` and `paper_figures` at test size, once for this class (~10 minutes on 2 busy cores)."""
 
     @pytest.fixture(scope="class")
-    def run(self, tmp_path_factory):
-        workdir = copy_workflow(tmp_path_factory.mktemp("analysis_workflow"))
-        snakemake(workdir, "all", "paper_figures", "--cores", "2", "--configfile", "configs/test.yaml")
-        return workdir
+    def run(self, test_dag):
+        return test_dag  # `all paper_figures` at test size, shared with tests/test_workflow.py
 
     def test_every_figure_and_table_is_drawn(self, run):
         figures = ["training_curves", "sparsity", "efficiency", "retrieval_demo_retrieval", "probing_demo_retrieval",

@@ -28,6 +28,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from tests.helpers.slurm_path import real_path
 from tests.helpers.workflow import copy_workflow
 
 pytestmark = pytest.mark.slow
@@ -81,6 +82,7 @@ def cluster():
         # The node's CPUs are the tool's `nproc`, which obeys OMP_NUM_THREADS / OMP_THREAD_LIMIT: with
         # the tests' OMP_NUM_THREADS=1 the node would have 1 CPU and no 2-CPU job would ever start.
         tool_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
+        tool_env["PATH"] = real_path(tool_env.get("PATH", ""))
         start = subprocess.run([str(tool), "start", str(FAKE_GPUS)], capture_output=True, text=True,
                                timeout=START_TIMEOUT_S, env=tool_env)
         if start.returncode != 0:
@@ -90,8 +92,19 @@ def cluster():
             pytest.fail(f"local-slurm start failed:\n{output}")
         yield tool
     finally:
-        subprocess.run([str(tool), "stop"], capture_output=True, timeout=120)
+        subprocess.run([str(tool), "stop"], capture_output=True, timeout=120,
+                       env={**os.environ, "PATH": real_path(os.environ["PATH"])})
 
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_slurm_commands():
+    """This module talks to the cluster: the real scontrol on PATH, not the session's stub."""
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = real_path(saved)
+    yield
+    os.environ["PATH"] = saved
 
 # --------------------------------------------------------------------------------------- runs
 
@@ -105,7 +118,7 @@ def job_environment(**extra) -> dict:
     environment (sbatch --export=ALL). No device assignment of our own: Slurm gives it."""
     env = {k: v for k, v in os.environ.items()
            if k != "CUDA_VISIBLE_DEVICES" and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{real_path(env.get('PATH', ''))}"
     env["SVITT_SLURM_POLL"] = "1"  # launch.py: re-read the job's time limit every second (default 60)
     return {**env, **extra}
 
@@ -481,8 +494,9 @@ def test_plots_run_beside_snakemake_as_local_rules(runs):
     """Figures take seconds: they run on the submitting machine, not as Slurm jobs."""
     work = runs["work"]
     stages = yaml.safe_load((work / "configs/test_slurm.yaml").read_text())["pretrain"]["curriculum"][:2]
-    (work / "configs/two_stages.yaml").write_text(yaml.safe_dump({"pretrain": {"curriculum": stages,
-                                                                               "egoclip": None}}))
+    two_stages = {"pretrain": {"curriculum": stages, "egoclip": None},
+                  "analysis": {"control": {"temporal": "late", "stages": ["stage1", "stage2"]}}}
+    (work / "configs/two_stages.yaml").write_text(yaml.safe_dump(two_stages))
     args = ("results/figures/training_curves.png", "--profile", "profiles/slurm", "--slurm-status-command",
             "squeue", *CONFIGS, "configs/two_stages.yaml")
     run = run_snakemake(args, work, job_environment(), SLURM_TIMEOUT_S)
@@ -621,7 +635,7 @@ def test_training_saves_and_stops_before_the_time_limit_squeue_reports(pipeline,
              "workflow_scripts/train.py", "--config-json", json.dumps(stage), "--shards",
              str(res / "frames/webvid/shard-0.h5"), "--annotations", str(corpus / "webvid_train.csv"),
              "--tokenizer", str(corpus / "tokenizer"), "--out", str(tmp_path / "out"), "--no-progress"]
-    env = {**job_environment(SLURM_JOB_ID="7"), "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = {**job_environment(SLURM_JOB_ID="7"), "PATH": f"{fake}:{real_path(os.environ['PATH'])}"}
     first = subprocess.run([sys.executable, *train], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     assert first.returncode == 75, first.stdout

@@ -27,11 +27,9 @@ def planned_jobs(workdir: Path, *configfiles: str) -> set[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The whole demo DAG (test size) run once for this module."""
-    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
-    snakemake(workdir, "all", "--cores", "2", "--configfile", "configs/test.yaml")
-    return workdir
+def demo_run(test_dag):
+    """The whole demo DAG (test size), run once per session (tests/conftest.py: test_dag)."""
+    return test_dag
 
 
 def test_demo_dag_runs_end_to_end(demo_run):
@@ -154,9 +152,10 @@ def test_adding_a_dataset_or_a_stage_reruns_only_its_own_jobs(demo_run):
     assert planned_jobs(demo_run, "configs/added.yaml") == {
         ("download", "dataset=demo_didemo, index=000, shards=001"), ("extract_frames", "dataset=demo_didemo, index=000, shards=001"),
         *{("eval_retrieval", f"dataset=demo_didemo, stage={s}") for s in ("stage1", "stage2", "stage3")},
-        ("plot_retrieval", "dataset=demo_didemo"),
+        ("plot_retrieval", "dataset=demo_didemo"), ("plot_probing", "dataset=demo_didemo"),
         ("finetune", "task=retrieval, dataset=demo_retrieval, stage=stage2"),
-        ("eval_finetuned_retrieval", "dataset=demo_retrieval, stage=stage2")}
+        ("eval_finetuned_retrieval", "dataset=demo_retrieval, stage=stage2"),
+        ("tables", "")}  # the results tables read every evaluation
     shell = snakemake(demo_run, "-n", "-p", "--cores", "1", "--configfile", "configs/added.yaml",
                       "--forcerun", "results/eval/retrieval/demo_retrieval/stage1.json",
                       "results/eval/retrieval/demo_retrieval/stage1.json",
@@ -172,7 +171,8 @@ def test_evaluation_settings_rerun_the_evaluation_not_the_finetuning(demo_run):
     cfg["evaluation"]["qa"] = {"scoring": "singularity"}
     cfg["finetune"]["io"] = {"num_workers": 0, "checkpoint_every": 3, "log_every": 1}
     (demo_run / "configs/scoring.yaml").write_text(yaml.safe_dump(cfg))
-    assert planned_jobs(demo_run, "configs/scoring.yaml") == {("eval_qa", "dataset=demo_qa, stage=stage3")}
+    assert planned_jobs(demo_run, "configs/scoring.yaml") == {("eval_qa", "dataset=demo_qa, stage=stage3"),
+                                                             ("tables", "")}  # the QA table reads it
 
 
 @pytest.mark.parametrize("edit,message", [
