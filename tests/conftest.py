@@ -14,11 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 # a Slurm client whose controller is down (local-slurm between its tests) that call waits ~9 s.
 # Every test but the Slurm ones gets an `scontrol` that fails at once (the plugin then skips its
 # hint); tests/test_slurm.py takes this folder off PATH again (tests/helpers/slurm_path.py).
-NO_SLURM_DIR = Path(tempfile.mkdtemp(prefix="svitt-no-scontrol-"))
-(NO_SLURM_DIR / "scontrol").write_text("#!/bin/sh\nexit 1\n")
-(NO_SLURM_DIR / "scontrol").chmod(0o755)
-os.environ["SVITT_TEST_NO_SCONTROL"] = str(NO_SLURM_DIR)
-os.environ["PATH"] = f"{NO_SLURM_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+if "SVITT_TEST_NO_SCONTROL" not in os.environ:  # once, however often this module is imported
+    NO_SLURM_DIR = Path(tempfile.mkdtemp(prefix="svitt-no-scontrol-"))
+    (NO_SLURM_DIR / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+    (NO_SLURM_DIR / "scontrol").chmod(0o755)
+    os.environ["SVITT_TEST_NO_SCONTROL"] = str(NO_SLURM_DIR)
+    os.environ["PATH"] = f"{NO_SLURM_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def script(name: str):

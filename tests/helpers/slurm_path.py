@@ -5,4 +5,5 @@ import os
 
 def real_path(path: str) -> str:
     stub = os.environ.get("SVITT_TEST_NO_SCONTROL")
-    return os.pathsep.join(p for p in path.split(os.pathsep) if p and p != stub)
+    return os.pathsep.join(p for p in path.split(os.pathsep)
+                           if p and p != stub and not os.path.basename(p).startswith("svitt-no-scontrol-"))
