@@ -494,8 +494,12 @@ def test_plots_run_beside_snakemake_as_local_rules(runs):
     """Figures take seconds: they run on the submitting machine, not as Slurm jobs."""
     work = runs["work"]
     stages = yaml.safe_load((work / "configs/test_slurm.yaml").read_text())["pretrain"]["curriculum"][:2]
+    # and whatever named stage3 or egoclip names stage2 instead (the config must still parse)
     two_stages = {"pretrain": {"curriculum": stages, "egoclip": None},
-                  "analysis": {"control": {"temporal": "late", "stages": ["stage1", "stage2"]}}}
+                  "analysis": {"control": {"temporal": "late", "stages": ["stage1", "stage2"]},
+                               "pruning_maps": {"stage": "stage2"}},
+                  "finetune": {"retrieval": {"stages": ["stage2"]}, "qa": {"stages": ["stage2"]}},
+                  "evaluation": {"nlq": {"stage": "stage2"}}}
     (work / "configs/two_stages.yaml").write_text(yaml.safe_dump(two_stages))
     args = ("results/figures/training_curves.png", "--profile", "profiles/slurm", "--slurm-status-command",
             "squeue", *CONFIGS, "configs/two_stages.yaml")
