@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import csv
 import http.server
-import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -21,7 +18,7 @@ import yaml
 from svitt.data.datasets import FrameStore, segment_indices
 from svitt.data.demo_corpus import write_mp4
 from svitt.data.download import shard_of
-from tests.helpers.workflow import copy_workflow
+from tests.helpers.workflow import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +26,6 @@ RUN_SETTINGS = {"download": {"workers": 3, "timeout": 90, "retries": 5, "max_fai
                 "frames": {"workers": 1, "max_failed_fraction": 0.25}}
 DOWNLOADED = ("webvid", "demo_retrieval")  # video lists (file:// URLs into the demo corpus)
 FOLDERS = ("egoclip", "egomcq", "ego_nlq")  # resources/demo/ego_videos, read in place
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
-                            capture_output=True, text=True)
-    if check and result.returncode:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
 
 
 def planned(workdir: Path, targets: list[str], *configfiles: str, commands: list | None = None
