@@ -45,7 +45,8 @@ def _features(model, batch: dict, objectives) -> dict:
 
 
 def cached_step(model, micro_batches: list[dict], objectives, weights: dict, scaler=None,
-                autocast=contextlib.nullcontext, egonce_temperature: float = 0.05) -> dict[str, float]:
+                autocast=contextlib.nullcontext, egonce_temperature: float = 0.05,
+                vtm_hard_fraction: float = 1.0) -> dict[str, float]:
     """Forward/backward of one optimiser step; gradients accumulate into model's parameters.
 
     micro_batches: inputs of SViTT.forward (video, input_ids, attention_mask, and as the objectives
@@ -65,7 +66,8 @@ def cached_step(model, micro_batches: list[dict], objectives, weights: dict, sca
               for k in _CONCAT_KEYS if k in micro_batches[0]}
     with autocast():
         losses = model.losses(leaves, inputs["attention_mask"], objectives, inputs.get("nouns"),
-                              inputs.get("verbs"), inputs.get("mlm_labels"), egonce_temperature)
+                              inputs.get("verbs"), inputs.get("mlm_labels"), egonce_temperature,
+                              vtm_hard_fraction)
         total = sum(weights[k] * losses[k] for k in objectives)
     (scaler.scale(total) if scaler is not None else total).backward()
     after = _rng_state(model)

@@ -146,8 +146,9 @@ def egonce(
 
 # ----------------------------------------------------------------------------- VTM
 
-def _sample_negatives(sim: torch.Tensor, excluded: torch.Tensor, generator) -> torch.Tensor:
-    """One index per row drawn from softmax(sim_i) over the entries not excluded.
+def _sample_negatives(sim: torch.Tensor, excluded: torch.Tensor, generator, hard_fraction: float = 1.0) -> torch.Tensor:
+    """One index per row drawn from softmax(sim_i) over the entries not excluded, mixed with the
+    uniform distribution over them: hard_fraction * softmax + (1 - hard_fraction) * uniform.
 
     A row whose every off-diagonal entry is excluded (all candidates are tag-positives) falls back
     to sampling among all off-diagonal entries: a distinct pair is still a usable negative, and
@@ -159,6 +160,9 @@ def _sample_negatives(sim: torch.Tensor, excluded: torch.Tensor, generator) -> t
     all_excluded = excluded.all(dim=1, keepdim=True)
     excluded = torch.where(all_excluded, diagonal, excluded)
     weights = torch.softmax(sim.masked_fill(excluded, float("-inf")), dim=1)
+    if hard_fraction < 1.0:  # one draw from the mixture: the RNG stream is the same for every fraction
+        allowed = (~excluded).to(weights.dtype)
+        weights = hard_fraction * weights + (1.0 - hard_fraction) * allowed / allowed.sum(1, keepdim=True)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
@@ -167,6 +171,7 @@ def vtm_hard_negatives(
     sim_v2t: torch.Tensor,
     generator: torch.Generator | None = None,
     positives_mask: torch.Tensor | None = None,
+    hard_fraction: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ALBEF / Singularity hard-negative sampling for video-text matching.
 
@@ -176,6 +181,10 @@ def vtm_hard_negatives(
     positives_mask: optional bool [B, B] of extra pairs that must not be drawn (e.g. EgoNCE tag
     positives); rows where it leaves no candidate fall back to any off-diagonal entry.
     generator: a torch.Generator on sim's device for reproducible draws.
+    hard_fraction: the share of the sampling distribution that follows the similarity; the rest is
+    uniform over the candidates (1.0: ALBEF / Singularity). With a similarity whose nearest
+    neighbours differ from the positive only in what the encoders cannot see yet, pure hard
+    negatives give the matching head nothing it can learn (docs/vtm.md).
     Returns (neg_text_idx_for_video [B], neg_video_idx_for_text [B]), int64.
     B = 1 has no negative at all and raises ValueError.
     """
@@ -192,10 +201,12 @@ def vtm_hard_negatives(
         raise ValueError(
             f"positives_mask must have the shape of sim_v2t {tuple(sim_v2t.shape)}, got {tuple(positives_mask.shape)}"
         )
+    if isinstance(hard_fraction, bool) or not 0.0 <= float(hard_fraction) <= 1.0:
+        raise ValueError(f"hard_fraction must be a number in [0, 1], got {hard_fraction!r}")
     positives_mask = positives_mask.to(device=sim_v2t.device, dtype=torch.bool)
     sim = sim_v2t.float()
-    neg_text_for_video = _sample_negatives(sim, positives_mask, generator)
-    neg_video_for_text = _sample_negatives(sim.t(), positives_mask.t(), generator)
+    neg_text_for_video = _sample_negatives(sim, positives_mask, generator, float(hard_fraction))
+    neg_video_for_text = _sample_negatives(sim.t(), positives_mask.t(), generator, float(hard_fraction))
     return neg_text_for_video, neg_video_for_text
 
 

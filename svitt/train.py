@@ -56,6 +56,7 @@ TRAIN_KEYS = {
     "data": (dict, {}),  # DATA_KEYS
     "mlm_prob": (_NUMBER, 0.15),  # share of text tokens masked for MLM (80/10/10 replacement)
     "egonce_temperature": (_NUMBER, 0.05),
+    "vtm_hard_fraction": (_NUMBER, 1.0),  # VTM negatives: share drawn by similarity, rest uniform (1: ALBEF)
     "max_steps": ((int, type(None)), None),  # cap on optimiser steps
     "grad_accum": (int, 1),  # micro-batches per optimiser step; the contrastive batch stays the whole step's
     "min_lr_ratio": (_NUMBER, 0.0),  # end of the cosine schedule as a fraction of lr (released SViTT: 0.01)
@@ -167,6 +168,9 @@ def resolve_train_config(cfg: dict) -> dict:
         raise ValueError(f"stage.precision must be one of {PRECISIONS}, got {out['precision']!r}")
     if not 0 <= out["min_lr_ratio"] <= 1:
         raise ValueError(f"stage.min_lr_ratio must be in [0, 1] (a fraction of lr), got {out['min_lr_ratio']}")
+    if not 0 <= out["vtm_hard_fraction"] <= 1:
+        raise ValueError(f"stage.vtm_hard_fraction must be in [0, 1] (a share of the VTM negatives), "
+                         f"got {out['vtm_hard_fraction']}")
     _check_task_keys(out)
     return out
 
@@ -334,12 +338,13 @@ class PairsTask:
 
     def losses(self, net, inputs: dict, cfg: dict) -> dict:
         """{objective: loss} of one micro-batch (SViTT.forward: features() then losses())."""
-        return net(objectives=tuple(cfg["objectives"]), egonce_temperature=cfg["egonce_temperature"], **inputs)
+        return net(objectives=tuple(cfg["objectives"]), egonce_temperature=cfg["egonce_temperature"],
+                   vtm_hard_fraction=cfg["vtm_hard_fraction"], **inputs)
 
     def cached_step(self, model, micro: list[dict], cfg: dict, scaler, autocast_fn) -> dict:
         """The losses of the whole step's batch over grad_accum micro-batches (GradCache)."""
         return cached_step(model, micro, tuple(cfg["objectives"]), cfg["objectives"], scaler, autocast_fn,
-                           cfg["egonce_temperature"])
+                           cfg["egonce_temperature"], cfg["vtm_hard_fraction"])
 
 
 class QATask:

@@ -184,6 +184,24 @@ def test_vtm_hard_negatives_follow_softmax_without_diagonal():
             assert freq.tolist() == pytest.approx(expected[i], abs=0.04)  # sd <= 0.011
 
 
+def test_vtm_hard_negatives_mixed_with_uniform_follow_the_mixture():
+    # hard_fraction h: h * softmax (diagonal removed) + (1 - h) * uniform over the other two
+    h = 0.4
+    gen = torch.Generator().manual_seed(5)
+    draws = torch.stack([vtm_hard_negatives(SIM_VTM, generator=gen, hard_fraction=h)[0] for _ in range(3000)])
+    hard_text = {0: [0, 1 / 4, 3 / 4], 1: [4 / 5, 0, 1 / 5], 2: [1 / 3, 2 / 3, 0]}
+    for i in range(3):
+        expected = [0.0 if j == i else h * hard_text[i][j] + (1 - h) / 2 for j in range(3)]
+        freq = torch.bincount(draws[:, i], minlength=3).double() / len(draws)
+        assert freq.tolist() == pytest.approx(expected, abs=0.03)  # sd <= 0.0092
+    # h = 1 is the pure similarity draw, with the same random stream
+    one = vtm_hard_negatives(SIM_VTM, generator=torch.Generator().manual_seed(6), hard_fraction=1.0)
+    default = vtm_hard_negatives(SIM_VTM, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(one[0], default[0]) and torch.equal(one[1], default[1])
+    with pytest.raises(ValueError, match=r"hard_fraction must be a number in \[0, 1\], got 1.5"):
+        vtm_hard_negatives(SIM_VTM, hard_fraction=1.5)
+
+
 def test_vtm_hard_negatives_respect_positives_mask():
     positives = torch.zeros(3, 3, dtype=torch.bool)
     positives[0, 2] = True  # video 0 and text 2 are a positive pair too

@@ -23,7 +23,8 @@ BERT_BASE = dict(preset="bert_base", vocab_size=30522, width=768, depth=12, head
                  pad_token_id=0, multimodal_prune_layers=[1], init_std=0.02)
 PRETRAIN = dict(  # Table 9 pretraining columns' shared rows, appendix A.3, released code (mlm, min lr)
     task="pairs", objectives={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}, epochs=10, warmup_epochs=1, weight_decay=0.02,
-    betas=[0.9, 0.999], mlm_prob=0.5, min_lr_ratio=0.01, egonce_temperature=0.05, max_steps=None, grad_accum=1,
+    betas=[0.9, 0.999], mlm_prob=0.5, min_lr_ratio=0.01, egonce_temperature=0.05, vtm_hard_fraction=1.0,
+    max_steps=None, grad_accum=1,
     clip_grad_norm=None, precision="auto", compile=False, device="auto", seed=0, deterministic=None,
     data=dict(kind="webvid", text_len=32, flip=True, scale=[0.5, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
               twin_batches=False, num_nouns=582, num_verbs=118, paragraph=False))
@@ -145,7 +146,8 @@ RETRIEVAL_DATASETS = ("msrvtt", "didemo", "charades", "ssv2_label", "ssv2_templa
 QA_DATASETS = ("msrvtt_qa", "anet_qa", "agqa")
 FINETUNE_SHARED = dict(  # what every finetuning job shares; the rest are svitt.train's defaults
     epochs=15, warmup_epochs=0, lr=1e-5, weight_decay=0.02, betas=[0.9, 0.999], mlm_prob=0.15, min_lr_ratio=0.0,
-    egonce_temperature=0.05, max_steps=None, grad_accum=1, clip_grad_norm=None, precision="auto", compile=False,
+    egonce_temperature=0.05, vtm_hard_fraction=1.0, max_steps=None, grad_accum=1, clip_grad_norm=None,
+    precision="auto", compile=False,
     device="auto", seed=0, deterministic=None,
     data=dict(kind="webvid", text_len=32, flip=True, scale=[0.5, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
               twin_batches=False, num_nouns=582, num_verbs=118, paragraph=False))

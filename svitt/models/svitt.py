@@ -110,7 +110,8 @@ class SViTT(nn.Module):
 
     # -- pretraining losses ---------------------------------------------------------------------
     def forward(self, video, input_ids, attention_mask, objectives=("vtc", "vtm", "mlm"),
-                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, egonce_temperature=0.05):
+                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, egonce_temperature=0.05,
+                vtm_hard_fraction=1.0):
         """Losses for a batch of pairs. video [B, T, 3, H, W]; input_ids/attention_mask [B, L].
 
         objectives: any of "vtc" (InfoNCE), "egonce" (needs nouns/verbs multi-hot), "vtm",
@@ -118,7 +119,8 @@ class SViTT(nn.Module):
         """
         check_objectives(objectives)
         feats = self.features(video, input_ids, attention_mask, mlm_ids if "mlm" in objectives else None)
-        return self.losses(feats, attention_mask, objectives, nouns, verbs, mlm_labels, egonce_temperature)
+        return self.losses(feats, attention_mask, objectives, nouns, verbs, mlm_labels, egonce_temperature,
+                           vtm_hard_fraction)
 
     def features(self, video, input_ids, attention_mask, mlm_ids=None) -> dict:
         """What the encoders compute, per clip (svitt.grad_cache caches these between micro-batches):
@@ -133,8 +135,9 @@ class SViTT(nn.Module):
         return out
 
     def losses(self, feats: dict, attention_mask, objectives, nouns=None, verbs=None, mlm_labels=None,
-               egonce_temperature=0.05) -> dict:
-        """The objectives from the encoders' features (`features`) of one whole batch."""
+               egonce_temperature=0.05, vtm_hard_fraction=1.0) -> dict:
+        """The objectives from the encoders' features (`features`) of one whole batch.
+        vtm_hard_fraction: see losses.vtm_hard_negatives (1.0: ALBEF / Singularity)."""
         out = {}
         if "vtc" in objectives:
             out["vtc"] = losses.info_nce(feats["video_emb"], feats["text_emb"], self.temperature())
@@ -146,7 +149,7 @@ class SViTT(nn.Module):
             positives = losses.action_positives(nouns, verbs)
         if "vtm" in objectives:
             out["vtm"] = self._vtm_loss(feats["video_tokens"], feats["video_emb"], feats["text_hidden"],
-                                        feats["text_emb"], attention_mask, positives)
+                                        feats["text_emb"], attention_mask, positives, vtm_hard_fraction)
         if "mlm" in objectives:
             if "masked_hidden" not in feats or mlm_labels is None:
                 raise ValueError("objective 'mlm' needs mlm_ids and mlm_labels")
@@ -154,12 +157,13 @@ class SViTT(nn.Module):
             out["mlm"] = losses.mlm_loss(self.mlm_logits(fused), mlm_labels)
         return out
 
-    def _vtm_loss(self, video_tokens, video_emb, text_hidden, text_emb, attention_mask, positives):
+    def _vtm_loss(self, video_tokens, video_emb, text_hidden, text_emb, attention_mask, positives,
+                  hard_fraction=1.0):
         """Positive pairs plus one hard negative text per video and one hard negative video per
         text, drawn from the in-batch similarity (ALBEF / Singularity)."""
         with torch.no_grad():
             sim = video_emb @ text_emb.T / self.temperature()
-        neg_text, neg_video = losses.vtm_hard_negatives(sim, positives_mask=positives)
+        neg_text, neg_video = losses.vtm_hard_negatives(sim, positives_mask=positives, hard_fraction=hard_fraction)
         # index_select, not x[idx]: a negative drawn twice accumulates two gradient rows, which
         # advanced indexing's CPU backward adds in a thread-dependent order (runs would differ).
         texts = torch.cat([text_hidden, text_hidden.index_select(0, neg_text), text_hidden])
