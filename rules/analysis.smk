@@ -27,6 +27,7 @@ localrules:
     all,
     seeds,
     ablation,
+    readme,
     plot_training,
     plot_sparsity,
     plot_retrieval,
@@ -434,3 +435,23 @@ rule tables:
         flags=table_flags(),
     shell:
         "python workflow_scripts/tables.py --out-dir results/tables {params.flags} > {log} 2>&1"
+
+
+# The README's demo-results section from results.md (a target of its own: `all` never edits a
+# tracked file). README.md is not an input: the rule reruns when the results change.
+rule readme:
+    input:
+        "results/tables/results.md",
+    output:
+        touch("results/tables/readme.done"),
+    log:
+        "logs/analysis/readme.log",
+    conda:
+        "../envs/svitt.yaml"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=500,
+        runtime=5,
+    shell:
+        "python workflow_scripts/readme_results.py --results {input} --readme README.md > {log} 2>&1"

@@ -67,7 +67,7 @@ class TestEndToEnd:
     def test_every_figure_and_table_is_drawn(self, run):
         figures = ["training_curves", "sparsity", "efficiency", "retrieval_demo_retrieval", "probing_demo_retrieval",
                    "egomcq", "probing_egomcq", "pruning_maps", "sweep_edge", "sweep_keep", "efficiency_full",
-                   "sweep_edge_full", "sweep_keep_full", "control"]
+                   "sweep_edge_full", "sweep_keep_full", "control", "ablation"]
         for name in figures:
             assert (run / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         for table in ["retrieval_demo_retrieval", "twins_demo_retrieval", "probing_demo_retrieval", "egomcq",
@@ -103,6 +103,29 @@ class TestEndToEnd:
         (run / "configs/more.yaml").write_text(yaml.safe_dump(cfg))
         assert planned_jobs(run, "configs/more.yaml") == {("sweep_point", "stage=stage1, point=edge_1_0_8"),
                                                           ("plot_sweep", "kind=edge, suffix=")}
+
+    def test_the_vtm_negatives_diagnostic_reads_a_trained_stage(self, run, tmp_path):
+        from collections import Counter
+
+        from tests.conftest import script
+
+        annotations = run / "resources/demo/retrieval_test.json"
+        out = tmp_path / "stage1.json"
+        assert script("vtm_negatives").main([
+            "--model", str(run / "results/pretrain/stage1/model.safetensors"),
+            "--shards", *map(str, sorted((run / "resources/frames/demo_retrieval").glob("shard-*.h5"))),
+            "--annotations", str(annotations), "--tokenizer", str(run / "resources/demo/tokenizer"),
+            "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        items = json.loads(annotations.read_text())
+        n, sizes = len(items), Counter(item["family"] for item in items)
+        family_pairs = sum(size * (size - 1) for size in sizes.values())  # ordered pairs in one family
+        assert result["share_of_clips"]["family"] == pytest.approx(family_pairs / (n * (n - 1)))
+        assert sum(result["share_of_clips"].values()) == pytest.approx(1.0)
+        assert sum(result["negative_mass"].values()) == pytest.approx(1.0, abs=1e-5)
+        for head in ("itc", "vtm"):
+            assert all(0 <= v <= 100 for v in result[f"pairwise_acc_{head}"].values()), head
+        assert all(-1.0 <= v <= 1.0 + 1e-6 for side in result["cosine"].values() for v in side.values())
 
     def test_the_report_holds_every_figure_and_table(self, run):
         snakemake(run, "--report", "report.html", "--configfile", "configs/test.yaml")
