@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo demo-seeds demo-figures test clean-demo
+.PHONY: install demo demo-seeds demo-figures readme test clean-demo
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,11 @@ demo: install
 demo-seeds: install  # the demo over seeds 0 and 1 (configs/demo_seeds.yaml)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all --configfile configs/demo_seeds.yaml
 
-demo-figures: install  # + the late-fusion control, the full sweep grid, training memory
+demo-figures: install  # + the late-fusion control, Table 3's single stages, the full sweep grid, training memory
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all paper_figures
+
+readme: install  # the README's demo-results section from results/tables/results.md
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores 1 readme
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

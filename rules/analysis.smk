@@ -21,6 +21,7 @@ rule paper_figures:
 
 # ---------------------------------------------------------------------------------- figures
 
+
 # Seconds of work each (and the targets all / seeds / ablation, which only gather files): on Slurm
 # they run beside Snakemake instead of waiting in the queue. (nlq_videos: rules/downstream.smk.)
 localrules:
@@ -32,7 +33,6 @@ localrules:
     plot_sparsity,
     plot_retrieval,
     plot_egomcq,
-
 
 
 rule plot_training:
@@ -273,9 +273,7 @@ rule efficiency:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=lambda w: (
-            job_gpus("evaluation") if w.table == "efficiency_full" else 0
-        ),
+        gpu=lambda w: (job_gpus("evaluation") if w.table == "efficiency_full" else 0),
         mem_mb=4000,
         runtime=60,
     params:

@@ -80,7 +80,9 @@ def sweep_dataset(section="sweep"):
 def sweep_runs(section, kind):
     grid = ANALYSIS.get(section) or {}
     return {
-        f"{stage}/{name}": [f"results/analysis/sweep/{stage}/{name}.json"]  # one checkpoint
+        f"{stage}/{name}": [
+            f"results/analysis/sweep/{stage}/{name}.json"
+        ]  # one checkpoint
         for stage in grid.get("stages", [])
         for name in sweep_points(section)
         if name.startswith(kind)
@@ -122,7 +124,10 @@ def qa_runs():
 
 
 def table_outputs():
-    retrieval = [*RETRIEVAL_DATASETS, *(f"{d}_finetuned" for d in finetuned_retrieval_runs())]
+    retrieval = [
+        *RETRIEVAL_DATASETS,
+        *(f"{d}_finetuned" for d in finetuned_retrieval_runs()),
+    ]
     names = [f"{kind}_{d}" for d in retrieval for kind in ("retrieval", "twins")]
     if probed("retrieval"):
         names += [f"probing_{d}" for d in retrieval]
@@ -211,7 +216,7 @@ def pruning_settings():
 def ablation_runs():
     return {
         f"{entry['frames']}:{kind}": results_of(
-            f"results/eval/retrieval/{RETRIEVAL_DATASETS[0]}/{entry[kind]}.json"
+            f"results/eval/retrieval/{entry.get('dataset', RETRIEVAL_DATASETS[0])}/{entry[kind]}.json"
         )
         for entry in ANALYSIS.get("ablation") or []
         for kind in ("single", "expansion")

@@ -124,8 +124,12 @@ def demo_file(path):
 
 # ------------------------------------------------------------------------------------- pretrain
 
-PRETRAIN = with_control(config)  # pretrain with the derived "control" section (analysis.control)
-STAGES = configured_stages(PRETRAIN)  # name -> stage (curriculum, egoclip, extra, ablation, control)
+PRETRAIN = with_control(
+    config
+)  # pretrain with the derived "control" section (analysis.control)
+STAGES = configured_stages(
+    PRETRAIN
+)  # name -> stage (curriculum, egoclip, extra, ablation, control)
 CURRICULUM = section_names(PRETRAIN, "curriculum")
 EGO_STAGES = section_names(PRETRAIN, "egoclip")
 EXTRA_STAGES = section_names(PRETRAIN, "extra")
@@ -193,7 +197,11 @@ def visible_gpus():
     entries when set, else SVITT_NUM_GPUS, else nvidia-smi -L)."""
     if not _GPU_COUNT:
         out = subprocess.run(
-            [sys.executable, f"{workflow.basedir}/workflow_scripts/launch.py", "--count-gpus"],
+            [
+                sys.executable,
+                f"{workflow.basedir}/workflow_scripts/launch.py",
+                "--count-gpus",
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -234,7 +242,13 @@ def gpu_resources(section):
     gpus, nodes = job_gpus(section), job_nodes(section)
     if nodes == 1:
         return {"gpu": gpus}
-    layout = {"gpu": 0, "nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}
+    layout = {
+        "gpu": 0,
+        "nodes": nodes,
+        "tasks": nodes,
+        "tasks_per_gpu": 0,
+        "mpi": "srun",
+    }
     if gpus:
         layout["gres"] = f"gpu:{gpus}"
     return layout
@@ -288,7 +302,9 @@ def extraction_inputs(wildcards):
     ds = dataset(wildcards.dataset)
     inputs = {"annotations": ds["annotations"]}
     if "train_annotations" in ds and not is_downloaded(wildcards.dataset):
-        inputs["train_annotations"] = ds["train_annotations"]  # its videos are extracted too
+        inputs["train_annotations"] = ds[
+            "train_annotations"
+        ]  # its videos are extracted too
     if is_downloaded(wildcards.dataset):
         inputs["manifest"] = f"{download_dir(wildcards)}/manifest.csv"
         inputs["videos"] = f"{download_dir(wildcards)}/files"
@@ -299,13 +315,17 @@ def extraction_inputs(wildcards):
 
 def extraction_source(wildcards):
     """--videos: the shard's manifest, or the folder with the videos the annotations name (clip
-    datasets name them by their clips; a finetuning dataset's train_annotations name more)."""
+    datasets name them by their clips; a finetuning dataset's train_annotations name more).
+    """
     ds = dataset(wildcards.dataset)
     if is_downloaded(wildcards.dataset):
         return f"--videos {download_dir(wildcards)}/manifest.csv"
     if ds.get("clips"):
         return f"--videos {ds['videos']}"
-    ids = " ".join([ds["annotations"]] + ([ds["train_annotations"]] if "train_annotations" in ds else []))
+    ids = " ".join(
+        [ds["annotations"]]
+        + ([ds["train_annotations"]] if "train_annotations" in ds else [])
+    )
     return f"--videos {ds['videos']} --ids {ids}"
 
 
@@ -384,20 +404,26 @@ def finetune_pairs(task):
     if task not in FINETUNE_TASKS:
         return []
     section = FINETUNE[task]
-    return [(d, s) for d in by_name(section["datasets"]) for s in by_name(section["stages"])]
+    return [
+        (d, s) for d in by_name(section["datasets"]) for s in by_name(section["stages"])
+    ]
 
 
 def _check_finetune():
     for task in FINETUNE_TASKS:
         for name, stage in finetune_pairs(task):
             if stage not in ALL_STAGE_NAMES:
-                raise ValueError(f"finetune.{task}.stages names {stage!r}, which is not a pretraining stage "
-                                 f"(have {sorted(ALL_STAGE_NAMES)})")
+                raise ValueError(
+                    f"finetune.{task}.stages names {stage!r}, which is not a pretraining stage "
+                    f"(have {sorted(ALL_STAGE_NAMES)})"
+                )
             needed = ["train_annotations"] + (["answer_list"] if task == "qa" else [])
             missing = [key for key in needed if key not in dataset(name)]
             if missing:
-                raise ValueError(f"finetune.{task}.datasets names {name!r}, whose entry under `datasets` has no "
-                                 f"{missing[0]} (a {task} finetuning job needs {needed})")
+                raise ValueError(
+                    f"finetune.{task}.datasets names {name!r}, whose entry under `datasets` has no "
+                    f"{missing[0]} (a {task} finetuning job needs {needed})"
+                )
 
 
 _check_finetune()
@@ -445,7 +471,10 @@ def finetune_outputs():
         for d, s in finetune_pairs(task)
         for f in ("model.safetensors", "model.json", "metrics.jsonl")
     ]
-    out += [f"results/eval/retrieval_finetuned/{d}/{s}.json" for d, s in finetune_pairs("retrieval")]
+    out += [
+        f"results/eval/retrieval_finetuned/{d}/{s}.json"
+        for d, s in finetune_pairs("retrieval")
+    ]
     return out + [f"results/eval/qa/{d}/{s}.json" for d, s in finetune_pairs("qa")]
 
 
@@ -501,7 +530,9 @@ def final_outputs():
     (rules/analysis_common.smk lists them) the NLQ outputs and the finetuned models
     with their evaluations."""
     return (
-        result_files(eval_stages(), EGO_STAGES) + analysis_outputs() + nlq_outputs()
+        result_files(eval_stages(), EGO_STAGES)
+        + analysis_outputs()
+        + nlq_outputs()
         + finetune_outputs()
     )
 

@@ -51,6 +51,8 @@ rule finetune:
         "logs/finetune/{task}/{dataset}/{stage}.benchmark.tsv"
     wildcard_constraints:
         task="retrieval|qa",
+    priority: 50  # training before evaluations, after pretraining stages
+    retries: job_retries("finetune")
     conda:
         "../envs/svitt.yaml"
     threads: job_threads("finetune")
@@ -58,8 +60,6 @@ rule finetune:
         **gpu_resources("finetune"),
         mem_mb=config["finetune"]["mem_mb"],
         runtime=config["finetune"]["runtime"],
-    priority: 50  # training before evaluations, after pretraining stages
-    retries: job_retries("finetune")
     params:
         settings=lambda w: canonical(finetune_settings(w.task, w.dataset, w.stage)),
         overlap=overlap_mode(),

@@ -19,6 +19,12 @@ rule pretrain:
         "logs/pretrain/{stage}.benchmark.tsv"
     wildcard_constraints:
         stage="|".join(ALL_STAGE_NAMES),
+    # Training first: a stage takes the GPUs before evaluations and NLQ features that became
+    # ready at the same time (100 outweighs any number of priority-0 jobs, also for --scheduler ilp).
+    priority: 100
+    # A stage longer than `runtime` is a chain of jobs: each saves before its time limit
+    # (launch.py --save-before) and fails with 75, Snakemake submits the next, which resumes.
+    retries: job_retries("pretrain")
     conda:
         "../envs/svitt.yaml"
     threads: job_threads("pretrain")
@@ -26,12 +32,6 @@ rule pretrain:
         **gpu_resources("pretrain"),
         mem_mb=config["pretrain"]["mem_mb"],
         runtime=config["pretrain"]["runtime"],
-    # Training first: a stage takes the GPUs before evaluations and NLQ features that became
-    # ready at the same time (100 outweighs any number of priority-0 jobs, also for --scheduler ilp).
-    priority: 100
-    # A stage longer than `runtime` is a chain of jobs: each saves before its time limit
-    # (launch.py --save-before) and fails with 75, Snakemake submits the next, which resumes.
-    retries: job_retries("pretrain")
     params:
         stage=stage_params,
         init=init_flag,

@@ -208,3 +208,20 @@ def test_finetuning_jobs_resolve_to_table_9(paper_dry_run):
                                       epochs=1 if dataset == "agqa" else 5, decoder_layers=3,
                                       data={"text_len": 25, "answer_len": 5})
         _assert_equal(_resolved_finetune(jobs[name], stages["stage3"]), expected, name)
+
+
+def test_the_curriculum_ablation_overlay_is_table_3s_single_stages(tmp_path):
+    """configs/ablation_curriculum.yaml: each single stage is the chain's stage of that T (Table 9
+    column, Table 7 sparsity) trained from the image/text weights instead of the previous stage."""
+    workdir = copy_workflow(tmp_path)
+    paper_inputs(workdir)
+    out = snakemake(workdir, "ablation", "paper_figures", "-n", "-p", "--cores", "1", "--configfile",
+                    "configs/paper.yaml", "configs/ablation_curriculum.yaml").stdout
+    stages = stage_configs(out)
+    for single, chain in (("single4", "stage2"), ("single8", "stage3"), ("single16", "stage4")):
+        row = {k: v for k, v in CHAIN[chain].items() if k != "sparsity"}
+        assert _resolved(stages[single]) == _expected(single, **row), single
+        command = next(line for line in out.splitlines()
+                       if "train.py" in line and f"--out results/pretrain/{single} " in line)
+        assert "--init" not in command
+    assert "results/eval/retrieval/didemo/single16.json" in out and "results/figures/ablation.png" in out
