@@ -124,7 +124,9 @@ class TestEndToEnd:
         assert sum(result["share_of_clips"].values()) == pytest.approx(1.0)
         assert sum(result["negative_mass"].values()) == pytest.approx(1.0, abs=1e-5)
         for head in ("itc", "vtm"):
-            assert all(0 <= v <= 100 for v in result[f"pairwise_acc_{head}"].values()), head
+            accuracy = result[f"pairwise_acc_{head}"]
+            assert all((v is None) == (result["share_of_clips"][k] == 0) for k, v in accuracy.items()), head
+            assert all(0 <= v <= 100 for v in accuracy.values() if v is not None), head
         assert all(-1.0 <= v <= 1.0 + 1e-6 for side in result["cosine"].values() for v in side.values())
 
     def test_the_report_holds_every_figure_and_table(self, run):

@@ -13,7 +13,8 @@ It reports
 - `negative_mass`: the share of VTM's hard-negative distribution softmax(sim / temperature) (as
   drawn in training, vtm_hard_fraction = 1) on each group, beside `share_of_clips`;
 - `pairwise_acc_itc` / `pairwise_acc_vtm`: per group, how often the caption's own clip scores above
-  a clip of that group, by the contrastive similarity and by the matching head (50 = blind);
+  a clip of that group, by the contrastive similarity and by the matching head (50 = blind;
+  null for a group without clips);
 - `cosine`: the mean cosine of the time-reversed and event-order twins' embeddings, video side
   and text side (1 = the encoder cannot tell them apart).
 """
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     for head, scores in (("itc", sim), ("vtm", vtm)):
         above = scores.diagonal()[:, None] > scores
         result[f"pairwise_acc_{head}"] = {name: 100 * float(above[groups == g].float().mean())
+                                          if (groups == g).any() else None  # no clip in the group
                                           for g, name in GROUPS.items()}
     index = {item["video"]: i for i, item in enumerate(items)}
     twins = {kind: [(i, index[item[key]]) for i, item in enumerate(items)]

@@ -47,7 +47,8 @@ def main(out: str, grad_accum: int = 1, every_rank: bool = False):
     if world > 1 and grad_accum == 1:  # as svitt.train: the cached step averages gradients itself
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
-    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05}
+    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05,
+           "vtm_hard_fraction": 1.0}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, PairsTask(), Tokenizer(),
                                device, "fp32")
