@@ -143,21 +143,23 @@ def number(value, digits: int) -> str:
 
 def efficiency_table(path) -> Table:
     data = read_json(path)
-    columns = ["T", "sparsity", "(K_l, K_r, G)", "(q_v, q_m)", "edges (M)", "paper", "S", "paper", "GFLOPs",
-               "paper", "memory (GB/clip)", "paper"]
+    columns = ["T", "sparsity", "(K_l, K_r, G)", "(q_v, q_m)", "edges (M)", "Table 7's count", "paper", "S",
+               "Table 7's count", "paper", "GFLOPs", "paper", "memory (GB/clip)", "paper"]
     rows = []
     for r in data["rows"]:
         blocks = "–" if r["block_size"] is None else f"({r['local_blocks']}, {r['random_blocks']}, {r['block_size']})"
         keep = "–" if r["visual_keep"] == 1 and r["multimodal_keep"] == 1 else \
             f"({r['visual_keep']:g}, {r['multimodal_keep']:g})"
         rows.append([str(r["frames"]), r["mode"], blocks, keep, number(r["edges_m"], 2),
-                     number(r["paper_edges_m"], 2), f"{r['sparsity']:.2f}", number(r["paper_sparsity"], 2),
+                     number(r["edges_m_table7"], 2), number(r["paper_edges_m"], 2), f"{r['sparsity']:.2f}",
+                     f"{r['sparsity_table7']:.2f}", number(r["paper_sparsity"], 2),
                      number(r["gflops"], 1), number(r["paper_gflops"], 1), number(r.get("memory_gb"), 2),
                      number(r["paper_memory_gb"], 2)])
     notes = [("ok: " if c["ok"] else "FAILS: ") + f"{c['check']}: expected {c['expected']}, got {c['got']}."
              for c in data["checks"]]
     if not data["paper_size"]:
         notes.append("Not the paper's model size: no paper numbers or checks.")
-    notes += [f"GFLOPs: {data['conventions']['gflops']}.", f"Memory: {data['conventions']['memory_gb']}"
+    notes += [f"Edges: {data['conventions']['edges_m']}; Table 7's count: {data['conventions']['edges_m_table7']}.",
+              f"GFLOPs: {data['conventions']['gflops']}.", f"Memory: {data['conventions']['memory_gb']}"
               + ("." if data["memory"] else "; not measured in this table (see the paper_figures target).")]
     return Table(f"Efficiency at {data['model_name']} size (SViTT Tables 2 and 7)", columns, rows, notes, labels=4)

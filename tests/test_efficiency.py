@@ -58,10 +58,14 @@ def test_counted_training_memory_is_close_to_a_real_cpu_step():
 
 @pytest.mark.parametrize("frames, sparsity", [(4, 0.80), (8, 0.91), (16, 0.96)])
 def test_full_size_sparsity_matches_table7(frames, sparsity):
-    counts = efficiency.edges(efficiency.with_overrides(PAPER, efficiency.mode_overrides("hybrid", frames)))
+    cfg = efficiency.with_overrides(PAPER, efficiency.mode_overrides("hybrid", frames))
+    counts = efficiency.edges(cfg)
     assert round(counts["sparsity"], 2) == sparsity
     # eq. 17-19 taken literally is 1.1-1.3% below the printed edges (tests/test_sparsity.py)
     assert counts["edges"] / 1e6 == pytest.approx(efficiency.TABLE7[frames]["edges_m"], rel=0.013)
+    table7 = efficiency.edges(cfg, count_multimodal_pruning=False)  # Table 7's count: exact
+    assert (round(table7["edges"] / 1e6, 2), round(table7["sparsity"], 2)) == \
+        (efficiency.TABLE7[frames]["edges_m"], sparsity)
 
 
 def test_mode_overrides_follow_tables_2_and_7():
@@ -93,7 +97,7 @@ def test_full_size_flops_follow_table2():
 
 
 def test_paper_checks_report_misses():
-    rows = [{"frames": 4, "mode": "hybrid", "edges_m": 1.462, "sparsity": 0.804, "gflops": 1.0},
+    rows = [{"frames": 4, "mode": "hybrid", "edges_m_table7": 1.462, "sparsity_table7": 0.804, "gflops": 1.0},
             {"frames": 8, "mode": "dense", "gflops": 10.0, "memory_gb": 2.0},
             {"frames": 16, "mode": "hybrid", "gflops": 12.0, "memory_gb": 1.0}]
     checks = efficiency.paper_checks(rows)

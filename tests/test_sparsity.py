@@ -57,6 +57,24 @@ def test_table7_sparsity_exact(frames, q_v, sparsity):
     assert round(out["sparsity"], 2) == sparsity
 
 
+# Table 7's printed edges and S (and Table 1's (1, 3, 56) hybrid row, the same model at T = 4) when
+# q_m prunes no multimodal edge: at T = 4 the visual layers give 1_452_640 edges (above) and the
+# fusion layers 3 x 270 x 32 = 25_920, 1.4786M and S = 1 - 1_478_560 / 7_470_060 = 0.8021.
+@pytest.mark.parametrize("frames, q_v, edges_m, sparsity", [(4, 0.7, 1.48, 0.80), (8, 0.6, 2.60, 0.91),
+                                                            (16, 0.5, 4.61, 0.96)])
+def test_table7_count_without_multimodal_pruning(frames, q_v, edges_m, sparsity):
+    out = edge_count(frames, 1, 3, 56, visual_keep=q_v, multimodal_keep=0.1, count_multimodal_pruning=False)
+    assert (round(out["edges"] / 1e6, 2), round(out["sparsity"], 2)) == (edges_m, sparsity)
+    assert len(set(out["multimodal_tokens"])) == 1  # every fusion layer at the visual output length
+
+
+def test_table7_count_at_t4_by_hand():
+    out = edge_count(4, 1, 3, 56, visual_keep=0.7, multimodal_keep=0.1, count_multimodal_pruning=False)
+    assert out["multimodal_tokens"] == [270, 270, 270] and out["multimodal_edges"] == 25_920
+    assert out["edges"] == 1_452_640 + 25_920
+    assert out["sparsity"] == pytest.approx(1 - 1_478_560 / 7_470_060, abs=1e-15)
+
+
 # Rows where eq. 17-19 taken literally is 0.1-2.2% off the printed edge count. No single counting
 # variant (padding N or N - 1 to whole blocks, extra CLS row/column edges, ceil excluding CLS, no
 # multimodal edges) reproduces every printed number; e.g. padding the non-CLS tokens to blocks and

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
 COLUMNS = ["frames", "mode", "local_blocks", "random_blocks", "block_size", "visual_keep", "multimodal_keep",
-           "edges_m", "sparsity", "gflops", "memory_gb", "memory_method", "paper_edges_m", "paper_sparsity",
+           "edges_m", "sparsity", "edges_m_table7", "sparsity_table7", "gflops", "memory_gb", "memory_method", "paper_edges_m", "paper_sparsity",
            "paper_gflops", "paper_memory_gb"]
 
 
@@ -74,7 +74,9 @@ def main(argv=None) -> int:
                                         "clip, text encoder, one matching score), torch.utils.flop_counter",
                               "memory_gb": "training memory per clip in 1e9 bytes, fp32, peak at batch 2 minus batch 1 "
                                            "(counted: live tensor bytes on the meta device; cuda: max_memory_allocated)",
-                              "edges_m": "attention edges in millions, appendix eq. 17-19 (svitt.sparsity)"}}
+                              "edges_m": "attention edges in millions, appendix eq. 17-19 (svitt.sparsity)",
+                              "edges_m_table7": "the same with every fusion layer at the visual output length "
+                                                "(q_m prunes no edge): the count Table 7 prints"}}
     atomic_write_json(args.out_json, report)
     atomic_write_csv(args.out_csv, COLUMNS, [[row.get(c) for c in COLUMNS] for row in rows])
     for check in checks:
