@@ -186,3 +186,43 @@ def test_readme_results_replace_only_the_marked_section(tmp_path):
     with pytest.raises(ValueError, match="demo-results:start"):
         script("readme_results").main(["--results", str(results), "--readme", str(readme)])
     assert readme.read_text() == "no markers\n"
+
+
+class _VideoWordModel:
+    """Fusion that ignores the text and returns the clip's first token as every position's state,
+    and an MLM head that reads it as vocabulary logits: the predicted word is the clip's word."""
+
+    class text_encoder:
+        @staticmethod
+        def encode(ids, mask):
+            return torch.nn.functional.one_hot(ids, 10).float()
+
+    def fuse(self, hidden, mask, video_tokens):
+        return video_tokens[:, :1].expand(-1, hidden.shape[1], -1)
+
+    def mlm_logits(self, fused):
+        return fused
+
+
+def test_word_probe_counts_each_group_word_by_hand():
+    probe = script("word_probe")
+    ids = torch.tensor([[2, 3, 5, 4, 0], [2, 4, 6, 7, 0]])
+    groups = {"a": [3, 4], "b": [5, 6, 7]}
+    says_4 = torch.nn.functional.one_hot(torch.tensor([[4], [4]]), 10).float()  # both clips "say" word 4
+    counts = probe.masked_word_accuracy(_VideoWordModel(), ids, torch.ones_like(ids), {"own": says_4}, groups,
+                                        mask_id=1)
+    # group a picks 4: row 0 has 3 then 4, row 1 has 4; group b's logits tie, so it picks its first word 5
+    assert counts == {"a": {"own": {0: [1, 2], 1: [1, 1]}}, "b": {"own": {0: [1, 2], 1: [0, 1]}}}
+    summary = probe.summarise(counts, groups)
+    assert summary["a"]["own"] == {"all": pytest.approx(200 / 3), "count": 3, "occurrence_1": 50.0,
+                                   "occurrence_2": 100.0}
+    assert summary["b"]["chance"] == pytest.approx(100 / 3)
+
+
+def test_word_probe_names_a_word_outside_the_vocabulary(tmp_path):
+    from svitt.data.demo_corpus import write_vocab
+
+    write_vocab(tmp_path, ["the red circle moves up"])
+    tokenizer = load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="'purple' of group 'colour' is not one token"):
+        script("word_probe").group_token_ids(tokenizer, {"colour": ["red", "purple"]})
