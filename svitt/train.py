@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,21 @@ def with_io_settings(cfg: dict, **settings) -> dict:
         if value is not None:
             (out.setdefault("data", {}) if key == "num_workers" else out)[key] = value
     return out
+
+
+def run_cli(cfg: dict, args, init: str | None) -> int:
+    """The common tail of the training CLIs (train.py, finetune.py): their io flags into the
+    config, train, the summary on stdout; the exit code (PREEMPTED_EXIT_CODE when preempted)."""
+    cfg = with_io_settings(cfg, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                           num_workers=args.num_workers)
+    data = TrainData(shards=args.shards, annotations=args.annotations, tokenizer=args.tokenizer, init=init)
+    try:
+        summary = train(cfg, data, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    print(json.dumps(summary))
+    return 0
 
 
 def _learning_config(cfg: dict) -> dict:

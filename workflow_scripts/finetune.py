@@ -77,8 +77,7 @@ def check_overlap(train: str, test: str, mode: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     entry = yaml.safe_load(args.config.read_text()) if args.config else json.loads(args.config_json)
-    from svitt.train import (PREEMPTED_EXIT_CODE, Preempted, TrainData, finetune_config, train,
-                             with_io_settings)
+    from svitt.train import finetune_config, run_cli
 
     if args.test_annotations:
         try:
@@ -91,18 +90,7 @@ def main(argv=None) -> int:
         print(f"finetune: error: {info_path} is missing: it holds the config of {args.init}", file=sys.stderr)
         return 2
     cfg = finetune_config(entry, json.loads(info_path.read_text())["model_config"])
-    cfg = with_io_settings(cfg, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                           num_workers=args.num_workers)
-    data = TrainData(shards=args.shards, annotations=args.annotations, tokenizer=args.tokenizer,
-                     init=str(args.init))
-    try:
-        summary = train(cfg, data, args.out, resume=not args.no_resume, progress=not args.no_progress)
-    except Preempted as stop:
-        print(stop, file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    print(json.dumps(summary))
-    return 0
-
+    return run_cli(cfg, args, init=str(args.init))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,21 +44,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = yaml.safe_load(args.config.read_text()) if args.config else json.loads(args.config_json)
-    from svitt.train import PREEMPTED_EXIT_CODE, Preempted, TrainData, train, with_io_settings
+    from svitt.train import run_cli
 
-    cfg = with_io_settings(cfg, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                           num_workers=args.num_workers)
-
-    data = TrainData(shards=args.shards, annotations=args.annotations, tokenizer=args.tokenizer,
-                     init=args.init)
-    try:
-        summary = train(cfg, data, args.out, resume=not args.no_resume, progress=not args.no_progress)
-    except Preempted as stop:
-        print(stop, file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    print(json.dumps(summary))
-    return 0
-
+    return run_cli(cfg, args, init=args.init)
 
 if __name__ == "__main__":
     sys.exit(main())
