@@ -71,6 +71,47 @@ def test_tubelets_see_the_order_of_their_frames():
     assert (forward[:, 0] - backward[:, 0]).abs().max() > 1e-5
 
 
+def test_without_position_embedding_a_fresh_encoder_cannot_order_its_tubelets():
+    """Zero relative tables make a fresh encoder a function of the set of tubelets (swapping the
+    two halves of a clip changes nothing); the absolute position embedding tells them apart."""
+    clip = torch.randn(1, 4, 3, 32, 32)
+    swapped = torch.cat([clip[:, 2:], clip[:, :2]], dim=1)  # the tubelets' order, each kept intact
+    for abs_pos, differs in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        encoder = VideoEncoder.from_config(dict(SMALL, frames=4, tubelet_frames=2, abs_pos_embed=abs_pos,
+                                                init_std=0.1, layer_scale_init=None)).eval()
+        with torch.no_grad():
+            gap = (encoder(clip)[:, 0] - encoder(swapped)[:, 0]).abs().max()
+        assert (gap > 1e-4) == differs, (abs_pos, gap)
+    assert encoder.pos_embed.shape == (1, 1 + 2 * 4 * 4, SMALL["width"])
+
+
+def test_position_embedding_inflation_and_temporal_resize_by_hand():
+    from svitt.models.weights import resize_pos_embed
+
+    spatial = torch.arange(1 + 4, dtype=torch.float32).view(1, 5, 1)  # CLS 0, a 2x2 grid 1..4
+    inflated = resize_pos_embed(spatial, (1, 2, 2), (3, 2, 2))  # eq. 22: the grid in every slot
+    assert inflated.flatten().tolist() == [0, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]
+    two = torch.tensor([0.0, 10, 11, 20, 21]).view(1, 5, 1)  # CLS, slot 0 (1x2), slot 1 (1x2)
+    # eq. 23, slots aligned by their centres: 4 slots take source slots 0, 0, 1, 1
+    assert resize_pos_embed(two, (2, 1, 2), (4, 1, 2)).flatten().tolist() == [0, 10, 11, 10, 11, 20, 21, 20, 21]
+    assert resize_pos_embed(two, (2, 1, 2), (1, 1, 2)).flatten().tolist() == [0, 20, 21]  # the centre slot
+    with pytest.raises(ValueError, match="does not fit the grid"):
+        resize_pos_embed(two, (2, 2, 2), (4, 2, 2))
+
+
+def test_stage_expansion_and_image_weights_carry_the_position_embedding():
+    from svitt.models.weights import resize_pos_embed
+
+    short = VideoEncoder.from_config(dict(SMALL, frames=4, tubelet_frames=2, abs_pos_embed=True))
+    long = VideoEncoder.from_config(dict(SMALL, frames=8, tubelet_frames=2, abs_pos_embed=True))
+    long.load_image_weights(short.state_dict())  # a video checkpoint of another clip length
+    torch.testing.assert_close(long.pos_embed, resize_pos_embed(short.pos_embed, short.grid, long.grid))
+    before = long.pos_embed.detach().clone()
+    long.load_image_weights(_timm_small().state_dict())  # BEiT has no position embedding: kept
+    torch.testing.assert_close(long.pos_embed, before)
+
+
 def _hf_small():
     cfg = BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      image_size=32, patch_size=8, use_relative_position_bias=True,

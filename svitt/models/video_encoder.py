@@ -41,6 +41,7 @@ VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
     patch_size=16,  # square patches; image_size must be a multiple
     tubelet_frames=1,  # frames per token (1 = per-frame 2D patches, the paper); T must be a multiple
     in_chans=3,
+    abs_pos_embed=False,  # a learned position embedding [1 + T' H' W', D] added to the tokens (eq. 20-23); BEiT has none
     depth=12,  # transformer blocks
     width=768,  # token dimension D
     heads=12,
@@ -245,6 +246,8 @@ class VideoEncoder(nn.Module):
         self.width = cfg["width"]
         self.patch_embed = PatchEmbed(p, cfg["tubelet_frames"], cfg["in_chans"], cfg["width"])
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg["width"]))
+        if cfg["abs_pos_embed"]:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.grid), cfg["width"]))
         keep = _keep_rates(cfg)
         rates = torch.linspace(0, cfg["drop_path"], cfg["depth"], device="cpu").tolist()  # CPU: also under a meta default device
         self.blocks = nn.ModuleList(
@@ -263,6 +266,8 @@ class VideoEncoder(nn.Module):
     def _init_weights(self):
         std = self.cfg["init_std"]
         nn.init.trunc_normal_(self.cls_token, std=std)
+        if self.cfg["abs_pos_embed"]:
+            nn.init.trunc_normal_(self.pos_embed, std=std)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
@@ -306,6 +311,8 @@ class VideoEncoder(nn.Module):
         """[B, T, C, H, W] sequences on self.grid -> (hidden [B, 1 + N', D], positions [B or 1, N'])."""
         x = self.patch_embed(video)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.cfg["abs_pos_embed"]:
+            x = x + self.pos_embed
         pos = token_positions(self.grid, x.device)[None]  # shared until the first pruning
         kernel = self.cfg["attention_kernel"]
         for block in self.blocks:

@@ -94,6 +94,30 @@ def _table_frames(rows: int, spatial: tuple[int, int]) -> int:
     return (offsets + 1) // 2
 
 
+POS_KEY = "pos_embed"
+
+
+def resize_pos_embed(value: torch.Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]) -> torch.Tensor:
+    """An absolute position embedding [1, 1 + T H W, D] on src_grid -> dst_grid along time:
+    eq. 22 (a 2D embedding, src T = 1, duplicated over time) and eq. 23 (nearest neighbour in time,
+    time slots aligned by their centres: destination slot t takes source slot
+    floor((t + 1/2) T_src / T_dst)). The spatial grid and the CLS entry are kept."""
+    (t_src, h, w), t_dst = src_grid, dst_grid[0]
+    if tuple(src_grid[1:]) != tuple(dst_grid[1:]) or value.shape[1] != 1 + t_src * h * w:
+        raise ValueError(f"{POS_KEY} of shape {tuple(value.shape)} does not fit the grid {tuple(src_grid)} "
+                         f"or cannot be resized to {tuple(dst_grid)} (image_size / patch_size must match)")
+    grid = value[:, 1:].reshape(1, t_src, h * w, value.shape[-1])
+    source = [(2 * t + 1) * t_src // (2 * t_dst) for t in range(t_dst)]
+    return torch.cat([value[:, :1], grid[:, source].reshape(1, t_dst * h * w, -1)], dim=1)
+
+
+def _pos_grid(value: torch.Tensor, spatial: tuple[int, int]) -> tuple[int, int, int]:
+    frames, rest = divmod(value.shape[1] - 1, spatial[0] * spatial[1])
+    if rest or frames < 1:
+        raise ValueError(f"{POS_KEY} of shape {tuple(value.shape)} does not fit the spatial grid {spatial}")
+    return (frames,) + tuple(spatial)
+
+
 def _inflate_patch_embed(weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[D, C, p, p] image kernel -> [D, C * tubelet, p, p], split evenly over the tubelet's frames
     so a static clip embeds exactly as the image does."""
@@ -126,7 +150,11 @@ def video_checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict
             value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid)
         elif key == "patch_embed.proj.weight":
             value = _inflate_patch_embed(value, target[key])
+        elif key == POS_KEY:
+            value = resize_pos_embed(value, _pos_grid(value, model.grid[1:]), model.grid)
         out[key] = value
+    if POS_KEY in target and POS_KEY not in out:  # BEiT has none: the embedding keeps its init
+        out[POS_KEY] = target[POS_KEY]
     if "norm.weight" not in out and "norm.weight" in target:  # e.g. a checkpoint without final norm
         out["norm.weight"], out["norm.bias"] = target["norm.weight"], target["norm.bias"]
     missing = sorted(set(target) - set(out))
@@ -172,6 +200,8 @@ def adapt_svitt_state_dict(state_dict: dict, model: torch.nn.Module) -> dict:
         if key.endswith(TABLE_KEY) and key.startswith("video_encoder.") and key in target:
             if value.shape[0] != table_size(grid):
                 value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid)
+        elif key == "video_encoder." + POS_KEY and key in target and value.shape != target[key].shape:
+            value = resize_pos_embed(value, _pos_grid(value, grid[1:]), grid)
         elif key == "video_encoder.patch_embed.proj.weight" and key in target:
             if value.shape != target[key].shape:
                 raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model "
