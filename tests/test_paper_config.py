@@ -225,3 +225,26 @@ def test_the_curriculum_ablation_overlay_is_table_3s_single_stages(tmp_path):
                        if "train.py" in line and f"--out results/pretrain/{single} " in line)
         assert "--init" not in command
     assert "results/eval/retrieval/didemo/single16.json" in out and "results/figures/ablation.png" in out
+
+
+def test_the_temporal_demo_overlay_changes_only_data_position_embedding_and_steps(tmp_path):
+    """configs/demo_temporal.yaml on config.yaml: 4096 pretraining clips in 4 shards, the
+    position embedding, stage1 for 20 epochs of 64 clips (1280 steps), stage2 at the default demo's
+    128 steps, stage3 at 128 instead of 96; every other stage setting as in config.yaml."""
+    import yaml
+
+    workdir = copy_workflow(tmp_path)
+    default = stage_configs(snakemake(workdir, "all", "-n", "-p", "--cores", "1").stdout)
+    out = snakemake(workdir, "all", "-n", "-p", "--cores", "1", "--configfile", "configs/demo_temporal.yaml").stdout
+    temporal = stage_configs(out)
+    assert "--train-videos 4096" in out and "shard-003-of-004" in out
+    base = yaml.safe_load((workdir / "config.yaml").read_text())["demo_corpus"]["train_videos"]
+    for name in ("stage1", "stage2", "stage3"):
+        steps = {s: cfg["epochs"] * n // cfg["batch_size"] for s, cfg, n in
+                 (("default", default[name], base), ("temporal", temporal[name], 4096))}
+        assert steps == {"default": {"stage1": 512, "stage2": 128, "stage3": 96}[name],
+                         "temporal": {"stage1": 1280, "stage2": 128, "stage3": 128}[name]}, name
+        assert temporal[name]["model"]["video"]["abs_pos_embed"] is True
+        strip = {"epochs", "model"}
+        assert {k: v for k, v in temporal[name].items() if k not in strip} == \
+            {k: v for k, v in default[name].items() if k not in strip}, name
