@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo demo-seeds demo-figures demo-temporal readme test clean-demo
+.PHONY: install demo demo-seeds demo-figures demo-temporal readme readme-seeds test clean-demo
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ demo-temporal: install
 
 readme: install  # the README's demo-results section from results/tables/results.md
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores 1 readme
+
+readme-seeds: install  # the same after `make demo-seeds`: the tables show the mean and both seeds
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores 1 readme --configfile configs/demo_seeds.yaml
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

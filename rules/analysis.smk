@@ -37,7 +37,7 @@ localrules:
 
 rule plot_training:
     input:
-        [f"results/pretrain/{s}/metrics.jsonl" for s in all_stages()],
+        [f for s in all_stages() for f in seed_files(s, "metrics.jsonl")],
     output:
         report(
             "results/figures/training_curves.png",
@@ -54,12 +54,7 @@ rule plot_training:
         mem_mb=1000,
         runtime=10,
     params:
-        pairs=runs_flags(
-            {
-                s: results_of(f"results/pretrain/{s}/metrics.jsonl")
-                for s in all_stages()
-            }
-        ),
+        pairs=runs_flags({s: seed_files(s, "metrics.jsonl") for s in all_stages()}),
     shell:
         "python workflow_scripts/plot.py training {params.pairs} --out {output} > {log} 2>&1"
 

@@ -18,6 +18,14 @@ def results_of(path):
     return [path, *(f"{stem}-seed{k}{suffix}" for k in SEEDS)]
 
 
+def seed_files(stage, filename):
+    """A pretraining stage's `filename` per seed: results/pretrain/<stage>[-seed<k>]/<filename>."""
+    return [
+        f"results/pretrain/{name}/{filename}"
+        for name in [stage, *(f"{stage}-seed{k}" for k in SEEDS)]
+    ]
+
+
 def retrieval_runs(dataset_name, stages=None):
     return {
         s: results_of(f"results/eval/retrieval/{dataset_name}/{s}.json")

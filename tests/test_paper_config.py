@@ -248,3 +248,18 @@ def test_the_temporal_demo_overlay_changes_only_data_position_embedding_and_step
         strip = {"epochs", "model"}
         assert {k: v for k, v in temporal[name].items() if k not in strip} == \
             {k: v for k, v in default[name].items() if k not in strip}, name
+
+
+def test_every_file_a_figure_or_table_reads_is_planned_over_two_seeds(tmp_path):
+    """`make demo-seeds` (configs/demo_seeds.yaml): the per-seed files that the plot and table
+    commands name (name=path) are outputs of planned jobs, e.g. the training curves read
+    results/pretrain/stage1-seed1/metrics.jsonl (not a file beside stage1's)."""
+    import re
+
+    workdir = copy_workflow(tmp_path)
+    out = snakemake(workdir, "all", "-n", "-p", "--cores", "1", "--configfile", "configs/demo_seeds.yaml").stdout
+    planned = {p.strip() for line in re.findall(r"^\s+output: (.*)$", out, flags=re.M) for p in line.split(",")}
+    read = {path for command in re.findall(r"workflow_scripts/(?:plot|tables)\.py .*", out)
+            for path in re.findall(r"=(results/\S+)", command)}
+    assert "results/pretrain/stage1-seed1/metrics.jsonl" in read
+    assert read and read <= planned, sorted(read - planned)
