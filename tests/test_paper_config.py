@@ -17,7 +17,8 @@ from tests.helpers.workflow import copy_workflow, paper_inputs, snakemake, stage
 BEIT_BASE = dict(preset="beit_base", image_size=224, patch_size=16, tubelet_frames=1, in_chans=3, depth=12,
                  width=768, heads=12, mlp_ratio=4.0, qkv_bias=True, layer_scale_init=0.1, drop_path=0.1,
                  prune_layers=[4, 7, 10], attention_kernel="auto", grad_checkpointing=False, seed=0, init_std=0.02,
-                 temporal="joint")  # one space-time sequence per clip (the late-fusion control: "late")
+                 temporal="joint",  # one space-time sequence per clip (the late-fusion control: "late")
+                 abs_pos_embed=False)  # timm's beit_base_patch16_224: relative position bias only
 BERT_BASE = dict(preset="bert_base", vocab_size=30522, width=768, depth=12, heads=12, intermediate_size=3072,
                  fusion_layers=3, max_position_embeddings=512, type_vocab_size=2, dropout=0.1, layer_norm_eps=1e-12,
                  pad_token_id=0, multimodal_prune_layers=[1], init_std=0.02)
