@@ -23,7 +23,9 @@ def _retrieval(r1, reversed_twins, exact=50.0):
     def one(shift):
         metrics = {"t2v_r1": r1 - shift, "t2v_r5": r1 + 10, "t2v_r10": r1 + 20, "t2v_mean": r1 + 10 - shift / 3}
         twins = {"time_reversed": reversed_twins - 2 * shift, "event_order": 50.0 + shift}
-        return {"metrics": metrics, "metrics_vtm": dict(metrics), "twins": twins, "twins_vtm": dict(twins),
+        fused = {k: v + 1 for k, v in metrics.items()}
+        return {"metrics": metrics, "metrics_vtm": dict(metrics), "metrics_vtm_itc": fused, "twins": twins,
+                "twins_vtm": dict(twins),
                 "num_videos": 8, "chance_r1": 12.5, "frames": 4}
     out = combine({"normal": one(0), "shuffled": one(6), "reversed": one(3)}, frames=4, seed=0)
     out["twins_exact_reversal"] = {"itc": exact, "vtm": exact}
@@ -56,6 +58,8 @@ def test_tables_are_regenerated_from_the_result_files(tmp_path):
     assert script("tables").main(args) == 0
     results = (tmp_path / "tables/results.md").read_text()
     assert "| stage1 | 4 | 45.0 (40.0, 50.0) | 55.0 (50.0, 60.0) |" in results  # R@1, R@5: mean (seed 0, seed 1)
+    # R@1..mean, R@1..mean (VTM), R@1 and mean (VTM+ITC)
+    assert "| stage2 | 4 | 30.0 | 40.0 | 50.0 | 40.0 | 30.0 | 40.0 | 50.0 | 40.0 | 31.0 | 41.0 |" in results
     assert "| stage2 | 82.0 | 50.0 | 50.0 |" in results  # twins: time-reversed, event-order, exact reversal
     assert "| stage2 | mean recall | 40.0 | 38.0 | 39.0 | 2.0 | 1.0 |" in results  # probing, Δ = normal - order
     assert "| egoclip | 40.0 | 25.0 |" in results

@@ -104,7 +104,8 @@ def test_egomcq_bad_input():
 
 
 # ------------------------------------------------------------------------------- re-ranked recall
-from svitt.evaluation import RERANK_CONVENTIONS, rerank_candidates, rerank_metrics  # noqa: E402
+from svitt.evaluation import (RERANK_CONVENTIONS, fused_rerank_scores, rerank_candidates,  # noqa: E402
+                              rerank_metrics)
 
 # 5 texts x 3 videos, 1-2 captions per video (texts 0, 1 -> video 0; 2 -> 1; 3, 4 -> 2), k = 2
 RR_SIM = np.array([
@@ -180,3 +181,23 @@ def test_rerank_metrics_equal_singularity_for_k_at_least_10(captions_per_video):
 def test_rerank_metrics_reject_scores_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"vtm_v2t must have shape \[3, 2\]"):
         rerank_metrics(RR_SIM, RR_VTM_T2V, [[0.0, 1.0]], RR_TEXT_TO_VIDEO, k=2)
+
+
+def test_fused_scores_add_the_contrastive_logit_at_each_candidate_by_hand():
+    t2v, v2t = rerank_candidates(RR_SIM, 2)
+    fused_t2v = fused_rerank_scores(RR_SIM, t2v, RR_VTM_T2V, temperature=0.1)
+    # t0's candidates v0, v1: 2.0 + 0.9 / 0.1, 1.0 + 0.5 / 0.1; t4's v1, v2: 0.0 + 6, 4.0 + 5.5
+    assert fused_t2v[0] == pytest.approx([11.0, 6.0]) and fused_t2v[4] == pytest.approx([6.0, 9.5])
+    fused_v2t = fused_rerank_scores(RR_SIM.T, v2t, RR_VTM_V2T, temperature=0.1)
+    # v0's candidates t0, t2: -1.0 + 9, 2.0 + 7 (the video side reads the transpose)
+    assert fused_v2t[0] == pytest.approx([8.0, 9.0])
+    out = rerank_metrics(RR_SIM, fused_t2v, fused_v2t, RR_TEXT_TO_VIDEO, k=2)
+    # t2v: t0 gt v0 first (11 > 6); t4 gt v2 first (9.5 > 6); t1, t2, t3 have their gt outside
+    # their top-2 (rank 2), as with the matching score alone
+    assert out["t2v_r1"] == pytest.approx(40.0)
+    # v2t: v0 t2 (9.0) above gt t0 (8.0): rank 1; v2: t4 (0.9 + 5.5) above t1 (0.1 + 6): rank 0
+    assert out["v2t_r1"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fused_rerank_scores(RR_SIM, t2v, RR_VTM_T2V, temperature=0.0)
+    with pytest.raises(ValueError, match=r"vtm must have shape \[5, 2\]"):
+        fused_rerank_scores(RR_SIM, t2v, RR_VTM_T2V[:3], temperature=0.1)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 
 from svitt.evaluation.metrics import (EGOMCQ_TYPES, NLQ_IOUS, NLQ_KS, RECALL_KS, RERANK_CONVENTIONS,
-                                      TWIN_NAMES, egomcq_accuracy, nlq_metric_names, nlq_recall, qa_accuracy,
-                                      rerank_candidates, rerank_metrics, retrieval_metrics, temporal_iou,
-                                      twin_accuracy)
+                                      TWIN_NAMES, egomcq_accuracy, fused_rerank_scores, nlq_metric_names,
+                                      nlq_recall, qa_accuracy, rerank_candidates, rerank_metrics,
+                                      retrieval_metrics, temporal_iou, twin_accuracy)
 
 _LAZY = {
     "video_loader": "encode", "embed_videos": "encode", "embed_texts": "encode", "vtm_scores": "encode",
@@ -30,8 +30,9 @@ _LAZY = {
 TASKS = ("retrieval", "egomcq", "qa")  # modules with SETTINGS, build_dataset(...) and run(...)
 
 __all__ = ["TASKS", "task", "EGOMCQ_TYPES", "NLQ_IOUS", "NLQ_KS", "RECALL_KS", "RERANK_CONVENTIONS",
-           "TWIN_NAMES", "egomcq_accuracy", "nlq_metric_names", "nlq_recall", "qa_accuracy", "rerank_candidates",
-           "rerank_metrics", "retrieval_metrics", "temporal_iou", "twin_accuracy", *_LAZY]
+           "TWIN_NAMES", "egomcq_accuracy", "fused_rerank_scores", "nlq_metric_names", "nlq_recall",
+           "qa_accuracy", "rerank_candidates", "rerank_metrics", "retrieval_metrics", "temporal_iou",
+           "twin_accuracy", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -113,6 +113,21 @@ def rerank_candidates(itc_sim, k: int):
     return t2v, v2t
 
 
+def fused_rerank_scores(itc_sim, candidates, vtm, temperature: float) -> np.ndarray:
+    """Matching score plus the contrastive logit at each candidate: vtm[q, j] +
+    itc_sim[q, candidates[q, j]] / temperature, [Q, k] (rows: queries of either side; pass
+    itc_sim.T for video-to-text). ALBEF and BLIP add the similarity to the matching logit before
+    ranking; dividing by the temperature puts it on the logit scale the contrastive loss trained."""
+    sim = _to_numpy(itc_sim, "itc_sim").astype(np.float64)
+    candidates = np.asarray(candidates)
+    vtm = _to_numpy(vtm, "vtm").astype(np.float64)
+    if vtm.shape != candidates.shape:
+        raise ValueError(f"vtm must have shape {list(candidates.shape)} (one score per candidate), got {list(vtm.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return vtm + np.take_along_axis(sim, candidates, axis=1) / temperature
+
+
 def _two_key_ranks(in_top, value, is_gt) -> np.ndarray:
     """Per query row: wrong candidates whose (in_top, value) key is >= the best ground truth's."""
     tier = in_top.astype(np.int8)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from svitt.evaluation.encode import FRAME_ORDERS, frame_permutation
 
-RESULT_KEYS = ("metrics", "metrics_vtm", "twins", "twins_vtm", "twins_exact_reversal")
+RESULT_KEYS = ("metrics", "metrics_vtm", "metrics_vtm_itc", "twins", "twins_vtm", "twins_exact_reversal")
 
 
 def check_frame_orders(orders) -> list[str]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 import torch
 
 from svitt.evaluation.encode import FRAME_ORDERS, embed_texts, embed_videos, vtm_scores
-from svitt.evaluation.metrics import (RERANK_CONVENTIONS, TWIN_NAMES, rerank_candidates, rerank_metrics,
-                                      retrieval_metrics, reversal_twin_accuracy, twin_accuracy)
+from svitt.evaluation.metrics import (RERANK_CONVENTIONS, TWIN_NAMES, fused_rerank_scores, rerank_candidates,
+                                      rerank_metrics, retrieval_metrics, reversal_twin_accuracy, twin_accuracy)
 from svitt.evaluation.probing import combine, over_frame_orders
 
 # evaluation.retrieval defaults; vtm_score: svitt.models.svitt.VTM_SCORES; paragraph: a caption
 # list is one text (DiDeMo)
 SETTINGS = {"batch_size": 32, "rerank_k": 16, "text_len": 32, "vtm_score": "log_odds", "paragraph": False,
             "frame_orders": list(FRAME_ORDERS), "shuffle_seed": 0}
+
+
+FUSED_RULE = ("the top-k ranked by the matching score plus the contrastive logit sim / temperature "
+              "(ALBEF and BLIP add the similarity to the matching logit)")
 
 
 def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None):
@@ -46,7 +50,8 @@ def evaluate_retrieval(model, dataset, collator, batch_size: int = 16, rerank_k:
                        frame_order: str = "normal", shuffle_seed: int = 0, vtm_score: str = "log_odds") -> dict:
     """Retrieval of a RetrievalDataset: recall from the contrastive similarity (`metrics`) and
     after re-ranking each side's top-k by the matching head (`metrics_vtm`, Singularity's
-    protocol: svitt.evaluation.metrics.rerank_metrics), plus temporal twin accuracy when the
+    protocol: svitt.evaluation.metrics.rerank_metrics) and by the matching score plus the
+    contrastive logit (`metrics_vtm_itc`, FUSED_RULE), plus temporal twin accuracy when the
     annotation defines twins (`twins` by contrastive score, `twins_vtm` by matching score).
     frame_order: the order the model sees each clip's frames in (encode.FRAME_ORDERS)."""
     return _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers, device,
@@ -81,7 +86,13 @@ def _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers=
         vtm_t2v = score([(i, int(j)) for i in range(len(t2v_top)) for j in t2v_top[i]]).view(t2v_top.shape)
         vtm_v2t = score([(int(t), v) for v in range(len(v2t_top)) for t in v2t_top[v]]).view(v2t_top.shape)
         result["metrics_vtm"] = rerank_metrics(sim, vtm_t2v, vtm_v2t, dataset.text_to_video, rerank_k)
-        result["rerank"] = {"k": rerank_k, "vtm_score": vtm_score, **RERANK_CONVENTIONS}
+        temperature = float(model.temperature())
+        result["metrics_vtm_itc"] = rerank_metrics(
+            sim, fused_rerank_scores(sim, t2v_top, vtm_t2v, temperature),
+            fused_rerank_scores(sim.T, v2t_top, vtm_v2t, temperature), dataset.text_to_video, rerank_k)
+        result["rerank"] = {"k": rerank_k, "vtm_score": vtm_score, **RERANK_CONVENTIONS,
+                            "metrics_vtm": "the top-k ranked by the matching score alone (Singularity)",
+                            "metrics_vtm_itc": FUSED_RULE, "temperature": temperature}
         if pairs_by_kind:
             twin_pairs = [(first_text[v], w) for a, b, _ in pairs_by_kind for v, w in
                           ((a, a), (a, b), (b, b), (b, a))]
