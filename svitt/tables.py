@@ -71,7 +71,9 @@ def retrieval_table(results: dict, dataset: str) -> Table:
     for row in rows:
         row[1] = row[1].split(".")[0]
     chance = next(iter(runs.values()))[0]["chance_r1"]
-    return Table(f"Zero-shot text-to-video retrieval on {dataset} (%)", columns, rows,
+    # a finetuned model's stage is "retrieval/<dataset>/<stage>" (workflow_scripts/finetune.py)
+    finetuned = all(str(r.get("stage", "")).startswith("retrieval/") for rs in runs.values() for r in rs)
+    return Table(f"{'Finetuned' if finetuned else 'Zero-shot'} text-to-video retrieval on {dataset} (%)", columns, rows,
                  [f"Contrastive scores; then the top-k re-ranked by the matching head alone (VTM, Singularity's "
                   f"protocol) and by the matching score plus the contrastive logit (VTM+ITC). Chance R@1 = "
                   f"{chance:.1f}%. " + _seeds(runs)])

@@ -69,6 +69,15 @@ def test_tables_are_regenerated_from_the_result_files(tmp_path):
         assert (tmp_path / f"tables/{name}.csv").exists()
 
 
+def test_the_retrieval_table_says_whether_its_models_were_finetuned(tmp_path):
+    from svitt.tables import retrieval_table
+
+    zero_shot = _write(tmp_path / "stage3.json", {**_retrieval(30.0, 50.0), "stage": "stage3"})
+    finetuned = _write(tmp_path / "ft.json", {**_retrieval(30.0, 50.0), "stage": "retrieval/demo/stage3"})
+    assert retrieval_table({"stage3": [zero_shot]}, "demo").title.startswith("Zero-shot text-to-video")
+    assert retrieval_table({"stage3": [finetuned]}, "demo").title.startswith("Finetuned text-to-video")
+
+
 def test_every_figure_draws_from_result_files(tmp_path):
     plot = script("plot").main
     runs = [f"stage1={_write(tmp_path / f's{seed}/stage1.json', _retrieval(40.0 + seed, 60.0))}" for seed in (0, 1)]
