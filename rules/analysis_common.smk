@@ -116,18 +116,18 @@ def sweep_figures(section, suffix):
 
 
 def finetuned_retrieval_runs():
-    """{dataset: {stage: results}} of the finetuned retrieval models (finetune.retrieval)."""
+    """{dataset: {stage: results per seed}} of the finetuned retrieval models (finetune.retrieval)."""
     runs = {}
     for d, s in finetune_pairs("retrieval"):
-        runs.setdefault(d, {})[s] = [f"results/eval/retrieval_finetuned/{d}/{s}.json"]
+        runs.setdefault(d, {})[s] = results_of(f"results/eval/retrieval_finetuned/{d}/{s}.json")
     return runs
 
 
 def qa_runs():
-    """{dataset: {stage: results}} of the finetuned QA models (finetune.qa)."""
+    """{dataset: {stage: results per seed}} of the finetuned QA models (finetune.qa)."""
     runs = {}
     for d, s in finetune_pairs("qa"):
-        runs.setdefault(d, {})[s] = [f"results/eval/qa/{d}/{s}.json"]
+        runs.setdefault(d, {})[s] = results_of(f"results/eval/qa/{d}/{s}.json")
     return runs
 
 

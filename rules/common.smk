@@ -434,11 +434,14 @@ def finetune_settings(task, name, stage):
     then the dataset's (data merges key by key), then the dataset's text settings. Only its own
     stage and dataset: adding either to a list reruns no other job."""
     section = FINETUNE[task]
-    cfg = over_defaults(section.get("defaults", {}), by_name(section["stages"])[stage])
+    base, seed = split_variant(stage)  # stage3-seed1: stage3's entry, finetuned with seed 1
+    cfg = over_defaults(section.get("defaults", {}), by_name(section["stages"])[base])
     cfg = over_defaults(cfg, by_name(section["datasets"])[name])
     text = dataset_text_settings(name)
     if text:
         cfg["data"] = {**cfg.get("data", {}), **text}
+    if seed is not None:
+        cfg["seed"] = seed
     return {**cfg, "task": task, "name": f"{task}/{name}/{stage}"}
 
 
@@ -463,19 +466,24 @@ def overlap_mode():
     return "error" if config.get("demo_corpus") else "warn"
 
 
-def finetune_outputs():
-    """Every finetuned model (with its model.json and metrics) and its evaluation."""
+def finetune_outputs(seeds=(None,)):
+    """Every finetuned model (with its model.json and metrics) and its evaluation; with seeds,
+    those finetuned from each seed's variant of the stage (stage3-seed1, ...)."""
+    pairs = {
+        task: [(d, variant(s, k)) for d, s in finetune_pairs(task) for k in seeds]
+        for task in FINETUNE_TASKS
+    }
     out = [
         f"results/finetune/{task}/{d}/{s}/{f}"
         for task in FINETUNE_TASKS
-        for d, s in finetune_pairs(task)
+        for d, s in pairs[task]
         for f in ("model.safetensors", "model.json", "metrics.jsonl")
     ]
     out += [
         f"results/eval/retrieval_finetuned/{d}/{s}.json"
-        for d, s in finetune_pairs("retrieval")
+        for d, s in pairs.get("retrieval", [])
     ]
-    return out + [f"results/eval/qa/{d}/{s}.json" for d, s in finetune_pairs("qa")]
+    return out + [f"results/eval/qa/{d}/{s}.json" for d, s in pairs.get("qa", [])]
 
 
 def eval_stages():
@@ -541,7 +549,7 @@ def seed_outputs():
     """What `seeds` builds: every stage of `all` again for each seed of pretrain.seeds."""
     stages = [variant(n, k) for k in SEEDS for n in eval_stages()]
     egos = [variant(n, k) for k in SEEDS for n in EGO_STAGES]
-    return result_files(stages, egos)
+    return result_files(stages, egos) + finetune_outputs(SEEDS)
 
 
 def ablation_outputs():

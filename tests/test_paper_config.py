@@ -263,4 +263,10 @@ def test_every_file_a_figure_or_table_reads_is_planned_over_two_seeds(tmp_path):
     read = {path for command in re.findall(r"workflow_scripts/(?:plot|tables)\.py .*", out)
             for path in re.findall(r"=(results/\S+)", command)}
     assert "results/pretrain/stage1-seed1/metrics.jsonl" in read
+    assert {"results/eval/retrieval_finetuned/demo_retrieval/stage3-seed1.json",
+            "results/eval/qa/demo_qa/stage3-seed1.json"} <= read  # finetuning has a spread too
     assert read and read <= planned, sorted(read - planned)
+    for task, data in (("retrieval", "demo_retrieval"), ("qa", "demo_qa")):  # from seed 1's stage3, with seed 1
+        command = next(line for line in out.splitlines()
+                       if "finetune.py" in line and f"--out results/finetune/{task}/{data}/stage3-seed1 " in line)
+        assert '"seed":1' in command and "--init results/pretrain/stage3-seed1/model.safetensors" in command
