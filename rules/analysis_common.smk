@@ -119,7 +119,9 @@ def finetuned_retrieval_runs():
     """{dataset: {stage: results per seed}} of the finetuned retrieval models (finetune.retrieval)."""
     runs = {}
     for d, s in finetune_pairs("retrieval"):
-        runs.setdefault(d, {})[s] = results_of(f"results/eval/retrieval_finetuned/{d}/{s}.json")
+        runs.setdefault(d, {})[s] = results_of(
+            f"results/eval/retrieval_finetuned/{d}/{s}.json"
+        )
     return runs
 
 

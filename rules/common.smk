@@ -434,7 +434,8 @@ def finetune_settings(task, name, stage):
     then the dataset's (data merges key by key), then the dataset's text settings. Only its own
     stage and dataset: adding either to a list reruns no other job."""
     section = FINETUNE[task]
-    base, seed = split_variant(stage)  # stage3-seed1: stage3's entry, finetuned with seed 1
+    # stage3-seed1: stage3's entry, finetuned with seed 1
+    base, seed = split_variant(stage)
     cfg = over_defaults(section.get("defaults", {}), by_name(section["stages"])[base])
     cfg = over_defaults(cfg, by_name(section["datasets"])[name])
     text = dataset_text_settings(name)
