@@ -434,9 +434,10 @@ def finetune_settings(task, name, stage):
     then the dataset's (data merges key by key), then the dataset's text settings. Only its own
     stage and dataset: adding either to a list reruns no other job."""
     section = FINETUNE[task]
-    # stage3-seed1: stage3's entry, finetuned with seed 1
+    # stage3-seed1: its own entry if listed, else stage3's; finetuned with seed 1
+    entries = by_name(section["stages"])
     base, seed = split_variant(stage)
-    cfg = over_defaults(section.get("defaults", {}), by_name(section["stages"])[base])
+    cfg = over_defaults(section.get("defaults", {}), entries.get(stage, entries.get(base)))
     cfg = over_defaults(cfg, by_name(section["datasets"])[name])
     text = dataset_text_settings(name)
     if text:
@@ -470,8 +471,13 @@ def overlap_mode():
 def finetune_outputs(seeds=(None,)):
     """Every finetuned model (with its model.json and metrics) and its evaluation; with seeds,
     those finetuned from each seed's variant of the stage (stage3-seed1, ...)."""
-    pairs = {
-        task: [(d, variant(s, k)) for d, s in finetune_pairs(task) for k in seeds]
+    pairs = {  # a listed seed variant (stage3-seed1) is finetuned once, as listed
+        task: [
+            (d, variant(s, k))
+            for d, s in finetune_pairs(task)
+            for k in seeds
+            if k is None or split_variant(s)[1] is None
+        ]
         for task in FINETUNE_TASKS
     }
     out = [

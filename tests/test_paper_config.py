@@ -270,3 +270,18 @@ def test_every_file_a_figure_or_table_reads_is_planned_over_two_seeds(tmp_path):
         command = next(line for line in out.splitlines()
                        if "finetune.py" in line and f"--out results/finetune/{task}/{data}/stage3-seed1 " in line)
         assert '"seed":1' in command and "--init results/pretrain/stage3-seed1/model.safetensors" in command
+
+
+def test_a_listed_seed_variant_is_finetuned_once_with_its_seed(tmp_path):
+    """finetune.qa.stages [stage3, stage3-seed1] with pretrain.seeds [1]: two QA jobs, the second
+    from stage3-seed1 with seed 1, and no stage3-seed1-seed1."""
+    import re
+
+    workdir = copy_workflow(tmp_path)
+    overlay = workdir / "overlay.yaml"
+    overlay.write_text("pretrain: {seeds: [1]}\nfinetune: {qa: {stages: [stage3, stage3-seed1]}}\n")
+    out = snakemake(workdir, "all", "-n", "-p", "--cores", "1", "--configfile", str(overlay)).stdout
+    jobs = sorted(set(re.findall(r"finetune\.py .*--out (results/finetune/qa/\S+)", out)))
+    assert jobs == ["results/finetune/qa/demo_qa/stage3", "results/finetune/qa/demo_qa/stage3-seed1"]
+    command = next(line for line in out.splitlines() if "--out results/finetune/qa/demo_qa/stage3-seed1 " in line)
+    assert '"seed":1' in command
