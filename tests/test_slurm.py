@@ -39,6 +39,10 @@ CONFIGS = ("--configfile", "configs/test.yaml", "configs/test_slurm.yaml")
 # The Slurm command line is the one the README's "Running on Slurm" quotes.
 SLURM_ARGS = (*TARGETS, "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "2", *CONFIGS)
+# Poll a local cluster every 2 s, first after 2 s (Snakemake's 10 s and the plugin's 40 s suit a
+# shared cluster; here every job would wait for them): test time only, not in the README's command.
+FAST_POLL = ("--seconds-between-status-checks", "2")
+FIRST_POLL = ("--slurm-init-seconds-before-status-checks", "2")  # in SLURM_ARGS already
 LOCAL_ARGS = (*TARGETS, "--cores", "2", *CONFIGS)
 GPU_RULES = {"pretrain", "eval_retrieval"}  # resources: gpu = pretrain.gpus / evaluation.gpus (1 here)
 FAKE_GPUS = 4
@@ -254,7 +258,7 @@ def run_with_a_time_limited_stage2(cwd: Path, env: dict) -> tuple[Run, dict]:
         time.sleep(0.1)
 
     with open(log, "w") as out:
-        proc = subprocess.Popen(snakemake_command(SLURM_ARGS), cwd=cwd, env=env, stdout=out,
+        proc = subprocess.Popen(snakemake_command((*SLURM_ARGS, *FAST_POLL)), cwd=cwd, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
             stage2 = cwd / "results/pretrain/stage2"
@@ -502,7 +506,7 @@ def test_plots_run_beside_snakemake_as_local_rules(runs):
                   "evaluation": {"nlq": {"stage": "stage2"}}}
     (work / "configs/two_stages.yaml").write_text(yaml.safe_dump(two_stages))
     args = ("results/figures/training_curves.png", "--profile", "profiles/slurm", "--slurm-status-command",
-            "squeue", *CONFIGS, "configs/two_stages.yaml")
+            "squeue", *FAST_POLL, *FIRST_POLL, *CONFIGS, "configs/two_stages.yaml")
     run = run_snakemake(args, work, job_environment(), SLURM_TIMEOUT_S)
     assert run.returncode == 0, _tail(run.output)
     assert [j.key for j in run.jobs] == ["plot_training[]"]  # the trained stages stay as they are
@@ -563,7 +567,7 @@ def test_a_multi_node_stage_is_submitted_as_one_task_per_node(cluster, tmp_path)
         (work / placeholder).touch()  # stage1's inputs: stage1 is the only job
     (work / "configs/two_nodes.yaml").write_text(yaml.safe_dump({"pretrain": {"gpus": 4, "nodes": 2, "retries": 0}}))
     args = ("results/pretrain/stage1/model.json", "--profile", "profiles/slurm", "--slurm-status-command",
-            "squeue", *CONFIGS, "configs/two_nodes.yaml")
+            "squeue", *FAST_POLL, *FIRST_POLL, *CONFIGS, "configs/two_nodes.yaml")
     with open(tmp_path / "run.txt", "w") as out:
         proc = subprocess.Popen(snakemake_command(args), cwd=work, env=job_environment(), stdout=out,
                                 stderr=subprocess.STDOUT)

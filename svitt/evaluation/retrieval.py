@@ -86,7 +86,7 @@ def _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers=
         vtm_t2v = score([(i, int(j)) for i in range(len(t2v_top)) for j in t2v_top[i]]).view(t2v_top.shape)
         vtm_v2t = score([(int(t), v) for v in range(len(v2t_top)) for t in v2t_top[v]]).view(v2t_top.shape)
         result["metrics_vtm"] = rerank_metrics(sim, vtm_t2v, vtm_v2t, dataset.text_to_video, rerank_k)
-        temperature = float(model.temperature())
+        temperature = float(model.temperature().detach())
         result["metrics_vtm_itc"] = rerank_metrics(
             sim, fused_rerank_scores(sim, t2v_top, vtm_t2v, temperature),
             fused_rerank_scores(sim.T, v2t_top, vtm_v2t, temperature), dataset.text_to_video, rerank_k)
