@@ -122,7 +122,8 @@ def fused_rerank_scores(itc_sim, candidates, vtm, temperature: float) -> np.ndar
     candidates = np.asarray(candidates)
     vtm = _to_numpy(vtm, "vtm").astype(np.float64)
     if vtm.shape != candidates.shape:
-        raise ValueError(f"vtm must have shape {list(candidates.shape)} (one score per candidate), got {list(vtm.shape)}")
+        raise ValueError(f"vtm must have shape {list(candidates.shape)} (one score per candidate), "
+                         f"got {list(vtm.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return vtm + np.take_along_axis(sim, candidates, axis=1) / temperature
