@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = {"train": 1.0, "evaluate": 0.2, "nlq_features": 0.5, "ground": 0.2, "plot": 0.0}
 GPU_RULES = ("pretrain", "eval_retrieval", "eval_egomcq", "nlq_features", "ground")
-THREADS = {"ground": 1}  # the grounder uses one CPU thread; the other GPU rules threads_per_gpu (2) per GPU
+THREADS = {"ground": 1}  # the grounder uses one CPU thread; the other GPU rules threads_per_gpu (1) per GPU
 
 
 def environment(**extra) -> dict:
@@ -96,7 +96,7 @@ def test_gpus_auto_is_resolved_when_the_workflow_is_parsed(tmp_path, env, gpus):
     jobs = [b for b in blocks if re.match(r"rule (\w+):", b.strip()).group(1) in GPU_RULES]
     assert len(jobs) == 4 + 3 + 4 + 1 + 1  # stages, retrieval and EgoMCQ evaluations, NLQ features and grounding
     for block in jobs:
-        threads = THREADS.get(re.match(r"rule (\w+):", block.strip()).group(1), 2)
+        threads = THREADS.get(re.match(r"rule (\w+):", block.strip()).group(1), 1)
         assert re.search(rf"resources: .*\bgpu={gpus}\b", block), block
         assert f"workflow_scripts/launch.py --gpus {gpus} --threads {threads} " in block, block
 
