@@ -84,8 +84,9 @@ def main(argv=None) -> int:
                          device="cpu").view(n, n)
     sim = text_emb @ video_emb.T
     groups = clip_groups(items)
-    hard = torch.softmax((sim / model.temperature()).masked_fill(groups == 0, float("-inf")), dim=1)
-    result = {"model": str(args.model), "stage": info["name"], "temperature": float(model.temperature().detach()),
+    temperature = model.temperature().detach()
+    hard = torch.softmax((sim / temperature).masked_fill(groups == 0, float("-inf")), dim=1)
+    result = {"model": str(args.model), "stage": info["name"], "temperature": float(temperature),
               "negative_mass": {name: float(hard[groups == g].sum() / n) for g, name in GROUPS.items()},
               "share_of_clips": {name: float((groups == g).sum() / (n * (n - 1))) for g, name in GROUPS.items()}}
     for head, scores in (("itc", sim), ("vtm", vtm)):
