@@ -22,10 +22,7 @@ def results_of(path):
 
 def seed_files(stage, filename):
     """A pretraining stage's `filename` per seed: results/pretrain/<stage>[-seed<k>]/<filename>."""
-    return [
-        f"results/pretrain/{name}/{filename}"
-        for name in [stage, *(f"{stage}-seed{k}" for k in SEEDS)]
-    ]
+    return [f"results/pretrain/{variant(stage, k)}/{filename}" for k in (None, *SEEDS)]
 
 
 def retrieval_runs(dataset_name, stages=None):
