@@ -370,7 +370,7 @@ def test_annotation_files_name_their_videos(tmp_path):
     assert [i.id for i in dl.read_video_list(uids)] == ["uid-c"]
     bad = tmp_path / "bad.json"
     bad.write_text('[{"clip": 1}]')
-    with pytest.raises(dl.InputError, match=r'bad.json: expected an egomcq.json object or a list of \{"video"'):
+    with pytest.raises(dl.InputError, match=r"bad.json: a list of objects with keys \['clip'\] is none of the accepted layouts: .*egomcq.json"):
         dl.read_video_list(bad)
     folder = tmp_path / "videos"
     folder.mkdir()

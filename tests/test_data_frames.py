@@ -206,15 +206,17 @@ def test_folder_videos_named_by_their_annotations(tmp_path):
     gray_video(src / "u2" / "0.mp4", [40, 50])
     gray_video(src / "unlisted.mp4", [60])
     listing = tmp_path / "ret.json"
-    listing.write_text('[{"video": "video1.mp4"}, {"video": "u2"}, {"video": "gone.mp4"}]')
+    listing.write_text('[{"video": "video1.mp4", "caption": "a"}, {"video": "u2", "caption": "b"}, '
+                       '{"video": "gone.mp4", "caption": "c"}]')
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
     assert cli.main(["--videos", str(src), "--ids", str(listing), "--out", str(out), "--failures", str(failures),
                      "--max-failed-fraction", "0.5", "--no-progress"]) == 0
     store = FrameStore(out)
     assert sorted(store.shard_of) == ["u2", "video1.mp4"]
     assert store.attrs("u2")["source"] == str(src / "u2") and store.num_frames("video1.mp4") == 3
-    assert read_failures(failures) == {"gone.mp4": f"not found in folder {src} (looked for gone.mp4 or a chunk "
-                                                   "folder gone/)"}
+    assert read_failures(failures) == {"gone.mp4": f"not found in folder {src} (looked for "
+                                                   "gone.<mp4|webm|mkv|mov|avi|m4v> or a chunk folder gone/; "
+                                                   "nothing there has a similar name)"}
 
 
 def test_several_id_lists_extract_the_union(tmp_path):
@@ -224,8 +226,8 @@ def test_several_id_lists_extract_the_union(tmp_path):
     for name, level in (("a.mp4", 10), ("b.mp4", 20), ("c.mp4", 30), ("unlisted.mp4", 40)):
         gray_video(src / name, [level])
     test, train = tmp_path / "test.json", tmp_path / "train.json"
-    test.write_text('[{"video": "a.mp4"}, {"video": "b.mp4"}]')
-    train.write_text('[{"video": "b.mp4"}, {"video": "c.mp4"}]')
+    test.write_text('[{"video": "a.mp4", "caption": "x"}, {"video": "b.mp4", "caption": "y"}]')
+    train.write_text('[{"video": "b.mp4", "caption": "y"}, {"video": "c.mp4", "caption": "z"}]')
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
     assert cli.main(["--videos", str(src), "--ids", str(test), str(train), "--out", str(out),
                      "--failures", str(failures), "--no-progress"]) == 0

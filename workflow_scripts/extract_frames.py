@@ -8,7 +8,9 @@ with them every clip becomes one item named <video_uid>_<clip_start>_<clip_end> 
 --num-shards N --shard-index i keeps the videos whose id hashes to shard i (download.py's hash).
 Frames are sampled uniformly over the video or clip, resized to --short-side, JPEG-encoded.
 The shard is written under a temporary name and renamed when complete; --failures lists
-id,reason of everything that could not be extracted. Layout: docs/data.md.
+id,reason of everything that could not be extracted. Above --max-failed-fraction the shard is kept
+as <out>.partial instead, and the next run copies its items (those whose source file is unchanged)
+and extracts only the rest. Layout: docs/data.md.
 
 Exit status: 0 when the failed fraction is at most --max-failed-fraction, 1 above it, 2 for
 unusable arguments or inputs (also when there is nothing to extract).
@@ -72,7 +74,9 @@ def main(argv=None) -> int:
         print(f"extract_frames: error: no videos to extract from {args.videos}", file=sys.stderr)
         return 2
     cfg = fr.ExtractConfig(args.frames, args.fps, args.short_side, args.jpeg_quality)
-    written, failures = fr.extract_to_shard(jobs, args.out, cfg, args.workers, not args.no_progress)
+    partial = fr.partial_path(args.out)
+    written, failures = fr.extract_to_shard(jobs, args.out, cfg, args.workers, not args.no_progress,
+                                            reuse=partial if partial.exists() else None)
     failures = missing + failures
     fr.write_failures(args.failures, failures)
     total = written + len(failures)
@@ -83,9 +87,14 @@ def main(argv=None) -> int:
                f"{fraction:.3f} (limit {args.max_failed_fraction:g}); shard {args.out}")
     print(summary, file=sys.stderr)
     if fraction > args.max_failed_fraction:
+        # The job fails (and Snakemake removes its outputs), but what was extracted is kept: a rerun
+        # copies those items and decodes only the failed ones.
+        args.out.replace(partial)
         print(f"extract_frames: error: {len(failures)} of {total} items failed, more than "
-              f"--max-failed-fraction {args.max_failed_fraction:g}", file=sys.stderr)
+              f"--max-failed-fraction {args.max_failed_fraction:g}; the {written} extracted items are kept in "
+              f"{partial} and reused by the next run", file=sys.stderr)
         return 1
+    partial.unlink(missing_ok=True)
     return 0
 
 
@@ -104,8 +113,15 @@ def plan_jobs(args) -> tuple[list, list[tuple[str, str]]]:
         clips = {uid: items for uid, items in clips.items() if mine(uid)}
     not_found = []
     if args.videos.is_dir() and (clips is not None or args.ids):
-        wanted = list(clips) if clips is not None else [item.id for path in args.ids for item in dl.read_video_list(path)]
-        sources, not_found = fr.local_sources(args.videos, [v for v in dict.fromkeys(wanted) if v and mine(v)])
+        if clips is not None:
+            wanted = {uid: uid for uid in clips}
+        else:  # the first mention of a video wins (its layout's hint: WebVid's page_dir)
+            wanted = {}
+            for path in args.ids:
+                for ref in dl.read_video_list(path):
+                    wanted.setdefault(ref.id, ref)
+        sources, not_found = fr.local_sources(args.videos, [ref for video_id, ref in wanted.items()
+                                                            if video_id and mine(video_id)])
     else:
         if args.ids:
             raise ValueError(f"--ids selects videos of a folder; --videos {args.videos} is a manifest")

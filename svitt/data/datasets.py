@@ -15,7 +15,6 @@ were started with).
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import math
 import os
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from svitt.data.download import VIDEO_EXTENSIONS
+from svitt.data import formats
+from svitt.data.formats import VIDEO_EXTENSIONS
 from svitt.data.frames import FORMAT, clip_key, h5_id, h5_key
 from svitt.data.transforms import EvalTransform, TrainTransform, decode_frames
 
@@ -173,64 +173,16 @@ class ClipDataset(Dataset):
 # Pretraining pairs
 # ----------------------------------------------------------------------------------------------
 def read_caption_table(path: str | Path, group_column: str | None = "family", paragraph: bool = False) -> list[dict]:
-    """Rows {id, caption, group} of a WebVid CSV, a generic id,...,caption CSV or a JSON list
-    [{"video", "caption"}] (Singularity's layout). A caption list gives one row per sentence, or with
-    `paragraph` one row of the sentences joined by spaces (DiDeMo paragraph retrieval)."""
-    path = Path(path)
-    if path.suffix == ".json":
-        rows = []
-        for item in read_annotation_list(path, ("video", "caption")):
-            captions = item["caption"] if isinstance(item["caption"], list) else [item["caption"]]
-            if paragraph:
-                captions = [" ".join(captions)]
-            rows += [{"id": str(item["video"]), "caption": c, "group": item.get(group_column or "")}
-                     for c in captions]
-        return rows
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        if {"videoid", "name"} <= set(header):
-            id_col, cap_col = "videoid", "name"
-        elif {"id", "caption"} <= set(header):
-            id_col, cap_col = "id", "caption"
-        else:
-            raise ValueError(f"{path}: header {header} has no caption columns; expected WebVid "
-                             "(videoid, name) or id,caption")
-        group = group_column if group_column in header else None
-        return [{"id": r[id_col], "caption": r[cap_col], "group": r[group] if group else None} for r in reader]
-
-
-def read_annotation_list(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    """A JSON list of annotation entries (Singularity's layout), every entry holding `required`;
-    a missing key is an error naming the file, the entry index and the key."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as handle:
-        items = json.load(handle)
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of entries with keys {list(required)}, got a "
-                         f"{type(items).__name__}")
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ValueError(f"{path}: entry {index} is a {type(item).__name__}, expected an object with keys "
-                             f"{list(required)}")
-        missing = [key for key in required if key not in item]
-        if missing:
-            raise ValueError(f"{path}: entry {index} has no '{missing[0]}' key (has {sorted(item)}; every entry "
-                             f"needs {list(required)})")
-    return items
-
-
-def _video_stem(video_id: str) -> str:
-    stem, ext = os.path.splitext(video_id)
-    return stem if ext.lower() in VIDEO_EXTENSIONS else video_id
+    """Rows {id, caption, group} of a WebVid CSV, a generic id,...,caption CSV or a retrieval list
+    (svitt.data.formats.read_pairs: one row per sentence of a caption list, or with `paragraph` one
+    row of the sentences joined by spaces; one row per video of a video list)."""
+    return [{"id": row.id, "caption": row.caption, "group": row.group}
+            for row in formats.read_pairs(path, group_column, paragraph)]
 
 
 def annotation_videos(path: str | Path) -> set[str]:
-    """The videos an annotation file names (caption CSV/JSON or QA JSON), file extensions dropped."""
-    path = Path(path)
-    if path.suffix == ".json":
-        return {_video_stem(str(item["video"])) for item in read_annotation_list(path, ("video",))}
-    return {_video_stem(row["id"]) for row in read_caption_table(path, None)}
+    """The videos an annotation file names (any layout), file extensions dropped."""
+    return formats.annotation_videos(path)
 
 
 def split_overlap(train_annotations: str | Path, test_annotations: str | Path) -> list[str]:
@@ -271,54 +223,60 @@ class VideoTextDataset(ClipDataset):
 # Retrieval evaluation
 # ----------------------------------------------------------------------------------------------
 class RetrievalDataset(ClipDataset):
-    """Videos of an MSR-VTT / DiDeMo-style annotation [{"video": id, "caption": str | [str]}].
+    """Videos of a retrieval annotation in Singularity's layout [{"video": id | [ids], "caption":
+    str | [str]}] (svitt.data.formats.read_retrieval).
 
     Items: {"video": [T,3,H,W], "video_id": str, "index": int}, deterministic middle-of-segment
-    frames. Attributes: `texts` (list of str), `text_to_video[i]` (index of text i's video),
-    `video_to_texts[v]`, `video_ids`, and `twin_pairs` [(video a, video b, "reverse" | "order")]
-    when the annotation carries `reverse_twin` / `order_twin` fields (the demo corpus).
-    A caption list is one text per sentence, or with `paragraph=True` one text joined by spaces
-    (DiDeMo paragraph retrieval).
+    frames. Attributes: `texts` (list of str); `text_videos[i]` the indices of text i's
+    ground-truth videos (one, or several where an entry lists several videos: SSv2's evaluation
+    files, Singularity's has_multi_vision_gt); `text_to_video[i]` the first of them;
+    `video_to_texts[v]`; `video_ids`; `multi_video_gt` (any text with several); `twin_pairs`
+    [(video a, video b, "reverse" | "order")] when the annotation carries `reverse_twin` /
+    `order_twin` fields (the demo corpus). A caption list is one text per sentence, or with
+    `paragraph=True` one text joined by spaces (DiDeMo paragraph retrieval). Videos without frames
+    are left out (`missing`), and so is a text none of whose videos has frames.
     """
 
     def __init__(self, shards, annotation, num_frames: int, transform=None, *, paragraph: bool = False):
         super().__init__(shards, num_frames, transform, train=False, seed=None)
-        items = read_annotation_list(annotation, ("video", "caption"))
+        entries = formats.read_retrieval(annotation, paragraph)
         self.video_ids: list[str] = []
         self.texts: list[str] = []
-        self.text_to_video: list[int] = []
+        self.text_videos: list[list[int]] = []
         self.video_to_texts: list[list[int]] = []
         position: dict[str, int] = {}
         raw_to_id: dict[str, str] = {}
-        for item in items:
-            video_id = _resolve_id(self.store, str(item["video"]))
-            raw_to_id[str(item["video"])] = video_id
-            if video_id not in self.store:
-                self.missing.append(video_id)
+        for entry in entries:
+            present = []
+            for raw in entry.videos:
+                video_id = raw_to_id.setdefault(raw, _resolve_id(self.store, raw))
+                if video_id not in self.store:
+                    self.missing.append(video_id)
+                    continue
+                if video_id not in position:
+                    position[video_id] = len(self.video_ids)
+                    self.video_ids.append(video_id)
+                    self.video_to_texts.append([])
+                present.append(position[video_id])
+            if not present:
                 continue
-            if video_id not in position:
-                position[video_id] = len(self.video_ids)
-                self.video_ids.append(video_id)
-                self.video_to_texts.append([])
-            captions = item["caption"]
-            if isinstance(captions, list):
-                captions = [" ".join(captions)] if paragraph else captions
-            else:
-                captions = [captions]
-            for text in captions:
-                self.video_to_texts[position[video_id]].append(len(self.texts))
-                self.text_to_video.append(position[video_id])
+            for text in entry.texts:
+                for v in present:
+                    self.video_to_texts[v].append(len(self.texts))
+                self.text_videos.append(present)
                 self.texts.append(text)
         self._require(len(self.video_ids), "video", annotation)
-        self.twin_pairs = self._twins(items, position, raw_to_id)
+        self.text_to_video = [videos[0] for videos in self.text_videos]
+        self.multi_video_gt = any(len(videos) > 1 for videos in self.text_videos)
+        self.twin_pairs = self._twins(entries, position, raw_to_id)
 
     @staticmethod
-    def _twins(items, position, raw_to_id) -> list[tuple[int, int, str]]:
+    def _twins(entries, position, raw_to_id) -> list[tuple[int, int, str]]:
         pairs = set()
-        for item in items:
-            a = position.get(raw_to_id.get(str(item["video"]), ""))
+        for entry in entries:
+            a = position.get(raw_to_id.get(entry.videos[0], ""))
             for field, kind in (("reverse_twin", "reverse"), ("order_twin", "order")):
-                other = item.get(field)
+                other = entry.extra.get(field)
                 b = position.get(raw_to_id.get(str(other), str(other))) if other is not None else None
                 if a is not None and b is not None:
                     pairs.add((min(a, b), max(a, b), kind))
@@ -350,9 +308,9 @@ class QADataset(ClipDataset):
     def __init__(self, shards, annotation, num_frames: int, transform=None, *, answer_list=None,
                  train: bool = False, seed: int | None = None):
         super().__init__(shards, num_frames, transform, train, seed)
-        items = read_annotation_list(annotation, self.KEYS)
+        items = formats.read_qa(annotation)
         if isinstance(answer_list, (str, os.PathLike)):
-            answer_list = self._read_answer_list(answer_list)
+            answer_list = formats.read_answer_list(answer_list)
         self.answer_list = list(answer_list) if answer_list is not None else sorted({str(i["answer"]) for i in items})
         self.answer_index = {a: k for k, a in enumerate(self.answer_list)}
         self.items = []
@@ -365,14 +323,6 @@ class QADataset(ClipDataset):
                 self.missing.append(video_id)
         self._require(len(self.items), "question", annotation)
         self.unanswerable = [i for i, item in enumerate(self.items) if item["answer"] not in self.answer_index]
-
-    @staticmethod
-    def _read_answer_list(path) -> list[str]:
-        with open(path, encoding="utf-8") as handle:
-            answers = json.load(handle)
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{path}: expected a non-empty JSON list of answer strings")
-        return answers
 
     @property
     def answers(self) -> list[str]:
@@ -445,20 +395,19 @@ class EgoClipDataset(ClipDataset):
         super().__init__(shards, num_frames, transform, train, seed)
         self.num_nouns, self.num_verbs, self.negatives = num_nouns, num_verbs, negatives
         self.rows = []
-        with open(egoclip_csv, newline="", encoding="utf-8") as handle:
-            for line, row in enumerate(csv.DictReader(handle, delimiter="\t"), start=2):
-                key = clip_key(row["video_uid"], row["clip_start"], row["clip_end"])
-                if key not in self.store:
-                    self.missing.append(key)
-                    continue
-                where = f"{egoclip_csv} line {line}"
-                self.rows.append({
-                    "key": key, "uid": row["video_uid"], "text": row["clip_text"],
-                    "time": float(row["narration_time"]), "start": float(row["clip_start"]),
-                    "end": float(row["clip_end"]),
-                    "nouns": parse_tags(row["tag_noun"], num_nouns, "tag_noun", where),
-                    "verbs": parse_tags(row["tag_verb"], num_verbs, "tag_verb", where),
-                })
+        for row in formats.read_egoclip(egoclip_csv):
+            key = clip_key(row["video_uid"], row["clip_start"], row["clip_end"])
+            if key not in self.store:
+                self.missing.append(key)
+                continue
+            where = f"{egoclip_csv} line {row['_line']}"
+            self.rows.append({
+                "key": key, "uid": row["video_uid"], "text": row["clip_text"],
+                "time": float(row["narration_time"]), "start": float(row["clip_start"]),
+                "end": float(row["clip_end"]),
+                "nouns": parse_tags(row["tag_noun"], num_nouns, "tag_noun", where),
+                "verbs": parse_tags(row["tag_verb"], num_verbs, "tag_verb", where),
+            })
         self._require(len(self.rows), "clip", egoclip_csv)
         self.buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
         self.by_video: dict[str, list[int]] = defaultdict(list)
@@ -513,12 +462,11 @@ class EgoMCQDataset(ClipDataset):
 
     def __init__(self, shards, egomcq_json, num_frames: int, transform=None):
         super().__init__(shards, num_frames, transform, train=False, seed=None)
-        with open(egomcq_json, encoding="utf-8") as handle:
-            questions = json.load(handle)
+        questions = formats.read_egomcq(egomcq_json)
         self.questions = []
-        for qid in sorted(questions, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+        for qid in sorted(questions, key=formats.egomcq_order):
             q = questions[qid]
-            choice_ids = sorted(q["choices"], key=int)
+            choice_ids = sorted(q["choices"], key=formats.egomcq_order)
             keys = [clip_key(q["choices"][c]["video_uid"], q["choices"][c]["clip_start"],
                              q["choices"][c]["clip_end"]) for c in choice_ids]
             absent = [k for k in keys if k not in self.store]

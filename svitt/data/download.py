@@ -16,9 +16,10 @@ What it guarantees (issue 4, section 1):
 from __future__ import annotations
 
 import csv
+import difflib
+import functools
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -35,11 +36,12 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from tqdm import tqdm
 
+from svitt.data import formats
+from svitt.data.formats import VIDEO_EXTENSIONS, InputError, VideoRef
 from svitt.io import atomic_write_csv
 
 ALLOWED_SCHEMES = ("http", "https", "file")
 REDIRECT_SCHEMES = ("http", "https")  # a redirect must never turn a web URL into a local file read
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
 MANIFEST_COLUMNS = ["id", "status", "reason", "bytes", "sha256", "path"]
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
@@ -47,93 +49,14 @@ USER_AGENT = "svitt-download/0.1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Input lists
+# Input lists (svitt.data.formats reads every layout)
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class VideoItem:
-    """One input row: `id` exactly as in the input, `url` may be None (Ego4D / local folders)."""
-
-    row: int
-    id: str
-    url: str | None
-    caption: str = ""
-
-
-class InputError(ValueError):
-    """A video list that cannot be read; the message names the file and what was expected."""
+VideoItem = VideoRef  # one input row: `id` exactly as in the input, `url` None for lists without URLs
 
 
 def read_video_list(path: str | Path) -> list[VideoItem]:
-    """Read a WebVid CSV, a generic id,url,caption CSV, a video_uid table, an egomcq.json or an
-    annotation JSON list.
-
-    WebVid / generic: one item per row (duplicates kept, the downloader reports them).
-    video_uid tables (tab-separated egoclip.csv, nlq_videos.tsv, or any CSV/TSV whose header has a
-    `video_uid` column), egomcq.json, and JSON lists of {"video": ...} (Singularity's retrieval and
-    QA layout): one item per distinct video, without URL (videos on disk, or --ego4d-cli).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"video list {path} does not exist")
-    if path.suffix == ".json":
-        return _read_json_videos(path)
-    with open(path, newline="", encoding="utf-8") as handle:
-        first_line = handle.readline()
-    delimiter = "\t" if "\t" in first_line else ","
-    if "video_uid" in [name.strip() for name in first_line.split(delimiter)]:
-        return _read_uid_table(path, delimiter)
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        if {"videoid", "contentUrl"} <= set(header):
-            id_col, url_col, cap_col = "videoid", "contentUrl", "name"
-        elif {"id", "url"} <= set(header):
-            id_col, url_col, cap_col = "id", "url", "caption"
-        else:
-            raise InputError(
-                f"{path}: unrecognised header {header}; expected WebVid columns "
-                "(videoid, contentUrl, name), a generic id,url,caption CSV, or a table with a "
-                "video_uid column (egoclip.csv, nlq_videos.tsv)"
-            )
-        return [
-            VideoItem(i, (r.get(id_col) or "").strip(), (r.get(url_col) or "").strip(),
-                      r.get(cap_col) or "")
-            for i, r in enumerate(reader)
-        ]
-
-
-def _read_uid_table(path: Path, delimiter: str) -> list[VideoItem]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
-        uids = dict.fromkeys(r["video_uid"].strip() for r in reader)
-    return [VideoItem(i, uid, None) for i, uid in enumerate(uids)]
-
-
-def _read_json_videos(path: Path) -> list[VideoItem]:
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
-    if isinstance(data, dict):
-        return _egomcq_uids(data)
-    if isinstance(data, list) and all(isinstance(r, dict) and "video" in r for r in data):
-        videos = dict.fromkeys(str(r["video"]).strip() for r in data)
-        return [VideoItem(i, video, None) for i, video in enumerate(videos)]
-    raise InputError(f"{path}: expected an egomcq.json object or a list of {{\"video\": ...}} annotations")
-
-
-def _egomcq_uids(questions: dict) -> list[VideoItem]:
-    uids: dict[str, None] = {}
-    for key in sorted(questions, key=_int_or_str):
-        q = questions[key]
-        uids[q["query"]["video_uid"]] = None
-        for choice_key in sorted(q["choices"], key=_int_or_str):
-            uids[q["choices"][choice_key]["video_uid"]] = None
-    return [VideoItem(i, uid, None) for i, uid in enumerate(uids)]
-
-
-def _int_or_str(key: str):
-    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+    """The videos of a video list or annotation file (svitt.data.formats.read_video_list)."""
+    return formats.read_video_list(path)
 
 
 def shard_of(video_id: str, num_shards: int) -> int:
@@ -632,27 +555,73 @@ def failed_fraction(results: list[DownloadResult]) -> tuple[int, int, float]:
 # ----------------------------------------------------------------------------------------------
 # Ego4D: local folders and the official CLI
 # ----------------------------------------------------------------------------------------------
-def find_local_video(folder: Path, video_id: str) -> Path | None:
-    """`<folder>/<id>.<ext>`, `<folder>/<id>` when the id names its file ("video7010.mp4"), or
-    `<folder>/<id>/` holding chunk files `0.mp4, 1.mp4, ...`."""
-    name = safe_filename(video_id)
-    if name.lower().endswith(VIDEO_EXTENSIONS) and (folder / name).is_file():
-        return folder / name
-    for ext in VIDEO_EXTENSIONS:
-        candidate = folder / f"{name}{ext}"
-        if candidate.is_file():
-            return candidate
-    chunk_dir = folder / name
-    if chunk_dir.is_dir() and list_chunks(chunk_dir):
-        return chunk_dir
+def find_local_video(folder: Path, video_id: str, hint: str | None = None) -> Path | None:
+    """The file (or EgoVLP chunk folder `<id>/0.mp4, 1.mp4, ...`) of `video_id` in `folder`.
+
+    Tried in order: the layout's own place (`hint`, e.g. WebVid's <page_dir>/<videoid>.mp4); the id
+    as the file is named, as published ("54322086@N00_2408598493_274c77d26a.mp4", "video7010", with
+    any video extension when it has none or another); the name download.py gives the id
+    (safe_filename). An id that would leave the folder (absolute, '..') is only looked up by its
+    sanitised name."""
+    folder = Path(folder)
+    if hint and _inside(hint) and (folder / hint).is_file():
+        return folder / hint
+    for name in dict.fromkeys(n for n in (video_id if _inside(video_id) else None, safe_filename(video_id)) if n):
+        found = _file_or_chunks(folder, name)
+        if found is not None:
+            return found
     return None
 
 
-def looked_for(video_id: str) -> str:
+def _inside(name: str) -> bool:
+    """A relative path that stays inside its folder."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _file_or_chunks(folder: Path, name: str) -> Path | None:
+    stem = formats.video_stem(name)
+    candidates = ([folder / name] if name != stem else []) + [folder / f"{stem}{ext}" for ext in VIDEO_EXTENSIONS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    chunk_dir = folder / stem
+    return chunk_dir if chunk_dir.is_dir() and list_chunks(chunk_dir) else None
+
+
+def looked_for(video_id: str, hint: str | None = None) -> str:
     """What find_local_video looked for, for the failure reason."""
-    name = safe_filename(video_id)
-    file = name if name.lower().endswith(VIDEO_EXTENSIONS) else f"{name}.mp4"
-    return f"looked for {file} or a chunk folder {os.path.splitext(file)[0]}/"
+    names = [n for n in dict.fromkeys((video_id if _inside(video_id) else None, safe_filename(video_id))) if n]
+    files = " or ".join(f"{formats.video_stem(n)}.<{'|'.join(e[1:] for e in VIDEO_EXTENSIONS)}>" for n in names)
+    where = f"{hint}, " if hint else ""
+    return f"looked for {where}{files} or a chunk folder {formats.video_stem(names[0])}/"
+
+
+def closest_names(folder: Path, video_id: str, count: int = 3) -> list[str]:
+    """The names in `folder` most like `video_id` (difflib ratio; equal ones in name order), for a
+    failure reason."""
+    wanted = formats.video_stem(Path(video_id).name)
+    close = difflib.get_close_matches(wanted, _folder_stems(str(folder)), n=3 * count, cutoff=0.5)
+    ratio = lambda name: difflib.SequenceMatcher(None, wanted, name).ratio()  # noqa: E731
+    return sorted(close, key=lambda name: (-ratio(name), name))[:count]
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_stems(folder: str, limit: int = 200_000) -> list[str]:
+    names = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            names.append(formats.video_stem(entry.name))
+            if len(names) >= limit:
+                break
+    return sorted(names)
+
+
+def not_found_reason(folder: Path, video_id: str, hint: str | None = None, what: str = "folder") -> str:
+    """`not found in folder F (looked for ...; closest names there: ...)`."""
+    close = closest_names(folder, video_id)
+    nearby = f"; closest names there: {', '.join(close)}" if close else "; nothing there has a similar name"
+    return f"not found in {what} {folder} ({looked_for(video_id, hint)}{nearby})"
 
 
 def list_chunks(chunk_dir: Path) -> list[Path]:
@@ -683,9 +652,9 @@ def register_local(items: list[VideoItem], folder: str | Path, verify: str = "sh
 def _register_one(item: VideoItem, folder: Path, verify: str) -> DownloadResult:
     if not item.id:
         return DownloadResult(item.id, "failed", f"empty id in input row {item.row + 1}")
-    found = find_local_video(folder, item.id)
+    found = find_local_video(folder, item.id, item.hint)
     if found is None:
-        return DownloadResult(item.id, "failed", f"not found in local folder {folder} ({looked_for(item.id)})")
+        return DownloadResult(item.id, "failed", not_found_reason(folder, item.id, item.hint, "local folder"))
     files = list_chunks(found) if found.is_dir() else [found]
     digest = hashlib.sha256()
     for file in files:

@@ -14,9 +14,7 @@ file first (clear reasons for corrupt / audio-only input) and reads when decord 
 """
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import re
 import functools
@@ -31,8 +29,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, find_local_video, list_chunks, looked_for,
-                                 read_manifest, shard_of, sniff_video)
+from svitt.data import formats
+from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, find_local_video, list_chunks, not_found_reason,
+                                 read_manifest, sniff_video)
 from svitt.io import atomic_path, atomic_write_csv
 
 FORMAT = "svitt-frames"
@@ -270,6 +269,14 @@ class Extracted:
     reason: str = ""
 
 
+def source_stamp(path: Path) -> str:
+    """Size and modification time of a video file (of every chunk of a chunk folder): what a kept
+    partial shard's item must match to be reused instead of extracted again."""
+    path = Path(path)
+    files = list_chunks(path) if path.is_dir() else [path]
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
 def run_job(job: VideoJob, cfg: ExtractConfig) -> list[Extracted]:
     """Extract one job; failures come back as Extracted with `reason`, never raised."""
     try:
@@ -286,7 +293,7 @@ def _run_job(job: VideoJob, cfg: ExtractConfig) -> list[Extracted]:
     except VideoError as exc:
         return [Extracted(k, None, {}, str(exc)) for k in keys]
     base = {"source": str(job.source), "source_fps": video.fps, "source_num_frames": video.num_frames,
-            "duration": video.duration}
+            "duration": video.duration, "source_stamp": source_stamp(job.source)}
     if job.clips is None:
         spans = [(job.id, np.arange(video.num_frames), video.duration, {})]
     else:
@@ -346,25 +353,22 @@ def discover_videos(videos: str | Path) -> dict[str, Path]:
 def read_egoclip_clips(path: str | Path) -> dict[str, list[Clip]]:
     """video_uid -> clips of a tab-separated egoclip.csv."""
     clips: dict[str, list[Clip]] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            _add_clip(clips, row)
+    for row in formats.read_egoclip(path):
+        _add_clip(clips, row)
     return clips
 
 
 def read_egomcq_clips(path: str | Path) -> dict[str, list[Clip]]:
     """video_uid -> clips of every query and choice of an egomcq.json."""
-    with open(path, encoding="utf-8") as handle:
-        questions = json.load(handle)
     clips: dict[str, list[Clip]] = {}
-    for question in questions.values():
-        _add_clip(clips, question["query"])
-        for choice in question["choices"].values():
-            _add_clip(clips, choice)
+    for clip in formats.egomcq_clips(formats.read_egomcq(path)):
+        _add_clip(clips, clip)
     return clips
 
 
 def _add_clip(clips: dict[str, list[Clip]], row: dict) -> None:
+    """EgoVLP reads a clip as [max(clip_start, 0), max(clip_end, 0)] (EgoClip has negative starts);
+    its id keeps the published numbers."""
     uid = str(row["video_uid"]).strip()
     start, end = max(float(row["clip_start"]), 0.0), max(float(row["clip_end"]), 0.0)
     clips.setdefault(uid, []).append(Clip(clip_key(uid, row["clip_start"], row["clip_end"]), start, end,
@@ -387,17 +391,19 @@ def build_jobs(sources: dict[str, Path], clips: dict[str, list[Clip]] | None = N
     return jobs, missing
 
 
-def local_sources(folder: str | Path, ids: list[str]) -> tuple[dict[str, Path], list[tuple[str, str]]]:
-    """id -> path of the listed videos in a folder (read in place: nothing copied or hashed; the
-    extraction's decoding is the check), plus (id, reason) of those not there."""
+def local_sources(folder: str | Path, refs: list) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """id -> path of the listed videos (svitt.data.formats.VideoRef, or plain ids) in a folder,
+    read in place (nothing copied or hashed; the extraction's decoding is the check), plus
+    (id, reason) of those not there, naming what was looked for and the closest names found."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--videos {folder} is not a folder")
     found, missing = {}, []
-    for video_id in ids:
-        path = find_local_video(folder, video_id)
+    for ref in refs:
+        video_id, hint = (ref, None) if isinstance(ref, str) else (ref.id, ref.hint)
+        path = find_local_video(folder, video_id, hint)
         if path is None:
-            missing.append((video_id, f"not found in folder {folder} ({looked_for(video_id)})"))
+            missing.append((video_id, not_found_reason(folder, video_id, hint)))
         else:
             found[video_id] = path
     return found, missing
@@ -426,35 +432,103 @@ def _bounded_map(fn, items, workers: int):
             yield future.result()
 
 
+SHARD_SETTINGS = ("format", "version", "frames", "fps", "short_side", "jpeg_quality")
+
+
+def shard_settings(cfg: ExtractConfig) -> dict:
+    return {"format": FORMAT, "version": VERSION, "frames": cfg.frames, "fps": cfg.fps or 0.0,
+            "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality}
+
+
+def partial_path(shard: str | Path) -> Path:
+    """Where a shard whose extraction failed keeps what it extracted (never matched by *.h5)."""
+    shard = Path(shard)
+    return shard.with_name(shard.name + ".partial")
+
+
+class _Reuse:
+    """Items of a kept partial shard (same settings) that a job may copy instead of extracting:
+    every item of the job present, from the same source file, unchanged since (source_stamp)."""
+
+    def __init__(self, path: Path | None, cfg: ExtractConfig):
+        self.file = None
+        if path is not None and path.exists():
+            handle = h5py.File(path, "r")
+            if all(_same(handle.attrs.get(k), v) for k, v in shard_settings(cfg).items()):
+                self.file = handle
+            else:
+                handle.close()
+
+    def items(self, job: VideoJob) -> list[str] | None:
+        if self.file is None:
+            return None
+        keys = [job.id] if job.clips is None else [c.key for c in job.clips]
+        try:
+            stamp = source_stamp(job.source)
+        except OSError:
+            return None
+        for key in keys:
+            item = self.file.get(h5_key(key))
+            if item is None or item.attrs.get("source") != str(job.source) or item.attrs.get("source_stamp") != stamp:
+                return None
+        return keys
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def _same(stored, value) -> bool:
+    if isinstance(value, float):
+        return stored is not None and float(stored) == value
+    return stored == value or (isinstance(stored, bytes) and stored.decode() == value)
+
+
 def extract_to_shard(jobs: list[VideoJob], out: str | Path, cfg: ExtractConfig, workers: int = 1,
-                     progress: bool = True) -> tuple[int, list[tuple[str, str]]]:
-    """Write one HDF5 shard atomically; returns (items written, [(id, reason) of failures])."""
+                     progress: bool = True, reuse: str | Path | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Write one HDF5 shard atomically; returns (items written, [(id, reason) of failures]).
+
+    reuse: a partial shard a failed run kept (partial_path); its items whose source is unchanged are
+    copied, not extracted again."""
     out = Path(out)
     written, failures = 0, []
     vlen = h5py.vlen_dtype(np.dtype("uint8"))
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update({"format": FORMAT, "version": VERSION, "frames": cfg.frames, "fps": cfg.fps or 0.0,
-                            "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality})
-            bar = tqdm(total=len(jobs), desc=f"extract {out.name}", unit="video", disable=not progress)
-            work = functools.partial(run_job, cfg=cfg) if workers > 1 else (lambda job: run_job(job, cfg))
-            for results in _bounded_map(work, jobs, workers):
-                for item in results:
-                    if item.jpegs is None:
-                        failures.append((item.key, item.reason))
+    kept = _Reuse(Path(reuse) if reuse else None, cfg)
+    try:
+        with atomic_path(out) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(shard_settings(cfg))
+                bar = tqdm(total=len(jobs), desc=f"extract {out.name}", unit="video", disable=not progress)
+                todo = []
+                for job in jobs:
+                    keys = kept.items(job)
+                    if keys is None:
+                        todo.append(job)
                         continue
-                    key = h5_key(item.key)
-                    if key in f:
-                        failures.append((item.key, "duplicate id (already in this shard)"))
-                        continue
-                    data = np.empty(len(item.jpegs), dtype=object)
-                    for i, jpeg in enumerate(item.jpegs):  # element-wise: equal lengths must not become 2-D
-                        data[i] = np.frombuffer(jpeg, np.uint8)
-                    dataset = f.create_dataset(key, data=data, dtype=vlen)
-                    dataset.attrs.update(item.attrs)
-                    written += 1
-                bar.update(1)
-            bar.close()
+                    for key in keys:
+                        kept.file.copy(kept.file[h5_key(key)], f, name=h5_key(key))
+                        written += 1
+                    bar.update(1)
+                work = functools.partial(run_job, cfg=cfg) if workers > 1 else (lambda job: run_job(job, cfg))
+                for results in _bounded_map(work, todo, workers):
+                    for item in results:
+                        if item.jpegs is None:
+                            failures.append((item.key, item.reason))
+                            continue
+                        key = h5_key(item.key)
+                        if key in f:
+                            failures.append((item.key, "duplicate id (already in this shard)"))
+                            continue
+                        data = np.empty(len(item.jpegs), dtype=object)
+                        for i, jpeg in enumerate(item.jpegs):  # element-wise: equal lengths must not become 2-D
+                            data[i] = np.frombuffer(jpeg, np.uint8)
+                        dataset = f.create_dataset(key, data=data, dtype=vlen)
+                        dataset.attrs.update(item.attrs)
+                        written += 1
+                    bar.update(1)
+                bar.close()
+    finally:
+        kept.close()
     return written, failures
 
 

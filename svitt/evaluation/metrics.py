@@ -56,34 +56,54 @@ def _recalls(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     return out
 
 
-def retrieval_metrics(sim, text_to_video) -> dict[str, float]:
-    """Recall@1/5/10 and their mean, text-to-video and video-to-text, in percent.
+def ground_truth_matrix(text_to_video, num_texts: int, num_videos: int) -> np.ndarray:
+    """Bool [num_texts, num_videos]: which videos are text i's ground truth.
 
-    sim: [num_texts, num_videos] scores (tensor or ndarray); text_to_video: [num_texts] ground-truth
-    video index of each text. Several texts may share a video; every video needs at least one text.
-    t2v rank of text i (0-based) = number of other videos scoring >= its ground-truth video.
-    v2t rank of video v = rank of its best-ranked ground-truth text = number of texts that are not
-    its ground truth scoring >= the best ground-truth text's score.
-    Returns t2v_r1, t2v_r5, t2v_r10, t2v_mean, v2t_r1, v2t_r5, v2t_r10, v2t_mean (floats).
-    """
-    sim = _to_numpy(sim, "sim").astype(np.float64)
-    if sim.ndim != 2 or 0 in sim.shape:
-        raise ValueError(f"sim must be a non-empty [num_texts, num_videos] matrix, got shape {sim.shape}")
-    _check_finite(sim, "sim")
-    num_texts, num_videos = sim.shape
-    gt_video = _check_index_vector(_to_numpy(text_to_video, "text_to_video"), "text_to_video", num_texts, num_videos)
-
-    is_gt = np.zeros_like(sim, dtype=bool)  # [num_texts, num_videos]
-    is_gt[np.arange(num_texts), gt_video] = True
+    text_to_video: one video index per text (a vector), or a list of indices per text (several
+    ground-truth videos: SSv2's evaluation files, Singularity's has_multi_vision_gt). Every text
+    needs at least one video, every video at least one text."""
+    is_gt = np.zeros((num_texts, num_videos), dtype=bool)
+    if len(text_to_video) and all(isinstance(v, (list, tuple, np.ndarray)) for v in text_to_video):
+        if len(text_to_video) != num_texts:
+            raise ValueError(f"text_to_video must have one entry per text ({num_texts}), got {len(text_to_video)}")
+        for i, videos in enumerate(text_to_video):
+            idx = _check_index_vector(np.asarray(videos), f"text_to_video[{i}]", len(videos), num_videos)
+            if idx.size == 0:
+                raise ValueError(f"text_to_video[{i}] is empty; every text needs a ground-truth video")
+            is_gt[i, idx] = True
+    else:
+        gt_video = _check_index_vector(_to_numpy(text_to_video, "text_to_video"), "text_to_video", num_texts,
+                                       num_videos)
+        is_gt[np.arange(num_texts), gt_video] = True
     without_text = np.flatnonzero(~is_gt.any(axis=0))
     if without_text.size:
         raise ValueError(
             f"{without_text.size} of {num_videos} videos have no ground-truth text (e.g. video indices "
             f"{without_text[:5].tolist()}); every video needs at least one text in text_to_video"
         )
+    return is_gt
 
-    gt_score = sim[np.arange(num_texts), gt_video]  # [num_texts]
-    t2v_ranks = np.sum((sim >= gt_score[:, None]) & ~is_gt, axis=1)
+
+def retrieval_metrics(sim, text_to_video) -> dict[str, float]:
+    """Recall@1/5/10 and their mean, text-to-video and video-to-text, in percent.
+
+    sim: [num_texts, num_videos] scores (tensor or ndarray); text_to_video: the ground-truth video
+    index of each text, or a list of them per text (ground_truth_matrix). Several texts may share a
+    video; every video needs at least one text.
+    t2v rank of text i (0-based) = rank of its best-ranked ground-truth video = number of videos
+    that are not its ground truth scoring >= the best ground-truth video's score (Singularity's
+    itm_eval with several ground-truth videos: the minimum rank over them).
+    v2t rank of video v = rank of its best-ranked ground-truth text, likewise.
+    Returns t2v_r1, t2v_r5, t2v_r10, t2v_mean, v2t_r1, v2t_r5, v2t_r10, v2t_mean (floats).
+    """
+    sim = _to_numpy(sim, "sim").astype(np.float64)
+    if sim.ndim != 2 or 0 in sim.shape:
+        raise ValueError(f"sim must be a non-empty [num_texts, num_videos] matrix, got shape {sim.shape}")
+    _check_finite(sim, "sim")
+    is_gt = ground_truth_matrix(text_to_video, *sim.shape)
+
+    best_gt_video = np.where(is_gt, sim, -np.inf).max(axis=1)  # [num_texts]
+    t2v_ranks = np.sum((sim >= best_gt_video[:, None]) & ~is_gt, axis=1)
 
     best_gt_score = np.where(is_gt, sim, -np.inf).max(axis=0)  # [num_videos]
     v2t_ranks = np.sum((sim >= best_gt_score[None, :]) & ~is_gt, axis=0)
@@ -161,22 +181,15 @@ def rerank_metrics(itc_sim, vtm_t2v, vtm_v2t, text_to_video, k: int) -> dict[str
     with its j-th ranked video and vtm_v2t[v, j] that of video v with its j-th ranked text (the
     order of `rerank_candidates(itc_sim, k)`). Text-to-video recall ranks each text's own top-k by
     vtm_t2v, video-to-text recall each video's own top-k texts by vtm_v2t (not the transpose of the
-    text-side matrix). Several texts may share a video. Conventions: RERANK_CONVENTIONS.
+    text-side matrix). Several texts may share a video, and a text may have several ground-truth
+    videos (ground_truth_matrix: its best-ranked one counts). Conventions: RERANK_CONVENTIONS.
     Returns the keys of `retrieval_metrics` plus r_mean = (t2v_mean + v2t_mean) / 2.
     """
     sim = _to_numpy(itc_sim, "itc_sim").astype(np.float64)
     if sim.ndim != 2 or 0 in sim.shape:
         raise ValueError(f"itc_sim must be a non-empty [num_texts, num_videos] matrix, got shape {sim.shape}")
     _check_finite(sim, "itc_sim")
-    num_texts, num_videos = sim.shape
-    gt_video = _check_index_vector(_to_numpy(text_to_video, "text_to_video"), "text_to_video", num_texts,
-                                   num_videos)
-    is_gt = np.zeros_like(sim, dtype=bool)
-    is_gt[np.arange(num_texts), gt_video] = True
-    if not is_gt.any(axis=0).all():
-        missing = np.flatnonzero(~is_gt.any(axis=0))
-        raise ValueError(f"{missing.size} of {num_videos} videos have no ground-truth text (e.g. video indices "
-                         f"{missing[:5].tolist()}); every video needs at least one text in text_to_video")
+    is_gt = ground_truth_matrix(text_to_video, *sim.shape)
     t2v_top, v2t_top = rerank_candidates(sim, k)
     t2v_in, t2v_value = _reranked_values(sim, t2v_top, vtm_t2v, "vtm_t2v")
     v2t_in, v2t_value = _reranked_values(sim.T, v2t_top, vtm_v2t, "vtm_v2t")

@@ -18,6 +18,15 @@ FUSED_RULE = ("the top-k ranked by the matching score plus the contrastive logit
               "(ALBEF and BLIP add the similarity to the matching logit)")
 
 
+def ground_truth_convention(dataset) -> str:
+    """How the result's recall counts a text with several ground-truth videos (stated in every result)."""
+    per_text = max(len(videos) for videos in dataset.text_videos)
+    if per_text == 1:
+        return "one ground-truth video per text"
+    return (f"several ground-truth videos per text (up to {per_text}; Singularity's has_multi_vision_gt): "
+            "each side counts its best-ranked ground-truth item")
+
+
 def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None):
     from svitt.data.datasets import RetrievalDataset
 
@@ -68,10 +77,12 @@ def _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers=
                                            frame_order=frame_order, shuffle_seed=shuffle_seed)
     text_emb, text_hidden, text_mask = embed_texts(model, collator, dataset.texts, device=device)
     sim = text_emb @ video_emb.T  # [Nt, Nv]
-    metrics = retrieval_metrics(sim, dataset.text_to_video)
+    gt = dataset.text_videos
+    metrics = retrieval_metrics(sim, gt)
     metrics["r_mean"] = (metrics["t2v_mean"] + metrics["v2t_mean"]) / 2
     result = {"num_videos": len(dataset), "num_texts": len(dataset.texts),
-              "chance_r1": 100.0 / len(dataset), "metrics": metrics, "frame_order": frame_order}
+              "chance_r1": 100.0 / len(dataset), "metrics": metrics, "frame_order": frame_order,
+              "ground_truth": ground_truth_convention(dataset)}
     first_text = [texts[0] for texts in dataset.video_to_texts]
     pairs_by_kind = dataset.twin_pairs
     twin_scores = {}
@@ -85,11 +96,11 @@ def _retrieval_pass(model, dataset, collator, batch_size, rerank_k, num_workers=
         t2v_top, v2t_top = rerank_candidates(sim, rerank_k)
         vtm_t2v = score([(i, int(j)) for i in range(len(t2v_top)) for j in t2v_top[i]]).view(t2v_top.shape)
         vtm_v2t = score([(int(t), v) for v in range(len(v2t_top)) for t in v2t_top[v]]).view(v2t_top.shape)
-        result["metrics_vtm"] = rerank_metrics(sim, vtm_t2v, vtm_v2t, dataset.text_to_video, rerank_k)
+        result["metrics_vtm"] = rerank_metrics(sim, vtm_t2v, vtm_v2t, gt, rerank_k)
         temperature = float(model.temperature().detach())
         result["metrics_vtm_itc"] = rerank_metrics(
             sim, fused_rerank_scores(sim, t2v_top, vtm_t2v, temperature),
-            fused_rerank_scores(sim.T, v2t_top, vtm_v2t, temperature), dataset.text_to_video, rerank_k)
+            fused_rerank_scores(sim.T, v2t_top, vtm_v2t, temperature), gt, rerank_k)
         result["rerank"] = {"k": rerank_k, "vtm_score": vtm_score, **RERANK_CONVENTIONS,
                             "metrics_vtm": "the top-k ranked by the matching score alone (Singularity)",
                             "metrics_vtm_itc": FUSED_RULE, "temperature": temperature}
