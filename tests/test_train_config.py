@@ -60,8 +60,30 @@ def test_cosine_schedule_with_warmup_by_hand():
     assert cosine_lr(total, total, warm, base, min_lr=1e-5) == pytest.approx(1e-5)
 
 
-def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_cuda():
+def test_precision_auto_is_fp32_on_cpu_and_an_explicit_policy_is_kept():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    with pytest.raises(ValueError, match="fp16"):
-        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # SViTT-Ego's policy, rehearsed on a CPU
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_fp16_on_a_cpu_autocasts_and_scales_the_loss():
+    """The fp16 policy on a CPU: matmuls in float16 under autocast, the loss scaled by the scaler
+    (its first scale 2**16), and the unscaled gradient equals the float32 one within fp16 precision."""
+    from svitt.precision import autocast, grad_scaler
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(16, 4), torch.randn(8, 16)
+    device = torch.device("cpu")
+    with autocast("fp16", device):
+        out = layer(x)
+    assert out.dtype == torch.float16
+    scaler = grad_scaler("fp16", device)
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
+    scaler.scale(out.float().pow(2).mean()).backward()
+    scaler.unscale_(torch.optim.SGD(layer.parameters(), lr=0.1))
+    fp16_grad = layer.weight.grad.clone()
+    layer.zero_grad()
+    layer(x).pow(2).mean().backward()
+    assert torch.allclose(fp16_grad, layer.weight.grad, rtol=1e-2, atol=1e-3)

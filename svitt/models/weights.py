@@ -175,11 +175,14 @@ def _check_shapes(source: dict, target: dict, what: str):
 
 def bert_checkpoint_filter_fn(state_dict: dict, prefix_map: dict[str, str]) -> dict:
     """HF BERT (BertModel / BertForMaskedLM / BertForPreTraining) -> our names via prefix_map,
-    e.g. {"bert.": "text_encoder.", "cls.predictions.": "mlm_head."}. Pooler and NSP heads dropped."""
+    e.g. {"bert.": "text_encoder.", "cls.predictions.": "mlm_head."}. Pooler and NSP heads dropped.
+    The legacy LayerNorm names of the published bert-base-uncased files (`LayerNorm.gamma` /
+    `.beta`, which transformers renames on load) become `.weight` / `.bias`."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith(("bert.pooler.", "pooler.", "cls.seq_relationship.")) or key.endswith("position_ids"):
             continue
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
         if not key.startswith(("bert.", "cls.")):
             key = "bert." + key
         for old, new in prefix_map.items():
