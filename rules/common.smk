@@ -1,6 +1,7 @@
 """Helpers of the rules: config checks, canonical params, stage lookups, paths."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import sys
 import yaml
 from snakemake.utils import update_config, validate
 
-sys.path.insert(0, workflow.basedir)  # svitt.stages: the torch-free stage resolution
+sys.path.insert(0, workflow.basedir)  # svitt.stages, svitt.data.formats: torch-free
+from svitt.data.formats import check_dataset, check_layout  # noqa: E402
 from svitt.stages import (  # noqa: E402
     all_stage_names,
     configured_stages,
@@ -429,9 +431,46 @@ def _check_finetune():
 _check_finetune()
 
 
+def dataset_uses():
+    """{dataset: its uses (svitt.data.formats.USES)}: what each file it names must be read as."""
+    uses = {}
+    for stage in STAGES:
+        name = stage_dataset(PRETRAIN, stage)
+        kind = "egoclip" if dataset(name).get("clips") == "egoclip" else "pretraining"
+        uses.setdefault(name, set()).add(kind)
+    for name in retrieval_datasets():
+        uses.setdefault(name, set()).add("retrieval")
+    for task, use in (("retrieval", "retrieval_finetuning"), ("qa", "qa")):
+        for name, _ in finetune_pairs(task):
+            uses.setdefault(name, set()).add(use)
+    if config["evaluation"].get("egomcq"):
+        uses.setdefault(config["evaluation"]["egomcq"]["dataset"], set()).add("egomcq")
+    for name in uses:
+        if is_video_list(name):
+            uses[name].add("videos")
+        elif not dataset(name).get("clips") and not dataset(name)["ego4d_cli"]:
+            uses[name].add("folder")
+    return {name: sorted(u) for name, u in uses.items()}
+
+
+def _check_layouts():
+    """Every annotation file already there must be in a layout its uses accept: a wrong file stops
+    the workflow before any job runs, naming the file, what it holds and what is accepted."""
+    for name, uses in dataset_uses().items():
+        check_dataset(name, dataset(name), uses)
+    nlq = config["evaluation"].get("nlq")
+    for key in ("train", "val") if nlq else ():
+        if os.path.isfile(nlq[key]):
+            check_layout(nlq[key], ("nlq_json",), f"evaluation.nlq.{key} (Ego4D NLQ)")
+
+
+_check_layouts()
+
+
 def finetune_settings(task, name, stage):
     """One finetuning job's entry for finetune.py: finetune.<task>.defaults, then the stage's entry,
-    then the dataset's (data merges key by key), then the dataset's text settings. Only its own
+    then the dataset's (data merges key by key), then finetune.<task>.override, then the dataset's
+    text settings. Only its own
     stage and dataset: adding either to a list reruns no other job."""
     section = FINETUNE[task]
     # stage3-seed1: its own entry if listed, else stage3's; finetuned with seed 1
@@ -439,6 +478,7 @@ def finetune_settings(task, name, stage):
     base, seed = split_variant(stage)
     cfg = over_defaults(section.get("defaults", {}), entries.get(stage, entries.get(base)))
     cfg = over_defaults(cfg, by_name(section["datasets"])[name])
+    cfg = over_defaults(cfg, section.get("override") or {})  # over every entry (the rehearsal's)
     text = dataset_text_settings(name)
     if text:
         cfg["data"] = {**cfg.get("data", {}), **text}

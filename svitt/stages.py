@@ -12,6 +12,8 @@ tests call it directly.
                           replaced, started from its init's twin)
     pretrain.seeds        extra seeds: every stage also exists as `<stage>-seed<k>` for k in seeds,
                           trained with seed k and started from its init's seed-k variant
+    pretrain.override     training settings applied over every stage's own entry (the rehearsal's
+                          batch size and steps); never the model or its sparsity
 
 A stage sets the sparsity vocabulary at its top level (frames, temporal, local_blocks,
 random_blocks, block_size, visual_keep, prune_layers, multimodal_keep, multimodal_prune_layers), any other model
@@ -157,6 +159,7 @@ def stage_config(config: dict, name: str) -> dict:
             model[part][key] = copy.deepcopy(stage[key])
     train = {k: v for k, v in stage.items() if k not in VOCABULARY and k not in STAGE_ONLY_KEYS}
     cfg = over_defaults(pretrain.get("defaults", {}), train)
+    cfg = over_defaults(cfg, pretrain.get("override") or {})  # over every stage's own entry
     cfg["name"] = name
     cfg["model"] = model
     if seed is not None:

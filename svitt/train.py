@@ -72,6 +72,7 @@ TRAIN_KEYS = {
     "deterministic": ((bool, type(None)), None),  # torch deterministic algorithms; None: on the CPU only
     "checkpoint_every": (int, 200),  # optimiser steps between resumable checkpoints
     "log_every": (int, 10),  # optimiser steps between metrics.jsonl rows
+    "keep_checkpoint": (bool, True),  # keep a finished run's checkpoint.pt (model only: a re-export needs no more)
 }
 DATA_KEYS = {
     "kind": (str, "webvid"),  # webvid (video-text pairs) | egoclip (with tags + scene negatives)
@@ -106,7 +107,7 @@ MODEL_STAGE_KEYS = {section: tuple(k for k, part in STAGE_VOCABULARY.items() if 
 # How a stage runs, not what it learns (augmentation is seeded per sample, so the number of
 # loader processes does not matter either): a checkpoint stays resumable when these change, and
 # the workflow keeps them out of the params that decide reruns.
-IO_KEYS = ("checkpoint_every", "log_every", "num_workers")
+IO_KEYS = ("checkpoint_every", "log_every", "num_workers", "keep_checkpoint")
 
 
 def with_io_settings(cfg: dict, **settings) -> dict:
@@ -124,7 +125,7 @@ def run_cli(cfg: dict, args, init: str | None) -> int:
     """The common tail of the training CLIs (train.py, finetune.py): their io flags into the
     config, train, the summary on stdout; the exit code (PREEMPTED_EXIT_CODE when preempted)."""
     cfg = with_io_settings(cfg, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                           num_workers=args.num_workers)
+                           num_workers=args.num_workers, keep_checkpoint=args.keep_checkpoint)
     data = TrainData(shards=args.shards, annotations=args.annotations, tokenizer=args.tokenizer, init=init)
     try:
         summary = train(cfg, data, args.out, resume=not args.no_resume, progress=not args.no_progress)
@@ -450,10 +451,12 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     if cfg["compile"]:
         net = torch.compile(net)
 
-    def save():
+    def save(finished: bool = False):
+        """A resumable checkpoint; a finished run's holds no optimiser state (two thirds of the
+        bytes at BEiT-B + BERT-base): resuming it only exports the model again."""
         if rank == 0:
             atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "optimizer": None if finished else optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "rng": capture_rng(generator),
                 "config": cfg, "config_digest": digest, "world_size": world,
                 "metrics": logged}, ckpt_path)
@@ -495,9 +498,11 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                                         f"checkpoint saved to {ckpt_path}")
                     if step % cfg["checkpoint_every"] == 0 and step < total:
                         save()
-        save()
+        save(finished=True)
         if rank == 0:
             export_model(model, out_dir, {**_model_info(cfg, step, last), "init": data.init})
+            if not cfg["keep_checkpoint"]:
+                ckpt_path.unlink(missing_ok=True)
         dist.barrier()
     finally:
         bar.close()
@@ -513,7 +518,8 @@ def _resume(path, digest, world, model, optimizer, scaler, generator):
     if state["config_digest"] != digest or state["world_size"] != world:
         return 0, None
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: a finished run, which takes no further step
+        optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     restore_rng(state["rng"], generator)
     return state["step"], state.get("metrics")

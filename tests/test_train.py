@@ -68,6 +68,22 @@ def test_a_stage_trains_and_exports_model_and_metrics(reference):
     assert set(load_file(reference / "model.safetensors")) == set(model.state_dict())
 
 
+def test_a_finished_run_keeps_only_what_a_re_export_needs(pipeline, reference, tmp_path):
+    """The finished checkpoint holds the model, not the optimiser state (two thirds of the bytes);
+    resumed with the same config it trains no step and exports the same weights; with
+    keep_checkpoint false it is removed once the model is exported."""
+    saved = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 8 and saved["optimizer"] is None
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (tmp_path / name).write_bytes((reference / name).read_bytes())
+    summary = train(stage(), data(pipeline), tmp_path, progress=False)
+    assert summary["steps"] == 8 and sorted(losses(tmp_path)) == list(range(1, 9))
+    assert (tmp_path / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    out = tmp_path / "dropped"
+    train(stage(epochs=1, keep_checkpoint=False), data(pipeline), out, progress=False)
+    assert (out / "model.safetensors").exists() and not (out / "checkpoint.pt").exists()
+
+
 def test_training_reduces_the_loss_on_a_small_set(pipeline, tmp_path):
     # 40 steps: the MLM term starts at ln(vocab), and the demo vocabulary grows with the corpus
     train(stage(epochs=20, checkpoint_every=100), data(pipeline), tmp_path, progress=False)

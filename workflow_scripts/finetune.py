@@ -30,6 +30,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
+from svitt.config import add_io_arguments  # noqa: E402
+
 MAX_LISTED = 50  # overlapping videos named in the error
 
 
@@ -47,11 +49,7 @@ def parse_args(argv=None):
                    help="what a train/test video overlap gets (default: error)")
     p.add_argument("--tokenizer", required=True, help="folder with the BERT tokenizer (vocab.txt)")
     p.add_argument("--out", type=Path, required=True, help="job folder: checkpoint, metrics, model")
-    io = p.add_argument_group("io settings", "override the config's; they change how the job runs, "
-                              "not what it learns, so a checkpoint stays resumable")
-    io.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
-    io.add_argument("--log-every", type=int, help="optimiser steps between metrics.jsonl rows")
-    io.add_argument("--num-workers", type=int, help="DataLoader processes per rank")
+    add_io_arguments(p, "job")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

@@ -20,6 +20,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
+from svitt.config import add_io_arguments  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,11 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", required=True, help="folder with the BERT tokenizer (vocab.txt)")
     p.add_argument("--init", help="previous stage's model.safetensors (temporal bias resized)")
     p.add_argument("--out", type=Path, required=True, help="stage folder: checkpoint, metrics, model")
-    io = p.add_argument_group("io settings", "override the config's; they change how the stage runs, "
-                              "not what it learns, so a checkpoint stays resumable")
-    io.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
-    io.add_argument("--log-every", type=int, help="optimiser steps between metrics.jsonl rows")
-    io.add_argument("--num-workers", type=int, help="DataLoader processes per rank")
+    add_io_arguments(p, "stage")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
