@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo demo-seeds demo-figures demo-temporal readme readme-seeds test clean-demo
+.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds test clean-demo
 
 install: $(VENV)/.installed
 
@@ -14,14 +14,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+SNAKEMAKE = PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake
+# Every run ends with its Snakemake report (every figure and table with its caption).
+REPORT = --report results/report.html
+
 demo: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all
+	$(SNAKEMAKE) --cores $(CORES) all
+	$(SNAKEMAKE) all $(REPORT)
 
 demo-seeds: install  # the demo over seeds 0 and 1 (configs/demo_seeds.yaml)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all --configfile configs/demo_seeds.yaml
+	$(SNAKEMAKE) --cores $(CORES) all --configfile configs/demo_seeds.yaml
+	$(SNAKEMAKE) all $(REPORT) --configfile configs/demo_seeds.yaml
 
 demo-figures: install  # + the late-fusion control, Table 3's single stages, the full sweep grid, training memory
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores $(CORES) all paper_figures
+	$(SNAKEMAKE) --cores $(CORES) all paper_figures
+	$(SNAKEMAKE) all paper_figures $(REPORT)
 
 # The demo that learns order (configs/demo_temporal.yaml: 4x the clips, position embedding, longer
 # stage1). It regenerates the corpus, so it runs in a checkout of its own: demo_temporal/ (a clone
@@ -30,12 +37,20 @@ demo-temporal: install
 	test -d demo_temporal || git clone -q . demo_temporal
 	cd demo_temporal && PATH=$(abspath $(BIN)):$$PATH $(abspath $(BIN))/snakemake --cores $(CORES) all \
 		--configfile configs/demo_temporal.yaml
+	cd demo_temporal && PATH=$(abspath $(BIN)):$$PATH $(abspath $(BIN))/snakemake all $(REPORT) \
+		--configfile configs/demo_temporal.yaml
+
+# The paper configuration executed on miniatures of every dataset in its published layout, at
+# full model size on the CPU (workflow_scripts/rehearsal.py; working folder rehearsal/, report in
+# rehearsal/results/report.html).
+rehearsal: install
+	$(BIN)/python workflow_scripts/rehearsal.py --cores $(CORES)
 
 readme: install  # the README's demo-results section from results/tables/results.md
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores 1 readme
+	$(SNAKEMAKE) --cores 1 readme
 
 readme-seeds: install  # the same after `make demo-seeds`: the tables show the mean and both seeds
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --cores 1 readme --configfile configs/demo_seeds.yaml
+	$(SNAKEMAKE) --cores 1 readme --configfile configs/demo_seeds.yaml
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

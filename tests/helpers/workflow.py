@@ -20,27 +20,19 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-# The downstream annotation files of configs/paper.yaml: test and finetuning splits, answer lists.
-PAPER_ANNOTATIONS = tuple(f"data/anno/{name}.json" for name in (
-    "msrvtt_ret_test1k", "msrvtt_ret_train9k", "didemo_ret_test", "didemo_ret_train", "charades_ret_test",
-    "charades_ret_train", "ssv2_ret_label_val_small", "ssv2_ret_label_train", "ssv2_ret_template_val_small",
-    "ssv2_ret_template_train", "msrvtt_qa_test", "msrvtt_qa_train", "msrvtt_qa_answer_list", "anet_qa_test",
-    "anet_qa_train", "anet_qa_answer_list", "agqa_test", "agqa_train", "agqa_answer_list"))
-
-# The input files of configs/paper.yaml (empty placeholders: enough for a dry run).
-PAPER_INPUTS = (
-    "data/webvid/results_2M_train.csv", *PAPER_ANNOTATIONS,
-    "data/ego4d/egoclip.csv", "data/ego4d/egomcq.json", "data/ego4d/nlq_train.json", "data/ego4d/nlq_val.json",
-    "data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth",
-)
-
-
 PAPER_VIDEO_FOLDERS = ("data/msrvtt/videos", "data/didemo/videos", "data/charades/videos", "data/ssv2/videos",
                        "data/activitynet/videos", "data/ego4d/videos")
+PAPER_WEIGHTS = ("data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth")
 
 
 def paper_inputs(workdir: Path) -> None:
-    for path in PAPER_INPUTS:
+    """The input files of configs/paper.yaml for a dry run: every annotation file in its published
+    layout (the rehearsal's miniatures, without videos), the video folders, and empty weight files
+    (a dry run never reads them)."""
+    from svitt.data.miniatures import make_miniatures
+
+    make_miniatures(workdir, "http://127.0.0.1:1", videos=False)
+    for path in PAPER_WEIGHTS:
         (workdir / path).parent.mkdir(parents=True, exist_ok=True)
         (workdir / path).touch()
     for folder in PAPER_VIDEO_FOLDERS:  # folder datasets are read in place: the folders are inputs
