@@ -196,7 +196,7 @@ def bert_checkpoint_filter_fn(state_dict: dict, prefix_map: dict[str, str]) -> d
 
 
 def adapt_svitt_state_dict(state_dict: dict, model: torch.nn.Module) -> dict:
-    """A previous stage's SViTT state dict -> this model: the temporal axis of every video
+    """A previous stage's SViTT state dict -> this model (SViTT or VideoQA): the temporal axis of every video
     relative position table is resized (eq. 23-27); any other shape mismatch is an error naming
     the tensors."""
     target = model.state_dict()
