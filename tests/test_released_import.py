@@ -329,3 +329,10 @@ def test_an_object_outside_the_allow_list_stops_the_load_naming_it(tmp_path):
     torch.save({"model": {}, "config": {"root": pathlib.PurePosixPath("/data")}}, path)
     with pytest.raises(ReleasedCheckpointError, match="holds pathlib.PurePosixPath, outside the allow-list"):
         read_checkpoint(path)
+
+
+def test_loading_a_released_checkpoint_as_plain_weights_points_to_the_importer():
+    from svitt.models.weights import load_state_dict_file
+
+    with pytest.raises(ValueError, match="OmegaConf config.*workflow_scripts/import_released.py"):
+        load_state_dict_file(FIXTURES / "pretrain.pth")

@@ -166,8 +166,9 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals(config_allow_list()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as error:  # torch's message suggests weights_only=False: name the global only
-        found = re.search(r"GLOBAL (\S+)|(Can only [^.]*|Trying to [^.]*)", str(error))
-        what = (found.group(1) or found.group(2)) if found else str(error).splitlines()[0]
+        text = str(error)
+        found = re.search(r"GLOBAL (\S+)", text) or re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        what = found.group(1) if found else text.splitlines()[0]
         raise ReleasedCheckpointError(
             f"{path} holds {what}, outside the allow-list (OmegaConf 2.x containers and plain value nodes, "
             "tensors, plain data); it is not loaded") from None
@@ -230,8 +231,6 @@ def checkpoint_kind(state: dict) -> str:
     """Which released model a state dict is from (SIGNATURES); an error naming the keys expected
     and the key groups found otherwise."""
     matches = [kind for kind, keys in SIGNATURES.items() if all(k in state for k in keys)]
-    if "pretrain" in matches:  # its text encoder also carries the retrieval model's keys under bert.
-        return "pretrain"
     if len(matches) == 1:
         return matches[0]
     groups = {}
@@ -261,6 +260,7 @@ def _unsupported(setting: str, value, why: str):
 
 def _encoder_args(config: dict, section: str, defaults: dict, extra: tuple = ()) -> dict:
     stored = config_value(config, section, {}) or {}
+    stored = {key: config_value(config, f"{section}.{key}") for key in stored}  # references, "None"
     unknown = sorted(set(stored) - set(defaults) - set(SIZE_KEYS) - set(extra))
     if unknown:
         raise ReleasedCheckpointError(f"the stored config's {section} sets {unknown}, which this converter does "

@@ -4,6 +4,7 @@ Only tensors are ever read: safetensors, or torch.load(..., weights_only=True).
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -28,7 +29,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "omegaconf" in str(error):  # {"model", "config": DictConfig, ...} of the released SViTT code
+            raise ValueError(f"{path} holds an OmegaConf config, as checkpoints of the released SViTT code do: "
+                             f"convert it with workflow_scripts/import_released.py (svitt.models.released)") from None
+        raise
     for key in ("model", "module", "state_dict"):  # common wrappers of published checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
