@@ -311,6 +311,9 @@ def _video_settings(config: dict, state: dict, notes: list[str]) -> dict:
     bad = [loc for loc in drop_loc if not (isinstance(loc, int) and 0 <= loc < depth)]
     if bad:
         _unsupported(where + "token_drop_loc", drop_loc, f"layers are 0 .. {depth - 1}")
+    if float(args["layer_norm_eps"]) != 1e-12:
+        notes.append(f"{where}layer_norm_eps {args['layer_norm_eps']}: the released vision_layernorm keeps 1e-12; "
+                     "here the fusion norm uses layer_norm_eps too")
     if sparse:
         notes.append("edge sparsity: the released kernel leaves the padding of the last key block "
                      "unmasked; here it is masked (docs/fidelity.md, point 5)")
