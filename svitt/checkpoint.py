@@ -60,12 +60,15 @@ def export_model(model: torch.nn.Module, out_dir: str | Path, info: dict):
 def load_exported(weights: str | Path, frames: int | None = None, overrides: dict | None = None):
     """An exported SViTT model (model.safetensors with model.json beside it).
 
-    frames: evaluate at another clip length (the temporal bias is resized, eq. 23-27);
-    overrides: model.video / model.text keys to change (e.g. keep rates at test time).
+    frames: evaluate at another clip length (the temporal bias is resized, eq. 23-27, by the model's
+    video.temporal_resize rule); overrides: model.video / model.text keys to change (e.g. keep rates
+    at test time). A QA model (train_config task "qa") comes back as a VideoQA, any other as SViTT.
     Returns (model, info)."""
     from safetensors.torch import load_file
 
+    from svitt.models.answer_decoder import VideoQA
     from svitt.models.svitt import SViTT
+    from svitt.models.weights import adapt_svitt_state_dict
 
     weights = Path(weights)
     info_path = weights.with_name("model.json")
@@ -78,6 +81,7 @@ def load_exported(weights: str | Path, frames: int | None = None, overrides: dic
         cfg[section].update(values)
     if frames is not None:
         cfg["video"]["frames"] = frames
-    model = SViTT(cfg)
-    model.load_stage_checkpoint(load_file(str(weights)))
+    train = info.get("train_config", {})
+    model = VideoQA(cfg, train["decoder_layers"]) if train.get("task") == "qa" else SViTT(cfg)
+    model.load_state_dict(adapt_svitt_state_dict(load_file(str(weights)), model))
     return model.eval(), info

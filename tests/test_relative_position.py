@@ -1,5 +1,6 @@
 """3D relative position bias: indices against timm, inflation and temporal resize by hand."""
 import torch
+import torch.nn.functional as F
 from timm.models.beit import gen_relative_position_index
 
 from svitt.models.relative_position import (relative_bias, relative_index, resize_table, table_size,
@@ -57,3 +58,33 @@ def test_temporal_resize_to_the_same_length_is_the_identity_and_8_to_4_subsample
     out = resize_table(src, (8, 1, 1), (4, 1, 1))
     # offset d at 4 frames spans 2d at 8 frames
     assert out[:7, 0].tolist() == [2 * d + 7 for d in range(-3, 4)]
+
+
+def test_interpolate_nearest_is_torch_nearest_over_the_offset_rows():
+    """The released code's rule: F.interpolate(mode="nearest") over the 2T-1 temporal offsets."""
+    for t_src, t_dst in [(1, 4), (4, 8), (8, 16), (4, 16), (16, 4), (8, 4), (2, 5), (3, 3)]:
+        hw = (2, 3)
+        table = torch.randn(table_size((t_src,) + hw), 2, dtype=torch.float64)
+        per_offset = (2 * hw[0] - 1) * (2 * hw[1] - 1)
+        rows = table[:-3].reshape(2 * t_src - 1, per_offset * 2)  # [offsets, everything else]
+        torch_nearest = F.interpolate(rows.T[None], size=2 * t_dst - 1, mode="nearest")[0].T
+        expected = torch.cat([torch_nearest.reshape(-1, 2), table[-3:]])
+        out = resize_table(table, (t_src,) + hw, (t_dst,) + hw, rule="interpolate_nearest")
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"{t_src} -> {t_dst}")
+
+
+def test_interpolate_nearest_at_4_to_8_frames_is_asymmetric():
+    src = torch.arange(7 + 3, dtype=torch.float32)[:, None]  # offsets -3..3 -> values 0..6
+    out = resize_table(src, (4, 1, 1), (8, 1, 1), rule="interpolate_nearest")[:15, 0] - 3
+    # row i of 15 takes row floor(7 i / 15) of 7: offset +1 takes 0, offset -1 takes -1
+    assert out.tolist() == [-3, -3, -3, -2, -2, -1, -1, 0, 0, 1, 1, 2, 2, 3, 3]
+    symmetric = resize_table(src, (4, 1, 1), (8, 1, 1))[:15, 0] - 3
+    assert symmetric.tolist() == (-symmetric.flip(0)).tolist()  # the default keeps the table symmetric
+    assert out.tolist() != (-out.flip(0)).tolist()
+
+
+def test_an_unknown_resize_rule_is_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="'bilinear'"):
+        resize_table(torch.zeros(table_size((4, 1, 1)), 1), (4, 1, 1), (8, 1, 1), rule="bilinear")

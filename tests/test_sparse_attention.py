@@ -285,16 +285,28 @@ def test_dense_path_equals_the_previous_relative_bias_with_sdpa(pruned):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_every_kernel_gives_the_reference_cls_attention():
-    """CLS attends to every token in every layout, so all kernels share the reference's CLS row."""
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("cls_score", sa.CLS_SCORES)
+def test_every_kernel_gives_the_reference_cls_attention(cls_score):
+    """CLS attends to every token in every layout, so all kernels share the reference's CLS row;
+    renormalised sums to one per clip, raw to one less CLS's own (head-mean) share."""
     q, k, v, table, pos = _inputs(37)
     layout = sa.make_layout(37, 8, 1, 1, torch.Generator().manual_seed(4))
-    _, expected = sa.reference_attention(q, k, v, table, pos, GRID, layout, need_cls_attn=True)
+    _, expected = sa.reference_attention(q, k, v, table, pos, GRID, layout, need_cls_attn=True, cls_score=cls_score)
     for kernel in ("dense", "gather", "reference"):
-        _, cls_attn = sa.attention(q, k, v, table, pos, GRID, layout, kernel, need_cls_attn=True)
+        _, cls_attn = sa.attention(q, k, v, table, pos, GRID, layout, kernel, need_cls_attn=True,
+                                   cls_score=cls_score)
         torch.testing.assert_close(cls_attn, expected, rtol=0, atol=1e-12, msg=kernel)
-    torch.testing.assert_close(sa.cls_attention(q, k, table), expected, rtol=0, atol=1e-12)
-    assert torch.allclose(expected.sum(-1), torch.ones(2, dtype=expected.dtype))
+    torch.testing.assert_close(sa.cls_attention(q, k, table, cls_score), expected, rtol=0, atol=1e-12)
+    with torch.no_grad():  # eager flex on the CPU: forward only
+        _, flex = sa.flex_block_attention(q, k, v, table, pos, GRID, layout, True, compiled=False,
+                                          cls_score=cls_score)
+    torch.testing.assert_close(flex, expected, rtol=0, atol=1e-12, msg="flex")
+    scale = q.shape[-1] ** -0.5
+    logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * scale + sa._cls_row_bias(table, k.shape[2])
+    self_share = logits.softmax(-1)[:, :, 0].mean(1)  # CLS's attention to itself, mean over heads
+    total = torch.ones(2, dtype=expected.dtype) - (self_share if cls_score == "raw" else 0)
+    torch.testing.assert_close(expected.sum(-1), total, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("g,tile", [(7, 16), (16, 16), (33, 64), (56, 64), (64, 64), (100, 128), (200, 256)])

@@ -79,8 +79,17 @@ def test_bert_weights_load_from_a_hugging_face_folder(tmp_path):
     torch.testing.assert_close(ours["mlm_head.bias"], bert.state_dict()["cls.predictions.bias"])
 
 
+def _random_tables(model):
+    """Relative tables start at zero: random ones make a resize visible."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_()
+    return model
+
+
 def test_stage_checkpoint_4_to_8_frames_resizes_the_temporal_bias():
-    stage1 = svitt.build_model(TINY)
+    stage1 = _random_tables(svitt.build_model(TINY))
     cfg8 = {**TINY, "video": {**TINY["video"], "frames": 8, "visual_keep": 0.6}}
     stage2 = svitt.build_model(cfg8)
     stage2.load_stage_checkpoint(stage1.state_dict())
@@ -97,6 +106,21 @@ def test_stage_checkpoint_4_to_8_frames_resizes_the_temporal_bias():
     torch.testing.assert_close(stage2.state_dict()["vision_proj.weight"], other["vision_proj.weight"])
 
 
+def test_stage_checkpoint_resize_follows_the_models_temporal_resize_rule():
+    """video.temporal_resize interpolate_nearest (the released code) at 2 -> 4 tubelets: row i of 7
+    takes row floor(3 i / 7) of 3, so offsets -3..3 take -1, -1, -1, 0, 0, 1, 1."""
+    nearest = {**TINY["video"], "temporal_resize": "interpolate_nearest"}
+    stage1 = _random_tables(svitt.build_model({**TINY, "video": nearest}))
+    stage2 = svitt.build_model({**TINY, "video": {**nearest, "frames": 8}})
+    stage2.load_stage_checkpoint(stage1.state_dict())
+    key = "video_encoder.blocks.1.attn.relative_position_bias_table"
+    src, dst = stage1.state_dict()[key], stage2.state_dict()[key]
+    per_offset = 7 * 7
+    for d_dst, d_src in zip(range(-3, 4), [-1, -1, -1, 0, 0, 1, 1]):
+        torch.testing.assert_close(dst[(d_dst + 3) * per_offset:(d_dst + 4) * per_offset],
+                                   src[(d_src + 1) * per_offset:(d_src + 2) * per_offset])
+
+
 def test_stage_checkpoint_of_another_architecture_names_the_tensors():
     stage1 = svitt.build_model(TINY)
     wider = svitt.build_model({**TINY, "embed_dim": 32})
@@ -105,6 +129,35 @@ def test_stage_checkpoint_of_another_architecture_names_the_tensors():
     deeper = svitt.build_model({**TINY, "video": {**TINY["video"], "depth": 5}})
     with pytest.raises(ValueError, match="another architecture: missing"):
         deeper.load_stage_checkpoint(stage1.state_dict())
+
+
+@pytest.mark.parametrize("pooling,fusion_norm", [("cls", "shared"), ("mean", "separate"), ("mean", "shared"),
+                                                 ("cls", "separate")])
+def test_video_embedding_and_fusion_tokens_follow_pooling_and_fusion_norm(pooling, fusion_norm):
+    """cls/shared (the default): the embedding projects the normed CLS of the fusion tokens;
+    mean/separate (the released code): it projects `norm` of the mean regional token and the fusion
+    layers see their own LayerNorm of every token."""
+    torch.manual_seed(0)
+    model = svitt.build_model({**TINY, "video": {**TINY["video"], "pooling": pooling,
+                                                 "fusion_norm": fusion_norm}}).eval()
+    encoder = model.video_encoder
+    fusion = encoder.fusion_norm if fusion_norm == "separate" else encoder.norm
+    with torch.no_grad():
+        for p in (encoder.norm.weight, fusion.weight):
+            p.normal_()
+        video = _batch()[0]
+        layout = encoder.layout_generator.get_state()  # the same random blocks in each pass
+        hidden = encoder(video)
+        encoder.layout_generator.set_state(layout)
+        tokens, emb = model.encode_video(video)
+        encoder.layout_generator.set_state(layout)
+        summary_of_model = model.video_summary(video)
+    layer_norm = torch.nn.functional.layer_norm
+    torch.testing.assert_close(tokens, layer_norm(hidden, (64,), fusion.weight, fusion.bias, 1e-6))
+    source = hidden[:, 1:].mean(1) if pooling == "mean" else hidden[:, 0]
+    summary = layer_norm(source, (64,), encoder.norm.weight, encoder.norm.bias, 1e-6)
+    torch.testing.assert_close(emb, torch.nn.functional.normalize(model.vision_proj(summary), dim=-1))
+    torch.testing.assert_close(summary_of_model, summary)
 
 
 def test_unknown_model_key_is_rejected():

@@ -99,6 +99,38 @@ def test_per_layer_multimodal_keep_rates_compound():
     assert _video_seen_by_each_fusion_layer(cfg) == [41, 21, 11]
 
 
+def test_question_pruning_off_fuses_questions_with_every_video_token():
+    """text.question_pruning false (the released code's multi_modal mode): a QA question sees all
+    the video tokens in every fusion layer, as with q_m = 1; true prunes as retrieval does."""
+    from svitt.models.answer_decoder import VideoQA
+
+    model = {"video": {"preset": "tiny", "frames": 2}, "text": {"preset": "tiny", "vocab_size": 50,
+                                                                "multimodal_keep": 0.1}, "embed_dim": 8}
+    torch.manual_seed(0)
+    pruned = VideoQA(model).eval()
+    kept = VideoQA({**model, "text": {**model["text"], "question_pruning": False}}).eval()
+    dense = VideoQA({**model, "text": {**model["text"], "multimodal_keep": 1.0}}).eval()
+    for other in (kept, dense):
+        other.load_state_dict(pruned.state_dict())
+    ids, mask = _batch()
+    video = torch.randn(3, 2, 3, 32, 32)
+    with torch.no_grad():
+        states = {name: m.question_states(video, ids, mask) for name, m in
+                  (("pruned", pruned), ("kept", kept), ("dense", dense))}
+        tokens = pruned.video_encoder.fusion_tokens(pruned.video_encoder(video))
+        text = pruned.text_encoder.encode(ids, mask)
+        by_rate = pruned.text_encoder.fuse(text, mask, tokens)  # retrieval's fusion: q_m applied
+    torch.testing.assert_close(states["kept"], states["dense"], rtol=0, atol=0)
+    torch.testing.assert_close(states["pruned"], by_rate, rtol=0, atol=0)
+    assert (states["pruned"] - states["kept"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("value", ["no", 0])
+def test_question_pruning_must_be_a_boolean(value):
+    with pytest.raises(ValueError, match=f"text.question_pruning must be true or false, got {value!r}"):
+        TextEncoder(dict(CFG, question_pruning=value), video_width=16)
+
+
 @pytest.mark.parametrize("cfg,match", [
     (dict(multimodal_keep=[0.5, 0.5]), "multimodal_keep has 2 entries but multimodal_prune_layers has 1"),
     (dict(multimodal_keep=0.5, multimodal_prune_layers=[2]), "entry 2 must be a fusion layer in 1..1"),

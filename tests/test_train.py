@@ -66,6 +66,12 @@ def test_a_stage_trains_and_exports_model_and_metrics(reference):
     model, _ = load_exported(reference / "model.safetensors")
     assert model.cfg["text"]["vocab_size"] == info["model_config"]["text"]["vocab_size"]
     assert set(load_file(reference / "model.safetensors")) == set(model.state_dict())
+    # the settings where the released code differs (docs/fidelity.md) are recorded, at their defaults
+    video, text = info["model_config"]["video"], info["model_config"]["text"]
+    assert {k: video[k] for k in ("pooling", "fusion_norm", "layer_norm_eps", "prune_score", "temporal_resize")} == \
+        dict(pooling="cls", fusion_norm="shared", layer_norm_eps=1e-6, prune_score="renormalised",
+             temporal_resize="symmetric")
+    assert text["question_pruning"] is True
 
 
 def test_a_finished_run_keeps_only_what_a_re_export_needs(pipeline, reference, tmp_path):

@@ -158,6 +158,90 @@ def test_single_frame_encoder_reproduces_hugging_face_beit(hub_names):
     torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-5)
 
 
+def test_mean_pooling_with_the_released_epsilon_reproduces_hugging_face_beits_pooler():
+    """video.pooling mean, layer_norm_eps 1e-12 (the released code's BEiT): the clip summary is HF
+    BeitPooler's output (LayerNorm of the mean patch token), `norm` holds pooler.layernorm."""
+    cfg = BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     image_size=32, patch_size=8, use_relative_position_bias=True,
+                     use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-12)
+    ref = _perturbed(BeitModel(cfg, add_pooling_layer=True))
+    with torch.no_grad():  # a large mean component makes the epsilon's share visible
+        ref.pooler.layernorm.weight.mul_(3.0)
+    encoder = VideoEncoder.from_config(dict(SMALL, frames=1, pooling="mean", layer_norm_eps=1e-12)).eval()
+    encoder.load_image_weights(ref.state_dict())
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(pixel_values=image)
+        hidden = encoder(image[:, None])
+        tokens, summary = encoder.outputs(hidden)
+    torch.testing.assert_close(hidden, out.last_hidden_state, rtol=0, atol=1e-5)
+    torch.testing.assert_close(summary, out.pooler_output, rtol=0, atol=1e-5)
+    torch.testing.assert_close(encoder.pool(hidden), summary, rtol=0, atol=0)
+    assert encoder.norm.eps == 1e-12 and all(b.norm1.eps == 1e-12 for b in encoder.blocks)
+    cls = VideoEncoder.from_config(dict(SMALL, frames=1)).eval()
+    cls.load_image_weights(ref.state_dict())
+    with torch.no_grad():  # the default summary is the normed CLS: another vector
+        assert (cls.outputs(cls(image[:, None]))[1] - out.pooler_output).abs().max() > 0.1
+
+
+def test_a_separate_fusion_norm_starts_fresh_and_the_summary_norm_from_fc_norm():
+    ref = _timm_small()
+    ref.fc_norm = torch.nn.LayerNorm(32, eps=1e-6)  # an fc_norm as in BEiT-B in22k-ft22k
+    with torch.no_grad():
+        ref.fc_norm.weight.normal_()
+        ref.fc_norm.bias.normal_()
+    encoder = VideoEncoder.from_config(dict(SMALL, frames=2, pooling="mean", fusion_norm="separate")).eval()
+    encoder.load_image_weights(ref.state_dict())
+    torch.testing.assert_close(encoder.norm.weight, ref.fc_norm.weight, rtol=0, atol=0)
+    assert torch.equal(encoder.fusion_norm.weight, torch.ones(32)) and torch.equal(encoder.fusion_norm.bias,
+                                                                                  torch.zeros(32))
+    with torch.no_grad():
+        encoder.fusion_norm.weight.normal_()
+        hidden = encoder(torch.randn(2, 2, 3, 32, 32))
+        tokens, summary = encoder.outputs(hidden)
+    by_hand = F.layer_norm(hidden, (32,), encoder.fusion_norm.weight, encoder.fusion_norm.bias, 1e-6)
+    torch.testing.assert_close(tokens, by_hand, rtol=0, atol=1e-6)
+    mean = F.layer_norm(hidden[:, 1:].mean(1), (32,), ref.fc_norm.weight, ref.fc_norm.bias, 1e-6)
+    torch.testing.assert_close(summary, mean, rtol=0, atol=1e-6)
+    shared = VideoEncoder.from_config(dict(SMALL, frames=2))
+    assert not hasattr(shared, "fusion_norm") and "fusion_norm.weight" not in shared.state_dict()
+
+
+def _cls_scores_by_hand(encoder, video):
+    """Block 1's CLS attention over [CLS, regional tokens] per head, [B, heads, N]."""
+    block = encoder.blocks[0]
+    b, n = video.shape[0], 1 + encoder.grid[0] * encoder.grid[1] * encoder.grid[2]
+    x = torch.cat([encoder.cls_token.expand(b, -1, -1), encoder.patch_embed(video)], 1)
+    attn = block.attn
+    bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+    q, k, _ = F.linear(block.norm1(x), attn.qkv.weight, bias).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    pos = torch.cat([torch.tensor([-1]), torch.arange(n - 1)])[None]
+    logits = q @ k.transpose(-1, -2) / math.sqrt(16) + relative_bias(
+        attn.relative_position_bias_table, pos, pos, encoder.grid)
+    return logits.softmax(-1)[:, :, 0]
+
+
+def test_the_raw_pruning_score_is_the_head_mean_of_cls_attention_as_released():
+    """prune_score raw: topk of attn.mean(1)[:, 0, 1:] (heads averaged before any renormalisation);
+    renormalised: each head renormalised over the regional tokens first. Heads that give CLS
+    different shares make the two keep different tokens."""
+    cfg = dict(SMALL, frames=2, depth=2, visual_keep=0.3, prune_layers=[1])
+    video = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    kept = {}
+    for rule in ("raw", "renormalised"):
+        encoder = _perturbed(VideoEncoder.from_config(dict(cfg, prune_score=rule)), seed=1)
+        with torch.no_grad():  # head 0 attends to CLS much more than head 1
+            encoder.blocks[0].attn.relative_position_bias_table[-1, 0] = 4.0
+            _, positions = encoder(video, return_positions=True)
+            probs = _cls_scores_by_hand(encoder, video)
+        regional = probs[:, :, 1:]
+        score = regional.mean(1) if rule == "raw" else (regional / regional.sum(-1, keepdim=True)).mean(1)
+        expected = score.topk(math.ceil(0.3 * 32), dim=1).indices.sort(dim=1).values
+        assert torch.equal(positions, expected), rule
+        kept[rule] = positions
+    assert not torch.equal(kept["raw"], kept["renormalised"])
+
+
 def test_visual_pruning_keeps_the_top_tokens_by_cls_attention():
     cfg = dict(SMALL, frames=2, depth=2, visual_keep=0.3, prune_layers=[1])
     encoder = _perturbed(VideoEncoder.from_config(cfg), seed=1)
@@ -226,6 +310,11 @@ def test_edge_sparse_encoder_with_full_coverage_equals_dense():
     (dict(visual_keep=[0.5, 0.5], prune_layers=[1]), "2 entries"),
     (dict(frames=3, tubelet_frames=2), "frames 3 is not divisible by tubelet_frames 2"),
     (dict(depth_typo=3), "unknown video config key"),
+    (dict(pooling="avg"), r"video.pooling must be one of \('cls', 'mean'\), got 'avg'"),
+    (dict(fusion_norm="new"), "video.fusion_norm must be one of"),
+    (dict(prune_score="mean"), "video.prune_score must be one of .*'mean'"),
+    (dict(temporal_resize="linear"), "video.temporal_resize must be one of .*'linear'"),
+    (dict(layer_norm_eps=0), "video.layer_norm_eps must be a number in \\(0, 1\\), got 0"),
 ])
 def test_bad_config_is_rejected_with_the_value(cfg, match):
     with pytest.raises(ValueError, match=match):

@@ -58,7 +58,7 @@ def kept_positions(model, clips, input_ids, attention_mask) -> list[dict]:
     try:
         with torch.no_grad():
             hidden, pos = encoder(clips, return_positions=True)
-            tokens = encoder.norm(hidden)
+            tokens = encoder.fusion_tokens(hidden)
             text = model.text_encoder.encode(input_ids, attention_mask)
             _, kept = model.text_encoder.fuse(text, attention_mask, tokens, return_kept=True)
     finally:

@@ -7,8 +7,9 @@ every 4 frames: 1.875 per second, Ego4D's canonical 30 fps / 16). The preparatio
 clips out of these and writes `{clip_uid}.pt` and `feature_shapes.json` itself; the folder here
 holds `feature_shapes.json` of the videos too, and `features.json` naming the feature kind.
 
-Feature kinds: "cls" is the video [CLS] token after the final norm (the encoder's width D);
-"projected" is that token through the model's vision projection, unnormalised (embed_dim), as
+Feature kinds: "cls" is the clip summary the contrastive embedding projects (the encoder's width
+D): the video [CLS] token after the final norm, or with video.pooling "mean" the normed mean token;
+"projected" is that summary through the model's vision projection, unnormalised (embed_dim), as
 EgoVLP's NLQ extractor saves its 256-d embedding.
 """
 from __future__ import annotations
@@ -36,8 +37,9 @@ def extract_window_features(model, store, video_ids, transform, window: int = 4,
                             batch_size: int = 32, device="cpu", progress: bool = True, kind: str = "cls"):
     """Clip features over long videos, as SViTT-Ego feeds Ego4D NLQ grounding (GroundNLQ):
     windows of `window` consecutive stored frames every `stride` frames, each encoded as one
-    clip; the feature is the video [CLS] after the final norm ("cls", [num_windows, D]) or its
-    vision projection ("projected", [num_windows, embed_dim]). Every window is encoded, the last
+    clip; the feature is the clip summary (the normed video [CLS], or the normed mean token with
+    video.pooling "mean": "cls", [num_windows, D]) or its vision projection ("projected",
+    [num_windows, embed_dim]). Every window is encoded, the last
     partial batch included.
 
     store: a svitt.data.datasets.FrameStore of videos extracted at a fixed fps.
@@ -53,7 +55,7 @@ def extract_window_features(model, store, video_ids, transform, window: int = 4,
             for first in range(0, len(starts), batch_size):
                 clips = [transform(store.read(video_id, [min(s + k, total - 1) for k in range(window)]))
                          for s in starts[first:first + batch_size]]
-                cls = model.video_encoder.norm(model.video_encoder(torch.stack(clips).to(device)))[:, 0]
+                cls = model.video_summary(torch.stack(clips).to(device))
                 feats.append((model.vision_proj(cls) if kind == "projected" else cls).float().cpu())
         yield video_id, torch.cat(feats), torch.tensor(starts)
 

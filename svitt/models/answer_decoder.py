@@ -136,10 +136,12 @@ class VideoQA(nn.Module):
         return qa
 
     def question_states(self, video, input_ids, attention_mask):
-        """video [B, T, 3, H, W], question ids/mask [B, Lq] -> fused question states [B, Lq, D]."""
-        tokens = self.video_encoder.norm(self.video_encoder(video))
+        """video [B, T, 3, H, W], question ids/mask [B, Lq] -> fused question states [B, Lq, D]
+        (multimodal pruning as text.question_pruning says)."""
+        tokens = self.video_encoder.fusion_tokens(self.video_encoder(video))
         hidden = self.text_encoder.encode(input_ids, attention_mask)
-        return self.text_encoder.fuse(hidden, attention_mask, tokens)
+        return self.text_encoder.fuse(hidden, attention_mask, tokens,
+                                      prune=self.text_encoder.cfg["question_pruning"])
 
     def forward(self, video, input_ids, attention_mask, answer_ids, answer_mask):
         """{"qa": answer generation loss} for a batch of (video, question, answer)."""

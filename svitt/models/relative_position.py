@@ -104,22 +104,35 @@ def special_bias(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return table[-3], table[-2], table[-1]
 
 
-def _temporal_source(t_src: int, t_dst: int) -> torch.Tensor:
-    """For each temporal offset d' of a t_dst-frame table, the offset of a t_src-frame table it takes.
+TEMPORAL_RESIZES = ("symmetric", "interpolate_nearest")
 
-    Nearest neighbour in time (eq. 23 applied to offsets): a clip of t_dst frames spans the same
-    video as one of t_src frames, so offset d' corresponds to d' * t_src / t_dst, rounded half away
-    from zero (keeps the table symmetric) and clamped to the source range. t_src = 1 tiles the 2D
-    table over every offset (eq. 26-27 inflation).
+
+def _temporal_source(t_src: int, t_dst: int, rule: str = "symmetric") -> torch.Tensor:
+    """For each temporal offset d' of a t_dst-frame table, the offset of a t_src-frame table it takes
+    (as a row index 0 .. 2 t_src - 2). t_src = 1 tiles the 2D table over every offset (eq. 26-27).
+
+    symmetric: nearest neighbour in time (eq. 23 applied to offsets): a clip of t_dst frames spans
+    the same video as one of t_src frames, so offset d' corresponds to d' * t_src / t_dst, rounded
+    half away from zero (the table stays symmetric) and clamped to the source range.
+    interpolate_nearest: what the released code does, torch's F.interpolate(mode="nearest") over
+    the 2 t - 1 offset rows: row i takes row floor(i (2 t_src - 1) / (2 t_dst - 1)). Asymmetric: at
+    4 -> 8 frames offset +1 takes offset 0 while -1 takes -1. Integer arithmetic here; tests check
+    it against F.interpolate.
     """
+    if rule == "interpolate_nearest":
+        rows_src, rows_dst = 2 * t_src - 1, 2 * t_dst - 1
+        return torch.arange(rows_dst, dtype=torch.long) * rows_src // rows_dst
+    if rule != "symmetric":
+        raise ValueError(f"temporal resize rule must be one of {TEMPORAL_RESIZES}, got {rule!r}")
     offsets = torch.arange(-(t_dst - 1), t_dst, dtype=torch.float64)
     scaled = torch.sign(offsets) * torch.floor(offsets.abs() * t_src / t_dst + 0.5)
     return scaled.clamp(-(t_src - 1), t_src - 1).long() + (t_src - 1)
 
 
 def resize_table(table: torch.Tensor, src_grid: tuple[int, int, int],
-                 dst_grid: tuple[int, int, int]) -> torch.Tensor:
-    """Resize a relative position bias table [table_size(src), heads] to dst_grid along time.
+                 dst_grid: tuple[int, int, int], rule: str = "symmetric") -> torch.Tensor:
+    """Resize a relative position bias table [table_size(src), heads] to dst_grid along time, by
+    `rule` (TEMPORAL_RESIZES, _temporal_source).
 
     The spatial extent must agree; a 2D table is src_grid = (1, H, W).
     """
@@ -134,5 +147,5 @@ def resize_table(table: torch.Tensor, src_grid: tuple[int, int, int],
     t_dst = dst_grid[0]
     heads = table.shape[1]
     regional = table[:-3].reshape(2 * t_src - 1, (2 * h - 1) * (2 * w - 1), heads)
-    regional = regional[_temporal_source(t_src, t_dst).to(table.device)]
+    regional = regional[_temporal_source(t_src, t_dst, rule).to(table.device)]
     return torch.cat([regional.reshape(-1, heads), table[-3:]], dim=0)

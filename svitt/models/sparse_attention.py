@@ -13,8 +13,9 @@ Kernels behind one interface, `attention(...)`:
   - "flex":      FlexAttention with a BlockMask, blocks padded to its tiles (CUDA; forward also
                  on CPU).
 All return (output [B, H, N, d], cls_attn [B, N-1] or None), where cls_attn is CLS's attention
-to the regional tokens averaged over heads (node sparsity ranks tokens by it, eq. 10). The CLS
-query is one dense row in every kernel, so cls_attn never needs an N x N matrix.
+to the regional tokens averaged over heads (node sparsity ranks tokens by it, eq. 10), scored by
+`cls_score` (CLS_SCORES). The CLS query is one dense row in every kernel, so cls_attn never needs
+an N x N matrix.
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ from svitt.models.relative_position import (code_offset, position_code, relative
                                             sequence_bias, special_bias, table_size)
 
 KERNELS = ("auto", "dense", "reference", "gather", "flex")
+# How CLS's attention row scores the regional tokens for pruning. renormalised: each head's
+# attention renormalised over the regional tokens (eq. 10's softmax over j = 1..N), then the mean
+# over heads; raw: the mean over heads of the softmax over [CLS, tokens] (the released code's
+# `attn.mean(1)[:, 0, 1:]`). They rank alike with one head, not with several.
+CLS_SCORES = ("renormalised", "raw")
 
 
 @dataclass(frozen=True)
@@ -107,27 +113,31 @@ def layout_mask(layout: BlockLayout) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
               pos: torch.Tensor, grid: tuple[int, int, int], layout: BlockLayout | None,
-              kernel: str = "auto", need_cls_attn: bool = False, dropout_p: float = 0.0):
+              kernel: str = "auto", need_cls_attn: bool = False, dropout_p: float = 0.0,
+              cls_score: str = "renormalised"):
     """Multi-head attention over [CLS, regional tokens] with relative position bias.
 
     q, k, v: [B, H, N, d] with CLS at index 0 (already split into heads, unscaled).
     table: relative position table [table_size(grid), H]; pos: regional positions [B or 1, N-1].
-    layout: None for dense attention. Returns (out [B, H, N, d], cls_attn [B, N-1] or None).
+    layout: None for dense attention. Returns (out [B, H, N, d], cls_attn [B, N-1] or None), cls_attn
+    scored by cls_score (CLS_SCORES).
     """
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
+    if cls_score not in CLS_SCORES:
+        raise ValueError(f"cls_score must be one of {CLS_SCORES}, got {cls_score!r}")
     if table.shape[0] != table_size(grid):
         raise ValueError(f"relative position table has {table.shape[0]} rows, expected "
                          f"{table_size(grid)} for grid {grid}")
     if layout is None or kernel == "dense":
-        return dense_attention(q, k, v, table, pos, grid, need_cls_attn, dropout_p)
+        return dense_attention(q, k, v, table, pos, grid, need_cls_attn, dropout_p, cls_score=cls_score)
     if kernel == "auto":
         kernel = "flex" if q.is_cuda else "gather"
     if kernel == "reference":
-        return reference_attention(q, k, v, table, pos, grid, layout, need_cls_attn)
+        return reference_attention(q, k, v, table, pos, grid, layout, need_cls_attn, cls_score=cls_score)
     if kernel == "gather":
-        return gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn)
-    return flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn)
+        return gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn, cls_score=cls_score)
+    return flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn, cls_score=cls_score)
 
 
 def _with_cls(pos: torch.Tensor) -> torch.Tensor:
@@ -141,10 +151,13 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def _cls_attention(probs: torch.Tensor) -> torch.Tensor:
-    """Mean over heads of CLS->regional attention, renormalised over regional tokens (eq. 10).
-    probs [B, H, N]: CLS's attention to [CLS, tokens]."""
+def _cls_attention(probs: torch.Tensor, cls_score: str = "renormalised") -> torch.Tensor:
+    """The pruning score of each regional token [B, N-1] from CLS's attention probs [B, H, N] over
+    [CLS, tokens]: the mean over heads, each head renormalised over the regional tokens first
+    (eq. 10) unless cls_score is "raw" (CLS_SCORES)."""
     regional = probs[:, :, 1:]
+    if cls_score == "raw":
+        return regional.mean(1)
     return (regional / regional.sum(-1, keepdim=True)).mean(1)
 
 
@@ -155,31 +168,32 @@ def _cls_row_bias(table: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cls_attention(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def cls_attention(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor,
+                  cls_score: str = "renormalised") -> torch.Tensor:
     """CLS's attention to the regional tokens for node pruning: one query row, [B, N-1], never an
     N x N matrix. Every kernel's CLS row is dense (global edges, eq. 9), so this is shared."""
     logits = (k @ q[:, :, 0, :, None]).squeeze(-1) * q.shape[-1] ** -0.5
-    return _cls_attention(_softmax(logits + _cls_row_bias(table, k.shape[2]).to(logits.dtype)))
+    return _cls_attention(_softmax(logits + _cls_row_bias(table, k.shape[2]).to(logits.dtype)), cls_score)
 
 
-def dense_attention(q, k, v, table, pos, grid, need_cls_attn=False, dropout_p=0.0):
+def dense_attention(q, k, v, table, pos, grid, need_cls_attn=False, dropout_p=0.0, cls_score="renormalised"):
     bias = sequence_bias(table, pos, grid).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    return out, cls_attention(q, k, table) if need_cls_attn else None
+    return out, cls_attention(q, k, table, cls_score) if need_cls_attn else None
 
 
-def reference_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False):
+def reference_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False, cls_score="renormalised"):
     """Masked dense attention: the definition the fast kernels are tested against."""
     scale = q.shape[-1] ** -0.5
     bias = relative_bias(table, _with_cls(pos), _with_cls(pos), grid)
     logits = (q @ k.transpose(-1, -2)) * scale + bias
     logits = logits.masked_fill(~layout_mask(layout), float("-inf"))
     probs = _softmax(logits)
-    cls_attn = _cls_attention(probs[:, :, 0]) if need_cls_attn else None
+    cls_attn = _cls_attention(probs[:, :, 0], cls_score) if need_cls_attn else None
     return probs @ v, cls_attn
 
 
-def gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False):
+def gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False, cls_score="renormalised"):
     """Block-sparse attention that gathers each query block's key blocks (CPU and GPU, trains).
 
     A custom autograd function (flash-attention style): it keeps q, k, v, the log-sum-exp per query
@@ -190,7 +204,7 @@ def gather_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False):
     """
     plan = _Plan.build(layout, pos, grid, q.shape[0], q.shape[1])
     out, cls_probs = _BlockSparseAttention.apply(q, k, v, table, plan)
-    return out, _cls_attention(cls_probs) if need_cls_attn else None
+    return out, _cls_attention(cls_probs, cls_score) if need_cls_attn else None
 
 
 # Logits per chunk of heads (16 MB in fp32): bounds the transient [heads, blocks, G, (K_l+K_r) G]
@@ -500,7 +514,8 @@ def _to_tiles(x: torch.Tensor, num_blocks: int, g: int, tile: int) -> torch.Tens
     return F.pad(x, (0, tile - g)).flatten(-2).movedim(-1, 2)
 
 
-def flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False, compiled=None):
+def flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False, compiled=None,
+                         cls_score="renormalised"):
     """FlexAttention with a BlockMask built from the layout (BlockMask.from_kv_blocks).
 
     Each block of G regional tokens is padded to a tile of flex_tile(G) slots (G = 56 -> 64) whose
@@ -551,5 +566,5 @@ def flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False,
     flex = _compiled_flex() if (q.is_cuda if compiled is None else compiled) else flex_attention
     out = flex(q_seq, k_seq, v_seq, score_mod=score_mod, block_mask=block_mask, scale=scale)
     out = out.unflatten(2, (nb, tile))[:, :, :, :g].flatten(2, 3)[:, :, : n - 1]
-    cls_attn = _cls_attention(cls_probs.detach()) if need_cls_attn else None
+    cls_attn = _cls_attention(cls_probs.detach(), cls_score) if need_cls_attn else None
     return torch.cat([cls_out, out], dim=2), cls_attn

@@ -81,9 +81,14 @@ class SViTT(nn.Module):
 
     # -- pieces -------------------------------------------------------------------------------
     def encode_video(self, video: torch.Tensor):
-        """video [B, T, 3, H, W] -> (tokens [B, 1 + N', Dv] after the final norm, emb [B, E])."""
-        tokens = self.video_encoder.norm(self.video_encoder(video))
-        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+        """video [B, T, 3, H, W] -> (fusion tokens [B, 1 + N', Dv], emb [B, E]): the embedding projects
+        the clip summary (video.pooling: the normed CLS or the normed mean token)."""
+        tokens, summary = self.video_encoder.outputs(self.video_encoder(video))
+        return tokens, F.normalize(self.vision_proj(summary), dim=-1)
+
+    def video_summary(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, T, 3, H, W] -> the clip summary [B, Dv] the embedding projects (video.pooling)."""
+        return self.video_encoder.outputs(self.video_encoder(video))[1]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """-> (text hidden [B, L, Dt], emb [B, E])."""

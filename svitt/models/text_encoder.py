@@ -43,6 +43,8 @@ TEXT_DEFAULTS = dict(  # every key of model.text, documented here once
     multimodal_keep=1.0,  # q_m: keep rate at each multimodal prune layer (a number or one per layer)
     multimodal_prune_layers=[1],  # fusion layers (1-indexed) after which video tokens are pruned
     init_std=0.02,  # BERT's initializer_range; from-scratch tiny models train faster with more
+    question_pruning=True,  # QA: multimodal pruning while fusing a question with its video; the released
+    # code encodes questions in its BERT's multi_modal mode, which computes the pruning but never applies it
 )
 
 
@@ -57,6 +59,8 @@ def resolve_text_config(cfg: dict) -> dict:
     if not 0 <= cfg["fusion_layers"] <= cfg["depth"]:
         raise ValueError(f"text.fusion_layers {cfg['fusion_layers']} must be in 0..depth ({cfg['depth']})")
     multimodal_keep_rates(cfg)
+    if not isinstance(cfg["question_pruning"], bool):
+        raise ValueError(f"text.question_pruning must be true or false, got {cfg['question_pruning']!r}")
     return cfg
 
 
@@ -242,13 +246,14 @@ class TextEncoder(nn.Module):
         return x
 
     def fuse(self, text: torch.Tensor, attention_mask: torch.Tensor, video: torch.Tensor,
-             video_mask: torch.Tensor | None = None, return_kept: bool = False):
+             video_mask: torch.Tensor | None = None, return_kept: bool = False, prune: bool = True):
         """Fusion layers over text [B, L, D] and video tokens [B, 1 + N, Dv] (CLS first).
 
         After each fusion layer with a keep rate q < 1 (multimodal_keep_rates), the next layers see
-        only the video CLS plus the top ceil(q N) regional tokens by text-[CLS] cross-attention.
+        only the video CLS plus the top ceil(q N) regional tokens by text-[CLS] cross-attention;
+        prune=False keeps every token (QA questions with text.question_pruning false).
         """
-        rates = multimodal_keep_rates(self.cfg)
+        rates = multimodal_keep_rates(self.cfg) if prune else [1.0] * self.cfg["fusion_layers"]
         mask = additive_mask(attention_mask, text.dtype)
         if video_mask is None:
             video_mask = torch.ones(video.shape[:2], dtype=torch.long, device=video.device)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from svitt.config import merge_preset
-from svitt.models.relative_position import table_size, token_positions
-from svitt.models.sparse_attention import KERNELS, attention, make_layout
+from svitt.models.relative_position import TEMPORAL_RESIZES, table_size, token_positions
+from svitt.models.sparse_attention import CLS_SCORES, KERNELS, attention, make_layout
 from svitt.models.token_pruning import prune_tokens
 
 VIDEO_PRESETS = {
@@ -33,6 +33,10 @@ VIDEO_PRESETS = {
 }
 
 TEMPORAL = ("joint", "late")
+# Where this project's model and the released SViTT code differ (docs/fidelity.md): each way is a setting.
+POOLINGS = ("cls", "mean")
+FUSION_NORMS = ("shared", "separate")
+PRUNE_SCORES = CLS_SCORES  # ("renormalised", "raw")
 
 VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
     preset=None,  # "beit_base" or "tiny": a set of the keys below; explicit keys override it
@@ -59,6 +63,18 @@ VIDEO_DEFAULTS = dict(  # every key of model.video, documented here once
     seed=0,  # of the random-block generator (edge sparsity)
     temporal="joint",  # joint: one sequence over the clip | late: each frame alone, CLS mean-pooled (order-blind control)
     init_std=0.02,  # BEiT's; from-scratch tiny models train faster with more
+    # How the model reads BEiT, where the paper's text and the released code differ (docs/fidelity.md):
+    layer_norm_eps=1e-6,  # every LayerNorm here: timm's BEiT 1e-6; the released code (HF BEiT config) 1e-12
+    pooling="cls",  # the clip summary VTC projects: cls (the normed [CLS], the paper's text) | mean (the
+    # norm of the mean regional token: BEiT-ft22k's fc_norm pooling, the released code)
+    fusion_norm="shared",  # the norm of the tokens the fusion layers see: shared (`norm`, the summary's) |
+    # separate (`fusion_norm`, a LayerNorm of its own, newly initialised: the released vision_layernorm)
+    prune_score="renormalised",  # visual pruning rank: renormalised (each head's CLS attention over the
+    # regional tokens, eq. 10, then the mean over heads) | raw (the mean over heads of CLS's softmax over
+    # [CLS, tokens]: the released code)
+    temporal_resize="symmetric",  # relative tables at a new clip length: symmetric (offset d' takes
+    # round-half-away(d' T_src / T_dst)) | interpolate_nearest (torch's nearest over the 2T-1 offsets:
+    # the released code, asymmetric)
 )
 
 
@@ -114,8 +130,13 @@ def resolve_video_config(cfg: dict) -> dict:
     if cfg["attention_kernel"] not in KERNELS:
         raise ValueError(f"video.attention_kernel must be one of {KERNELS}, "
                          f"got {cfg['attention_kernel']!r}")
-    if cfg["temporal"] not in TEMPORAL:
-        raise ValueError(f"video.temporal must be one of {TEMPORAL}, got {cfg['temporal']!r}")
+    for key, allowed in (("temporal", TEMPORAL), ("pooling", POOLINGS), ("fusion_norm", FUSION_NORMS),
+                         ("prune_score", PRUNE_SCORES), ("temporal_resize", TEMPORAL_RESIZES)):
+        if cfg[key] not in allowed:
+            raise ValueError(f"video.{key} must be one of {allowed}, got {cfg[key]!r}")
+    eps = cfg["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"video.layer_norm_eps must be a number in (0, 1), got {eps!r}")
     _keep_rates(cfg)
     return cfg
 
@@ -177,9 +198,11 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """BEiT attention (q and v biases, no k bias) with a per-layer 3D relative position table."""
 
-    def __init__(self, width: int, heads: int, grid: tuple[int, int, int], qkv_bias: bool):
+    def __init__(self, width: int, heads: int, grid: tuple[int, int, int], qkv_bias: bool,
+                 prune_score: str = "renormalised"):
         super().__init__()
         self.heads = heads
+        self.prune_score = prune_score
         self.grid = grid
         self.qkv = nn.Linear(width, width * 3, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(width)) if qkv_bias else None
@@ -196,7 +219,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out, cls_attn = attention(q, k, v, self.relative_position_bias_table, pos, self.grid,
-                                  layout, kernel, need_cls_attn)
+                                  layout, kernel, need_cls_attn, cls_score=self.prune_score)
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), cls_attn
 
 
@@ -205,10 +228,10 @@ class Block(nn.Module):
         super().__init__()
         width = cfg["width"]
         self.keep_rate = keep_rate
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = Attention(width, cfg["heads"], grid, cfg["qkv_bias"])
+        self.norm1 = nn.LayerNorm(width, eps=cfg["layer_norm_eps"])
+        self.attn = Attention(width, cfg["heads"], grid, cfg["qkv_bias"], cfg["prune_score"])
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, eps=cfg["layer_norm_eps"])
         self.mlp = Mlp(width, int(width * cfg["mlp_ratio"]))
         init = cfg["layer_scale_init"]
         self.gamma_1 = nn.Parameter(torch.full((width,), float(init))) if init else None
@@ -232,7 +255,9 @@ class VideoEncoder(nn.Module):
     """SViTT video encoder f_v.
 
     forward(video [B, T, 3, H, W]) -> hidden states [B, 1 + N', D], CLS first, after the last
-    block and before the final norm (`self.norm`, applied by the caller).
+    block and before any norm; the caller takes `pool(hidden)` (the clip summary VTC projects) and
+    `fusion_tokens(hidden)` (what the fusion layers attend to), as video.pooling and
+    video.fusion_norm say.
     """
 
     def __init__(self, cfg: dict):
@@ -252,7 +277,9 @@ class VideoEncoder(nn.Module):
         rates = torch.linspace(0, cfg["drop_path"], cfg["depth"], device="cpu").tolist()  # CPU: also under a meta default device
         self.blocks = nn.ModuleList(
             Block(cfg, self.grid, rates[i], keep.get(i + 1, 1.0)) for i in range(cfg["depth"]))
-        self.norm = nn.LayerNorm(cfg["width"], eps=1e-6)
+        self.norm = nn.LayerNorm(cfg["width"], eps=cfg["layer_norm_eps"])  # BEiT's fc_norm when loaded
+        if cfg["fusion_norm"] == "separate":
+            self.fusion_norm = nn.LayerNorm(cfg["width"], eps=cfg["layer_norm_eps"])
         self.layout_generator = torch.Generator().manual_seed(int(cfg["seed"]))
         self._init_weights()
 
@@ -276,6 +303,25 @@ class VideoEncoder(nn.Module):
         for i, block in enumerate(self.blocks):  # BEiT's depth-scaled output init
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, 1 + N, D] -> the clip summary [B, D] (video.pooling): the normed CLS, or the
+        norm of the mean regional token (BEiT's fc_norm pooling)."""
+        if self.cfg["pooling"] == "mean":
+            return self.norm(hidden[:, 1:].mean(1))
+        return self.norm(hidden[:, 0])
+
+    def fusion_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, 1 + N, D] -> the tokens the fusion layers attend to, normed by video.fusion_norm."""
+        return (self.fusion_norm if self.cfg["fusion_norm"] == "separate" else self.norm)(hidden)
+
+    def outputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, 1 + N, D] -> (fusion tokens [B, 1 + N, D], clip summary [B, D]); with the CLS
+        summary and a shared norm the summary is the fusion tokens' CLS (one norm computed)."""
+        tokens = self.fusion_tokens(hidden)
+        if self.cfg["pooling"] == "cls" and self.cfg["fusion_norm"] == "shared":
+            return tokens, tokens[:, 0]
+        return tokens, self.pool(hidden)
 
     @property
     def edge_sparse(self) -> bool:

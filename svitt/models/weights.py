@@ -4,6 +4,7 @@ Only tensors are ever read: safetensors, or torch.load(..., weights_only=True).
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -28,7 +29,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "omegaconf" in str(error):  # {"model", "config": DictConfig, ...} of the released SViTT code
+            raise ValueError(f"{path} holds an OmegaConf config, as checkpoints of the released SViTT code do: "
+                             f"convert it with workflow_scripts/import_released.py (svitt.models.released)") from None
+        raise
     for key in ("model", "module", "state_dict"):  # common wrappers of published checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -133,7 +140,9 @@ def _inflate_patch_embed(weight: torch.Tensor, target: torch.Tensor) -> torch.Te
 def video_checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict:
     """Adapt an image BEiT (timm or HF) or a video encoder checkpoint to `model` (a VideoEncoder):
     relative position tables are tiled/resized over time, the patch embedding inflated over
-    tubelets, classifier heads dropped, the final norm taken from `fc_norm` or `norm`."""
+    tubelets, classifier heads dropped, the final norm (the clip summary's) taken from `fc_norm` or
+    `norm`; a separate fusion norm (video.fusion_norm) keeps its fresh init, as the released model's
+    vision_layernorm does."""
     if _is_hf_beit(state_dict):
         state_dict = _hf_beit_to_timm(state_dict)
     target = model.state_dict()
@@ -147,7 +156,8 @@ def video_checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict
             continue
         if key.endswith(TABLE_KEY):
             grid = model.grid
-            value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid)
+            value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid,
+                                 model.cfg["temporal_resize"])
         elif key == "patch_embed.proj.weight":
             value = _inflate_patch_embed(value, target[key])
         elif key == POS_KEY:
@@ -157,6 +167,9 @@ def video_checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict
         out[POS_KEY] = target[POS_KEY]
     if "norm.weight" not in out and "norm.weight" in target:  # e.g. a checkpoint without final norm
         out["norm.weight"], out["norm.bias"] = target["norm.weight"], target["norm.bias"]
+    for key in ("fusion_norm.weight", "fusion_norm.bias"):  # video.fusion_norm separate: new, as released
+        if key in target and key not in out:
+            out[key] = target[key]
     missing = sorted(set(target) - set(out))
     if missing:
         raise ValueError(f"checkpoint is not a BEiT image/video encoder of this layout: missing "
@@ -193,7 +206,7 @@ def bert_checkpoint_filter_fn(state_dict: dict, prefix_map: dict[str, str]) -> d
 
 
 def adapt_svitt_state_dict(state_dict: dict, model: torch.nn.Module) -> dict:
-    """A previous stage's SViTT state dict -> this model: the temporal axis of every video
+    """A previous stage's SViTT state dict -> this model (SViTT or VideoQA): the temporal axis of every video
     relative position table is resized (eq. 23-27); any other shape mismatch is an error naming
     the tensors."""
     target = model.state_dict()
@@ -202,7 +215,8 @@ def adapt_svitt_state_dict(state_dict: dict, model: torch.nn.Module) -> dict:
     for key, value in state_dict.items():
         if key.endswith(TABLE_KEY) and key.startswith("video_encoder.") and key in target:
             if value.shape[0] != table_size(grid):
-                value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid)
+                value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid,
+                                     model.video_encoder.cfg["temporal_resize"])
         elif key == "video_encoder." + POS_KEY and key in target and value.shape != target[key].shape:
             value = resize_pos_embed(value, _pos_grid(value, grid[1:]), grid)
         elif key == "video_encoder.patch_embed.proj.weight" and key in target:
