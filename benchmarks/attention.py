@@ -263,7 +263,9 @@ def build_layer(variant: str, grid, size: LayerSize = BEIT_B) -> nn.Module:
 
 
 def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.dtype,
-            size: LayerSize = BEIT_B) -> dict:
+            size: LayerSize = BEIT_B, autocast: torch.dtype | None = None) -> dict:
+    """One (variant, T): weights and input in `dtype`; with `autocast` (bf16 / fp16) the step runs
+    under torch.autocast as training does (fp32 weights and table, half-precision q, k, v)."""
     torch.manual_seed(0)
     grid = (frames, size.side, size.side)
     layer = build_layer(variant, grid, size).to(device, dtype)
@@ -272,11 +274,13 @@ def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.d
             p.normal_(0, 0.02)
     n = 1 + frames * size.side * size.side
     x = torch.randn(1, n, size.width, device=device, dtype=dtype, requires_grad=True)
-    upstream = torch.randn(1, n, size.width, device=device, dtype=dtype)
+    upstream = torch.randn(1, n, size.width, device=device, dtype=autocast or dtype)
     params = [x, *layer.parameters()]
 
     def step():
-        layer(x).backward(upstream)
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+            out = layer(x)
+        out.backward(upstream)
         for p in params:
             p.grad = None
 

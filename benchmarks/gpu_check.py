@@ -92,7 +92,7 @@ class Profile:
     ddp_model: dict
     image_size: int
     vocab_size: int
-    layer_dtype: torch.dtype  # the attention layer benchmark's dtype
+    layer_autocast: torch.dtype  # the attention layer runs under autocast, as training does
     batches: tuple[int, ...]  # training batch ladder
     memory_cap: int | None  # bytes a step may use where the device cannot say (CPU)
     repeats: int  # timed steps after the warm-up
@@ -115,7 +115,7 @@ TINY_MODEL = {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny
 PROFILES = {
     "cuda": Profile(
         name="cuda", device="cuda", layer=attention_bench.BEIT_B, model=TRAIN_STEP_SIZES["base"],
-        ddp_model=TINY_MODEL, image_size=224, vocab_size=30522, layer_dtype=torch.bfloat16,
+        ddp_model=TINY_MODEL, image_size=224, vocab_size=30522, layer_autocast=torch.bfloat16,
         batches=tuple(range(2, 16, 2)) + tuple(range(16, 64, 8)) + tuple(range(64, 256, 16))
         + tuple(range(256, 513, 32)), memory_cap=None, repeats=2),
     "dry": Profile(
@@ -124,7 +124,7 @@ PROFILES = {
                                         block_size=8),
         model={"video": {"preset": "tiny", "tubelet_frames": 1}, "text": {"preset": "tiny", "vocab_size": 1000},
                "embed_dim": 16},
-        ddp_model=TINY_MODEL, image_size=32, vocab_size=1000, layer_dtype=torch.bfloat16,
+        ddp_model=TINY_MODEL, image_size=32, vocab_size=1000, layer_autocast=torch.bfloat16,
         batches=(2, 4, 6, 8), memory_cap=64 << 20, repeats=1,
         cpu_threads=1),  # tiny ops: one thread is ~5x faster than two on a loaded 2-core machine
 }
@@ -593,9 +593,10 @@ def sdpa_eligibility(profile: Profile, frames: int) -> dict:
         return {}
     size = profile.layer
     n = 1 + frames * size.side ** 2
-    q, k, v = (torch.empty(1, size.heads, n, size.head_dim, device="cuda", dtype=profile.layer_dtype,
-                           requires_grad=True) for _ in range(3))
-    bias = torch.empty(1, size.heads, n, n, device="cuda", dtype=profile.layer_dtype, requires_grad=True)
+    dtype = profile.layer_autocast  # the dense path casts the bias to q's dtype
+    q, k, v = (torch.empty(1, size.heads, n, size.head_dim, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    bias = torch.empty(1, size.heads, n, n, device="cuda", dtype=dtype, requires_grad=True)
     out = {}
     for label, mask in (("with_bias", bias), ("no_bias", None)):
         try:
@@ -609,14 +610,15 @@ def sdpa_eligibility(profile: Profile, frames: int) -> dict:
 
 
 def attention_layer(profile: Profile, frames: int, **_) -> dict:
-    """benchmarks/attention.py's layer (q/k/v projection + attention + backward, batch 1) per
-    variant: time of the best step after a warm-up, peak memory above the state before it."""
+    """benchmarks/attention.py's layer (q/k/v projection + attention + backward, batch 1, fp32
+    weights under bf16 autocast as in training) per variant: time of the best step after a
+    warm-up, peak memory above the state before it."""
     rows = []
     for variant in LAYER_VARIANTS:
         row = {"variant": variant}
         try:
-            row.update(attention_bench.run_one(variant, frames, profile.device, profile.repeats,
-                                               profile.layer_dtype, profile.layer), status="ok")
+            row.update(attention_bench.run_one(variant, frames, profile.device, profile.repeats, torch.float32,
+                                               profile.layer, autocast=profile.layer_autocast), status="ok")
         except NotImplementedError as error:
             if profile.device == "cuda":
                 row.update(status="error", error=short(error))
@@ -635,7 +637,7 @@ def attention_layer(profile: Profile, frames: int, **_) -> dict:
             row["memory_vs_dense"] = row["peak_bytes"] / max(dense["peak_bytes"], 1)
     failed = [r for r in rows if r["status"] == "error"]
     return {"status": "error" if failed else "ok", "frames": frames, "tokens": 1 + frames * profile.layer.side ** 2,
-            "dtype": str(profile.layer_dtype)[6:], "rows": rows, "sdpa": sdpa_eligibility(profile, frames)}
+            "autocast": str(profile.layer_autocast)[6:], "rows": rows, "sdpa": sdpa_eligibility(profile, frames)}
 
 
 # ---------------------------------------------------------------- part 3: training steps
@@ -662,12 +664,17 @@ def free_bytes(profile: Profile) -> int:
     return torch.cuda.mem_get_info()[0]
 
 
+def linear_fit(probe: dict) -> tuple[float, float]:
+    """(bytes per clip, fixed bytes) of the step's peak from two probe batches."""
+    (b0, p0), (b1, p1) = sorted(probe.items())
+    per_clip = max((p1 - p0) / (b1 - b0), 1.0)
+    return per_clip, p0 - per_clip * b0
+
+
 def predict_batch(probe: dict, free: int, ladder: tuple[int, ...]) -> tuple[int, list[int]]:
     """From the step's peak at two probe batches (linear in the batch): the largest batch whose
     peak stays within 90% of the free memory, and the ladder's batches from there down."""
-    (b0, p0), (b1, p1) = sorted(probe.items())
-    per_clip = max((p1 - p0) / (b1 - b0), 1.0)
-    fixed = p0 - per_clip * b0
+    per_clip, fixed = linear_fit(probe)
     predicted = int((0.9 * free - fixed) // per_clip)
     candidates = sorted((b for b in ladder if b <= predicted), reverse=True) or [min(ladder)]
     return predicted, candidates
@@ -773,6 +780,10 @@ def train_item(profile: Profile, mode: str, frames: int, deadline: float, precis
     out.update(oom=ooms)
     if result is None:
         return {**out, "status": "error", "error": stopped}
+    if batch is None:  # the probe ran the gather kernel (fp32 copies of q, k, v): say what the step kept
+        _, fixed = linear_fit(probe)
+        per_clip = max((result["step_peak_bytes"] - fixed) / result["batch"], 1.0)
+        out["predicted_max_batch_from_timed_step"] = int((0.9 * free - fixed) // per_clip)
     return {**out, **result, "status": "ok"}
 
 
@@ -1019,7 +1030,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {item['name']} | | | | | {_item_note(item)} |")
         lines.append("")
     if "attention" in parts:
-        lines += ["## One attention layer, forward + backward (batch 1)", "",
+        lines += ["## One attention layer, forward + backward (batch 1, bf16 autocast)", "",
                   "| T | N | variant | time (ms) | peak (MB) | time / dense | memory / dense |",
                   "|---|---|---|---|---|---|---|"]
         for item in parts["attention"]:
