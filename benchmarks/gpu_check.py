@@ -727,7 +727,8 @@ class Trainer:
 
     def probe(self) -> dict:
         """The step's peak at the two probe batches, with the gather kernel: it compiles nothing
-        and keeps what FlexAttention keeps (q, k, v, output, log-sum-exp)."""
+        and keeps what FlexAttention keeps (q, k, v, output, log-sum-exp), though q, k, v as fp32
+        copies where FlexAttention keeps them in bf16: the prediction errs low."""
         encoder_cfg = self.model.video_encoder.cfg
         kernel, encoder_cfg["attention_kernel"] = encoder_cfg["attention_kernel"], "gather"
         try:
@@ -912,7 +913,13 @@ def run_part(profile: Profile, part: str, names: list[str], deadline: float) -> 
     """The part's items in worker processes: one worker, and after a worker dies a new one for
     the items it left (the item it was on is reported as an error with its stderr)."""
     results, pending = [], list(names)
+    planned = {i.name: planned_seconds(profile, i) for i in PLAN}
     while pending:
+        left = deadline - time.time()
+        if left < WORKER_START_S[profile.name] + min(planned.get(n, 0) for n in pending):
+            results += [{"name": n, "status": "skip", "reason": f"budget: {max(left, 0):.0f} s left for the part"}
+                        for n in pending]
+            break
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--deadline", str(deadline),
                "--items", *pending] + (["--dry"] if profile.name == "dry" else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -1014,7 +1021,7 @@ def _mb(value):
 def markdown(report: dict) -> str:
     env = report.get("environment", {})
     lines = [f"# GPU check ({report['mode']})", "",
-             f"torch {report['torch']}, CUDA {env.get('cuda')}, device {env.get('device', '?')}, "
+             f"torch {report['torch']}, CUDA {report['cuda']}, device {env.get('device', '(not recorded)')}, "
              f"wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget "
              f"(planned {report['planned']['total']:.0f} s); {report['summary']}", ""]
     parts = report["parts"]
@@ -1120,6 +1127,7 @@ def main(argv=None) -> int:
              for part in args.parts}
     env = next((i.get("environment") for i in parts.get("correctness", []) if i["name"] == "environment"), None)
     report = {"check": "benchmarks/gpu_check.py", "mode": profile.name, "torch": torch.__version__,
+              "cuda": torch.version.cuda,
               "python": platform.python_version(), "environment": env or {}, "budget_s": budget,
               "planned": plan, "wall_s": time.time() - start, "parts": parts, "summary": summary(parts),
               "paper": paper_comparisons(parts.get("training", [])),

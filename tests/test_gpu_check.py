@@ -170,6 +170,14 @@ def test_a_dead_worker_costs_its_item_and_a_new_worker_runs_the_rest():
     assert results[1]["status"] == "ok"
 
 
+def test_a_part_with_no_time_left_starts_no_worker_and_says_so():
+    start = time.monotonic()
+    results = gc.run_part(DRY, "training", ["dense_T4", "ego_k3"], time.time() + 1)
+    assert [(r["name"], r["status"]) for r in results] == [("dense_T4", "skip"), ("ego_k3", "skip")]
+    assert all(r["reason"].startswith("budget") for r in results)
+    assert time.monotonic() - start < 1  # no worker process was started
+
+
 def test_the_real_runs_plan_fits_in_eight_minutes():
     plan = gc.plan_summary(gc.PROFILES["cuda"])
     assert plan["total"] < 8 * 60 and plan["total"] <= gc.DEFAULT_BUDGET_S["cuda"]
