@@ -182,3 +182,10 @@ def test_the_real_runs_plan_fits_in_eight_minutes():
     plan = gc.plan_summary(gc.PROFILES["cuda"])
     assert plan["total"] < 8 * 60 and plan["total"] <= gc.DEFAULT_BUDGET_S["cuda"]
     assert sum(p["total"] for k, p in plan.items() if k != "total") == plan["total"]
+
+
+def test_the_readme_and_the_makefile_give_the_same_command():
+    command = "PYTHONPATH=. python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json"
+    assert command in (ROOT / "README.md").read_text()
+    make = subprocess.run(["make", "-n", "gpu-check", "PYTHON=python"], cwd=ROOT, capture_output=True, text=True)
+    assert make.stdout.strip() == command
