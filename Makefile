@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds test clean-demo
+.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds test gpu-check gpu-check-dry \
+	clean-demo
 
 install: $(VENV)/.installed
 
@@ -54,6 +55,14 @@ readme-seeds: install  # the same after `make demo-seeds`: the tables show the m
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
+
+# The prepared GPU check (benchmarks/gpu_check.py, docs/attention.md): under 8 minutes on one H100.
+# It needs no venv: a GPU machine's own Python with torch runs it (no Snakemake, decord or network).
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
+
+gpu-check-dry: install  # the same code on the CPU at a tiny size (also run by `make test`)
+	PYTHONPATH=. $(BIN)/python benchmarks/gpu_check.py --dry
 
 clean-demo:
 	rm -rf results resources logs .snakemake

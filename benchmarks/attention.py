@@ -16,7 +16,12 @@ bias table all get gradients). Variants:
   sdpa_table    torch SDPA with the bias gathered from the table through a stored index (timm BEiT)
   sdpa_fixed    torch SDPA with a fixed additive [H, N, N] bias held outside the step
   sdpa_learned  torch SDPA with a learned [H, N, N] bias parameter (requires_grad)
-  flex          FlexAttention with the block mask (CUDA only)
+  flex          FlexAttention with the block mask (CUDA only: no backward on the CPU)
+  sdpa_nobias   torch SDPA without any bias: the flash kernel where it applies, the floor of a
+                dense layer (asked for by name only, as flex; benchmarks/gpu_check.py runs it)
+
+The layer's size is a LayerSize (BEiT-B by default); benchmarks/gpu_check.py runs the same layer
+at a tiny size for its dry run.
 
 Each (variant, T) runs in its own process, rounds alternate the variants; time is the best step
 after a warm-up, memory the peak above the post-warm-up state (CPU: peak RSS of the timed steps
@@ -33,6 +38,7 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -44,9 +50,31 @@ from svitt.models.relative_position import (lookup, relative_index, sequence_ind
 from svitt.models.sparse_attention import attention, make_layout
 
 HEADS, HEAD_DIM, SIDE = 12, 64, 14
-WIDTH = HEADS * HEAD_DIM
 BLOCKS = dict(local_blocks=1, random_blocks=3, block_size=56)
 VARIANTS = ("gather", "gather_v1", "dense", "released", "sdpa_table", "sdpa_fixed", "sdpa_learned")
+BY_NAME = ("flex", "sdpa_nobias")  # run only when asked for
+
+
+class LayerSize(NamedTuple):  # not a dataclass: tests load this file without registering it
+    """Heads, head width, patches per side of a frame and the block sparsity (K_l, K_r, G)."""
+    heads: int = HEADS
+    head_dim: int = HEAD_DIM
+    side: int = SIDE
+    local_blocks: int = BLOCKS["local_blocks"]
+    random_blocks: int = BLOCKS["random_blocks"]
+    block_size: int = BLOCKS["block_size"]
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def blocks(self) -> dict:
+        return dict(local_blocks=self.local_blocks, random_blocks=self.random_blocks,
+                    block_size=self.block_size)
+
+
+BEIT_B = LayerSize()
 
 
 # --- the gather kernel before issue 14 (plain autograd keeps logits, bias and gathered blocks) ---
@@ -181,69 +209,78 @@ class ReleasedSparseAttention(nn.Module):
 class ProjectLayer(nn.Module):
     """The project's q/k/v projection (BEiT: q and v biases) and attention(...)."""
 
-    def __init__(self, grid, kernel):
+    def __init__(self, grid, kernel, size: LayerSize = BEIT_B):
         super().__init__()
-        self.grid, self.kernel = grid, kernel
-        self.qkv = nn.Linear(WIDTH, 3 * WIDTH, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(WIDTH))
-        self.v_bias = nn.Parameter(torch.zeros(WIDTH))
-        self.table = nn.Parameter(torch.zeros(table_size(grid), HEADS))
+        self.grid, self.kernel, self.size = grid, kernel, size
+        width, heads = size.width, size.heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.table = nn.Parameter(torch.zeros(table_size(grid), heads))
         self.generator = torch.Generator().manual_seed(0)
         if kernel == "sdpa_learned":  # [1, H, N, N], built outside the step
-            self.fixed_bias = nn.Parameter(torch.randn(1, HEADS, self.tokens, self.tokens))
+            self.fixed_bias = nn.Parameter(torch.randn(1, heads, self.tokens, self.tokens))
         if kernel == "sdpa_fixed":
-            self.register_buffer("fixed_bias", torch.randn(1, HEADS, self.tokens, self.tokens))
+            self.register_buffer("fixed_bias", torch.randn(1, heads, self.tokens, self.tokens))
         if kernel == "sdpa_table":  # timm BEiT: a stored index, the table gathered every step
             self.register_buffer("index", sequence_index(token_positions(grid)[None], grid)[0].long())
 
     @property
     def tokens(self) -> int:
-        return 1 + self.grid[0] * SIDE * SIDE
+        return 1 + self.grid[0] * self.grid[1] * self.grid[2]
 
     def forward(self, x):
         b, n, _ = x.shape
+        size = self.size
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, HEADS, HEAD_DIM)
+        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, size.heads, size.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         pos = token_positions(self.grid, x.device)[None]
         if self.kernel.startswith("sdpa"):
             if self.kernel == "sdpa_table":
-                mask = self.table[self.index.view(-1)].view(n, n, HEADS).permute(2, 0, 1)[None]
+                mask = self.table[self.index.view(-1)].view(n, n, size.heads).permute(2, 0, 1)[None]
+            elif self.kernel == "sdpa_nobias":
+                mask = None
             else:
                 mask = self.fixed_bias
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif self.kernel == "dense":
             out, _ = attention(q, k, v, self.table, pos, self.grid, None, "dense")
         else:
-            layout = make_layout(n - 1, BLOCKS["block_size"], BLOCKS["local_blocks"],
-                                 BLOCKS["random_blocks"], self.generator, x.device)
+            layout = make_layout(n - 1, size.block_size, size.local_blocks, size.random_blocks,
+                                 self.generator, x.device)
             if self.kernel == "gather_v1":
                 out = gather_v1(q, k, v, self.table, pos, self.grid, layout)
             else:
                 out, _ = attention(q, k, v, self.table, pos, self.grid, layout, self.kernel)
-        return out.transpose(1, 2).reshape(b, n, WIDTH)
+        return out.transpose(1, 2).reshape(b, n, size.width)
 
 
-def build_layer(variant: str, grid) -> nn.Module:
+def build_layer(variant: str, grid, size: LayerSize = BEIT_B) -> nn.Module:
     if variant == "released":
-        return ReleasedSparseAttention(grid, HEADS, HEAD_DIM, **BLOCKS)
-    return ProjectLayer(grid, variant)
+        return ReleasedSparseAttention(grid, size.heads, size.head_dim, **size.blocks)
+    return ProjectLayer(grid, variant, size)
 
 
-def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.dtype) -> dict:
+def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.dtype,
+            size: LayerSize = BEIT_B, autocast: torch.dtype | None = None) -> dict:
+    """One (variant, T): weights and input in `dtype`; with `autocast` (bf16 / fp16) the step runs
+    under torch.autocast as training does (fp32 weights and table, half-precision q, k, v)."""
     torch.manual_seed(0)
-    grid = (frames, SIDE, SIDE)
-    layer = build_layer(variant, grid).to(device, dtype)
+    grid = (frames, size.side, size.side)
+    layer = build_layer(variant, grid, size).to(device, dtype)
     with torch.no_grad():
         for p in layer.parameters():  # non-trivial weights: zero tables and biases are special
             p.normal_(0, 0.02)
-    n = 1 + frames * SIDE * SIDE
-    x = torch.randn(1, n, WIDTH, device=device, dtype=dtype, requires_grad=True)
-    upstream = torch.randn(1, n, WIDTH, device=device, dtype=dtype)
+    n = 1 + frames * size.side * size.side
+    x = torch.randn(1, n, size.width, device=device, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(1, n, size.width, device=device, dtype=autocast or dtype)
     params = [x, *layer.parameters()]
 
     def step():
-        layer(x).backward(upstream)
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+            out = layer(x)
+        out.backward(upstream)
         for p in params:
             p.grad = None
 
@@ -253,8 +290,8 @@ def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.d
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + ("flex",),
-                        help="default: all (flex only on CUDA)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + BY_NAME,
+                        help="default: all but sdpa_nobias (flex only on CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=4, help="timed steps after the warm-up")
@@ -350,7 +387,7 @@ def _targets(summary: list[dict]) -> dict:
 
 def markdown_table(summary: list[dict]) -> str:
     lines = ["| T | variant | time (s) | peak RSS (MB) | allocator peak (MB) |", "|---|---|---|---|---|"]
-    order = VARIANTS + ("flex",)
+    order = VARIANTS + BY_NAME
     for r in sorted(summary, key=lambda r: (r["frames"], order.index(r["variant"]))):
         if "error" in r:
             lines.append(f"| {r['frames']} | {r['variant']} | error | {r['error'][-80:]!r} | |")
