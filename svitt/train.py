@@ -36,7 +36,7 @@ from svitt.grad_cache import cached_step
 from svitt.io import atomic_write_bytes
 from svitt.losses import mask_tokens
 from svitt.models.svitt import SViTT, resolve_model_config
-from svitt.precision import PRECISIONS, autocast, grad_scaler, resolve_precision
+from svitt.precision import PRECISIONS, autocast, autocast_dtype, grad_scaler, resolve_precision
 from svitt.scheduler import cosine_lr, set_lr
 from svitt.stages import VOCABULARY as STAGE_VOCABULARY
 
@@ -500,7 +500,9 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                         save()
         save(finished=True)
         if rank == 0:
-            export_model(model, out_dir, {**_model_info(cfg, step, last), "init": data.init})
+            dtype = autocast_dtype(precision, device)
+            export_model(model, out_dir, {**_model_info(cfg, step, last), "init": data.init,
+                                          "autocast": str(dtype).replace("torch.", "") if dtype else "none"})
             if not cfg["keep_checkpoint"]:
                 ckpt_path.unlink(missing_ok=True)
         dist.barrier()

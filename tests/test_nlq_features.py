@@ -119,3 +119,11 @@ def test_a_capped_video_is_refused():
     check("v", {"timestamps": [0] * 90, "duration": 12.0}, 7.5)
     with pytest.raises(ValueError, match="video v: 50 frames stored over 12.0 s, not 7.5 fps .*max_frames"):
         check("v", {"timestamps": [0] * 50, "duration": 12.0}, 7.5)
+
+
+def test_a_video_recorded_below_the_rate_names_its_own_fps():
+    """A 4 fps source cannot give 7.5 fps windows: the error says so instead of asking for more
+    frames (the rehearsal's first miniature Ego4D videos were 4 fps)."""
+    check = script("nlq_features").check_fixed_rate
+    with pytest.raises(ValueError, match="160 frames stored over 40.0 s, not 7.5 fps .*the video itself has 4 fps"):
+        check("v", {"timestamps": [0] * 160, "duration": 40.0, "source_fps": 4.0}, 7.5)

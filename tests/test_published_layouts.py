@@ -297,3 +297,40 @@ def test_bert_base_uncased_published_naming_loads(tmp_path):
     assert torch.equal(loaded["text_encoder.embeddings.LayerNorm.weight"], state["bert.embeddings.LayerNorm.gamma"])
     assert torch.equal(loaded["text_encoder.encoder.layer.3.output.LayerNorm.bias"],
                        state["bert.encoder.layer.3.output.LayerNorm.beta"])
+
+
+@pytest.mark.parametrize("layout", ["timm", "hf"])
+def test_beit_b_weights_in_both_published_layouts_load_at_full_size(tmp_path, layout):
+    """Random BEiT-B/16 weights at the real size in timm's file layout (a state dict .pth with a
+    21841-class head) and in Hugging Face's BeitForImageClassification folder: the paper's video
+    encoder loads each, with the query / value biases, the layer scales, the per-layer bias
+    tables (tiled over T = 4) and the pooling norm (fc_norm / pooler.layernorm) where they belong."""
+    from safetensors.torch import load_file
+
+    from svitt.models import published
+    from svitt.models.video_encoder import VideoEncoder
+    from svitt.models.weights import load_state_dict_file
+
+    if layout == "timm":
+        path = published.write_timm_beit(tmp_path / "beit.pth")
+        source = torch.load(path, weights_only=True)
+        q_bias, gamma, norm = (source["blocks.11.attn.q_bias"], source["blocks.11.gamma_1"],
+                               source["fc_norm.weight"])
+        table = source["blocks.0.attn.relative_position_bias_table"]
+    else:
+        path = published.write_hf_beit(tmp_path / "beit")
+        source = load_file(str(path / "model.safetensors"))
+        prefix = next(k for k in source if k.endswith("layer.11.attention.attention.query.bias"))
+        q_bias = source[prefix]
+        gamma = source[next(k for k in source if k.endswith("layer.11.lambda_1"))]
+        norm = source[next(k for k in source if "pooler.layernorm.weight" in k)]
+        table = source[next(k for k in source if k.endswith("layer.0.attention.attention.relative_position_bias."
+                                                              "relative_position_bias_table"))]
+    assert table.shape == (732, 12)  # (2*14-1)^2 + 3 rows: BEiT-B/16 at 224 px
+    encoder = VideoEncoder.from_config({"preset": "beit_base", "frames": 4})
+    encoder.load_image_weights(load_state_dict_file(path))
+    loaded = encoder.state_dict()
+    assert torch.equal(loaded["blocks.11.attn.q_bias"], q_bias)
+    assert torch.equal(loaded["blocks.11.gamma_1"], gamma) and torch.equal(loaded["norm.weight"], norm)
+    # T = 4: the spatial table tiled over the 7 temporal offsets, the 3 CLS rows kept
+    assert loaded["blocks.0.attn.relative_position_bias_table"].shape == (7 * 729 + 3, 12)

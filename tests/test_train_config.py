@@ -68,17 +68,20 @@ def test_precision_auto_is_fp32_on_cpu_and_an_explicit_policy_is_kept():
         resolve_precision("fp8", torch.device("cpu"))
 
 
-def test_fp16_on_a_cpu_autocasts_and_scales_the_loss():
-    """The fp16 policy on a CPU: matmuls in float16 under autocast, the loss scaled by the scaler
-    (its first scale 2**16), and the unscaled gradient equals the float32 one within fp16 precision."""
-    from svitt.precision import autocast, grad_scaler
+def test_fp16_on_a_cpu_autocasts_to_bfloat16_and_scales_the_loss():
+    """The fp16 policy on a CPU: 16-bit autocast (bfloat16: the CPU's float16 products are emulated,
+    ~70x slower), the loss scaled by the scaler (its first scale 2**16), and the unscaled gradient
+    equals the float32 one within 16-bit precision. On CUDA the dtype is float16."""
+    from svitt.precision import autocast, autocast_dtype, grad_scaler
 
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(16, 4), torch.randn(8, 16)
     device = torch.device("cpu")
+    assert autocast_dtype("fp16", torch.device("cuda")) == torch.float16
+    assert autocast_dtype("fp32", device) is None
     with autocast("fp16", device):
         out = layer(x)
-    assert out.dtype == torch.float16
+    assert out.dtype == torch.bfloat16
     scaler = grad_scaler("fp16", device)
     assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
     scaler.scale(out.float().pow(2).mean()).backward()
@@ -86,4 +89,4 @@ def test_fp16_on_a_cpu_autocasts_and_scales_the_loss():
     fp16_grad = layer.weight.grad.clone()
     layer.zero_grad()
     layer(x).pow(2).mean().backward()
-    assert torch.allclose(fp16_grad, layer.weight.grad, rtol=1e-2, atol=1e-3)
+    assert torch.allclose(fp16_grad, layer.weight.grad, rtol=2e-2, atol=2e-3)

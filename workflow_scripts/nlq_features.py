@@ -39,11 +39,16 @@ def shard_fps(paths) -> float:
 
 
 def check_fixed_rate(video_id: str, attrs: dict, fps: float) -> None:
-    """A video longer than max_frames / fps was sampled sparser: its windows would not be fps / stride."""
+    """A video sampled sparser than fps (longer than max_frames / fps, or recorded at fewer frames
+    per second) would give windows that are not fps / stride apart."""
     stored, expected = len(attrs["timestamps"]), float(attrs["duration"]) * fps
-    if abs(stored - expected) > 1:
-        raise ValueError(f"video {video_id}: {stored} frames stored over {float(attrs['duration']):.1f} s, "
-                         f"not {fps:g} fps ({expected:.0f} frames): raise the dataset's max_frames")
+    if abs(stored - expected) <= 1:
+        return
+    source_fps = float(attrs.get("source_fps", 0.0))
+    cause = (f"the video itself has {source_fps:g} fps: lower the dataset's fps to at most that"
+             if 0 < source_fps < fps else "raise the dataset's max_frames")
+    raise ValueError(f"video {video_id}: {stored} frames stored over {float(attrs['duration']):.1f} s, "
+                     f"not {fps:g} fps ({expected:.0f} frames): {cause}")
 
 
 def main(argv=None) -> int:
