@@ -15,7 +15,9 @@ def results_of(path):
     """The result files of one model, one per seed (the stage and its `-seed<k>` variants for k in
     pretrain.seeds), so every figure and table shows the mean and each value."""
     stem, suffix = os.path.splitext(path)
-    if split_variant(os.path.basename(stem))[1] is not None:  # a listed seed variant: itself
+    if (
+        split_variant(os.path.basename(stem))[1] is not None
+    ):  # a listed seed variant: itself
         return [path]
     return [path, *(f"{stem}-seed{k}{suffix}" for k in SEEDS)]
 

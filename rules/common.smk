@@ -455,7 +455,8 @@ def dataset_uses():
 
 def _check_layouts():
     """Every annotation file already there must be in a layout its uses accept: a wrong file stops
-    the workflow before any job runs, naming the file, what it holds and what is accepted."""
+    the workflow before any job runs, naming the file, what it holds and what is accepted.
+    """
     for name, uses in dataset_uses().items():
         check_dataset(name, dataset(name), uses)
     nlq = config["evaluation"].get("nlq")
@@ -476,9 +477,12 @@ def finetune_settings(task, name, stage):
     # stage3-seed1: its own entry if listed, else stage3's; finetuned with seed 1
     entries = by_name(section["stages"])
     base, seed = split_variant(stage)
-    cfg = over_defaults(section.get("defaults", {}), entries.get(stage, entries.get(base)))
+    cfg = over_defaults(
+        section.get("defaults", {}), entries.get(stage, entries.get(base))
+    )
     cfg = over_defaults(cfg, by_name(section["datasets"])[name])
-    cfg = over_defaults(cfg, section.get("override") or {})  # over every entry (the rehearsal's)
+    # finetune.<task>.override: over every entry (the rehearsal's batch size and steps)
+    cfg = over_defaults(cfg, section.get("override") or {})
     text = dataset_text_settings(name)
     if text:
         cfg["data"] = {**cfg.get("data", {}), **text}

@@ -334,3 +334,20 @@ def test_beit_b_weights_in_both_published_layouts_load_at_full_size(tmp_path, la
     assert torch.equal(loaded["blocks.11.gamma_1"], gamma) and torch.equal(loaded["norm.weight"], norm)
     # T = 4: the spatial table tiled over the 7 temporal offsets, the 3 CLS rows kept
     assert loaded["blocks.0.attn.relative_position_bias_table"].shape == (7 * 729 + 3, 12)
+
+
+def test_an_annotation_in_no_layout_stops_the_workflow_before_any_job(tmp_path):
+    """configs/paper.yaml with DiDeMo's test split replaced by a file of another layout (here a QA
+    list): Snakemake stops while reading the config, naming the dataset, the file, what it holds and
+    what a retrieval test split must be."""
+    from tests.helpers.workflow import copy_workflow, paper_inputs, snakemake
+
+    workdir = copy_workflow(tmp_path / "w")
+    paper_inputs(workdir)
+    write_json(workdir / "data/anno/didemo_ret_test.json", [{"video": "x.mp4", "question": "q", "answer": "a"}])
+    result = snakemake(workdir, "-n", "all", "--configfile", "configs/paper.yaml", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "dataset 'didemo', annotations: data/anno/didemo_ret_test.json: found a QA JSON list" in output
+    assert "as a retrieval test split it must be one of: retrieval JSON list" in output
+    assert "Job stats" not in output  # nothing was planned, let alone run
