@@ -214,9 +214,9 @@ def test_folder_videos_named_by_their_annotations(tmp_path):
     store = FrameStore(out)
     assert sorted(store.shard_of) == ["u2", "video1.mp4"]
     assert store.attrs("u2")["source"] == str(src / "u2") and store.num_frames("video1.mp4") == 3
-    assert read_failures(failures) == {"gone.mp4": f"not found in folder {src} (looked for "
-                                                   "gone.<mp4|webm|mkv|mov|avi|m4v> or a chunk folder gone/; "
-                                                   "nothing there has a similar name)"}
+    reason = read_failures(failures)["gone.mp4"]
+    assert reason.startswith(f"not found in folder {src} (looked for gone.<mp4|webm|mkv|mov|avi|m4v|")
+    assert reason.endswith("> or a chunk folder gone/; nothing there has a similar name)")
 
 
 def test_several_id_lists_extract_the_union(tmp_path):

@@ -132,6 +132,33 @@ def test_the_published_extension_or_another_one_on_disk(tmp_path):
     assert dl.find_local_video(folder, "../v/clip.mp4") is None  # never outside the folder by its raw name
 
 
+@pytest.mark.parametrize("fmt, codec, ext", [("mpeg", "mpeg1video", ".mpg"), ("asf", "wmv2", ".wmv"),
+                                              ("3gp", "h263", ".3gp")])
+def test_didemo_originals_in_other_containers_are_found_and_decoded(tmp_path, fmt, codec, ext):
+    """DiDeMo's Flickr originals come as .mpg, .wmv, .3gp, ... while Singularity's annotations name
+    .mp4 copies: the video is found under its own container and decoded."""
+    import av
+
+    folder = tmp_path / "didemo"
+    folder.mkdir()
+    stem = "10015567@N08_3655084291_d8b58466fa"
+    with av.open(str(folder / f"{stem}{ext}"), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 176, 144, "yuv420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.full((144, 176, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    annotation = write_json(tmp_path / "a.json", [{"video": f"{stem}.mp4", "caption": ["one", "two"]}])
+    out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
+    assert extract_cli.main(["--videos", str(folder), "--ids", str(annotation), "--out", str(out), "--failures",
+                             str(failures), "--frames", "4", "--no-progress"]) == 0
+    store = FrameStore(out)
+    assert list(store.shard_of) == [f"{stem}.mp4"] and store.num_frames(f"{stem}.mp4") == 4
+
+
 def test_webvid_on_disk_in_the_download_scripts_layout(tmp_path):
     """m-bain/webvid's download.py saves videos/<page_dir>/<videoid>.mp4."""
     folder = tmp_path / "videos"

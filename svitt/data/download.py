@@ -126,6 +126,10 @@ def sniff_video(path: str | Path) -> str:
         return "ogg"
     if len(head) >= 189 and head[0] == 0x47 and head[188] == 0x47:
         return "mpegts"
+    if head[:4] == b"\x00\x00\x01\xba":  # MPEG program stream (.mpg)
+        return "mpeg-ps"
+    if head[:8] == b"\x30\x26\xb2\x75\x8e\x66\xcf\x11":  # ASF (.wmv)
+        return "asf"
     raise VideoCheckError(f"unrecognised content, not a known video container (starts with {head[:16]!r})")
 
 

@@ -47,7 +47,8 @@ VIDEO_LIST_LAYOUTS = ("webvid_csv", "generic_csv", "retrieval_json", "qa_json", 
                       "uid_table")
 CAPTION_LAYOUTS = ("webvid_csv", "generic_csv", "retrieval_json")  # video-text pairs for training
 EGOCLIP_COLUMNS = ("video_uid", "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+# Containers of the published videos (DiDeMo's Flickr originals come in most of them).
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".3gp", ".mpg", ".mpeg", ".wmv", ".flv")
 _SNIFF_BYTES = 1 << 16
 
 
