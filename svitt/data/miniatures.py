@@ -112,6 +112,11 @@ def anet_id(rng) -> str:
     return "v_" + "".join(rng.choice(alphabet, 11))
 
 
+def _uuid(rng) -> str:
+    """A random version-4 UUID string (Ego4D's video, clip and annotation ids)."""
+    return str(uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63)), version=4))
+
+
 def caption(rng) -> str:
     return f"{rng.choice(WORDS)} {rng.choice(ACTIONS)}"
 
@@ -204,8 +209,7 @@ def write_qa(root: Path, rng, name: str, ids_train: list[str], ids_test: list[st
 
 def write_ego4d(root: Path, rng, count: int, videos: bool) -> list[str]:
     """EgoVLP-chunked Ego4D videos, egoclip.csv, egomcq.json and NLQ annotations (v1 train, v2 val)."""
-    uids = [str(uuid.UUID(int=int(rng.integers(0, 2**63)) << 64 | int(rng.integers(0, 2**63)), version=4))
-            for _ in range(count)]
+    uids = [_uuid(rng) for _ in range(count)]
     fps, chunks = 30, (12, 8)  # Ego4D's 30 fps; seconds per chunk: one 20 s timeline in two files
     duration = float(sum(chunks))
     if videos:
@@ -262,14 +266,12 @@ def _write_nlq(path: Path, rng, uids: list[str], version: str, duration: float, 
                 else:
                     texts.append(query)
                 queries.append(entry)
-            clips.append({"clip_uid": str(uuid.UUID(int=int(rng.integers(0, 2**63)), version=4)),
+            clips.append({"clip_uid": _uuid(rng),
                           "video_start_sec": start - (4e-7 if version != "v1" else 0.0),
                           "video_end_sec": start + duration / 2, "video_start_frame": int(start * 30),
                           "video_end_frame": int((start + duration / 2) * 30), "clip_start_sec": 0,
                           "clip_end_sec": duration / 2, "source_clip_uid": uid,
-                          "annotations": [{"language_queries": queries,
-                                           "annotation_uid": str(uuid.UUID(int=int(rng.integers(0, 2**63)),
-                                                                           version=4))}]})
+                          "annotations": [{"language_queries": queries, "annotation_uid": _uuid(rng)}]})
         videos.append({"video_uid": uid, "clips": clips, "split": "train" if version == "v1" else "val"})
     header = {"version": version, "date": "211209" if version == "v1" else "230105",
               "description": f"NLQ Annotations ({'train' if version == 'v1' else 'val'})"}
