@@ -417,9 +417,14 @@ def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# A source video's size and modification time (what a kept partial shard's item must match to be
+# reused): the two runs generate their own copies of the corpus, at other times.
+RUN_ATTRS = ("source_stamp",)
+
+
 def _h5(path: Path, root: Path) -> dict:
-    """Every group and dataset: attributes and contents (JPEG bytes), the working folder's path
-    in them (a video's source file) replaced."""
+    """Every group and dataset: attributes (but RUN_ATTRS) and contents (JPEG bytes), the working
+    folder's path in them (a video's source file) replaced."""
     def value(v):
         if isinstance(v, bytes):
             v = v.decode(errors="surrogateescape")
@@ -434,7 +439,7 @@ def _h5(path: Path, root: Path) -> dict:
     items = {}
     with h5py.File(path, "r") as f:
         def visit(name, obj):
-            entry = {"attrs": {k: value(v) for k, v in obj.attrs.items()}}
+            entry = {"attrs": {k: value(v) for k, v in obj.attrs.items() if k not in RUN_ATTRS}}
             if isinstance(obj, h5py.Dataset):
                 entry.update(shape=obj.shape, dtype=str(obj.dtype), data=value(obj[()]))
             items[name] = entry

@@ -112,7 +112,7 @@ def test_editing_io_settings_reruns_nothing(demo_run):
     assert planned_jobs(demo_run, "configs/io.yaml") == set()
     forced = snakemake(demo_run, "-n", "-p", "--cores", "1", "--configfile", "configs/io.yaml",
                        "--forcerun", "results/pretrain/stage1/model.safetensors", "results/pretrain/stage1/model.safetensors").stdout
-    assert "--checkpoint-every 7 --log-every 3 --num-workers 2" in forced
+    assert "--checkpoint-every 7 --keep-checkpoint True --log-every 3 --num-workers 2" in forced
 
 
 def test_editing_one_stage_reruns_that_stage_and_its_downstream_only(demo_run):
