@@ -42,3 +42,25 @@ def test_gradients_repeat_bit_for_bit_at_the_demo_batch_size(model_and_batch, ob
         again = _gradients(model, batch, objectives)
         differ = [name for name in first if not torch.equal(first[name], again[name])]
         assert not differ, f"{len(differ)} gradients differ between identical passes, e.g. {differ[:3]}"
+
+
+def test_an_exported_model_is_the_same_file_in_every_process(tmp_path):
+    """safetensors writes its metadata map in no fixed order (a hash map seeded per process): the
+    export sorts the header, so the same weights give the same bytes from any process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch\nfrom svitt.checkpoint import export_model\ntorch.manual_seed(0)\n"
+            "export_model(torch.nn.Linear(4, 3), sys.argv[1], {'model_config': {'video': {'frames': 4}}})\n")
+    root = Path(__file__).resolve().parents[1]
+    files = []
+    for k in range(4):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], check=True, cwd=root,
+                       env={"PYTHONPATH": str(root), "PATH": ""})
+        files.append((tmp_path / str(k) / "model.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0" / "model.safetensors"), "pt") as handle:
+        assert handle.metadata()["format"] == "pt" and list(handle.keys()) == ["bias", "weight"]
