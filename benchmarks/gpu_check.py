@@ -510,23 +510,6 @@ def lock_job(out: str, release: str):
     Path(out).write_text(json.dumps(record))
 
 
-def _lease_busy(pool: Path, ids: list[str]) -> bool:
-    """Whether a new lease of `ids` would have to wait (it gives up at its first wait)."""
-    from svitt.devices import acquire
-
-    class Busy(Exception):
-        pass
-
-    def give_up(_):
-        raise Busy
-
-    try:
-        acquire(len(ids), ids, pool, sleep=give_up, log=lambda m: None).release()
-    except Busy:
-        return True
-    return False
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -542,7 +525,7 @@ def gpu_lock(profile: Profile, **_) -> dict:
     """workflow_scripts/launch.py --gpus 1 in a private pool: the launcher counts the devices as
     torch does, the job gets one, holds its lock (stdin) and uses the device; the lock is busy
     while the job runs and free after. Dry: SVITT_NUM_GPUS=1 stands for the count (no device)."""
-    from svitt.devices import gpu_ids
+    from svitt.devices import gpu_ids, would_wait
 
     env = {k: v for k, v in os.environ.items() if k != "SVITT_GPU_POOL" and not k.startswith("SLURM_")}
     if profile.device == "cpu":
@@ -562,11 +545,11 @@ def gpu_lock(profile: Profile, **_) -> dict:
                                 env=env, stderr=subprocess.PIPE, text=True)
         try:
             _wait_for(Path(str(out) + ".started"), proc, 120)
-            busy_while = _lease_busy(pool, ids)
+            busy_while = would_wait(ids, pool)
         finally:
             release.touch()
         code = proc.wait(timeout=120)
-        free_after = not _lease_busy(pool, ids)
+        free_after = not would_wait(ids, pool)
         job = json.loads(out.read_text()) if out.exists() else {}
     size = f"GPUs {','.join(ids)}"
     checks += [

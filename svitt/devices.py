@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -171,6 +170,23 @@ def _busy(fd: int, candidates: list[str]) -> list[str]:
         else:
             busy.append(gpu)
     return busy
+
+
+class _WouldWait(Exception):
+    pass
+
+
+def would_wait(ids: list[str], pool: str | Path | None = None) -> bool:
+    """Whether a lease of exactly `ids` would have to wait now (a probe: it takes and frees them
+    at once when they are free)."""
+    def give_up(_):
+        raise _WouldWait
+
+    try:
+        acquire(len(ids), ids, pool, sleep=give_up, log=lambda m: None).release()
+    except _WouldWait:
+        return True
+    return False
 
 
 def acquire(count: int, candidates: list[str], pool: str | Path | None = None, command: str = "",

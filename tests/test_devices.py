@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from svitt.devices import DEFAULT_POOL, acquire, auto_gpus, gpu_ids
+from svitt.devices import DEFAULT_POOL, acquire, auto_gpus, gpu_ids, would_wait
 from tests.helpers.workflow import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,18 +64,8 @@ def result(out: Path) -> dict:
 
 
 def busy(pool, gpus) -> bool:
-    """Whether a new lease of `gpus` would have to wait (it gives up at its first wait)."""
-    class Busy(Exception):
-        pass
-
-    def give_up(_):
-        raise Busy
-
-    try:
-        acquire(len(gpus), gpus, pool, sleep=give_up, log=lambda m: None).release()
-    except Busy:
-        return True
-    return False
+    """Whether a new lease of `gpus` would have to wait."""
+    return would_wait(gpus, pool)
 
 
 def overlap(a: dict, b: dict) -> bool:
