@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -187,5 +188,11 @@ def test_the_real_runs_plan_fits_in_eight_minutes():
 def test_the_readme_and_the_makefile_give_the_same_command():
     command = "PYTHONPATH=. python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json"
     assert command in (ROOT / "README.md").read_text()
-    make = subprocess.run(["make", "-n", "gpu-check", "PYTHON=python"], cwd=ROOT, capture_output=True, text=True)
+    # Under `make test` the child make would announce its directory; a clean environment and
+    # --no-print-directory keep its output to the command alone.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    make = subprocess.run(
+        ["make", "-n", "--no-print-directory", "gpu-check", "PYTHON=python"],
+        cwd=ROOT, capture_output=True, text=True, env=env,
+    )
     assert make.stdout.strip() == command
