@@ -55,10 +55,11 @@ readme: install  # the README's demo-results section from results/tables/results
 readme-seeds: install  # the same after `make demo-seeds`: the tables show the mean and both seeds
 	$(SNAKEMAKE) --cores 1 readme --configfile configs/demo_seeds.yaml
 
-# The README's temporal-demo section from demo_temporal/results/tables/results.md (written by the
-# DAG of `make demo-temporal`), by the script rule `readme` runs, between other markers.
+# The README's temporal-demo section: the retrieval and twins tables the DAG of `make demo-temporal`
+# wrote (demo_temporal/results/tables/), by the script rule `readme` runs, between other markers.
+TEMPORAL_TABLES = $(foreach t,retrieval twins,demo_temporal/results/tables/$(t)_demo_retrieval.md)
 readme-temporal: install
-	$(BIN)/python workflow_scripts/readme_results.py --results demo_temporal/results/tables/results.md \
+	$(BIN)/python workflow_scripts/readme_results.py --results $(TEMPORAL_TABLES) \
 		--readme README.md --section demo-temporal-results
 
 test: install

@@ -211,6 +211,11 @@ def test_readme_results_write_a_named_section_and_leave_the_other(tmp_path):
     args = ["--results", str(results), "--readme", str(readme), "--section", "demo-temporal-results"]
     assert script("readme_results").main(args) == 0
     assert readme.read_text() == text.replace("\nold\n", "\n| b |\n|---|\n| 2 |\n")
+    other = tmp_path / "other.md"  # several table files: one after the other, a blank line between
+    other.write_text("**T**\n\n| c |\n|---|\n| 3 |\n")
+    args[1:2] = [str(results), str(other)]
+    assert script("readme_results").main(args) == 0
+    assert readme.read_text() == text.replace("\nold\n", "\n| b |\n|---|\n| 2 |\n\n**T**\n\n| c |\n|---|\n| 3 |\n")
 
 
 class _VideoWordModel:

@@ -6,8 +6,10 @@
 The README's results section is then the DAG's result files, never typed by hand (rule `readme`,
 `snakemake --cores 1 readme` after `make demo`). The section between the markers is replaced;
 the rest of the README is kept byte for byte; the write is atomic. --section names the markers
-(<!-- SECTION:start --> ... <!-- SECTION:end -->): `make readme-temporal` writes the tables of
-`make demo-temporal` (demo_temporal/results/tables/results.md) into demo-temporal-results.
+(<!-- SECTION:start --> ... <!-- SECTION:end -->); --results may name several table files (the
+DAG's results/tables/<table>.md), written one after the other: `make readme-temporal` writes the
+retrieval and twins tables of `make demo-temporal` (demo_temporal/results/tables/) into
+demo-temporal-results.
 """
 from __future__ import annotations
 
@@ -38,13 +40,14 @@ def spliced(readme: str, results: str, section: str = SECTION) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, type=Path)
+    p.add_argument("--results", required=True, type=Path, nargs="+")
     p.add_argument("--readme", required=True, type=Path)
     p.add_argument("--section", default=SECTION, help=f"the markers' name (default {SECTION})")
     args = p.parse_args(argv)
     from svitt.io import atomic_write_bytes
 
-    text = spliced(args.readme.read_text(), args.results.read_text(), args.section)
+    results = "\n".join(path.read_text().strip() + "\n" for path in args.results)
+    text = spliced(args.readme.read_text(), results, args.section)
     atomic_write_bytes(args.readme, text.encode())
     return 0
 
