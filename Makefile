@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds test gpu-check gpu-check-dry \
+.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds readme-temporal test \
+	gpu-check gpu-check-dry \
 	clean-demo
 
 install: $(VENV)/.installed
@@ -32,8 +33,9 @@ demo-figures: install  # + the late-fusion control, Table 3's single stages, the
 	$(SNAKEMAKE) all paper_figures $(REPORT)
 
 # The demo that learns order (configs/demo_temporal.yaml: 4x the clips, position embedding, longer
-# stage1). It regenerates the corpus, so it runs in a checkout of its own: demo_temporal/ (a clone
-# of this repository's last commit).
+# stage1; seeds 0 and 1, each stage beside its order-blind late-fusion control). It regenerates the
+# corpus, so it runs in a checkout of its own: demo_temporal/ (a clone of this repository's last
+# commit); report in demo_temporal/results/report.html.
 demo-temporal: install
 	test -d demo_temporal || git clone -q . demo_temporal
 	cd demo_temporal && PATH=$(abspath $(BIN)):$$PATH $(abspath $(BIN))/snakemake --cores $(CORES) all \
@@ -52,6 +54,13 @@ readme: install  # the README's demo-results section from results/tables/results
 
 readme-seeds: install  # the same after `make demo-seeds`: the tables show the mean and both seeds
 	$(SNAKEMAKE) --cores 1 readme --configfile configs/demo_seeds.yaml
+
+# The README's temporal-demo section: the retrieval and twins tables the DAG of `make demo-temporal`
+# wrote (demo_temporal/results/tables/), by the script rule `readme` runs, between other markers.
+TEMPORAL_TABLES = $(foreach t,retrieval twins,demo_temporal/results/tables/$(t)_demo_retrieval.md)
+readme-temporal: install
+	$(BIN)/python workflow_scripts/readme_results.py --results $(TEMPORAL_TABLES) \
+		--readme README.md --section demo-temporal-results
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q

@@ -28,9 +28,11 @@ def seed_files(stage, filename):
 
 
 def retrieval_runs(dataset_name, stages=None):
+    """{stage: results per seed}; by default the curriculum, each stage with its late-fusion
+    control beside it when `all` builds the control (analysis.control.in_all)."""
     return {
         s: results_of(f"results/eval/retrieval/{dataset_name}/{s}.json")
-        for s in (stages or CURRICULUM)
+        for s in (stages or with_controls(CURRICULUM))
     }
 
 
@@ -160,6 +162,8 @@ def analysis_outputs():
         figures += ["egomcq"] + (["probing_egomcq"] if probed("egomcq") else [])
     if ANALYSIS.get("pruning_maps"):
         figures.append("pruning_maps")
+    if control_in_all():
+        figures.append("control")
     out = [f"results/figures/{f}.png" for f in figures] + sweep_figures("sweep", "")
     return (
         out

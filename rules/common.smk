@@ -544,6 +544,22 @@ def eval_stages():
     return CURRICULUM + EXTRA_STAGES
 
 
+def control_in_all():
+    """Whether `all` builds the late-fusion control (analysis.control.in_all)."""
+    control = config["analysis"].get("control")
+    return bool(control and control.get("in_all"))
+
+
+def with_controls(stages):
+    """The stages, each followed by its late-fusion control when analysis.control.in_all lists it
+    (stage1, stage1_late, stage2, ...): the tables and figures show the two side by side."""
+    if not control_in_all():
+        return list(stages)
+    control = config["analysis"]["control"]
+    suffix = f"_{control.get('temporal', 'late')}"
+    return [n for s in stages for n in ([s, s + suffix] if s in control["stages"] else [s])]
+
+
 def retrieval_results(dataset_name, stages=None):
     stages = eval_stages() if stages is None else stages
     return {s: f"results/eval/retrieval/{dataset_name}/{s}.json" for s in stages}
@@ -592,17 +608,31 @@ def final_outputs():
     with their evaluations."""
     return (
         result_files(eval_stages(), EGO_STAGES)
+        + control_outputs()
         + analysis_outputs()
         + nlq_outputs()
         + finetune_outputs()
     )
 
 
+def control_outputs(seeds=(None,)):
+    """The late-fusion control's models and retrieval results when `all` builds it
+    (analysis.control.in_all), for each seed variant; no EgoMCQ (the tables that show the control
+    are retrieval's)."""
+    if not control_in_all():
+        return []
+    stages = [variant(n, k) for k in seeds for n in CONTROL_STAGES]
+    files = stage_files(stages)
+    for d in retrieval_datasets():
+        files += retrieval_results(d, stages).values()
+    return files
+
+
 def seed_outputs():
     """What `seeds` builds: every stage of `all` again for each seed of pretrain.seeds."""
     stages = [variant(n, k) for k in SEEDS for n in eval_stages()]
     egos = [variant(n, k) for k in SEEDS for n in EGO_STAGES]
-    return result_files(stages, egos) + finetune_outputs(SEEDS)
+    return result_files(stages, egos) + control_outputs(SEEDS) + finetune_outputs(SEEDS)
 
 
 def ablation_outputs():

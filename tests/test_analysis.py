@@ -201,6 +201,23 @@ def test_readme_results_replace_only_the_marked_section(tmp_path):
     assert readme.read_text() == "no markers\n"
 
 
+def test_readme_results_write_a_named_section_and_leave_the_other(tmp_path):
+    """--section demo-temporal-results (make readme-temporal) replaces only its own markers' text."""
+    readme, results = tmp_path / "README.md", tmp_path / "results.md"
+    text = ("<!-- demo-results:start -->\ndefault\n<!-- demo-results:end -->\nmid\n"
+            "<!-- demo-temporal-results:start -->\nold\n<!-- demo-temporal-results:end -->\n")
+    readme.write_text(text)
+    results.write_text("| b |\n|---|\n| 2 |\n")
+    args = ["--results", str(results), "--readme", str(readme), "--section", "demo-temporal-results"]
+    assert script("readme_results").main(args) == 0
+    assert readme.read_text() == text.replace("\nold\n", "\n| b |\n|---|\n| 2 |\n")
+    other = tmp_path / "other.md"  # several table files: one after the other, a blank line between
+    other.write_text("**T**\n\n| c |\n|---|\n| 3 |\n")
+    args[1:2] = [str(results), str(other)]
+    assert script("readme_results").main(args) == 0
+    assert readme.read_text() == text.replace("\nold\n", "\n| b |\n|---|\n| 2 |\n\n**T**\n\n| c |\n|---|\n| 3 |\n")
+
+
 class _VideoWordModel:
     """Fusion that ignores the text and returns the clip's first token as every position's state,
     and an MLM head that reads it as vocabulary logits: the predicted word is the clip's word."""

@@ -304,8 +304,11 @@ def test_the_curriculum_ablation_overlay_is_table_3s_single_stages(tmp_path):
 
 def test_the_temporal_demo_overlay_changes_only_data_position_embedding_and_steps(tmp_path):
     """configs/demo_temporal.yaml on config.yaml: 4096 pretraining clips in 4 shards, the
-    position embedding, stage1 for 20 epochs of 64 clips (1280 steps), stage2 at the default demo's
-    128 steps, stage3 at 128 instead of 96; every other stage setting as in config.yaml."""
+    position embedding, stage1 for 20 epochs of 32 clips (2560 steps), stage2 at the default demo's
+    128 steps, stage3 at 128 instead of 96; every other stage setting as in config.yaml. Seeds 0
+    and 1, and the late-fusion control of each stage built by `all` (the default demo builds none)."""
+    import re
+
     import yaml
 
     workdir = copy_workflow(tmp_path)
@@ -318,11 +321,25 @@ def test_the_temporal_demo_overlay_changes_only_data_position_embedding_and_step
         steps = {s: cfg["epochs"] * n // cfg["batch_size"] for s, cfg, n in
                  (("default", default[name], base), ("temporal", temporal[name], 4096))}
         assert steps == {"default": {"stage1": 512, "stage2": 128, "stage3": 96}[name],
-                         "temporal": {"stage1": 1280, "stage2": 128, "stage3": 128}[name]}, name
+                         "temporal": {"stage1": 2560, "stage2": 128, "stage3": 128}[name]}, name
         assert temporal[name]["model"]["video"]["abs_pos_embed"] is True
-        strip = {"epochs", "model"}
+        assert temporal[name]["batch_size"] == {"stage1": 32}.get(name, default[name]["batch_size"])
+        strip = {"epochs", "model", "batch_size"}
         assert {k: v for k, v in temporal[name].items() if k not in strip} == \
             {k: v for k, v in default[name].items() if k not in strip}, name
+        for stage in (f"{name}-seed1", f"{name}_late", f"{name}_late-seed1"):
+            late, seed = stage.startswith(f"{name}_late"), 1 if stage.endswith("-seed1") else 0
+            cfg = temporal[stage]
+            assert cfg["epochs"] == temporal[name]["epochs"] and cfg.get("seed", 0) == seed, stage
+            assert cfg["batch_size"] == temporal[name]["batch_size"], stage
+            assert cfg["model"]["video"].get("temporal", "joint") == ("late" if late else "joint"), stage
+    assert not any("_late" in name for name in default)
+    # the twins table: each stage beside its control, both seeds
+    tables = re.search(r"workflow_scripts/tables\.py .*", out).group(0)
+    rows = re.findall(r"demo_retrieval:(\w+)=results/eval/retrieval/demo_retrieval/([\w-]+)\.json", tables)
+    assert [name for name, _ in rows[::2]] == ["stage1", "stage1_late", "stage2", "stage2_late", "stage3", "stage3_late"]
+    assert all(path in (name, f"{name}-seed1") for name, path in rows)
+    assert "results/figures/control.png" in out
 
 
 def test_every_file_a_figure_or_table_reads_is_planned_over_two_seeds(tmp_path):
