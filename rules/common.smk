@@ -552,12 +552,15 @@ def control_in_all():
 
 def with_controls(stages):
     """The stages, each followed by its late-fusion control when analysis.control.in_all lists it
-    (stage1, stage1_late, stage2, ...): the tables and figures show the two side by side."""
+    (stage1, stage1_late, stage2, ...): the tables and figures show the two side by side.
+    """
     if not control_in_all():
         return list(stages)
     control = config["analysis"]["control"]
     suffix = f"_{control.get('temporal', 'late')}"
-    return [n for s in stages for n in ([s, s + suffix] if s in control["stages"] else [s])]
+    return [
+        n for s in stages for n in ([s, s + suffix] if s in control["stages"] else [s])
+    ]
 
 
 def retrieval_results(dataset_name, stages=None):
