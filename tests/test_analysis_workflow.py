@@ -56,13 +56,14 @@ def test_every_sweep_point_is_its_own_job(tmp_path):
     assert points == {(p, "stage1") for p in expected}
 
 
+@pytest.fixture
+def run(test_dag):
+    return test_dag  # `all paper_figures` at test size, run once and shared with tests/test_workflow.py
+
+
 @pytest.mark.slow
 class TestEndToEnd:
-    """`all` and `paper_figures` at test size, once for this class (shared with tests/test_workflow.py)."""
-
-    @pytest.fixture(scope="class")
-    def run(self, test_dag):
-        return test_dag  # `all paper_figures` at test size, shared with tests/test_workflow.py
+    """`all` and `paper_figures` at test size (the session's one run)."""
 
     def test_every_figure_and_table_is_drawn(self, run):
         figures = ["training_curves", "sparsity", "efficiency", "retrieval_demo_retrieval", "probing_demo_retrieval",
