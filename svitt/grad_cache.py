@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 
-_CONCAT_KEYS = ("attention_mask", "nouns", "verbs", "mlm_labels")  # inputs of the losses
+from svitt.models.objectives import LOSS_INPUTS, LossSettings
 
 
 def _rng_state(model) -> dict:
@@ -45,8 +45,7 @@ def _features(model, batch: dict, objectives) -> dict:
 
 
 def cached_step(model, micro_batches: list[dict], objectives, weights: dict, scaler=None,
-                autocast=contextlib.nullcontext, egonce_temperature: float = 0.05,
-                vtm_hard_fraction: float = 1.0) -> dict[str, float]:
+                autocast=contextlib.nullcontext, settings: LossSettings = LossSettings()) -> dict[str, float]:
     """Forward/backward of one optimiser step; gradients accumulate into model's parameters.
 
     micro_batches: inputs of SViTT.forward (video, input_ids, attention_mask, and as the objectives
@@ -63,11 +62,9 @@ def cached_step(model, micro_batches: list[dict], objectives, weights: dict, sca
     leaves = {k: torch.cat([_pad_text(f[k], length, k) for f in cached]).detach().requires_grad_()
               for k in cached[0]}
     inputs = {k: torch.cat([_pad_text(b[k], length, k) for b in micro_batches])
-              for k in _CONCAT_KEYS if k in micro_batches[0]}
+              for k in LOSS_INPUTS if k in micro_batches[0]}
     with autocast():
-        losses = model.losses(leaves, inputs["attention_mask"], objectives, inputs.get("nouns"),
-                              inputs.get("verbs"), inputs.get("mlm_labels"), egonce_temperature,
-                              vtm_hard_fraction)
+        losses = model.losses(leaves, inputs, objectives, settings)
         total = sum(weights[k] * losses[k] for k in objectives)
     (scaler.scale(total) if scaler is not None else total).backward()
     after = _rng_state(model)

@@ -15,9 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from svitt.io import atomic_path  # noqa: E402
+from svitt.models.objectives import OBJECTIVE_TABLE  # noqa: E402
 from svitt.results import ORDERS, as_runs, load_runs, mean, pick, read_json, read_jsonl  # noqa: E402
 
-LOSS_NAMES = {"loss": "total loss", "vtc": "VTC (InfoNCE)", "egonce": "EgoNCE", "vtm": "VTM", "mlm": "MLM"}
+# The total first, then every objective in the registry's order (a new one gets its panel).
+LOSS_NAMES = {"loss": "total loss", **{o.name: o.label for o in OBJECTIVE_TABLE}}
 TWIN_KINDS = {"time_reversed": "time-reversed twins", "event_order": "event-order twins"}
 
 

@@ -35,13 +35,15 @@ from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, exp
 from svitt.grad_cache import cached_step
 from svitt.io import atomic_write_bytes
 from svitt.losses import mask_tokens
+from svitt.models import objectives as registry
+from svitt.models.objectives import OBJECTIVES, LossSettings
 from svitt.models.svitt import SViTT, resolve_model_config
 from svitt.precision import PRECISIONS, autocast, autocast_dtype, grad_scaler, resolve_precision
 from svitt.scheduler import cosine_lr, set_lr
 from svitt.stages import VOCABULARY as STAGE_VOCABULARY
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1/SVITT_STOP_AT, rerun to continue
-OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")  # of the pairs task; the qa task's one loss is "qa"
+# OBJECTIVES (imported above): the pairs task's, svitt.models.objectives; the qa task's one loss is "qa".
 
 _NUMBER = (int, float)
 REQUIRED = object()
@@ -200,14 +202,17 @@ def _check_task_keys(cfg: dict):
         if cfg["decoder_layers"] is not None and cfg["decoder_layers"] < 1:
             raise ValueError(f"stage.decoder_layers must be >= 1, got {cfg['decoder_layers']}")
         return
-    unknown = sorted(set(objectives) - set(OBJECTIVES))
-    if unknown or not objectives:
+    if registry.unknown_objectives(objectives) or not objectives:
         raise ValueError(f"stage.objectives {sorted(objectives)} must be a non-empty mapping "
                          f"of {OBJECTIVES} to loss weights")
-    if "vtc" in objectives and "egonce" in objectives:
-        raise ValueError("stage.objectives: use either 'vtc' (InfoNCE) or 'egonce', not both")
-    if "egonce" in objectives and cfg["data"]["kind"] != "egoclip":
-        raise ValueError("stage.objectives 'egonce' needs data.kind 'egoclip' (noun/verb tags)")
+    pair = registry.conflicting_objectives(objectives)
+    if pair:
+        raise ValueError(f"stage.objectives: use either {pair[0]!r} or {pair[1]!r}, not both")
+    for name in objectives:
+        objective = registry.REGISTRY[name]
+        if objective.data_kind is not None and cfg["data"]["kind"] != objective.data_kind:
+            raise ValueError(f"stage.objectives {name!r} needs data.kind {objective.data_kind!r} "
+                             f"(its {' and '.join(objective.needs)})")
     if cfg["data"]["kind"] not in ("webvid", "egoclip"):
         raise ValueError(f"stage.data.kind must be 'webvid' or 'egoclip', got {cfg['data']['kind']!r}")
     if not 0 < cfg["mlm_prob"] < 1:
@@ -338,16 +343,18 @@ class PairsTask:
         return build_train_loader(cfg, data, tokenizer, per_step, rank, world)
 
     def find_unused_parameters(self, cfg: dict) -> bool:
-        """DDP must look for unused parameters unless every head is trained."""
-        objectives = set(cfg["objectives"])
-        return objectives != {"vtc", "vtm", "mlm"} and objectives != {"egonce", "vtm", "mlm"}
+        """DDP must look for unused parameters unless the objectives train every part of the model."""
+        return registry.leaves_parts_untrained(cfg["objectives"])
 
-    cached = True  # grad_accum > 1: svitt.grad_cache keeps the contrastive batch of the whole step
+    # grad_accum > 1: svitt.grad_cache keeps the batch of the whole step for the batch-wide objectives
+    # (Objective.batch_wide). Also for MLM alone: its mean over the step's masked tokens is not the
+    # mean of the micro-batches' means, and a stage's numbers must not depend on which runs it.
+    cached = True
 
     def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:
         """One micro-batch on the device, with its MLM masks (drawn from torch's RNG here)."""
         inputs = _to_device(batch, device)
-        if "mlm" in cfg["objectives"]:
+        if "mlm" in cfg["objectives"]:  # mlm_prob: a data setting, not a LossSettings field
             inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
                 inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
                 tokenizer.all_special_ids, cfg["mlm_prob"])
@@ -355,13 +362,12 @@ class PairsTask:
 
     def losses(self, net, inputs: dict, cfg: dict) -> dict:
         """{objective: loss} of one micro-batch (SViTT.forward: features() then losses())."""
-        return net(objectives=tuple(cfg["objectives"]), egonce_temperature=cfg["egonce_temperature"],
-                   vtm_hard_fraction=cfg["vtm_hard_fraction"], **inputs)
+        return net(objectives=tuple(cfg["objectives"]), settings=LossSettings.from_config(cfg), **inputs)
 
     def cached_step(self, model, micro: list[dict], cfg: dict, scaler, autocast_fn) -> dict:
         """The losses of the whole step's batch over grad_accum micro-batches (GradCache)."""
         return cached_step(model, micro, tuple(cfg["objectives"]), cfg["objectives"], scaler, autocast_fn,
-                           cfg["egonce_temperature"], cfg["vtm_hard_fraction"])
+                           LossSettings.from_config(cfg))
 
 
 class QATask:

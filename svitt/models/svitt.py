@@ -7,6 +7,7 @@ fuse / vtm_score are the pieces evaluation uses.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -14,17 +15,11 @@ import torch.nn.functional as F
 
 from svitt import losses
 from svitt.config import check_keys
+from svitt.models.objectives import OBJECTIVES, LossSettings, check_objectives, compute_losses  # noqa: F401
 from svitt.models.text_encoder import TextEncoder, resolve_text_config
 from svitt.models.video_encoder import VideoEncoder, resolve_video_config
 
 VTM_SCORES = ("log_odds", "match_logit")
-OBJECTIVES = ("vtc", "egonce", "vtm", "mlm")
-
-
-def check_objectives(objectives):
-    unknown = sorted(set(objectives) - set(OBJECTIVES))
-    if unknown:
-        raise ValueError(f"unknown objectives {unknown}; expected some of {OBJECTIVES}")
 MODEL_DEFAULTS = dict(  # every key of the `model` section, documented here once
     video={},  # svitt.models.video_encoder.VIDEO_DEFAULTS
     text={},  # svitt.models.text_encoder.TEXT_DEFAULTS
@@ -115,17 +110,20 @@ class SViTT(nn.Module):
 
     # -- pretraining losses ---------------------------------------------------------------------
     def forward(self, video, input_ids, attention_mask, objectives=("vtc", "vtm", "mlm"),
-                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, egonce_temperature=0.05,
-                vtm_hard_fraction=1.0):
+                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, settings: LossSettings = LossSettings(),
+                **setting_values):
         """Losses for a batch of pairs. video [B, T, 3, H, W]; input_ids/attention_mask [B, L].
 
-        objectives: any of "vtc" (InfoNCE), "egonce" (needs nouns/verbs multi-hot), "vtm",
-        "mlm" (needs mlm_ids and mlm_labels from losses.mask_tokens). Returns {name: loss}.
+        objectives: any of svitt.models.objectives.OBJECTIVES: "vtc" (InfoNCE), "egonce" (needs
+        nouns/verbs multi-hot), "vtm", "mlm" (needs mlm_ids and mlm_labels from losses.mask_tokens).
+        settings: LossSettings; its fields may also be given as keywords (egonce_temperature=...,
+        vtm_hard_fraction=...), which replace the settings'. Returns {name: loss}.
         """
         check_objectives(objectives)
+        settings = dataclasses.replace(settings, **setting_values)
         feats = self.features(video, input_ids, attention_mask, mlm_ids if "mlm" in objectives else None)
-        return self.losses(feats, attention_mask, objectives, nouns, verbs, mlm_labels, egonce_temperature,
-                           vtm_hard_fraction)
+        batch = {"attention_mask": attention_mask, "nouns": nouns, "verbs": verbs, "mlm_labels": mlm_labels}
+        return self.losses(feats, batch, objectives, settings)
 
     def features(self, video, input_ids, attention_mask, mlm_ids=None) -> dict:
         """What the encoders compute, per clip (svitt.grad_cache caches these between micro-batches):
@@ -139,28 +137,11 @@ class SViTT(nn.Module):
             out["masked_hidden"] = self.text_encoder.encode(mlm_ids, attention_mask)
         return out
 
-    def losses(self, feats: dict, attention_mask, objectives, nouns=None, verbs=None, mlm_labels=None,
-               egonce_temperature=0.05, vtm_hard_fraction=1.0) -> dict:
-        """The objectives from the encoders' features (`features`) of one whole batch.
-        vtm_hard_fraction: see losses.vtm_hard_negatives (1.0: ALBEF / Singularity)."""
-        out = {}
-        if "vtc" in objectives:
-            out["vtc"] = losses.info_nce(feats["video_emb"], feats["text_emb"], self.temperature())
-        positives = None
-        if "egonce" in objectives:
-            if nouns is None or verbs is None:
-                raise ValueError("objective 'egonce' needs nouns and verbs multi-hot tensors")
-            out["egonce"] = losses.egonce(feats["video_emb"], feats["text_emb"], nouns, verbs, egonce_temperature)
-            positives = losses.action_positives(nouns, verbs)
-        if "vtm" in objectives:
-            out["vtm"] = self._vtm_loss(feats["video_tokens"], feats["video_emb"], feats["text_hidden"],
-                                        feats["text_emb"], attention_mask, positives, vtm_hard_fraction)
-        if "mlm" in objectives:
-            if "masked_hidden" not in feats or mlm_labels is None:
-                raise ValueError("objective 'mlm' needs mlm_ids and mlm_labels")
-            fused = self.fuse(feats["masked_hidden"], attention_mask, feats["video_tokens"])
-            out["mlm"] = losses.mlm_loss(self.mlm_logits(fused), mlm_labels)
-        return out
+    def losses(self, feats: dict, batch: dict, objectives, settings: LossSettings = LossSettings()) -> dict:
+        """The objectives from the encoders' features (`features`) of one whole batch; batch: the
+        losses' other inputs (attention_mask, and as the objectives need: nouns, verbs, mlm_labels).
+        Each objective's loss is its row of svitt.models.objectives.OBJECTIVE_TABLE."""
+        return compute_losses(self, feats, batch, objectives, settings)
 
     def _vtm_loss(self, video_tokens, video_emb, text_hidden, text_emb, attention_mask, positives,
                   hard_fraction=1.0):
