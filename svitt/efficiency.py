@@ -18,7 +18,6 @@ import copy
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -190,25 +189,28 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def training_step(model, clip, ids, mask) -> torch.Tensor:
-    """The loss of SViTT.forward (VTC + VTM + MLM) for a batch, with the negatives fixed (the
-    batch rolled by one) and the losses' value checks left out: the meta device has no values to
-    draw from or check, and which negatives are drawn changes no tensor's size."""
+# The step Table 2's training memory is of: SViTT's pretraining objectives.
+COUNTED_OBJECTIVES = ("vtc", "vtm", "mlm")
+
+
+def training_step(model, clip, ids, mask, objectives=COUNTED_OBJECTIVES) -> torch.Tensor:
+    """The loss of SViTT.forward for a batch: each objective's meta-device stand-in (its registry row's
+    meta_loss), summed in the registry's order. The model's own losses cannot run on the meta device:
+    they check values (finite similarities, a temperature > 0, a masked token at all) and VTM draws
+    its negatives from the similarities, and the meta device has no values. The stand-ins fix the
+    negatives (the batch rolled by one) and leave the checks out; which negatives are drawn changes
+    no tensor's size."""
+    from svitt.models.objectives import OBJECTIVE_TABLE, check_objectives
+
+    check_objectives(objectives)
     video_tokens, video_emb = model.encode_video(clip)
     text_hidden, text_emb = model.encode_text(ids, mask)
-    logits = video_emb @ text_emb.T / model.temperature()
-    target = torch.arange(clip.shape[0], device=clip.device)
-    loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)  # VTC (InfoNCE)
-    neg = target.roll(1)
-    texts = torch.cat([text_hidden, text_hidden[neg], text_hidden])
-    masks = torch.cat([mask, mask[neg], mask])
-    videos = torch.cat([video_tokens, video_tokens, video_tokens[neg]])
-    vtm = model.vtm_head(model.fuse(texts, masks, videos)[:, 0])
-    labels = torch.cat([torch.ones_like(target), torch.zeros_like(target), torch.zeros_like(target)])
-    loss = loss + F.cross_entropy(vtm, labels)  # VTM
-    fused = model.fuse(model.text_encoder.encode(ids, mask), mask, video_tokens)
-    mlm = model.mlm_logits(fused)
-    return loss + F.cross_entropy(mlm.flatten(0, 1), ids.flatten(), ignore_index=losses.IGNORE_INDEX)
+    step = {"video_tokens": video_tokens, "video_emb": video_emb, "text_hidden": text_hidden, "text_emb": text_emb}
+    loss = None
+    for objective in (o for o in OBJECTIVE_TABLE if o.name in objectives):
+        term = objective.meta_loss(model, step, clip, ids, mask)
+        loss = term if loss is None else loss + term
+    return loss
 
 
 def counted_training_bytes(model, batch: int, text_len: int = 32) -> int:

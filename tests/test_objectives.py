@@ -1,12 +1,12 @@
 """svitt.models.objectives: the one table of objectives drives the model's losses, the stage config's
-validation, DDP's find_unused_parameters and the plots' labels."""
+validation, DDP's find_unused_parameters, the plots' labels and the meta-device training step."""
 import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from svitt import plots
+from svitt import efficiency, plots
 from svitt.models import objectives as registry
 from svitt.models.objectives import OBJECTIVES, LossSettings, check_objectives
 from svitt.models.svitt import SViTT
@@ -99,6 +99,25 @@ def test_every_objective_has_a_plot_label_and_the_total_comes_first():
     assert list(plots.LOSS_NAMES) == ["loss", *OBJECTIVES]
     assert plots.LOSS_NAMES["loss"] == "total loss"
     assert all(plots.LOSS_NAMES[o.name] == o.label and o.label for o in registry.OBJECTIVE_TABLE)
+
+
+def test_the_meta_device_step_sums_every_objective_of_the_registry():
+    """efficiency.training_step counts a step's memory from each row's meta_loss: SViTT's and
+    SViTT-Ego's sets run there, and every objective adds what it holds."""
+    model = efficiency.meta_model({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
+                                   "embed_dim": 16})
+    clip, ids, mask = efficiency._pair_inputs(model, 2, 6, "meta")
+    for objectives in (("vtc", "vtm", "mlm"), ("egonce", "vtm", "mlm")):
+        assert efficiency.training_step(model, clip, ids, mask, objectives).shape == ()
+    peaks = {}
+    for objectives in (("vtc",), ("vtc", "vtm"), ("vtc", "vtm", "mlm")):
+        with efficiency.LiveTensorBytes() as tracker:
+            efficiency.training_step(model, clip, ids, mask, objectives).backward()
+        model.zero_grad(set_to_none=True)
+        peaks[objectives] = tracker.peak
+    assert peaks[("vtc",)] < peaks[("vtc", "vtm")] < peaks[("vtc", "vtm", "mlm")]
+    with pytest.raises(ValueError, match="exclude each other"):
+        efficiency.training_step(model, clip, ids, mask, ("vtc", "egonce"))
 
 
 def test_loss_settings_are_the_stage_keys_with_their_defaults():

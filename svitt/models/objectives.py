@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from svitt import losses
 
@@ -44,6 +45,9 @@ class Objective:
     name: str  # the key of stage.objectives and of the losses' dict
     label: str  # plot label (svitt.plots.LOSS_NAMES)
     loss: Callable[..., torch.Tensor]  # (model, feats, batch, settings, objectives) -> 0-dim loss
+    # The same tensors on the meta device, where the loss's value checks and random draws cannot run:
+    # (model, step, clip, ids, mask) -> 0-dim loss; svitt.efficiency counts a training step's memory with it.
+    meta_loss: Callable[..., torch.Tensor]
     trains: frozenset[str]  # PARTS it gives a gradient to
     needs: tuple[str, ...] = ()  # batch keys beyond video / input_ids / attention_mask
     needs_note: str = ""  # what the needed inputs are, for the error message
@@ -75,13 +79,53 @@ def _mlm(model, feats: dict, batch: dict, settings: LossSettings, objectives) ->
     return losses.mlm_loss(model.mlm_logits(fused), batch["mlm_labels"])
 
 
+# ---- meta-device stand-ins (svitt.efficiency.training_step): step holds the encoders' outputs of
+# the batch (video_tokens, video_emb, text_hidden, text_emb); the negatives are the batch rolled by one.
+def _target(step: dict, clip) -> torch.Tensor:
+    """The batch's diagonal labels, made once per step where the first objective needs them."""
+    if "target" not in step:
+        step["target"] = torch.arange(clip.shape[0], device=clip.device)
+    return step["target"]
+
+
+def _meta_vtc(model, step: dict, clip, ids, mask) -> torch.Tensor:
+    logits = step["video_emb"] @ step["text_emb"].T / model.temperature()
+    target = _target(step, clip)
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+
+
+def _meta_egonce(model, step: dict, clip, ids, mask) -> torch.Tensor:
+    """losses.egonce with the diagonal as the only positives (the meta device has no tags)."""
+    logits = step["text_emb"] @ step["video_emb"].T / LossSettings().egonce_temperature
+    positives = torch.eye(clip.shape[0], dtype=torch.bool, device=clip.device)
+    return -losses._log_positive_mass(logits, positives).mean() - losses._log_positive_mass(logits.T, positives).mean()
+
+
+def _meta_vtm(model, step: dict, clip, ids, mask) -> torch.Tensor:
+    target = _target(step, clip)
+    neg = target.roll(1)
+    texts = torch.cat([step["text_hidden"], step["text_hidden"][neg], step["text_hidden"]])
+    masks = torch.cat([mask, mask[neg], mask])
+    videos = torch.cat([step["video_tokens"], step["video_tokens"], step["video_tokens"][neg]])
+    logits = model.vtm_head(model.fuse(texts, masks, videos)[:, 0])
+    labels = torch.cat([torch.ones_like(target), torch.zeros_like(target), torch.zeros_like(target)])
+    return F.cross_entropy(logits, labels)
+
+
+def _meta_mlm(model, step: dict, clip, ids, mask) -> torch.Tensor:
+    """Every token predicted (the most the loss can hold)."""
+    fused = model.fuse(model.text_encoder.encode(ids, mask), mask, step["video_tokens"])
+    logits = model.mlm_logits(fused)
+    return F.cross_entropy(logits.flatten(0, 1), ids.flatten(), ignore_index=losses.IGNORE_INDEX)
+
+
 # In the order the losses are computed (VTM after EgoNCE, as before: the same random draws) and plotted.
 OBJECTIVE_TABLE = (
-    Objective("vtc", "VTC (InfoNCE)", _vtc, frozenset({"projections", "temperature"}), excludes=("egonce",)),
-    Objective("egonce", "EgoNCE", _egonce, frozenset({"projections"}), needs=("nouns", "verbs"),
+    Objective("vtc", "VTC (InfoNCE)", _vtc, _meta_vtc, frozenset({"projections", "temperature"}), excludes=("egonce",)),
+    Objective("egonce", "EgoNCE", _egonce, _meta_egonce, frozenset({"projections"}), needs=("nouns", "verbs"),
               needs_note="multi-hot tensors", data_kind="egoclip", excludes=("vtc",)),
-    Objective("vtm", "VTM", _vtm, frozenset({"fusion", "vtm_head"})),
-    Objective("mlm", "MLM", _mlm, frozenset({"fusion", "mlm_head"}), needs=("mlm_ids", "mlm_labels"),
+    Objective("vtm", "VTM", _vtm, _meta_vtm, frozenset({"fusion", "vtm_head"})),
+    Objective("mlm", "MLM", _mlm, _meta_mlm, frozenset({"fusion", "mlm_head"}), needs=("mlm_ids", "mlm_labels"),
               batch_wide=False),
 )
 REGISTRY = {o.name: o for o in OBJECTIVE_TABLE}
