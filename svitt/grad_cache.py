@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 
-from svitt.models.objectives import LOSS_INPUTS, LossSettings
+from svitt.models.objectives import DEFAULT_SETTINGS, LOSS_INPUTS, LossSettings
 
 
 def _rng_state(model) -> dict:
@@ -45,7 +45,7 @@ def _features(model, batch: dict, objectives) -> dict:
 
 
 def cached_step(model, micro_batches: list[dict], objectives, weights: dict, scaler=None,
-                autocast=contextlib.nullcontext, settings: LossSettings = LossSettings()) -> dict[str, float]:
+                autocast=contextlib.nullcontext, settings: LossSettings = DEFAULT_SETTINGS) -> dict[str, float]:
     """Forward/backward of one optimiser step; gradients accumulate into model's parameters.
 
     micro_batches: inputs of SViTT.forward (video, input_ids, attention_mask, and as the objectives

@@ -43,7 +43,7 @@ from svitt.scheduler import cosine_lr, set_lr
 from svitt.stages import VOCABULARY as STAGE_VOCABULARY
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1/SVITT_STOP_AT, rerun to continue
-# OBJECTIVES (imported above): the pairs task's, svitt.models.objectives; the qa task's one loss is "qa".
+# OBJECTIVES (imported above) are the pairs task's, svitt.models.objectives; the qa task's one loss is "qa".
 
 _NUMBER = (int, float)
 REQUIRED = object()
@@ -346,9 +346,9 @@ class PairsTask:
         """DDP must look for unused parameters unless the objectives train every part of the model."""
         return registry.leaves_parts_untrained(cfg["objectives"])
 
-    # grad_accum > 1: svitt.grad_cache keeps the batch of the whole step for the batch-wide objectives
-    # (Objective.batch_wide). Also for MLM alone: its mean over the step's masked tokens is not the
-    # mean of the micro-batches' means, and a stage's numbers must not depend on which runs it.
+    # grad_accum > 1: svitt.grad_cache keeps the whole step's batch for the batch-wide objectives
+    # (Objective.batch_wide), and for every set of objectives: MLM alone accumulated plainly would
+    # average the micro-batches' means instead of taking the step's mean over its masked tokens.
     cached = True
 
     def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:

@@ -2,9 +2,11 @@
 validation, DDP's find_unused_parameters, the plots' labels and the meta-device training step."""
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from svitt import efficiency, plots
 from svitt.models import objectives as registry
@@ -14,6 +16,7 @@ from svitt.train import TRAIN_KEYS, PairsTask, resolve_train_config
 
 STAGE = {"name": "s", "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny"}},
          "objectives": {"vtc": 1.0}, "epochs": 1, "batch_size": 4, "lr": 1e-4}
+TINY = {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40}, "embed_dim": 16}
 SUBSETS = [frozenset(c) for n in range(1, len(OBJECTIVES) + 1) for c in itertools.combinations(OBJECTIVES, n)]
 
 
@@ -71,15 +74,15 @@ def test_find_unused_parameters_is_the_old_rule_except_where_egonce_leaves_the_t
 @pytest.fixture(scope="module")
 def tiny_pairs():
     torch.manual_seed(0)
-    model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
-                   "embed_dim": 16}).train()
+    model = SViTT(TINY).train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 40, (4, 6), generator=g)
     labels = torch.where(torch.rand(4, 6, generator=g) < 0.5, ids, -100)
     labels[:, 1] = ids[:, 1]
-    batch = {"video": torch.randn(4, 4, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "mlm_ids": torch.where(labels >= 0, 4, ids), "mlm_labels": labels,
-             "nouns": (torch.rand(4, 3, generator=g) < 0.5).float(), "verbs": (torch.rand(4, 2, generator=g) < 0.5).float()}
+    batch = {"video": torch.randn(4, 4, 3, 32, 32, generator=g), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids), "mlm_ids": torch.where(labels >= 0, 4, ids), "mlm_labels": labels,
+             "nouns": (torch.rand(4, 3, generator=g) < 0.5).float(),
+             "verbs": (torch.rand(4, 2, generator=g) < 0.5).float()}
     return model, batch
 
 
@@ -104,8 +107,7 @@ def test_every_objective_has_a_plot_label_and_the_total_comes_first():
 def test_the_meta_device_step_sums_every_objective_of_the_registry():
     """efficiency.training_step counts a step's memory from each row's meta_loss: SViTT's and
     SViTT-Ego's sets run there, and every objective adds what it holds."""
-    model = efficiency.meta_model({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
-                                   "embed_dim": 16})
+    model = efficiency.meta_model(TINY)
     clip, ids, mask = efficiency._pair_inputs(model, 2, 6, "meta")
     for objectives in (("vtc", "vtm", "mlm"), ("egonce", "vtm", "mlm")):
         assert efficiency.training_step(model, clip, ids, mask, objectives).shape == ()
@@ -143,11 +145,17 @@ def test_forward_takes_the_settings_or_their_keywords(tiny_pairs):
 
 
 def test_a_missing_input_is_named():
-    model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
-                   "embed_dim": 16})
+    model = SViTT(TINY)
     ids = torch.randint(5, 40, (2, 6))
     video = torch.randn(2, 4, 3, 32, 32)
     with pytest.raises(ValueError, match="objective 'mlm' needs mlm_ids and mlm_labels"):
         model(video, ids, torch.ones_like(ids), objectives=("mlm",))
     with pytest.raises(ValueError, match="objective 'egonce' needs nouns and verbs multi-hot tensors"):
         model(video, ids, torch.ones_like(ids), objectives=("egonce",))
+
+
+def test_the_schema_lists_every_objective():
+    """The config schema (checked before anything runs) accepts exactly the registry's objectives,
+    and the qa task's one loss."""
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas/config.schema.yaml").read_text())
+    assert set(schema["$defs"]["objectives"]["properties"]) == {*OBJECTIVES, "qa"}

@@ -30,6 +30,9 @@ class LossSettings:
         return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
 
 
+DEFAULT_SETTINGS = LossSettings()  # frozen: one shared default is safe
+
+
 # Parts of SViTT that only some objectives train; the encoders below them every objective trains.
 PARTS = {
     "projections": "vision_proj and text_proj (the joint embedding space)",

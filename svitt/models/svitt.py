@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from svitt import losses
 from svitt.config import check_keys
-from svitt.models.objectives import OBJECTIVES, LossSettings, check_objectives, compute_losses  # noqa: F401
+from svitt.models.objectives import (  # noqa: F401 (OBJECTIVES: re-exported)
+    DEFAULT_SETTINGS, OBJECTIVES, LossSettings, check_objectives, compute_losses)
 from svitt.models.text_encoder import TextEncoder, resolve_text_config
 from svitt.models.video_encoder import VideoEncoder, resolve_video_config
 
@@ -110,7 +111,7 @@ class SViTT(nn.Module):
 
     # -- pretraining losses ---------------------------------------------------------------------
     def forward(self, video, input_ids, attention_mask, objectives=("vtc", "vtm", "mlm"),
-                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, settings: LossSettings = LossSettings(),
+                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, settings: LossSettings = DEFAULT_SETTINGS,
                 **setting_values):
         """Losses for a batch of pairs. video [B, T, 3, H, W]; input_ids/attention_mask [B, L].
 
@@ -137,7 +138,7 @@ class SViTT(nn.Module):
             out["masked_hidden"] = self.text_encoder.encode(mlm_ids, attention_mask)
         return out
 
-    def losses(self, feats: dict, batch: dict, objectives, settings: LossSettings = LossSettings()) -> dict:
+    def losses(self, feats: dict, batch: dict, objectives, settings: LossSettings = DEFAULT_SETTINGS) -> dict:
         """The objectives from the encoders' features (`features`) of one whole batch; batch: the
         losses' other inputs (attention_mask, and as the objectives need: nouns, verbs, mlm_labels).
         Each objective's loss is its row of svitt.models.objectives.OBJECTIVE_TABLE."""
