@@ -159,3 +159,9 @@ def test_the_schema_lists_every_objective():
     and the qa task's one loss."""
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "schemas/config.schema.yaml").read_text())
     assert set(schema["$defs"]["objectives"]["properties"]) == {*OBJECTIVES, "qa"}
+
+
+def test_the_losses_of_cached_features_check_the_objectives_too():
+    """svitt.grad_cache calls SViTT.losses directly, not forward: the registry is checked there as well."""
+    with pytest.raises(ValueError, match=r"unknown objectives \['itc'\]"):
+        SViTT(TINY).losses({}, {}, ("vtc", "itc"))

@@ -3,8 +3,9 @@
 A row says what an objective computes (a function of the model, the encoders' features of the whole
 batch, the batch's other inputs and LossSettings), what it needs, which parts of the model it trains
 and what it cannot be combined with. SViTT.losses, the stage config's validation (svitt.train), DDP's
-find_unused_parameters and the plots' labels are read from here. Adding an objective: its loss in
-svitt/losses.py, its row in OBJECTIVE_TABLE, its weight key in schemas/config.schema.yaml (docs/training.md).
+find_unused_parameters, the plots' labels and the meta-device step of svitt.efficiency are read from
+here. Adding an objective: its loss in svitt/losses.py, its row in OBJECTIVE_TABLE, its weight key in
+schemas/config.schema.yaml (docs/training.md).
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def _meta_vtc(model, step: dict, clip, ids, mask) -> torch.Tensor:
 
 def _meta_egonce(model, step: dict, clip, ids, mask) -> torch.Tensor:
     """losses.egonce with the diagonal as the only positives (the meta device has no tags)."""
-    logits = step["text_emb"] @ step["video_emb"].T / LossSettings().egonce_temperature
+    logits = step["text_emb"] @ step["video_emb"].T / DEFAULT_SETTINGS.egonce_temperature
     positives = torch.eye(clip.shape[0], dtype=torch.bool, device=clip.device)
     return -losses._log_positive_mass(logits, positives).mean() - losses._log_positive_mass(logits.T, positives).mean()
 
@@ -181,6 +182,7 @@ def leaves_parts_untrained(objectives: Iterable[str]) -> bool:
 
 def compute_losses(model, feats: dict, batch: dict, objectives, settings: LossSettings) -> dict:
     """{name: loss} of the objectives, in table order, from the features of one whole batch."""
+    check_objectives(objectives)
     available = {k for k, v in batch.items() if v is not None} | ({"mlm_ids"} if "masked_hidden" in feats else set())
     out = {}
     for objective in OBJECTIVE_TABLE:
