@@ -201,7 +201,7 @@ def test_matching_head_separates_clips_from_unrelated_negatives():
         optimizer.zero_grad()
         (out["vtc"] + out["vtm"]).backward()
         optimizer.step()
-        vtm.append(float(out["vtm"]))
+        vtm.append(out["vtm"].item())
     prior = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)  # 0.6365: p(match) = 1/3 everywhere
     assert sum(vtm[:10]) / 10 > 0.95 * prior  # nothing separated at first
     assert sum(vtm[-10:]) / 10 < 0.5 * prior
