@@ -2,12 +2,14 @@
 and the settings, numerically against this project's model and against the released computation,
 at BEiT-B / BERT-base sizes on the meta device, and bad input.
 
-tests/data/released/*.pth are tiny checkpoints whose config OmegaConf 2.1.1 pickled
-(tests/data/released/make_fixtures.py); tests/helpers/released.py writes the released naming.
+The released-format checkpoints are written once per module by tests/helpers/released_checkpoints.py
+in a subprocess: tiny models whose config OmegaConf 2.1.1 itself pickled, while this process never
+imports OmegaConf; tests/helpers/released.py writes the released naming.
 """
 import copy
 import json
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -23,7 +25,15 @@ from tests.conftest import script
 from tests.helpers.released import (RELEASED_CONFIG, TINY_RELEASED_MODEL, perturbed, released_state_dict,
                                     released_video_reference)
 
-FIXTURES = pathlib.Path(__file__).parent / "data" / "released"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> pathlib.Path:
+    """A folder of {pretrain,retrieval,qa}.pth as the released scripts save them."""
+    out = tmp_path_factory.mktemp("released")
+    subprocess.run([sys.executable, "-m", "tests.helpers.released_checkpoints", str(out)], cwd=ROOT, check=True)
+    return out
 
 
 def _inputs(frames=2, vocab=40, b=3, length=7):
@@ -43,9 +53,9 @@ def _ours(kind="pretrain", model=TINY_RELEASED_MODEL, seed=1):
 
 
 # ---------------------------------------------------------------------------------- reading
-def test_a_config_pickled_by_omegaconf_reads_as_plain_data_without_omegaconf():
+def test_a_config_pickled_by_omegaconf_reads_as_plain_data_without_omegaconf(released):
     sys.modules.pop("omegaconf", None)
-    checkpoint = read_checkpoint(FIXTURES / "pretrain.pth")
+    checkpoint = read_checkpoint(released / "pretrain.pth")
     assert "omegaconf" not in sys.modules
     config = checkpoint["config"]
     for key in ("vision_encoder_args", "text_encoder_args", "joint_encoder_args", "video_input", "max_txt_l"):
@@ -212,15 +222,15 @@ def test_the_imported_video_tower_computes_what_the_released_one_does():
 
 # ------------------------------------------------------------------------- the import script
 @pytest.mark.parametrize("kind", ["pretrain", "retrieval", "qa"])
-def test_the_script_writes_a_model_that_load_exported_reads(kind, tmp_path):
+def test_the_script_writes_a_model_that_load_exported_reads(kind, tmp_path, released):
     out = tmp_path / f"released_{kind}"
-    assert script("import_released").main([str(FIXTURES / f"{kind}.pth"), str(out)]) == 0
+    assert script("import_released").main([str(released / f"{kind}.pth"), str(out)]) == 0
     info = json.loads((out / "model.json").read_text())
     assert info["name"] == out.name and info["released"]["kind"] == kind and info["frames"] == 2
     assert info["model_config"]["video"]["pooling"] == "mean" and info["model_config"]["text"]["question_pruning"] is False
     model, _ = load_exported(out / "model.safetensors")
     assert isinstance(model, VideoQA if kind == "qa" else SViTT)
-    state = read_checkpoint(FIXTURES / f"{kind}.pth")["model"]
+    state = read_checkpoint(released / f"{kind}.pth")["model"]
     weights = load_file(str(out / "model.safetensors"))
     torch.testing.assert_close(weights["video_encoder.fusion_norm.weight"], state["vision_layernorm.weight"])
     q, k, v = weights["video_encoder.blocks.1.attn.qkv.weight"].chunk(3)
@@ -239,11 +249,11 @@ def test_the_script_writes_a_model_that_load_exported_reads(kind, tmp_path):
         torch.testing.assert_close(weights["vtm_head.weight"], state["itm_head.weight"])
 
 
-def test_an_imported_model_starts_a_longer_stage_with_the_released_temporal_resize(tmp_path):
+def test_an_imported_model_starts_a_longer_stage_with_the_released_temporal_resize(tmp_path, released):
     """As a stage's init (train.py --init): 2 -> 4 frames, the tables resized by torch's nearest
     rule (video.temporal_resize from model.json): offset rows -3..3 take -1, -1, -1, 0, 0, 1, 1."""
     out = tmp_path / "released"
-    assert script("import_released").main([str(FIXTURES / "pretrain.pth"), str(out)]) == 0
+    assert script("import_released").main([str(released / "pretrain.pth"), str(out)]) == 0
     cfg = json.loads((out / "model.json").read_text())["model_config"]
     longer = SViTT({**cfg, "video": {**cfg["video"], "frames": 4}})
     source = load_file(str(out / "model.safetensors"))
@@ -331,8 +341,8 @@ def test_an_object_outside_the_allow_list_stops_the_load_naming_it(tmp_path):
         read_checkpoint(path)
 
 
-def test_loading_a_released_checkpoint_as_plain_weights_points_to_the_importer():
+def test_loading_a_released_checkpoint_as_plain_weights_points_to_the_importer(released):
     from svitt.models.weights import load_state_dict_file
 
     with pytest.raises(ValueError, match="OmegaConf config.*workflow_scripts/import_released.py"):
-        load_state_dict_file(FIXTURES / "pretrain.pth")
+        load_state_dict_file(released / "pretrain.pth")
