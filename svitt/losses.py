@@ -94,7 +94,7 @@ def info_nce(video_emb: torch.Tensor, text_emb: torch.Tensor, temperature) -> to
     return F.cross_entropy(logits_v2t, targets) + F.cross_entropy(logits_v2t.t(), targets)
 
 
-def _log_positive_mass(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+def log_positive_mass(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Row-wise log sum_{j in pos(i)} softmax(logits_i)_j, computed stably with logsumexp."""
     positive_logits = logits.masked_fill(~positives, float("-inf"))
     return torch.logsumexp(positive_logits, dim=1) - torch.logsumexp(logits, dim=1)
@@ -139,8 +139,8 @@ def egonce(
     positives = action_positives(nouns, verbs)
 
     logits_t2v = text_emb @ video_emb.t() / temperature  # rows: texts, columns: videos
-    loss_t2v = -_log_positive_mass(logits_t2v, positives).mean()
-    loss_v2t = -_log_positive_mass(logits_t2v.t(), positives.t()).mean()
+    loss_t2v = -log_positive_mass(logits_t2v, positives).mean()
+    loss_v2t = -log_positive_mass(logits_t2v.t(), positives.t()).mean()
     return loss_t2v + loss_v2t
 
 

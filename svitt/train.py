@@ -346,9 +346,9 @@ class PairsTask:
         """DDP must look for unused parameters unless the objectives train every part of the model."""
         return registry.leaves_parts_untrained(cfg["objectives"])
 
-    # grad_accum > 1: svitt.grad_cache keeps the whole step's batch for the batch-wide objectives
-    # (Objective.batch_wide), and for every set of objectives: MLM alone accumulated plainly would
-    # average the micro-batches' means instead of taking the step's mean over its masked tokens.
+    # grad_accum > 1: svitt.grad_cache computes every objective over the whole step's batch: the
+    # contrastive ones and VTM's negatives compare each clip with the others, and MLM alone
+    # accumulated plainly would average the micro-batches' means, not the step's mean over its masked tokens.
     cached = True
 
     def inputs(self, batch: dict, cfg: dict, tokenizer, device) -> dict:

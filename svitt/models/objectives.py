@@ -56,9 +56,6 @@ class Objective:
     needs: tuple[str, ...] = ()  # batch keys beyond video / input_ids / attention_mask
     needs_note: str = ""  # what the needed inputs are, for the error message
     data_kind: str | None = None  # the stage's data.kind it needs (its dataset has what `needs` names)
-    # Compares each clip with the others of the batch (contrastive, VTM's in-batch negatives): with
-    # grad_accum > 1 it is computed over the whole step's batch (svitt.grad_cache).
-    batch_wide: bool = True
     excludes: tuple[str, ...] = ()  # objectives it cannot be trained with
 
 
@@ -102,7 +99,7 @@ def _meta_egonce(model, step: dict, clip, ids, mask) -> torch.Tensor:
     """losses.egonce with the diagonal as the only positives (the meta device has no tags)."""
     logits = step["text_emb"] @ step["video_emb"].T / DEFAULT_SETTINGS.egonce_temperature
     positives = torch.eye(clip.shape[0], dtype=torch.bool, device=clip.device)
-    return -losses._log_positive_mass(logits, positives).mean() - losses._log_positive_mass(logits.T, positives).mean()
+    return -losses.log_positive_mass(logits, positives).mean() - losses.log_positive_mass(logits.T, positives).mean()
 
 
 def _meta_vtm(model, step: dict, clip, ids, mask) -> torch.Tensor:
@@ -129,8 +126,7 @@ OBJECTIVE_TABLE = (
     Objective("egonce", "EgoNCE", _egonce, _meta_egonce, frozenset({"projections"}), needs=("nouns", "verbs"),
               needs_note="multi-hot tensors", data_kind="egoclip", excludes=("vtc",)),
     Objective("vtm", "VTM", _vtm, _meta_vtm, frozenset({"fusion", "vtm_head"})),
-    Objective("mlm", "MLM", _mlm, _meta_mlm, frozenset({"fusion", "mlm_head"}), needs=("mlm_ids", "mlm_labels"),
-              batch_wide=False),
+    Objective("mlm", "MLM", _mlm, _meta_mlm, frozenset({"fusion", "mlm_head"}), needs=("mlm_ids", "mlm_labels")),
 )
 REGISTRY = {o.name: o for o in OBJECTIVE_TABLE}
 OBJECTIVES = tuple(REGISTRY)  # the names, in table order
