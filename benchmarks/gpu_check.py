@@ -59,11 +59,11 @@ import torch  # noqa: E402
 import attention as attention_bench  # noqa: E402  benchmarks/attention.py
 from common import allocated_peak_bytes, measure  # noqa: E402  benchmarks/common.py
 from train_step import SIZES as TRAIN_STEP_SIZES  # noqa: E402  benchmarks/train_step.py
-from svitt.efficiency import PAPER_VISUAL_KEEP, TABLE2, mode_overrides, with_overrides  # noqa: E402
+from svitt.analysis.efficiency import PAPER_VISUAL_KEEP, TABLE2, mode_overrides, with_overrides  # noqa: E402
 from svitt.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from svitt.models import sparse_attention as sa  # noqa: E402
 from svitt.models.relative_position import table_size  # noqa: E402
-from svitt.sparsity import kept_count  # noqa: E402
+from svitt.models.sparsity import kept_count  # noqa: E402
 
 RESULT_MARK = "GPUCHECK "  # a worker's result lines on stdout start with this
 PAPER_EGO_GB = {3: 8.76, 5: 9.61}  # SViTT-Ego: peak GB per GPU at 8 clips, (1, K_r, 56)
@@ -76,7 +76,7 @@ KERNEL_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 # fp32's, and the gradient of all parameters together (norm of the difference over fp32's norm).
 # BEiT-B + BERT-base on the CPU (64 tokens) gave losses within 0.05% / 0.01% and gradients within
 # 1.6% / 0.34% (bf16 / fp16): the tolerances leave about 6x for longer sequences and CUDA's kernels.
-# Keyed by the dtype autocast computes in: fp16 is float16 on CUDA, bfloat16 on a CPU (svitt.precision).
+# Keyed by the dtype autocast computes in: fp16 is float16 on CUDA, bfloat16 on a CPU (svitt.training.precision).
 PRECISION_TOLERANCE = {"bfloat16": {"loss": 0.01, "grad": 0.1}, "float16": {"loss": 0.002, "grad": 0.02}}
 DDP_TOLERANCE = 1e-5  # world size 1: the all-reduce sums one rank; only CUDA atomics may differ
 
@@ -132,14 +132,14 @@ PROFILES = {
 
 
 def model_config(profile: Profile, mode: str, frames: int, blocks=None) -> dict:
-    """The profile's model in a sparsity mode (svitt.efficiency: Table 9's q_v for T, q_m 0.1)."""
+    """The profile's model in a sparsity mode (svitt.analysis.efficiency: Table 9's q_v for T, q_m 0.1)."""
     overrides = mode_overrides(mode, frames, blocks or profile.blocks)
     return with_overrides(profile.model, overrides)
 
 
 @dataclass(frozen=True)
 class BertVocab:
-    """What svitt.train reads of a tokenizer for MLM: its size and BERT-base-uncased's special
+    """What svitt.training.train reads of a tokenizer for MLM: its size and BERT-base-uncased's special
     ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103); a bare machine has no tokenizer."""
     size: int
     mask_token_id: int = 103
@@ -171,7 +171,7 @@ def make_batch(profile: Profile, cfg: dict, batch: int, seed: int, ego: bool = F
 
 
 def train_config(objectives=("vtc", "vtm", "mlm")) -> dict:
-    """The keys svitt.train._optimizer_step reads (paper: equal weights, MLM probability 0.5)."""
+    """The keys svitt.training.train._optimizer_step reads (paper: equal weights, MLM probability 0.5)."""
     return {"objectives": {name: 1.0 for name in objectives}, "grad_accum": 1, "clip_grad_norm": None,
             "egonce_temperature": 0.05, "vtm_hard_fraction": 1.0, "mlm_prob": 0.5}
 
@@ -353,8 +353,8 @@ def _set_rng_state(model, device: str, state):
 
 
 def training_step(net, model, optimizer, scaler, batch: dict, cfg: dict, profile: Profile, precision: str):
-    """svitt.train's optimiser step (autocast, the loss scaler, the task's inputs and losses)."""
-    from svitt.train import PairsTask, _optimizer_step
+    """svitt.training.train's optimiser step (autocast, the loss scaler, the task's inputs and losses)."""
+    from svitt.training.train import PairsTask, _optimizer_step
 
     losses, _ = _optimizer_step(net, model, optimizer, scaler, iter([batch]), cfg, PairsTask(),
                                 BertVocab(profile.vocab_size), torch.device(profile.device), precision)
@@ -362,9 +362,9 @@ def training_step(net, model, optimizer, scaler, batch: dict, cfg: dict, profile
 
 
 def new_optimizer(model):
-    from svitt.train import _param_groups
+    from svitt.training.optim import param_groups
 
-    return torch.optim.AdamW(_param_groups(model, 0.02), lr=1e-5)
+    return torch.optim.AdamW(param_groups(model, 0.02), lr=1e-5)
 
 
 def replayed_step(model, precision: str, batch: dict, cfg: dict, profile: Profile, state) -> dict:
@@ -372,7 +372,7 @@ def replayed_step(model, precision: str, batch: dict, cfg: dict, profile: Profil
     GradScaler skips (gradient overflow: it halves its scale) is replayed with the same draws
     until one is taken, as training would reach it. Returns the losses, the gradients
     (unscaled) and the skipped steps."""
-    from svitt.precision import grad_scaler
+    from svitt.training.precision import grad_scaler
 
     device = profile.device
     optimizer, scaler = new_optimizer(model), grad_scaler(precision, torch.device(device))
@@ -419,7 +419,7 @@ def precision_step(profile: Profile, **_) -> dict:
         runs[precision] = replayed_step(model, precision, batch, train_cfg, profile, state)
         del model
         release_memory(profile.device)
-    from svitt.precision import autocast_dtype
+    from svitt.training.precision import autocast_dtype
 
     checks, want = [], runs["fp32"]
     for precision in ("bf16", "fp16"):
@@ -450,7 +450,7 @@ def ddp_step(profile: Profile, **_) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from svitt.models.svitt import SViTT
-    from svitt.train import PairsTask
+    from svitt.training.train import PairsTask
 
     device = profile.device
     backend = "nccl" if device == "cuda" else "gloo"
@@ -525,7 +525,7 @@ def gpu_lock(profile: Profile, **_) -> dict:
     """workflow_scripts/launch.py --gpus 1 in a private pool: the launcher counts the devices as
     torch does, the job gets one, holds its lock (stdin) and uses the device; the lock is busy
     while the job runs and free after. Dry: SVITT_NUM_GPUS=1 stands for the count (no device)."""
-    from svitt.devices import gpu_ids, would_wait
+    from svitt.training.devices import gpu_ids, would_wait
 
     env = {k: v for k, v in os.environ.items() if k != "SVITT_GPU_POOL" and not k.startswith("SLURM_")}
     if profile.device == "cpu":
@@ -690,11 +690,11 @@ def largest_fitting(run, candidates: list[int], device: str, time_left) -> tuple
 
 
 class Trainer:
-    """One model, optimiser and scaler; runs svitt.train's step on batches of a given size."""
+    """One model, optimiser and scaler; runs svitt.training.train's step on batches of a given size."""
 
     def __init__(self, profile: Profile, cfg: dict, precision: str, objectives, ego: bool):
         from svitt.models.svitt import SViTT
-        from svitt.precision import grad_scaler
+        from svitt.training.precision import grad_scaler
 
         self.profile, self.cfg, self.precision, self.ego = profile, cfg, precision, ego
         torch.manual_seed(0)

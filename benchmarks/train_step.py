@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import measure, run_worker, write_report
 
-from svitt.losses import mask_tokens
+from svitt.models.losses import mask_tokens
 from svitt.models.svitt import SViTT
 
 KEEP = {4: 0.7, 8: 0.6, 16: 0.5}

@@ -9,9 +9,9 @@ import sys
 import yaml
 from snakemake.utils import update_config, validate
 
-sys.path.insert(0, workflow.basedir)  # svitt.stages, svitt.data.formats: torch-free
+sys.path.insert(0, workflow.basedir)  # svitt.workflow.stages, svitt.data.formats: torch-free
 from svitt.data.formats import check_dataset, check_layout  # noqa: E402
-from svitt.stages import (  # noqa: E402
+from svitt.workflow.stages import (  # noqa: E402
     all_stage_names,
     configured_stages,
     over_defaults,

@@ -2,7 +2,7 @@
 the extra and ablation stages, and their seed variants (<stage>-seed<k>).
 
 One rule over {stage}: a stage appended to pretrain.curriculum in the config is scheduled as is;
-svitt/stages.py resolves what each stage trains with.
+svitt/workflow/stages.py resolves what each stage trains with.
 """
 
 

@@ -132,7 +132,7 @@ def broadcast_parameters(module: torch.nn.Module):
 
 def average_gradients(module: torch.nn.Module):
     """Average parameter gradients over ranks in one flat all-reduce (what DDP does in backward)
-    for steps that do not run through a DDP wrapper (svitt.grad_cache)."""
+    for steps that do not run through a DDP wrapper (svitt.training.grad_cache)."""
     if not is_dist() or world_size() == 1:
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]

@@ -57,10 +57,10 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def test_dag(tmp_path_factory):
-    """The demo DAG at test size (configs/test.yaml), `all` and `paper_figures`, run once for the
+    """The demo DAG at test size (tests/configs/test.yaml), `all` and `paper_figures`, run once for the
     workflow and analysis tests (each writes its own config files; none rebuilds anything)."""
     from tests.helpers.workflow import copy_workflow, snakemake
 
     workdir = copy_workflow(tmp_path_factory.mktemp("test_dag"))
-    snakemake(workdir, "all", "paper_figures", "--cores", "2", "--configfile", "configs/test.yaml")
+    snakemake(workdir, "all", "paper_figures", "--cores", "2", "--configfile", "tests/configs/test.yaml")
     return workdir

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from svitt.checkpoint import export_model
+from svitt.training.checkpoint import export_model
 from svitt.data.pipeline import load_tokenizer
-from svitt.efficiency import edges
+from svitt.analysis.efficiency import edges
 from svitt.evaluation.probing import combine
 from svitt.models.svitt import SViTT
-from svitt.sparsity import kept_count
-from svitt.tables import cell
+from svitt.models.sparsity import kept_count
+from svitt.analysis.tables import cell
 from tests.conftest import script
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -70,7 +70,7 @@ def test_tables_are_regenerated_from_the_result_files(tmp_path):
 
 
 def test_the_retrieval_table_says_whether_its_models_were_finetuned(tmp_path):
-    from svitt.tables import retrieval_table
+    from svitt.analysis.tables import retrieval_table
 
     zero_shot = _write(tmp_path / "stage3.json", {**_retrieval(30.0, 50.0), "stage": "stage3"})
     finetuned = _write(tmp_path / "ft.json", {**_retrieval(30.0, 50.0), "stage": "retrieval/demo/stage3"})

@@ -1,4 +1,4 @@
-"""The analysis rules through Snakemake at test size (configs/test.yaml): the late-fusion control's
+"""The analysis rules through Snakemake at test size (tests/configs/test.yaml): the late-fusion control's
 stages, one sweep job per point, and (slow) `all` + `paper_figures` end to end."""
 import json
 import re
@@ -37,7 +37,7 @@ def test_the_control_twins_each_curriculum_stage(tmp_path):
 
 def test_a_control_of_a_stage_without_its_init_is_an_error(tmp_path):
     workdir = copy_workflow(tmp_path)
-    cfg = yaml.safe_load((workdir / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((workdir / "tests/configs/test.yaml").read_text())
     cfg["analysis"]["control"]["stages"] = ["stage2"]
     (workdir / "configs/bad.yaml").write_text(yaml.safe_dump(cfg))
     result = snakemake(workdir, "-n", "paper_figures", "--configfile", "configs/bad.yaml", check=False)
@@ -48,10 +48,10 @@ def test_a_control_of_a_stage_without_its_init_is_an_error(tmp_path):
 def test_every_sweep_point_is_its_own_job(tmp_path):
     workdir = copy_workflow(tmp_path)
     out = snakemake(workdir, "-n", "results/figures/sweep_edge_full.png", "results/figures/sweep_keep_full.png",
-                    "--cores", "1", "--configfile", "configs/test.yaml").stdout
+                    "--cores", "1", "--configfile", "tests/configs/test.yaml").stdout
     points = set(re.findall(r"wildcards: point=(\S+), stage=(\w+)", out)) | \
         {(p, s) for s, p in re.findall(r"wildcards: stage=(\w+), point=(\S+)", out)}
-    grid = yaml.safe_load((workdir / "configs/test.yaml").read_text())["analysis"]["paper_sweep"]
+    grid = yaml.safe_load((workdir / "tests/configs/test.yaml").read_text())["analysis"]["paper_sweep"]
     expected = {f"edge_{a}_{b}_{c}" for a, b, c in grid["edge"]} | {f"keep_{v:g}_{m:g}" for v, m in grid["keep"]}
     assert points == {(p, "stage1") for p in expected}
 
@@ -84,7 +84,7 @@ class TestEndToEnd:
             assert row in results, row
 
     def test_the_control_is_at_50_percent_by_construction(self, run):
-        for stage in ("stage1_late", "stage2_late"):  # configs/test.yaml's control
+        for stage in ("stage1_late", "stage2_late"):  # tests/configs/test.yaml's control
             result = json.loads((run / f"results/eval/retrieval/demo_retrieval/{stage}.json").read_text())
             assert result["twins_exact_reversal"] == {"itc": 50.0, "vtm": 50.0}, stage
             deltas = [v for order in result["frame_order_deltas"].values() for group in order.values()
@@ -98,8 +98,8 @@ class TestEndToEnd:
         assert valid["valid"] and valid["edges"] > 0 and valid["gflops"] > 0
 
     def test_a_point_added_to_the_grid_runs_alone(self, run):
-        assert planned_jobs(run, "configs/test.yaml") == set()
-        cfg = yaml.safe_load((run / "configs/test.yaml").read_text())
+        assert planned_jobs(run, "tests/configs/test.yaml") == set()
+        cfg = yaml.safe_load((run / "tests/configs/test.yaml").read_text())
         cfg["analysis"]["sweep"]["edge"].append([1, 0, 8])
         (run / "configs/more.yaml").write_text(yaml.safe_dump(cfg))
         assert planned_jobs(run, "configs/more.yaml") == {("sweep_point", "stage=stage1, point=edge_1_0_8"),
@@ -131,7 +131,7 @@ class TestEndToEnd:
         assert all(-1.0 <= v <= 1.0 + 1e-6 for side in result["cosine"].values() for v in side.values())
 
     def test_the_report_holds_every_figure_and_table(self, run):
-        snakemake(run, "--report", "report.html", "--configfile", "configs/test.yaml")
+        snakemake(run, "--report", "report.html", "--configfile", "tests/configs/test.yaml")
         html = (run / "report.html").read_text(errors="replace")
         for name in ["pruning_maps.png", "probing_demo_retrieval.png", "sweep_edge.png", "efficiency.png",
                      "retrieval_demo_retrieval.html", "twins_demo_retrieval.html", "efficiency.html"]:

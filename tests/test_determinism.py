@@ -51,7 +51,7 @@ def test_an_exported_model_is_the_same_file_in_every_process(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import sys, torch\nfrom svitt.checkpoint import export_model\ntorch.manual_seed(0)\n"
+    code = ("import sys, torch\nfrom svitt.training.checkpoint import export_model\ntorch.manual_seed(0)\n"
             "export_model(torch.nn.Linear(4, 3), sys.argv[1], {'model_config': {'video': {'frames': 4}}})\n")
     root = Path(__file__).resolve().parents[1]
     files = []

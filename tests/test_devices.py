@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from svitt.devices import DEFAULT_POOL, acquire, auto_gpus, gpu_ids, would_wait
+from svitt.training.devices import DEFAULT_POOL, acquire, auto_gpus, gpu_ids, would_wait
 from tests.helpers.workflow import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]

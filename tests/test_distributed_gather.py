@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from svitt.distributed import gather_with_grad, is_dist, rank, world_size
-from svitt.losses import egonce, info_nce
+from svitt.models.losses import egonce, info_nce
 
 WORLD = 2
 DIM_IN, DIM_OUT = 6, 4

@@ -1,4 +1,4 @@
-"""svitt.efficiency: FLOPs by hand, the live-tensor counter by hand, the full-size table against
+"""svitt.analysis.efficiency: FLOPs by hand, the live-tensor counter by hand, the full-size table against
 SViTT Tables 7 and 2, the efficiency CLI."""
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from svitt import efficiency
+from svitt.analysis import efficiency
 from svitt.models.svitt import SViTT
 from tests.conftest import script
 

@@ -102,7 +102,7 @@ def test_gpus_auto_is_resolved_when_the_workflow_is_parsed(tmp_path, env, gpus):
 
 
 def test_every_stage_kind_gets_the_training_layout(tmp_path):
-    """The device settings of `pretrain` reach every stage svitt/stages.py resolves, not only the
+    """The device settings of `pretrain` reach every stage svitt/workflow/stages.py resolves, not only the
     curriculum: the EgoClip stage, extra and ablation stages and the seed variants of all of them
     (`seeds`, `ablation` targets) each ask for pretrain.gpus, gpus x threads_per_gpu CPUs, go
     first (priority) and run through the launcher with the save-before flag; NLQ features and the
@@ -115,7 +115,7 @@ def test_every_stage_kind_gets_the_training_layout(tmp_path):
                "evaluation": {"gpus": 1, "threads_per_gpu": 3}}
     (work / "configs/kinds.yaml").write_text(yaml.safe_dump(overlay))
     out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "all", "seeds", "ablation", "--cores", "8",
-                          "--resources", "gpu=8", "--configfile", "configs/test.yaml", "configs/kinds.yaml"],
+                          "--resources", "gpu=8", "--configfile", "tests/configs/test.yaml", "configs/kinds.yaml"],
                          cwd=work, env=environment(), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     blocks = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out.stdout) if re.match(r"(?:local)?rule (\w+):", b.strip())]
@@ -194,7 +194,7 @@ def test_protected_stage_models_rerun_for_a_user_who_is_not_root(pipeline, tmp_p
     assert all(not m.stat().st_mode & 0o222 for m in models)  # read-only for everyone
     # Edit stage2: a new learning rate.
     cfg = yaml.safe_load((work / "configs/server.yaml").read_text())
-    stages = yaml.safe_load((work / "configs/test.yaml").read_text())["pretrain"]["curriculum"]
+    stages = yaml.safe_load((work / "tests/configs/test.yaml").read_text())["pretrain"]["curriculum"]
     stages[1]["lr"] = 0.0002
     cfg["pretrain"]["curriculum"] = stages
     (work / "configs/server.yaml").write_text(yaml.safe_dump(cfg))

@@ -1,9 +1,9 @@
-"""grad_accum keeps the contrastive batch: svitt.grad_cache against one large batch (fp64)."""
+"""grad_accum keeps the contrastive batch: svitt.training.grad_cache against one large batch (fp64)."""
 import pytest
 import torch
 
 import svitt
-from svitt.grad_cache import cached_step
+from svitt.training.grad_cache import cached_step
 
 OBJECTIVES = {"pretrain": ("vtc", "vtm", "mlm"), "ego": ("egonce", "vtm", "mlm")}
 WEIGHTS = {"vtc": 1.0, "egonce": 1.0, "vtm": 1.0, "mlm": 1.0}

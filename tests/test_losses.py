@@ -1,11 +1,11 @@
-"""svitt.losses against hand-computed values (math on explicit small matrices, never the function twice)."""
+"""svitt.models.losses against hand-computed values (math on explicit small matrices, never the function twice)."""
 
 import math
 
 import pytest
 import torch
 
-from svitt.losses import (
+from svitt.models.losses import (
     clamp_temperature,
     egonce,
     info_nce,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import svitt
-from svitt.checkpoint import export_model
+from svitt.training.checkpoint import export_model
 from svitt.data.datasets import FrameStore
 from svitt.data.transforms import EvalTransform
 from svitt.evaluation import window_starts

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import svitt
-from svitt.checkpoint import export_model
+from svitt.training.checkpoint import export_model
 from svitt.data.nlq import read_nlq
 from svitt.evaluation.metrics import nlq_recall
 from svitt.evaluation.nlq import write_video_features
-from svitt.grounding import (GROUNDER_DEFAULTS, GroundingItem, SpanGrounder, baseline_windows, build_items,
+from svitt.evaluation.grounding import (GROUNDER_DEFAULTS, GroundingItem, SpanGrounder, baseline_windows, build_items,
                              most_frequent_spans, predict_windows, resolve_grounder_config, top_spans,
                              train_grounder)
 from tests.conftest import script

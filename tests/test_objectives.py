@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from svitt import efficiency, plots
+from svitt.analysis import efficiency, plots
 from svitt.models import objectives as registry
 from svitt.models.objectives import OBJECTIVES, LossSettings, check_objectives
 from svitt.models.svitt import SViTT
-from svitt.train import TRAIN_KEYS, PairsTask, resolve_train_config
+from svitt.training.train import TRAIN_KEYS, PairsTask, resolve_train_config
 
 STAGE = {"name": "s", "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny"}},
          "objectives": {"vtc": 1.0}, "epochs": 1, "batch_size": 4, "lr": 1e-4}
@@ -50,7 +50,7 @@ def test_the_data_an_objective_needs_is_checked():
 
 
 def _old_find_unused_parameters(objectives: set) -> bool:
-    """svitt.train.PairsTask.find_unused_parameters before the registry, as it was written."""
+    """svitt.training.train.PairsTask.find_unused_parameters before the registry, as it was written."""
     return objectives != {"vtc", "vtm", "mlm"} and objectives != {"egonce", "vtm", "mlm"}
 
 
@@ -162,6 +162,6 @@ def test_the_schema_lists_every_objective():
 
 
 def test_the_losses_of_cached_features_check_the_objectives_too():
-    """svitt.grad_cache calls SViTT.losses directly, not forward: the registry is checked there as well."""
+    """svitt.training.grad_cache calls SViTT.losses directly, not forward: the registry is checked there as well."""
     with pytest.raises(ValueError, match=r"unknown objectives \['itc'\]"):
         SViTT(TINY).losses({}, {}, ("vtc", "itc"))

@@ -146,7 +146,7 @@ def test_the_decoder_starts_from_the_fusion_layers(pipeline, qa_model):
 
 
 def test_every_parameter_learns_from_the_answer_loss(qa_model):
-    """So DDP runs without find_unused_parameters (svitt.train.QATask)."""
+    """So DDP runs without find_unused_parameters (svitt.training.train.QATask)."""
     model, tokenizer = qa_model
     ids = torch.randint(5, len(tokenizer), (2, 6))
     answers = torch.tensor([[2, 7, 3], [2, 9, 3]])
@@ -190,10 +190,10 @@ def test_qa_batches_hold_question_and_answer_tokens(pipeline):
 
 def test_grad_accum_on_the_qa_task_gives_the_gradients_of_the_whole_batch(qa_model):
     """The answer loss is a mean of per-question terms: plain accumulation over equal micro-batches
-    (svitt.train.QATask, no grad cache) is exact."""
+    (svitt.training.train.QATask, no grad cache) is exact."""
     import copy
 
-    from svitt.train import QATask, _optimizer_step
+    from svitt.training.train import QATask, _optimizer_step
 
     model, tokenizer = qa_model
     g = torch.Generator().manual_seed(3)

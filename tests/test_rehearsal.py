@@ -93,7 +93,7 @@ def plans(tmp_path_factory):
         (workdir / path).mkdir(parents=True)
     return {name: _commands(workdir, "configs/paper.yaml", *overlays) for name, overlays in
             (("paper", ()), ("full", ("configs/rehearsal.yaml",)),
-             ("ci", ("configs/rehearsal.yaml", "configs/rehearsal_ci.yaml")))}
+             ("ci", ("configs/rehearsal.yaml", "tests/configs/rehearsal_ci.yaml")))}
 
 
 @pytest.mark.parametrize("size", ["full", "ci"])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svitt.checkpoint import load_exported
+from svitt.training.checkpoint import load_exported
 from svitt.models.answer_decoder import VideoQA
 from svitt.models.released import (ReleasedCheckpointError, checkpoint_kind, config_value, convert,
                                    map_state_dict, model_config, read_checkpoint)

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("results/pretrain/stage2/model.json", "results/eval/retrieval/demo_retrieval/stage1.json")
-CONFIGS = ("--configfile", "configs/test.yaml", "configs/test_slurm.yaml")
+CONFIGS = ("--configfile", "tests/configs/test.yaml", "tests/configs/test_slurm.yaml")
 # The Slurm command line is the one the README's "Running on Slurm" quotes.
 SLURM_ARGS = (*TARGETS, "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "2", *CONFIGS)
@@ -46,9 +46,9 @@ FIRST_POLL = ("--slurm-init-seconds-before-status-checks", "2")  # in SLURM_ARGS
 LOCAL_ARGS = (*TARGETS, "--cores", "2", *CONFIGS)
 GPU_RULES = {"pretrain", "eval_retrieval"}  # resources: gpu = pretrain.gpus / evaluation.gpus (1 here)
 FAKE_GPUS = 4
-STAGE2_STEPS = 100  # configs/test_slurm.yaml: 32 clips / batch 8 x 25 epochs
-THREADS_PER_GPU = 2  # configs/test_slurm.yaml: pretrain / evaluation threads_per_gpu
-RUNTIME = {"pretrain": 10}  # configs/test_slurm.yaml: minutes per training job
+STAGE2_STEPS = 100  # tests/configs/test_slurm.yaml: 32 clips / batch 8 x 25 epochs
+THREADS_PER_GPU = 2  # tests/configs/test_slurm.yaml: pretrain / evaluation threads_per_gpu
+RUNTIME = {"pretrain": 10}  # tests/configs/test_slurm.yaml: minutes per training job
 # Budget guards (CI has 30 minutes for the whole suite): a run past these fails instead of hanging.
 LOCAL_TIMEOUT_S, SLURM_TIMEOUT_S, START_TIMEOUT_S = 420, 480, 600
 
@@ -502,7 +502,7 @@ def test_outputs_are_those_of_a_local_run(runs):
 def test_plots_run_beside_snakemake_as_local_rules(runs):
     """Figures take seconds: they run on the submitting machine, not as Slurm jobs."""
     work = runs["work"]
-    stages = yaml.safe_load((work / "configs/test_slurm.yaml").read_text())["pretrain"]["curriculum"][:2]
+    stages = yaml.safe_load((work / "tests/configs/test_slurm.yaml").read_text())["pretrain"]["curriculum"][:2]
     # and whatever named stage3 or egoclip names stage2 instead (the config must still parse)
     two_stages = {"pretrain": {"curriculum": stages, "egoclip": None},
                   "analysis": {"control": {"temporal": "late", "stages": ["stage1", "stage2"]},

@@ -1,10 +1,10 @@
-"""svitt.sparsity.edge_count against the paper (SViTT, Table 1, Table 7, eq. 17-19) and by hand."""
+"""svitt.models.sparsity.edge_count against the paper (SViTT, Table 1, Table 7, eq. 17-19) and by hand."""
 
 import math
 
 import pytest
 
-from svitt.sparsity import edge_count, kept_count
+from svitt.models.sparsity import edge_count, kept_count
 
 DENSE = (None, None, None)
 

@@ -1,9 +1,9 @@
-"""svitt.stages: how the workflow turns pretrain.* into each stage's training config."""
+"""svitt.workflow.stages: how the workflow turns pretrain.* into each stage's training config."""
 import sys
 
 import pytest
 
-from svitt.stages import all_stage_names, configured_stages, split_variant, stage_config, stage_init, with_control
+from svitt.workflow.stages import all_stage_names, configured_stages, split_variant, stage_config, stage_init, with_control
 
 CONFIG = {
     "datasets": {"webvid": {}, "egoclip": {"clips": "egoclip"}},
@@ -75,7 +75,7 @@ def test_inconsistent_stage_lists_are_errors(stages, match):
 def test_the_workflow_can_import_it_without_torch():
     import subprocess
 
-    code = "import sys, svitt.stages; assert 'torch' not in sys.modules"
+    code = "import sys, svitt.workflow.stages; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 import svitt
-from svitt import losses
+from svitt.models import losses
 from svitt.models.relative_position import table_size
 
 TINY = {

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import svitt.models.svitt as svitt_model
-from svitt.checkpoint import load_exported
-from svitt.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, TrainData, train
+from svitt.training.checkpoint import load_exported
+from svitt.training.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, TrainData, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_pa
     """Preempted at step 3 of 8 (2 steps per epoch: mid-epoch), the rest equals the uninterrupted
     run. (Every DataLoader iterator used to draw its base seed from torch's global RNG: the resumed
     run made one at step 3, the uninterrupted run had not, and the MLM masks drifted apart.)"""
-    import svitt.train as engine
+    import svitt.training.train as engine
 
     record = engine._record
 
@@ -190,7 +190,7 @@ def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_pa
 
 
 class _Clock:
-    """svitt.train's `time`, with time() jumped forward once `late` is set."""
+    """svitt.training.train's `time`, with time() jumped forward once `late` is set."""
 
     def __init__(self):
         self.late = False
@@ -208,8 +208,8 @@ def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline,
     """SVITT_STOP_AT (launch.py --save-before on Slurm) passing during step 3's first micro-batch:
     the step is finished (with grad_accum 2 the cached step takes both micro-batches), saved and
     the run stops with Preempted; the resumed run's losses are the uninterrupted run's, in the
-    plain path and in the grad-cache path (svitt.grad_cache) alike."""
-    import svitt.train as engine
+    plain path and in the grad-cache path (svitt.training.grad_cache) alike."""
+    import svitt.training.train as engine
 
     cfg = stage(grad_accum=grad_accum)
     if grad_accum == 1:

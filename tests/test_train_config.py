@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from svitt.precision import resolve_precision
-from svitt.scheduler import cosine_lr
-from svitt.train import resolve_train_config
+from svitt.training.precision import resolve_precision
+from svitt.training.scheduler import cosine_lr
+from svitt.training.train import resolve_train_config
 
 STAGE = {
     "name": "stage1",
@@ -72,7 +72,7 @@ def test_fp16_on_a_cpu_autocasts_to_bfloat16_and_scales_the_loss():
     """The fp16 policy on a CPU: 16-bit autocast (bfloat16: the CPU's float16 products are emulated,
     ~70x slower), the loss scaled by the scaler (its first scale 2**16), and the unscaled gradient
     equals the float32 one within 16-bit precision. On CUDA the dtype is float16."""
-    from svitt.precision import autocast, autocast_dtype, grad_scaler
+    from svitt.training.precision import autocast, autocast_dtype, grad_scaler
 
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(16, 4), torch.randn(8, 16)

@@ -1,4 +1,4 @@
-"""The Snakemake workflow for real: the demo DAG end to end at test size (configs/test.yaml),
+"""The Snakemake workflow for real: the demo DAG end to end at test size (tests/configs/test.yaml),
 what a config edit reruns, schema errors, the paper configuration's DAG, the profiles."""
 import json
 import re
@@ -76,7 +76,7 @@ def test_the_demo_dag_finetunes_retrieval_and_qa_from_the_last_stage(demo_run):
 
 
 def test_an_untouched_config_reruns_nothing(demo_run):
-    assert planned_jobs(demo_run, "configs/test.yaml") == set()
+    assert planned_jobs(demo_run, "tests/configs/test.yaml") == set()
 
 
 def test_a_missing_stage_folder_is_rebuilt_by_all(demo_run):
@@ -86,7 +86,7 @@ def test_a_missing_stage_folder_is_rebuilt_by_all(demo_run):
     aside = demo_run / "stage2.aside"
     stage2.rename(aside)
     try:
-        jobs = planned_jobs(demo_run, "configs/test.yaml")
+        jobs = planned_jobs(demo_run, "tests/configs/test.yaml")
     finally:
         aside.rename(stage2)
     assert {w for r, w in jobs if r == "pretrain"} == {"stage=stage2", "stage=stage3", "stage=egoclip"}
@@ -95,7 +95,7 @@ def test_a_missing_stage_folder_is_rebuilt_by_all(demo_run):
 
 def test_cosmetic_config_edits_rerun_nothing(demo_run):
     """Reordered keys, another YAML layout, 1e-3 written for 0.001: the same config."""
-    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
     stage = cfg["pretrain"]["curriculum"][0]
     cfg["pretrain"]["curriculum"][0] = dict(reversed(list(stage.items())))
     cfg["pretrain"] = dict(reversed(list(cfg["pretrain"].items())))
@@ -108,7 +108,7 @@ def test_cosmetic_config_edits_rerun_nothing(demo_run):
 def test_editing_io_settings_reruns_nothing(demo_run):
     """pretrain.io (checkpoint and log intervals, loader processes) changes how a stage runs, not
     what it learns; the new values still reach train.py."""
-    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
     cfg["pretrain"]["io"] = {"checkpoint_every": 7, "log_every": 3, "num_workers": 2}
     (demo_run / "configs/io.yaml").write_text(yaml.safe_dump(cfg))
     assert planned_jobs(demo_run, "configs/io.yaml") == set()
@@ -118,7 +118,7 @@ def test_editing_io_settings_reruns_nothing(demo_run):
 
 
 def test_editing_one_stage_reruns_that_stage_and_its_downstream_only(demo_run):
-    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
     cfg["pretrain"]["curriculum"][1]["lr"] = 0.0002  # stage2
     (demo_run / "configs/edited.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(demo_run, "configs/edited.yaml")
@@ -130,7 +130,7 @@ def test_editing_one_stage_reruns_that_stage_and_its_downstream_only(demo_run):
 
 
 def test_an_appended_32_frame_stage_is_scheduled_without_code_changes(demo_run):
-    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
     cfg["pretrain"]["curriculum"].append({
         "name": "stage4", "init": "stage3", "frames": 32, "local_blocks": 1, "random_blocks": 1, "block_size": 16,
         "visual_keep": 0.4, "multimodal_keep": 0.5, "epochs": 1, "lr": 0.0001})
@@ -144,10 +144,10 @@ def test_an_appended_32_frame_stage_is_scheduled_without_code_changes(demo_run):
 def test_adding_a_dataset_or_a_stage_reruns_only_its_own_jobs(demo_run):
     """A paragraph-retrieval dataset (64 tokens) joins the evaluation list and stage2 the retrieval
     finetuning list: only their jobs are planned, each with its own settings."""
-    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
     cfg["datasets"] = {"demo_didemo": {"videos": "resources/demo/downstream_videos.csv", "text_len": 64,
                                        "annotations": "resources/demo/retrieval_test_didemo.json", "paragraph": True}}
-    # configs/test.yaml's own evaluation keys (the NLQ grounder's) stay: only the retrieval list changes
+    # tests/configs/test.yaml's own evaluation keys (the NLQ grounder's) stay: only the retrieval list changes
     cfg["evaluation"]["retrieval"] = {"datasets": ["demo_retrieval", {"name": "demo_didemo", "rerank_k": 4}]}
     cfg["finetune"]["retrieval"]["stages"] = ["stage3", "stage2"]
     (demo_run / "configs/added.yaml").write_text(yaml.safe_dump(cfg))
@@ -169,7 +169,7 @@ def test_adding_a_dataset_or_a_stage_reruns_only_its_own_jobs(demo_run):
 
 
 def test_evaluation_settings_rerun_the_evaluation_not_the_finetuning(demo_run):
-    cfg = yaml.safe_load((demo_run / "configs/test.yaml").read_text())
+    cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
     cfg["evaluation"]["qa"] = {"scoring": "singularity"}
     cfg["finetune"]["io"] = {"num_workers": 0, "checkpoint_every": 3, "log_every": 1}
     (demo_run / "configs/scoring.yaml").write_text(yaml.safe_dump(cfg))
@@ -234,7 +234,7 @@ def test_local_profile_dry_run(tmp_path):
 
 
 def test_html_report_holds_the_figures(demo_run):
-    snakemake(demo_run, "--report", "report.html", "--configfile", "configs/test.yaml")
+    snakemake(demo_run, "--report", "report.html", "--configfile", "tests/configs/test.yaml")
     html = (demo_run / "report.html").read_text(errors="replace")
     for figure in ["training_curves.png", "retrieval_demo_retrieval.png", "egomcq.png", "sparsity.png"]:
         assert figure in html

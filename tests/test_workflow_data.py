@@ -1,4 +1,4 @@
-"""The data part of the workflow for real (test size, configs/test.yaml): download shard i ->
+"""The data part of the workflow for real (test size, tests/configs/test.yaml): download shard i ->
 extract shard i -> shard i's videos dropped (download.keep_videos: false); folder datasets read in
 place; settings that change how a job runs rerun nothing; a missing video folder stops the dry
 run; the failure threshold holds per shard. One data-only run (~40 s) is shared by the module."""
@@ -63,12 +63,12 @@ def manifest(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def data_run(tmp_path_factory):
-    """Every frame shard of the test-size demo (configs/test.yaml sets download.keep_videos: false)."""
+    """Every frame shard of the test-size demo (tests/configs/test.yaml sets download.keep_videos: false)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("data_workflow"))
-    assert yaml.safe_load((workdir / "configs/test.yaml").read_text())["download"]["keep_videos"] is False
+    assert yaml.safe_load((workdir / "tests/configs/test.yaml").read_text())["download"]["keep_videos"] is False
     targets = shard_targets(workdir, DOWNLOADED + FOLDERS)
-    snakemake(workdir, *targets, "--cores", "2", "--configfile", "configs/test.yaml")
-    return workdir, targets, ("configs/test.yaml",)
+    snakemake(workdir, *targets, "--cores", "2", "--configfile", "tests/configs/test.yaml")
+    return workdir, targets, ("tests/configs/test.yaml",)
 
 
 def test_every_downloaded_video_is_extracted_before_its_shard_is_dropped(data_run):
@@ -163,7 +163,7 @@ def test_a_missing_video_folder_stops_the_dry_run_naming_it(tmp_path):
     """Finding 13: a dataset whose video folder is missing fails before anything runs."""
     workdir = copy_workflow(tmp_path)
     overlay = write_overlay(workdir, "missing.yaml", {"datasets": {"egomcq": {"videos": "data/ego4d/videos"}}})
-    result = snakemake(workdir, "-n", "all", "--configfile", "configs/test.yaml", overlay, check=False)
+    result = snakemake(workdir, "-n", "all", "--configfile", "tests/configs/test.yaml", overlay, check=False)
     assert result.returncode != 0
     assert "MissingInputException" in result.stdout + result.stderr
     assert "data/ego4d/videos" in result.stdout + result.stderr
@@ -216,7 +216,7 @@ def test_the_failure_threshold_holds_per_shard_and_other_shards_are_kept(tmp_pat
            "download": {"max_failed_fraction": 0.3, "retries": 0}}
     strict = write_overlay(workdir, "web.yaml", web)
     targets = [f"resources/frames/web/shard-{k:03d}-of-002.h5" for k in range(2)]
-    result = snakemake(workdir, *targets, "--cores", "2", "--keep-going", "--configfile", "configs/test.yaml",
+    result = snakemake(workdir, *targets, "--cores", "2", "--keep-going", "--configfile", "tests/configs/test.yaml",
                        strict, check=False)
     assert result.returncode != 0
     assert not (workdir / targets[0]).exists()
@@ -226,7 +226,7 @@ def test_the_failure_threshold_holds_per_shard_and_other_shards_are_kept(tmp_pat
 
     web = {**web, **RUN_SETTINGS}  # a higher threshold, and new values for the other run settings
     lenient = write_overlay(workdir, "web_lenient.yaml", web)
-    configs = ("configs/test.yaml", lenient)
+    configs = ("tests/configs/test.yaml", lenient)
     commands = []
     assert planned(workdir, targets, *configs, commands=commands) == {
         ("download", "dataset=web, index=000, shards=002"), ("extract_frames", "dataset=web, index=000, shards=002")}

@@ -8,7 +8,7 @@ length, at full BEiT-B + BERT-base size, on a CPU.
 Per row: attention edges and sparsity S (eq. 17-19), inference GFLOPs of one video-text pair
 (torch.utils.flop_counter on the meta device) and training memory per clip (--memory meta: counted
 on the meta device; cuda: measured; auto: cuda when present; none: skipped), beside the paper's
-numbers, and the checks against Tables 7 and 2. See svitt/efficiency.py for the conventions.
+numbers, and the checks against Tables 7 and 2. See svitt/analysis/efficiency.py for the conventions.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from svitt import efficiency
+    from svitt.analysis import efficiency
     from svitt.io import atomic_write_csv, atomic_write_json
 
     memory = {"auto": "cuda" if torch.cuda.is_available() else "meta", "none": None}.get(args.memory, args.memory)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                                         "clip, text encoder, one matching score), torch.utils.flop_counter",
                               "memory_gb": "training memory per clip in 1e9 bytes, fp32, peak at batch 2 minus batch 1 "
                                            "(counted: live tensor bytes on the meta device; cuda: max_memory_allocated)",
-                              "edges_m": "attention edges in millions, appendix eq. 17-19 (svitt.sparsity)",
+                              "edges_m": "attention edges in millions, appendix eq. 17-19 (svitt.models.sparsity)",
                               "edges_m_table7": "the same with every fusion layer at the visual output length "
                                                 "(q_m prunes no edge): the count Table 7 prints"}}
     atomic_write_json(args.out_json, report)

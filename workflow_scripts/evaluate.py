@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     settings = {**module.SETTINGS, **json.loads(args.config_json)}
     import torch
 
-    from svitt.checkpoint import load_exported
+    from svitt.training.checkpoint import load_exported
     from svitt.data.pipeline import PairCollator, load_tokenizer
     from svitt.data.transforms import EvalTransform
     from svitt.io import atomic_write_json

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ego4D NLQ grounding: train a span grounder (svitt.grounding) on SViTT-Ego window features of
+"""Ego4D NLQ grounding: train a span grounder (svitt.evaluation.grounding) on SViTT-Ego window features of
 the train split, evaluate it on val (R@1 / R@5 at IoU 0.3 / 0.5), next to the baseline that
 predicts the query-independent most frequent windows.
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     train.add_argument("--features", required=True, type=Path, help="per-video .pt folder with features.json")
     train.add_argument("--model", required=True, type=Path, help="SViTT model.safetensors: its text encoder")
     train.add_argument("--tokenizer", required=True)
-    train.add_argument("--config-json", default="{}", help="grounder settings (svitt.grounding.GROUNDER_DEFAULTS)")
+    train.add_argument("--config-json", default="{}", help="grounder settings (svitt.evaluation.grounding.GROUNDER_DEFAULTS)")
     train.add_argument("--out-dir", required=True, type=Path)
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     train.add_argument("--threads", type=int, default=1,
@@ -98,10 +98,10 @@ def train_and_evaluate(args, splits) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from svitt.checkpoint import load_exported
+    from svitt.training.checkpoint import load_exported
     from svitt.evaluation.metrics import nlq_recall
     from svitt.evaluation.nlq import read_feature_info
-    from svitt.grounding import (SpanGrounder, baseline_windows, build_items, most_frequent_spans,
+    from svitt.evaluation.grounding import (SpanGrounder, baseline_windows, build_items, most_frequent_spans,
                                  predict_windows, resolve_grounder_config, train_grounder)
     from svitt.io import atomic_path, atomic_write_bytes, atomic_write_json
 

@@ -6,7 +6,7 @@
 CHECKPOINT is a pretraining, retrieval or QA checkpoint of the released scripts
 (`{"model", "config", "optimizer", ...}`, e.g. ckpt_09.pth or ckpt_best.pth). It is read with
 torch.load(weights_only=True) and an allow-list for the stored OmegaConf config (OmegaConf is not
-needed). OUT_DIR receives model.safetensors and model.json: svitt.checkpoint.load_exported loads
+needed). OUT_DIR receives model.safetensors and model.json: svitt.training.checkpoint.load_exported loads
 them (a QA checkpoint as a VideoQA model, which svitt.evaluation.qa also reads), and a pretraining or
 retrieval import can start a stage (`train.py --init OUT_DIR/model.safetensors`). model.json records
 the settings the stored config translates to (the released model's behaviour where it differs from

@@ -8,7 +8,7 @@
 agent per node is started with `srun`, joined by a c10d rendezvous on this node.
 
 Devices: inside a Slurm job, Slurm's CUDA_VISIBLE_DEVICES is kept. Elsewhere the job locks distinct
-GPUs in the machine's pool (svitt/devices.py: $SVITT_GPU_POOL, default /var/tmp/svitt-gpu-pool),
+GPUs in the machine's pool (svitt/training/devices.py: $SVITT_GPU_POOL, default /var/tmp/svitt-gpu-pool),
 waiting as long as it takes; a CUDA_VISIBLE_DEVICES set in the shell narrows the choice to its
 entries. The lock is held by every process of the job and released by the kernel when the last one
 exits.
@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.devices import acquire, default_pool, gpu_ids, job_gpu_count  # noqa: E402
+from svitt.training.devices import acquire, default_pool, gpu_ids, job_gpu_count  # noqa: E402
 
-STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as svitt.train: saved, run again to continue
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as svitt.training.train: saved, run again to continue
 # torchrun's agent dies on SIGUSR1 by default (its workers would run on, orphaned): let it pass
 # the signal on to them instead.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

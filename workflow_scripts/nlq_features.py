@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     import h5py
     import torch
 
-    from svitt.checkpoint import load_exported
+    from svitt.training.checkpoint import load_exported
     from svitt.data.datasets import FrameStore, resolve_shards
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import extract_window_features

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference", nargs="*", default=[], metavar="STAGE=PATH",
                    help="sweep: evaluation of the unmodified checkpoints")
     args = p.parse_args(argv)
-    from svitt import plots
+    from svitt.analysis import plots
 
     inputs = parse_pairs(args.inputs)
     if args.figure == "probing":

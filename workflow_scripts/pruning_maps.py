@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from svitt import plots
-    from svitt.checkpoint import load_exported
+    from svitt.analysis import plots
+    from svitt.training.checkpoint import load_exported
     from svitt.data.pipeline import PairCollator, load_tokenizer
     from svitt.data.transforms import EvalTransform
     from svitt.io import atomic_write_json

@@ -11,7 +11,7 @@ linked there, never copied):
    (ci) and a bert-base-uncased folder (svitt.models.published); once, kept for later runs;
 2. serves WebVid's contentUrl files on a loopback HTTP server while Snakemake runs;
 3. plans `all` and `paper_figures` under configs/paper.yaml alone and with the rehearsal overlays
-   (configs/rehearsal.yaml [+ configs/rehearsal_ci.yaml]): the job count of every rule must be the
+   (configs/rehearsal.yaml [+ tests/configs/rehearsal_ci.yaml]): the job count of every rule must be the
    paper's, apart from the download and extraction shards;
 4. runs them, then checks that nothing is left to do, writes the Snakemake report
    (results/report.html) and results/rehearsal.json (planned and executed jobs per rule, time).
@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # svitt from this repository
 
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "configs", "rules", "schemas", "workflow_scripts", "svitt", "profiles",
-                  "envs", "report")
+                  "envs", "report", "tests/configs")
 TARGETS = ("all", "paper_figures")
 SHARDED_RULES = ("download", "extract_frames")  # their counts follow the overlay's shards
-OVERLAYS = {"full": ("configs/rehearsal.yaml",), "ci": ("configs/rehearsal.yaml", "configs/rehearsal_ci.yaml")}
+OVERLAYS = {"full": ("configs/rehearsal.yaml",), "ci": ("configs/rehearsal.yaml", "tests/configs/rehearsal_ci.yaml")}
 DATA_VERSION = 3  # bump when svitt.data.miniatures changes what it writes
 
 
@@ -62,6 +62,7 @@ def link_workflow(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         link = workdir / name
+        link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(REPO / name)
 
@@ -117,7 +118,7 @@ def weight_paths(workdir: Path, size: str) -> list[str]:
         return []
     import yaml
 
-    model = yaml.safe_load((REPO / "configs/rehearsal_ci.yaml").read_text())["model"]
+    model = yaml.safe_load((REPO / "tests/configs/rehearsal_ci.yaml").read_text())["model"]
     overlay = workdir / "plan_weights.yaml"
     overlay.write_text(yaml.safe_dump({"model": {k: model[k] for k in ("video_weights", "text_weights")}}))
     return [overlay.name]

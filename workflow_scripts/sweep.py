@@ -93,8 +93,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from svitt import efficiency
-    from svitt.checkpoint import load_exported
+    from svitt.analysis import efficiency
+    from svitt.training.checkpoint import load_exported
     from svitt.data.pipeline import PairCollator, load_tokenizer
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import task

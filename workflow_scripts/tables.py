@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--qa", nargs="*", default=[], metavar="DATASET:MODEL=PATH")
     p.add_argument("--efficiency", type=Path)
     args = p.parse_args(argv)
-    from svitt import tables
+    from svitt.analysis import tables
     from svitt.io import atomic_write_bytes, atomic_write_csv
 
     built = {}

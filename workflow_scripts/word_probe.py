@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from svitt.checkpoint import load_exported
+    from svitt.training.checkpoint import load_exported
     from svitt.data.pipeline import PairCollator, load_tokenizer
     from svitt.data.transforms import EvalTransform
     from svitt.evaluation import retrieval

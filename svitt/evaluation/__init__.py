@@ -5,7 +5,7 @@
     retrieval.py  text-video retrieval (+ temporal twins on the demo corpus)
     egomcq.py     EgoMCQ (SViTT-Ego)
     qa.py         open-ended video QA with an answer decoder (answers ranked from a list)
-    nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.grounding)
+    nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.evaluation.grounding)
 
 Public names are re-exported here; the torch-backed ones are imported on first use, so
 `from svitt.evaluation import retrieval_metrics` needs numpy only.

@@ -72,7 +72,7 @@ class VideoFeatureWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def add(self, uid: str, feats: torch.Tensor) -> None:
-        from svitt.checkpoint import atomic_torch_save
+        from svitt.training.checkpoint import atomic_torch_save
 
         if "/" in uid or uid.startswith(".") or not uid:
             raise ValueError(f"video uid {uid!r} cannot name a file {uid}.pt")

@@ -135,6 +135,10 @@ class VideoQA(nn.Module):
         qa.answer_decoder = AnswerDecoder.from_pretrained_fusion(model, qa.decoder_layers)
         return qa
 
+    def no_weight_decay(self) -> set[str]:
+        """As SViTT's: the video encoder's CLS token and relative position tables."""
+        return {f"video_encoder.{name}" for name in self.video_encoder.no_weight_decay()}
+
     def question_states(self, video, input_ids, attention_mask):
         """video [B, T, 3, H, W], question ids/mask [B, Lq] -> fused question states [B, Lq, D]
         (multimodal pruning as text.question_pruning says)."""

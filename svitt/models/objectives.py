@@ -2,9 +2,9 @@
 
 A row says what an objective computes (a function of the model, the encoders' features of the whole
 batch, the batch's other inputs and LossSettings), what it needs, which parts of the model it trains
-and what it cannot be combined with. SViTT.losses, the stage config's validation (svitt.train), DDP's
-find_unused_parameters, the plots' labels and the meta-device step of svitt.efficiency are read from
-here. Adding an objective: its loss in svitt/losses.py, its row in OBJECTIVE_TABLE, its weight key in
+and what it cannot be combined with. SViTT.losses, the stage config's validation (svitt.training.train), DDP's
+find_unused_parameters, the plots' labels and the meta-device step of svitt.analysis.efficiency are read from
+here. Adding an objective: its loss in svitt/models/losses.py, its row in OBJECTIVE_TABLE, its weight key in
 schemas/config.schema.yaml (docs/training.md).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from svitt import losses
+from svitt.models import losses
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ PARTS = {
 @dataclass(frozen=True)
 class Objective:
     name: str  # the key of stage.objectives and of the losses' dict
-    label: str  # plot label (svitt.plots.LOSS_NAMES)
+    label: str  # plot label (svitt.analysis.plots.LOSS_NAMES)
     loss: Callable[..., torch.Tensor]  # (model, feats, batch, settings, objectives) -> 0-dim loss
     # The same tensors on the meta device, where the loss's value checks and random draws cannot run:
-    # (model, step, clip, ids, mask) -> 0-dim loss; svitt.efficiency counts a training step's memory with it.
+    # (model, step, clip, ids, mask) -> 0-dim loss; svitt.analysis.efficiency counts a training step's memory with it.
     meta_loss: Callable[..., torch.Tensor]
     trains: frozenset[str]  # PARTS it gives a gradient to
     needs: tuple[str, ...] = ()  # batch keys beyond video / input_ids / attention_mask
@@ -80,7 +80,7 @@ def _mlm(model, feats: dict, batch: dict, settings: LossSettings, objectives) ->
     return losses.mlm_loss(model.mlm_logits(fused), batch["mlm_labels"])
 
 
-# ---- meta-device stand-ins (svitt.efficiency.training_step): step holds the encoders' outputs of
+# ---- meta-device stand-ins (svitt.analysis.efficiency.training_step): step holds the encoders' outputs of
 # the batch (video_tokens, video_emb, text_hidden, text_emb); the negatives are the batch rolled by one.
 def _target(step: dict, clip) -> torch.Tensor:
     """The batch's diagonal labels, made once per step where the first objective needs them."""

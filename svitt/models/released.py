@@ -598,7 +598,7 @@ def _text_len(config: dict, kind: str) -> int:
 
 def _info(config, checkpoint, kind, model_cfg, source, notes, verified, initialised, decoder_layers) -> dict:
     """model.json: this project's keys (name, frames, model_config, train_config) and the provenance."""
-    from svitt.train import DATA_KEYS, QA_DATA_KEYS
+    from svitt.training.train import DATA_KEYS, QA_DATA_KEYS
 
     data = {key: copy.deepcopy(default) for key, (_, default) in DATA_KEYS.items()}
     data.update(text_len=_text_len(config, kind), mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])  # BEiT's
@@ -628,8 +628,8 @@ def _has(config: dict, key: str) -> bool:
 
 def import_released(checkpoint: str | Path, out_dir: str | Path) -> dict:
     """Convert a released checkpoint into out_dir/model.safetensors and out_dir/model.json (the
-    JSON last; its name is out_dir's), loadable by svitt.checkpoint.load_exported. Returns the info."""
-    from svitt.checkpoint import export_model
+    JSON last; its name is out_dir's), loadable by svitt.training.checkpoint.load_exported. Returns the info."""
+    from svitt.training.checkpoint import export_model
 
     model, info = convert(read_checkpoint(checkpoint), str(checkpoint))
     info["name"] = Path(out_dir).name

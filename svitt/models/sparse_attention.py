@@ -293,7 +293,7 @@ class _Split:
 
 def _no_autocast(device_type: str):
     """Autocast off inside the kernel (it picks its own compute dtype); the meta device, where
-    svitt.efficiency counts FLOPs and memory, has no autocast to turn off."""
+    svitt.analysis.efficiency counts FLOPs and memory, has no autocast to turn off."""
     if device_type == "meta":
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from svitt import losses
+from svitt.models import losses
 from svitt.config import check_keys
 from svitt.models.objectives import (  # noqa: F401 (OBJECTIVES: re-exported)
     DEFAULT_SETTINGS, OBJECTIVES, LossSettings, check_objectives, compute_losses)
@@ -106,6 +106,10 @@ class SViTT(nn.Module):
         """fused [B, L, Dt] -> vocabulary logits [B, L, V]."""
         return self.mlm_head(fused, self.text_encoder.embeddings.word_embeddings.weight)
 
+    def no_weight_decay(self) -> set[str]:
+        """The video encoder's (CLS token, relative position tables) and the temperature."""
+        return {f"video_encoder.{name}" for name in self.video_encoder.no_weight_decay()} | {"temp"}
+
     def temperature(self) -> torch.Tensor:
         return losses.clamp_temperature(self.temp)
 
@@ -127,7 +131,7 @@ class SViTT(nn.Module):
         return self.losses(feats, batch, objectives, settings)
 
     def features(self, video, input_ids, attention_mask, mlm_ids=None) -> dict:
-        """What the encoders compute, per clip (svitt.grad_cache caches these between micro-batches):
+        """What the encoders compute, per clip (svitt.training.grad_cache caches these between micro-batches):
         video_tokens [B, 1 + N', Dv], video_emb [B, E], text_hidden [B, L, Dt], text_emb [B, E],
         and with mlm_ids the masked text's hidden states masked_hidden [B, L, Dt]."""
         video_tokens, video_emb = self.encode_video(video)

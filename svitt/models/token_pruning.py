@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from svitt.sparsity import kept_count
+from svitt.models.sparsity import kept_count
 
 
 def select_tokens(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
     """Indices [B, k] of the k = ceil(q N) highest scores per row (at least one), sorted by
-    position. The count is the one svitt.sparsity uses for edge accounting."""
+    position. The count is the one svitt.models.sparsity uses for edge accounting."""
     k = max(1, kept_count(scores.shape[1], keep_rate))
     return scores.topk(k, dim=1).indices.sort(dim=1).values
 

@@ -304,6 +304,12 @@ class VideoEncoder(nn.Module):
             block.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW leaves undecayed beyond those of under 2 dimensions (timm's
+        convention): the CLS token and every block's relative position bias table."""
+        return {name for name, _ in self.named_parameters()
+                if name.endswith(("cls_token", "relative_position_bias_table"))}
+
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, 1 + N, D] -> the clip summary [B, D] (video.pooling): the normed CLS, or the
         norm of the mean regional token (BEiT's fc_norm pooling)."""

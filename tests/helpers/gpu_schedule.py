@@ -99,7 +99,7 @@ def prepare(workdir: Path, overlay: dict, sizes: dict[str, int], env: dict) -> l
     between equal priorities by input size)."""
     copy_workflow(workdir)
     (workdir / "configs/server.yaml").write_text(yaml.safe_dump(overlay))
-    configs = ["configs/test.yaml", "configs/server.yaml"]
+    configs = ["tests/configs/test.yaml", "configs/server.yaml"]
     level = {rule: i for i, rule in enumerate(DATA_RULES)}
     for rule, outputs in _planned_outputs(workdir, configs, env):
         if rule not in level:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from svitt.io import atomic_path  # noqa: E402
 from svitt.models.objectives import OBJECTIVE_TABLE  # noqa: E402
-from svitt.results import ORDERS, as_runs, load_runs, mean, pick, read_json, read_jsonl  # noqa: E402
+from svitt.analysis.results import ORDERS, as_runs, load_runs, mean, pick, read_json, read_jsonl  # noqa: E402
 
 # The total first, then every objective in the registry's order (a new one gets its panel).
 LOSS_NAMES = {"loss": "total loss", **{o.name: o.label for o in OBJECTIVE_TABLE}}
@@ -329,7 +329,7 @@ def plot_table(columns: list[str], rows: list[list], out: str | Path, title: str
 
 def plot_efficiency(report: str | Path, out: str | Path):
     """The efficiency table (efficiency.json of workflow_scripts/efficiency.py) as a figure."""
-    from svitt.tables import efficiency_table
+    from svitt.analysis.tables import efficiency_table
 
     table = efficiency_table(report)
     plot_table(table.columns, table.rows, out, table.title, table.notes)

@@ -14,7 +14,7 @@ inside the window or not); decoded as VSLNet does on Ego4D, the top-k (start <= 
 outer product of the start and end probabilities, with greedy non-maximum suppression over them
 (as ActionFormer / GroundNLQ) so that the k windows are k different guesses.
 
-Why a loop of its own rather than svitt.train: that loop trains SViTT stages (frames from HDF5, the
+Why a loop of its own rather than svitt.training.train: that loop trains SViTT stages (frames from HDF5, the
 VTC / EgoNCE / VTM / MLM objectives, DDP, exact resume, exported SViTT weights). The grounder
 trains on precomputed features held in memory, for seconds (the demo) to minutes (Ego4D, one GPU),
 and none of that machinery applies; putting it there would add a second kind of model to the loop.
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from svitt.config import check_keys
-from svitt.scheduler import cosine_lr, set_lr
+from svitt.training.optim import param_groups
+from svitt.training.scheduler import cosine_lr, set_lr
 
 GROUNDER_DEFAULTS = dict(  # every key of evaluation.nlq.grounder, documented here once
     dim=128,  # hidden width of the grounder
@@ -301,10 +302,8 @@ def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: di
     generator = torch.Generator().manual_seed(settings["seed"])
     model.set_feature_stats(items)
     model.to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "w_cq" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "w_cq" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings["lr"])
+    # the training loop's convention (svitt.training.optim): biases, norms and w_cq (1-d) undecayed
+    optimizer = torch.optim.AdamW(param_groups(model, settings["weight_decay"]), lr=settings["lr"])
     per_epoch = math.ceil(len(items) / settings["batch_size"])
     total, step, rows = settings["epochs"] * per_epoch, 0, []
     for epoch in tqdm(range(settings["epochs"]), desc="grounder", disable=not progress):

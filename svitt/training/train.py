@@ -9,7 +9,7 @@ SViTT-Ego, and downstream finetuning. A task supplies the model, the batches and
     train(cfg, data=TrainData(...), out_dir=...)    # resumes from out_dir/checkpoint.pt
 
 Single process on a CPU, or one process per GPU under torchrun (DDP; contrastive embeddings are
-gathered across ranks in svitt.losses). Writes out_dir/metrics.jsonl while training and, at the
+gathered across ranks in svitt.models.losses). Writes out_dir/metrics.jsonl while training and, at the
 end, model.safetensors + model.json. Resume is exact: the checkpoint holds every RNG the run draws
 from and the position inside the epoch, and data augmentation is seeded per (epoch, sample).
 """
@@ -30,17 +30,18 @@ import torch
 from tqdm import tqdm
 
 from svitt import distributed as dist
-from svitt.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
+from svitt.training.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
                               load_training_state, restore_rng)
-from svitt.grad_cache import cached_step
+from svitt.training.grad_cache import cached_step
 from svitt.io import atomic_write_bytes
-from svitt.losses import mask_tokens
+from svitt.models.losses import mask_tokens
 from svitt.models import objectives as registry
 from svitt.models.objectives import OBJECTIVES, LossSettings
 from svitt.models.svitt import SViTT, resolve_model_config
-from svitt.precision import PRECISIONS, autocast, autocast_dtype, grad_scaler, resolve_precision
-from svitt.scheduler import cosine_lr, set_lr
-from svitt.stages import VOCABULARY as STAGE_VOCABULARY
+from svitt.training.optim import param_groups
+from svitt.training.precision import PRECISIONS, autocast, autocast_dtype, grad_scaler, resolve_precision
+from svitt.training.scheduler import cosine_lr, set_lr
+from svitt.workflow.stages import VOCABULARY as STAGE_VOCABULARY
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1/SVITT_STOP_AT, rerun to continue
 # OBJECTIVES (imported above) are the pairs task's, svitt.models.objectives; the qa task's one loss is "qa".
@@ -104,7 +105,7 @@ QA_DATA_KEYS = {
 # that set the model of the job (a curriculum stage's sparsity vocabulary) rather than training.
 FINETUNE_TASKS = {"retrieval": "pairs", "qa": "qa"}
 MODEL_STAGE_KEYS = {section: tuple(k for k, part in STAGE_VOCABULARY.items() if part == section)
-                    for section in ("video", "text")}  # as a pretraining stage's (svitt.stages)
+                    for section in ("video", "text")}  # as a pretraining stage's (svitt.workflow.stages)
 
 # How a stage runs, not what it learns (augmentation is seeded per sample, so the number of
 # loader processes does not matter either): a checkpoint stays resumable when these change, and
@@ -295,18 +296,6 @@ def _set_deterministic(requested: bool | None, device: torch.device):
     torch.use_deterministic_algorithms(on, warn_only=True)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    """No weight decay on biases, norms, layer scales, tokens, bias tables and the temperature."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or name.endswith(("cls_token", "relative_position_bias_table", "temp"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _with_vocab(model_cfg: dict, vocab_size: int) -> dict:
     """model.text.vocab_size: null means "the tokenizer's size"; fill it in."""
     model_cfg = copy.deepcopy(model_cfg)
@@ -346,7 +335,7 @@ class PairsTask:
         """DDP must look for unused parameters unless the objectives train every part of the model."""
         return registry.leaves_parts_untrained(cfg["objectives"])
 
-    # grad_accum > 1: svitt.grad_cache computes every objective over the whole step's batch: the
+    # grad_accum > 1: svitt.training.grad_cache computes every objective over the whole step's batch: the
     # contrastive ones and VTM's negatives compare each clip with the others, and MLM alone
     # accumulated plainly would average the micro-batches' means, not the step's mean over its masked tokens.
     cached = True
@@ -434,7 +423,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
         total = min(total, cfg["max_steps"])
     warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
                                   betas=tuple(cfg["betas"]))
     scaler = grad_scaler(precision, device)
     ckpt_path = out_dir / "checkpoint.pt"
@@ -447,7 +436,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     logged = _restore_metrics(out_dir / "metrics.jsonl", step, rank, logged)
 
     net = model
-    cached = _cached(cfg, task)  # svitt.grad_cache: the contrastive batch of the whole step
+    cached = _cached(cfg, task)  # svitt.training.grad_cache: the contrastive batch of the whole step
     if world > 1 and cached:
         dist.broadcast_parameters(model)  # what the DDP wrapper would do; gradients are averaged by hand
     if world > 1 and not cached:
@@ -534,7 +523,7 @@ def _resume(path, digest, world, model, optimizer, scaler, generator):
 
 
 def _cached(cfg: dict, task) -> bool:
-    """Whether a step runs through svitt.grad_cache (no DDP wrapper, gradients averaged by hand)."""
+    """Whether a step runs through svitt.training.grad_cache (no DDP wrapper, gradients averaged by hand)."""
     return cfg["grad_accum"] > 1 and task.cached
 
 
@@ -542,7 +531,7 @@ def _optimizer_step(net, model, optimizer, scaler, batches, cfg, task, tokenizer
     """Forward/backward over grad_accum micro-batches and one optimiser step; the task prepares each
     micro-batch's inputs and computes its losses, weighted here by cfg["objectives"].
     Returns ({loss name: value}, clips seen by this rank). With grad_accum > 1 a task with
-    cross-sample losses (pairs: VTC / EgoNCE, VTM's hard negatives) runs svitt.grad_cache, so the
+    cross-sample losses (pairs: VTC / EgoNCE, VTM's hard negatives) runs svitt.training.grad_cache, so the
     losses are those of the whole step's batch, as if it were one micro-batch; a task whose loss is
     a mean of per-sample terms (qa) accumulates plainly, which is exact for equal micro-batches."""
     weights = cfg["objectives"]
@@ -613,7 +602,7 @@ def _restore_metrics(path: Path, step: int, rank: int, logged: list | None) -> l
 
 def _model_info(cfg: dict, step: int, last: dict) -> dict:
     from svitt.models.text_encoder import multimodal_keep_rates
-    from svitt.sparsity import edge_count
+    from svitt.models.sparsity import edge_count
 
     video, text = cfg["model"]["video"], cfg["model"]["text"]
     sparse = video["block_size"] is not None

@@ -17,7 +17,7 @@ rows and Table 7's S exactly at the printed precision, Table 7's edges 1-1.4% lo
 precision, and so is Table 1's (1, 3, 56) hybrid row, when q_m prunes no multimodal edge
 (count_multimodal_pruning=False: every fusion layer attends over the visual output, 3 x 270 x 32
 edges at T = 4); Table 1's node-only rows need the pruning (3.99 without q_m, 3.97 with it), so
-the two tables were counted differently, and svitt.efficiency reports both counts. The edge-only
+the two tables were counted differently, and svitt.analysis.efficiency reports both counts. The edge-only
 rows fit neither (2.19 / 3.24 against 2.14 / 3.21): they cannot be fitted by any
 N (K_l + K_r) G + c with one shared N and c = the multimodal edges, nor by block padding, CLS
 rows or a cap at the sequence length, so the printed Table 1 is not fully self-consistent.

@@ -1,7 +1,7 @@
 """Cost of a SViTT configuration (SViTT Tables 1, 2, 7): attention edges and sparsity S,
 inference FLOPs and training memory per clip, at any size and without a GPU.
 
-- Edges / S: svitt.sparsity.edge_count (appendix eq. 17-19) of the resolved model config.
+- Edges / S: svitt.models.sparsity.edge_count (appendix eq. 17-19) of the resolved model config.
 - FLOPs: torch.utils.flop_counter over one video-text pair at inference (the video encoder on one
   clip, the text encoder on one caption of `text_len` tokens, one matching score through the fusion
   layers), run on the meta device: shapes only, so BEiT-B at 16 frames counts in seconds on a CPU.
@@ -23,8 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from svitt import losses
-from svitt.sparsity import edge_count
+from svitt.models import losses
+from svitt.models.sparsity import edge_count
 
 MODES = ("dense", "edge", "node", "hybrid")
 PAPER_BLOCKS = (1, 3, 56)  # (K_l, K_r, G) of Tables 2 and 7
@@ -67,8 +67,8 @@ def with_overrides(model_cfg: dict, overrides: dict) -> dict:
 
 
 def edges(model_cfg: dict, text_len: int = 32, count_multimodal_pruning: bool = True) -> dict:
-    """svitt.sparsity.edge_count of a `model` config (joint space-time attention only);
-    count_multimodal_pruning=False: Table 7's count (svitt.sparsity)."""
+    """svitt.models.sparsity.edge_count of a `model` config (joint space-time attention only);
+    count_multimodal_pruning=False: Table 7's count (svitt.models.sparsity)."""
     from svitt.models.svitt import resolve_model_config
 
     cfg = resolve_model_config(with_overrides(model_cfg, {}))
@@ -275,7 +275,7 @@ def cost_row(model_cfg: dict, text_len: int = 32, memory: str | None = "meta") -
 
 def paper_checks(rows: list[dict]) -> list[dict]:
     """The full-size table against Tables 7 and 2: rows with frames, mode, edges_m_table7,
-    sparsity_table7 (Table 7's count, svitt.sparsity), gflops and memory_gb.
+    sparsity_table7 (Table 7's count, svitt.models.sparsity), gflops and memory_gb.
     Returns [{"check", "expected", "got", "ok"}]."""
     by = {(r["frames"], r["mode"]): r for r in rows}
     checks = []

@@ -10,7 +10,7 @@ import html
 import math
 from dataclasses import dataclass, field
 
-from svitt.results import ORDERS, load_runs, mean, pick, read_json
+from svitt.analysis.results import ORDERS, load_runs, mean, pick, read_json
 
 
 @dataclass
