@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds readme-temporal test \
+.PHONY: install demo demo-seeds demo-figures demo-temporal rehearsal readme readme-seeds readme-temporal lint test \
 	gpu-check gpu-check-dry \
 	clean-demo
 
@@ -62,7 +62,15 @@ readme-temporal: install
 	$(BIN)/python workflow_scripts/readme_results.py --results $(TEMPORAL_TABLES) \
 		--readme README.md --section demo-temporal-results
 
-test: install
+# The habits that keep the code readable: ruff (lint and layout, pyproject.toml) over every Python
+# file, snakefmt's layout and Snakemake's own linter over the workflow.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile rules
+	$(SNAKEMAKE) --lint
+
+test: install lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
 
 # The prepared GPU check (benchmarks/gpu_check.py, docs/attention.md): under 8 minutes on one H100.

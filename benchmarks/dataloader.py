@@ -31,7 +31,9 @@ from common import write_report
 
 from svitt.data import frames as fr
 from svitt.data.datasets import FrameStore, segment_indices
-from svitt.data.demo_corpus import DemoGeometry, Event, render_family, write_mp4
+from svitt.data.demo.scene import DemoGeometry
+from svitt.data.demo.twins import Event, render_family
+from svitt.data.mp4 import write_mp4
 from svitt.data.transforms import TrainTransform
 
 CLIP_FRAMES = 16

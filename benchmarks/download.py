@@ -34,7 +34,7 @@ import numpy as np
 from common import write_report
 
 from svitt.data import download as dl
-from svitt.data.demo_corpus import write_mp4
+from svitt.data.mp4 import write_mp4
 
 MIX = ["ok"] * 14 + ["404", "flaky", "always503", "truncated-once", "html", "redirect"]
 

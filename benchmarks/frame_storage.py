@@ -29,7 +29,7 @@ import av
 import numpy as np
 from common import write_report
 
-from svitt.data import demo_corpus as dc
+from svitt.data.demo import corpus as demo_corpus, scene as demo_scene
 from svitt.data import frames as fr
 
 GIB = 1024**3
@@ -108,9 +108,9 @@ def webvid_sizes(workdir: Path, count: int, counts: list[int]) -> list[dict]:
 
 def demo_times(workdir: Path, repeats: int) -> dict:
     corpus = workdir / "demo"
-    sizes = dc.DemoSizes(train_videos=1024, test_videos=200, qa_videos=8, ego_train_videos=16, ego_mcq_videos=5,
+    sizes = demo_scene.DemoSizes(train_videos=1024, test_videos=200, qa_videos=8, ego_train_videos=16, ego_mcq_videos=5,
                          ego_mcq_questions=100, ego_seconds=90)
-    dc.make_demo_corpus(corpus, seed=0, sizes=sizes, workers=2, progress=False)
+    demo_corpus.make_demo_corpus(corpus, seed=0, sizes=sizes, workers=2, progress=False)
     videos = sorted((corpus / "videos").glob("*.mp4"))
     whole = [fr.VideoJob(p.stem, p) for p in videos]
     ego = {uid: corpus / "ego_videos" / uid for uid in os.listdir(corpus / "ego_videos")}

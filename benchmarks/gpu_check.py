@@ -139,7 +139,7 @@ def model_config(profile: Profile, mode: str, frames: int, blocks=None) -> dict:
 
 @dataclass(frozen=True)
 class BertVocab:
-    """What svitt.training.train reads of a tokenizer for MLM: its size and BERT-base-uncased's special
+    """What svitt.training.loop reads of a tokenizer for MLM: its size and BERT-base-uncased's special
     ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103); a bare machine has no tokenizer."""
     size: int
     mask_token_id: int = 103
@@ -171,7 +171,7 @@ def make_batch(profile: Profile, cfg: dict, batch: int, seed: int, ego: bool = F
 
 
 def train_config(objectives=("vtc", "vtm", "mlm")) -> dict:
-    """The keys svitt.training.train._optimizer_step reads (paper: equal weights, MLM probability 0.5)."""
+    """The keys svitt.training.loop._optimizer_step reads (paper: equal weights, MLM probability 0.5)."""
     return {"objectives": {name: 1.0 for name in objectives}, "grad_accum": 1, "clip_grad_norm": None,
             "egonce_temperature": 0.05, "vtm_hard_fraction": 1.0, "mlm_prob": 0.5}
 
@@ -353,11 +353,13 @@ def _set_rng_state(model, device: str, state):
 
 
 def training_step(net, model, optimizer, scaler, batch: dict, cfg: dict, profile: Profile, precision: str):
-    """svitt.training.train's optimiser step (autocast, the loss scaler, the task's inputs and losses)."""
-    from svitt.training.train import PairsTask, _optimizer_step
+    """svitt.training.loop's optimiser step (autocast, the loss scaler, the task's inputs and losses)."""
+    from svitt.training.loop import TrainState, _optimizer_step
+    from svitt.training.tasks import PairsTask
 
-    losses, _ = _optimizer_step(net, model, optimizer, scaler, iter([batch]), cfg, PairsTask(),
-                                BertVocab(profile.vocab_size), torch.device(profile.device), precision)
+    state = TrainState(cfg, PairsTask(), model, optimizer, scaler, BertVocab(profile.vocab_size),
+                       torch.device(profile.device), precision, net=net)
+    losses, _ = _optimizer_step(state, iter([batch]))
     return losses
 
 
@@ -450,7 +452,7 @@ def ddp_step(profile: Profile, **_) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from svitt.models.svitt import SViTT
-    from svitt.training.train import PairsTask
+    from svitt.training.tasks import PairsTask
 
     device = profile.device
     backend = "nccl" if device == "cuda" else "gloo"
@@ -690,7 +692,7 @@ def largest_fitting(run, candidates: list[int], device: str, time_left) -> tuple
 
 
 class Trainer:
-    """One model, optimiser and scaler; runs svitt.training.train's step on batches of a given size."""
+    """One model, optimiser and scaler; runs svitt.training.loop's step on batches of a given size."""
 
     def __init__(self, profile: Profile, cfg: dict, precision: str, objectives, ego: bool):
         from svitt.models.svitt import SViTT

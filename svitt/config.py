@@ -34,7 +34,7 @@ def str_to_bool(text: str) -> bool:
 
 
 def add_io_arguments(parser, what: str = "run") -> None:
-    """The io flags of the training CLIs (svitt.training.train.IO_KEYS): how a run goes, not what it learns."""
+    """The io flags of the training CLIs (svitt.training.keys.IO_KEYS): how a run goes, not what it learns."""
     io = parser.add_argument_group("io settings", f"override the config's; they change how the {what} runs, "
                                    "not what it learns, so a checkpoint stays resumable")
     io.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")

@@ -250,7 +250,7 @@ def test_word_probe_counts_each_group_word_by_hand():
 
 
 def test_word_probe_names_a_word_outside_the_vocabulary(tmp_path):
-    from svitt.data.demo_corpus import write_vocab
+    from svitt.data.demo.corpus import write_vocab
 
     write_vocab(tmp_path, ["the red circle moves up"])
     tokenizer = load_tokenizer(tmp_path)

@@ -7,7 +7,7 @@ from svitt.models.svitt import MODEL_DEFAULTS
 from svitt.models.text_encoder import TEXT_DEFAULTS
 from svitt.models.video_encoder import VIDEO_DEFAULTS
 from svitt.workflow.stages import STAGE_ONLY_KEYS, VOCABULARY
-from svitt.training.train import DATA_KEYS, IO_KEYS, MODEL_STAGE_KEYS, QA_DATA_KEYS, QA_KEYS, TRAIN_KEYS
+from svitt.training.keys import DATA_KEYS, IO_KEYS, MODEL_STAGE_KEYS, QA_DATA_KEYS, QA_KEYS, TRAIN_KEYS
 from tests.helpers.workflow import REPO, copy_workflow, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())

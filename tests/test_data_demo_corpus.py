@@ -11,11 +11,11 @@ import av
 import numpy as np
 import pytest
 
-from svitt.data import demo_corpus as dc
+from svitt.data.demo import corpus as demo_corpus, scene as demo_scene, twins as demo_twins
 
-SMALL = dc.DemoSizes(train_videos=8, test_videos=8, qa_videos=8, qa_questions_per_video=3, ego_train_videos=2,
+SMALL = demo_scene.DemoSizes(train_videos=8, test_videos=8, qa_videos=8, qa_questions_per_video=3, ego_train_videos=2,
                      ego_mcq_videos=5, ego_mcq_questions=6, ego_seconds=12.0, finetune_videos=8)
-GEO = dc.DemoGeometry(ego_chunk_seconds=5.0)
+GEO = demo_scene.DemoGeometry(ego_chunk_seconds=5.0)
 OPP = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CAPTION = re.compile(r"^the (\w+) (\w+) moves (\w+), then the (\w+) (\w+) moves (\w+)$")
 
@@ -23,7 +23,7 @@ CAPTION = re.compile(r"^the (\w+) (\w+) moves (\w+), then the (\w+) (\w+) moves 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "corpus"
-    dc.make_demo_corpus(out, seed=3, sizes=SMALL, geometry=GEO, workers=1, progress=False)
+    demo_corpus.make_demo_corpus(out, seed=3, sizes=SMALL, geometry=GEO, workers=1, progress=False)
     return out
 
 
@@ -79,8 +79,8 @@ def test_time_reversed_twins_hold_the_same_frames_reversed(corpus):
     swap = decode(corpus / "videos" / "train_00000_swap.mp4").astype(float)
     assert np.abs(rev_fwd - fwd[::-1]).mean() < 2.0  # identical up to H.264 noise
     assert np.abs(swap - fwd).mean() > 2 * np.abs(rev_fwd - fwd[::-1]).mean()  # the event-order twin differs
-    a, b = dc.Event("red", "circle", "left"), dc.Event("blue", "square", "up")
-    videos = dc.render_family(a, b, GEO, np.random.default_rng(0))
+    a, b = demo_twins.Event("red", "circle", "left"), demo_twins.Event("blue", "square", "up")
+    videos = demo_twins.render_family(a, b, GEO, np.random.default_rng(0))
     assert np.array_equal(videos["rev"], videos["fwd"][::-1]) and np.array_equal(videos["swaprev"], videos["swap"][::-1])
     assert np.array_equal(videos["fwd"][0], videos["swap"][0]) and np.array_equal(videos["fwd"][-1], videos["swap"][-1])
 
@@ -95,7 +95,7 @@ STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def motion(frames, color, t0, t1) -> np.ndarray:
-    return centroid(frames[t1], dc.COLORS[color]) - centroid(frames[t0], dc.COLORS[color])
+    return centroid(frames[t1], demo_scene.COLORS[color]) - centroid(frames[t0], demo_scene.COLORS[color])
 
 
 def test_captions_describe_the_decoded_motion(corpus):
@@ -197,7 +197,7 @@ def test_vocab_covers_every_text_without_unk(corpus):
         texts += [q["question"] + " " + q["answer"] for q in json.loads((corpus / name).read_text())]
     texts += [r["clip_text"] for r in csv.DictReader(open(corpus / "egoclip.csv"), delimiter="\t")]
     texts += [q["query"]["clip_text"] for q in json.loads((corpus / "egomcq.json").read_text()).values()]
-    for tokenizer in (dc.load_tokenizer(corpus / "tokenizer"),
+    for tokenizer in (demo_corpus.load_tokenizer(corpus / "tokenizer"),
                       BertTokenizerFast(vocab=str(corpus / "tokenizer" / "vocab.txt"))):
         assert tokenizer.pad_token_id == 0 and tokenizer.unk_token_id == 1
         for text in texts:
@@ -210,7 +210,7 @@ def test_vocab_covers_every_text_without_unk(corpus):
 
 def test_deterministic_from_seed(corpus, tmp_path):
     again = tmp_path / "corpus"
-    dc.make_demo_corpus(again, seed=3, sizes=SMALL, geometry=GEO, workers=2, progress=False)
+    demo_corpus.make_demo_corpus(again, seed=3, sizes=SMALL, geometry=GEO, workers=2, progress=False)
     for path in sorted(p for p in corpus.rglob("*") if p.is_file()):
         other = again / path.relative_to(corpus)
         if path.suffix in (".csv", ".json"):
@@ -218,16 +218,16 @@ def test_deterministic_from_seed(corpus, tmp_path):
         else:
             assert path.read_bytes() == other.read_bytes(), path
     different = tmp_path / "other"
-    dc.make_demo_corpus(different, seed=4, sizes=SMALL, geometry=GEO, workers=1, progress=False)
+    demo_corpus.make_demo_corpus(different, seed=4, sizes=SMALL, geometry=GEO, workers=1, progress=False)
     assert (different / "webvid_train.csv").read_text().replace(str(different), "") != \
         (corpus / "webvid_train.csv").read_text().replace(str(corpus), "")
 
 
 def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--train-videos must be a non-negative multiple of 4 .* got 6"):
-        dc.make_demo_corpus(tmp_path / "x", sizes=dc.DemoSizes(train_videos=6), progress=False)
+        demo_corpus.make_demo_corpus(tmp_path / "x", sizes=demo_scene.DemoSizes(train_videos=6), progress=False)
     with pytest.raises(ValueError, match="at least 5 held-out ego videos, got 3"):
-        dc.make_demo_corpus(tmp_path / "y", sizes=dc.DemoSizes(8, 0, 0, ego_train_videos=1, ego_mcq_videos=3,
+        demo_corpus.make_demo_corpus(tmp_path / "y", sizes=demo_scene.DemoSizes(8, 0, 0, ego_train_videos=1, ego_mcq_videos=3,
                                                                ego_seconds=10), progress=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert list(tmp_path.iterdir()) == []  # temporary folders removed

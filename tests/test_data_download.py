@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from svitt.data import download as dl
-from svitt.data.demo_corpus import write_mp4
+from svitt.data.mp4 import write_mp4
 from conftest import REPO, script
 
 cli = script("download")

@@ -21,7 +21,7 @@ from PIL import Image
 from svitt.data import download as dl
 from svitt.data import frames as fr
 from svitt.data.datasets import FrameStore
-from svitt.data.demo_corpus import write_mp4
+from svitt.data.mp4 import write_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("extract_cli", REPO / "workflow_scripts" / "extract_frames.py")

@@ -15,7 +15,7 @@ from svitt.training.checkpoint import export_model
 from svitt.data.pipeline import PairCollator, build_train_loader, load_tokenizer
 from svitt.evaluation import task as eval_task
 from svitt.models import resolve_model_config
-from svitt.training.train import finetune_config, resolve_train_config
+from svitt.training.keys import finetune_config, resolve_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "workflow_scripts/finetune.py"

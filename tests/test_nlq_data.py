@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-import svitt.data.demo_corpus as dc
+from svitt.data.demo import ego as demo_ego, scene as demo_scene
 from svitt.data.nlq import read_nlq, write_video_list
 
 
@@ -111,10 +111,10 @@ def test_video_list_is_what_download_reads(tmp_path):
 
 # ------------------------------------------------------------------------------- demo corpus
 def test_demo_nlq_queries_have_one_answer_each(tmp_path):
-    geo = dc.DemoGeometry(ego_nlq_clip_seconds=30)
+    geo = demo_scene.DemoGeometry(ego_nlq_clip_seconds=30)
     rng = np.random.default_rng(3)
-    plans = {f"{i:08x}-0000-4000-8000-000000000000": dc.plan_ego_video(90, geo, rng) for i in range(3)}
-    nlq = dc.make_nlq(plans, "train", 90, geo)
+    plans = {f"{i:08x}-0000-4000-8000-000000000000": demo_ego.plan_ego_video(90, geo, rng) for i in range(3)}
+    nlq = demo_ego.make_nlq(plans, "train", 90, geo)
     (tmp_path / "nlq.json").write_text(json.dumps(nlq))
     split = read_nlq(tmp_path / "nlq.json")
     assert len(split.clips) == 9 and not split.skipped
@@ -125,20 +125,20 @@ def test_demo_nlq_queries_have_one_answer_each(tmp_path):
         c0, c1 = query.clip.video_start_sec, query.clip.video_end_sec
         inside = [a for a in plan["actions"] if a.start >= c0 and a.end <= c1]
         [action] = [a for a in inside if (a.start - c0, a.end - c0) == pytest.approx((query.start, query.end))]
-        assert query.query == dc.nlq_query_text(action, plan["objects"][action.obj][0])
+        assert query.query == demo_ego.nlq_query_text(action, plan["objects"][action.obj][0])
         # the only action of its kind in the clip: the query has one answer
         assert sum((a.obj, a.verb, a.side) == (action.obj, action.verb, action.side) for a in inside) == 1
         assert query.window_problem() is None and not query.sticks_out()
-    assert dc.make_nlq(plans, "train", 90, geo) == nlq  # uuid5 of the video: no random draw, same uids
+    assert demo_ego.make_nlq(plans, "train", 90, geo) == nlq  # uuid5 of the video: no random draw, same uids
 
 
 def test_demo_nlq_text():
-    action = dc.EgoAction(2.2, 3.8, 0, "move", "left", "ball", "#C C moves the red ball to the left")
-    assert dc.nlq_query_text(action, "red") == "when did I move the red ball to the left?"
-    assert dc.nlq_query_text(dc.EgoAction(0, 1, 0, "lift", "", "cone"), "blue") == "when did I lift the blue cone?"
-    assert dc.nlq_clip_spans(12, dc.DemoGeometry(ego_nlq_clip_seconds=30)) == [(0.0, 12.0)]
-    assert dc.nlq_clip_spans(70, dc.DemoGeometry(ego_nlq_clip_seconds=30)) == [(0.0, 30.0), (30.0, 60.0), (60.0, 70.0)]
-    assert dc.nlq_clip_spans(70, dc.DemoGeometry(ego_nlq_clip_seconds=0)) == [(0.0, 70.0)]
+    action = demo_ego.EgoAction(2.2, 3.8, 0, "move", "left", "ball", "#C C moves the red ball to the left")
+    assert demo_ego.nlq_query_text(action, "red") == "when did I move the red ball to the left?"
+    assert demo_ego.nlq_query_text(demo_ego.EgoAction(0, 1, 0, "lift", "", "cone"), "blue") == "when did I lift the blue cone?"
+    assert demo_ego.nlq_clip_spans(12, demo_scene.DemoGeometry(ego_nlq_clip_seconds=30)) == [(0.0, 12.0)]
+    assert demo_ego.nlq_clip_spans(70, demo_scene.DemoGeometry(ego_nlq_clip_seconds=30)) == [(0.0, 30.0), (30.0, 60.0), (60.0, 70.0)]
+    assert demo_ego.nlq_clip_spans(70, demo_scene.DemoGeometry(ego_nlq_clip_seconds=0)) == [(0.0, 70.0)]
 
 
 def test_demo_corpus_writes_nlq_over_egoclip_and_egomcq_videos(pipeline):

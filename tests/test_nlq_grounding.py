@@ -158,7 +158,7 @@ def test_same_seed_same_numbers():
 def test_ground_cli_end_to_end(tmp_path):
     """ground.py videos + train on a tiny exported model: result JSON, skipped queries, the
     official prediction format."""
-    from svitt.data.demo_corpus import write_vocab
+    from svitt.data.demo.corpus import write_vocab
 
     queries = [(0.2, 1.8, "when did I lift the red ball?"), (4.2, 5.8, "when did I shake the blue cube?")]
     train = [("v1", f"t{k}", 20.0 * k, 20.0 * (k + 1), queries) for k in range(3)]

@@ -12,7 +12,8 @@ from svitt.analysis import efficiency, plots
 from svitt.models import objectives as registry
 from svitt.models.objectives import OBJECTIVES, LossSettings, check_objectives
 from svitt.models.svitt import SViTT
-from svitt.training.train import TRAIN_KEYS, PairsTask, resolve_train_config
+from svitt.training.keys import TRAIN_KEYS, resolve_train_config
+from svitt.training.tasks import PairsTask
 
 STAGE = {"name": "s", "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny"}},
          "objectives": {"vtc": 1.0}, "epochs": 1, "batch_size": 4, "lr": 1e-4}
@@ -50,7 +51,7 @@ def test_the_data_an_objective_needs_is_checked():
 
 
 def _old_find_unused_parameters(objectives: set) -> bool:
-    """svitt.training.train.PairsTask.find_unused_parameters before the registry, as it was written."""
+    """svitt.training.tasks.PairsTask.find_unused_parameters before the registry, as it was written."""
     return objectives != {"vtc", "vtm", "mlm"} and objectives != {"egonce", "vtm", "mlm"}
 
 

@@ -13,7 +13,7 @@ from svitt.models.relative_position import table_size
 from svitt.models.svitt import resolve_model_config
 from svitt.models.sparsity import edge_count
 from svitt.models.text_encoder import multimodal_keep_rates
-from svitt.training.train import IO_KEYS, resolve_train_config
+from svitt.training.keys import IO_KEYS, resolve_train_config
 from tests.helpers.workflow import copy_workflow, paper_inputs, snakemake, stage_configs
 
 # docs/fidelity.md: where the paper's text and the released code differ, the released code (it
@@ -219,7 +219,7 @@ RETRIEVAL_DATASETS = ("msrvtt", "didemo", "charades", "ssv2_label", "ssv2_templa
 # Video QA from the 8-frame stage: 8 frames, batch 128, lr 5e-5, 5 epochs (AGQA 1), question 25
 # and answer 5 tokens, a 3-layer decoder from the fusion layers.
 QA_DATASETS = ("msrvtt_qa", "anet_qa", "agqa")
-FINETUNE_SHARED = dict(  # what every finetuning job shares; the rest are svitt.training.train's defaults
+FINETUNE_SHARED = dict(  # what every finetuning job shares; the rest are svitt.training.loop's defaults
     epochs=15, warmup_epochs=0, lr=1e-5, weight_decay=0.02, betas=[0.9, 0.999], mlm_prob=0.15, min_lr_ratio=0.0,
     egonce_temperature=0.05, vtm_hard_fraction=1.0, max_steps=None, grad_accum=1, clip_grad_norm=None,
     precision="auto", compile=False,
@@ -253,7 +253,7 @@ def _finetune_jobs(dry_run: str) -> dict[str, dict]:
 
 def _resolved_finetune(entry, init_stage):
     """What finetune.py trains with: the entry over the init's model (its model.json's model_config)."""
-    from svitt.training.train import finetune_config
+    from svitt.training.keys import finetune_config
 
     return _resolved(finetune_config(entry, resolve_model_config(init_stage["model"])))
 

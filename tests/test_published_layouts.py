@@ -16,7 +16,7 @@ from svitt.data import download as dl
 from svitt.data import formats
 from svitt.data import frames as fr
 from svitt.data.datasets import FrameStore, RetrievalDataset
-from svitt.data.demo_corpus import write_mp4
+from svitt.data.mp4 import write_mp4
 from svitt.data.transforms import EvalTransform
 from svitt.evaluation.metrics import rerank_metrics, retrieval_metrics
 

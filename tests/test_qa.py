@@ -146,7 +146,7 @@ def test_the_decoder_starts_from_the_fusion_layers(pipeline, qa_model):
 
 
 def test_every_parameter_learns_from_the_answer_loss(qa_model):
-    """So DDP runs without find_unused_parameters (svitt.training.train.QATask)."""
+    """So DDP runs without find_unused_parameters (svitt.training.tasks.QATask)."""
     model, tokenizer = qa_model
     ids = torch.randint(5, len(tokenizer), (2, 6))
     answers = torch.tensor([[2, 7, 3], [2, 9, 3]])
@@ -190,10 +190,11 @@ def test_qa_batches_hold_question_and_answer_tokens(pipeline):
 
 def test_grad_accum_on_the_qa_task_gives_the_gradients_of_the_whole_batch(qa_model):
     """The answer loss is a mean of per-question terms: plain accumulation over equal micro-batches
-    (svitt.training.train.QATask, no grad cache) is exact."""
+    (svitt.training.tasks.QATask, no grad cache) is exact."""
     import copy
 
-    from svitt.training.train import QATask, _optimizer_step
+    from svitt.training.loop import TrainState, _optimizer_step
+    from svitt.training.tasks import QATask
 
     model, tokenizer = qa_model
     g = torch.Generator().manual_seed(3)
@@ -208,8 +209,9 @@ def test_grad_accum_on_the_qa_task_gives_the_gradients_of_the_whole_batch(qa_mod
         micro = [{k: v.chunk(accum)[i] for k, v in batch.items()} for i in range(accum)]
         cfg = {"objectives": {"qa": 1.0}, "grad_accum": accum, "clip_grad_norm": None}
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-        parts, clips = _optimizer_step(net, net, optimizer, torch.amp.GradScaler("cpu", enabled=False), iter(micro),
-                                       cfg, QATask(), tokenizer, "cpu", "fp32")
+        state = TrainState(cfg, QATask(), net, optimizer, torch.amp.GradScaler("cpu", enabled=False), tokenizer,
+                           "cpu", "fp32")
+        parts, clips = _optimizer_step(state, iter(micro))
         assert clips == 4
         losses.append(parts["qa"])
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})

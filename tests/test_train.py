@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import svitt.models.svitt as svitt_model
 from svitt.training.checkpoint import load_exported
-from svitt.training.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, TrainData, train
+from svitt.training.loop import PREEMPTED_EXIT_CODE, NonFiniteLoss, train
+from svitt.training.tasks import PairsTask, TrainData
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,13 +168,13 @@ def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_pa
     """Preempted at step 3 of 8 (2 steps per epoch: mid-epoch), the rest equals the uninterrupted
     run. (Every DataLoader iterator used to draw its base seed from torch's global RNG: the resumed
     run made one at step 3, the uninterrupted run had not, and the MLM masks drifted apart.)"""
-    import svitt.training.train as engine
+    import svitt.training.loop as engine
 
     record = engine._record
 
-    def preempt_after_step_2(parts, step, *args):
-        row = record(parts, step, *args)
-        if step == 2:
+    def preempt_after_step_2(state, *args):
+        row = record(state, *args)
+        if state.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # seen at the end of step 3
         return row
 
@@ -190,7 +191,7 @@ def test_a_resume_in_the_middle_of_an_epoch_is_exact(pipeline, reference, tmp_pa
 
 
 class _Clock:
-    """svitt.training.train's `time`, with time() jumped forward once `late` is set."""
+    """svitt.training.loop's `time`, with time() jumped forward once `late` is set."""
 
     def __init__(self):
         self.late = False
@@ -209,7 +210,7 @@ def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline,
     the step is finished (with grad_accum 2 the cached step takes both micro-batches), saved and
     the run stops with Preempted; the resumed run's losses are the uninterrupted run's, in the
     plain path and in the grad-cache path (svitt.training.grad_cache) alike."""
-    import svitt.training.train as engine
+    import svitt.training.loop as engine
 
     cfg = stage(grad_accum=grad_accum)
     if grad_accum == 1:
@@ -218,7 +219,7 @@ def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline,
         train(cfg, data(pipeline), tmp_path / "reference", progress=False)
         expected = losses(tmp_path / "reference")
     out = tmp_path / "run"
-    clock, inputs, calls = _Clock(), engine.PairsTask.inputs, {"n": 0}
+    clock, inputs, calls = _Clock(), PairsTask.inputs, {"n": 0}
 
     def counted(*args):
         calls["n"] += 1
@@ -228,14 +229,14 @@ def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline,
 
     monkeypatch.setenv("SVITT_STOP_AT", f"{time.time() + 3600:.0f}")
     monkeypatch.setattr(engine, "time", clock)
-    monkeypatch.setattr(engine.PairsTask, "inputs", counted)
+    monkeypatch.setattr(PairsTask, "inputs", counted)
     with pytest.raises(engine.Preempted, match="stopped \\(signal or time limit\\) at step 3"):
         train(cfg, data(pipeline), out, progress=False)
     assert calls["n"] == 3 * grad_accum  # step 3 whole, nothing of step 4
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
     assert not (out / "model.safetensors").exists()
     monkeypatch.setattr(engine, "time", time)
-    monkeypatch.setattr(engine.PairsTask, "inputs", inputs)
+    monkeypatch.setattr(PairsTask, "inputs", inputs)
     monkeypatch.delenv("SVITT_STOP_AT")
     train(cfg, data(pipeline), out, progress=False)
     got = losses(out)

@@ -6,7 +6,7 @@ import torch
 
 from svitt.training.precision import resolve_precision
 from svitt.training.scheduler import cosine_lr
-from svitt.training.train import resolve_train_config
+from svitt.training.keys import resolve_train_config
 
 STAGE = {
     "name": "stage1",

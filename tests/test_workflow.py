@@ -2,8 +2,6 @@
 what a config edit reruns, schema errors, the paper configuration's DAG, the profiles."""
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -211,20 +209,6 @@ def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
     assert {("nlq_videos", ""), ("nlq_features", "stage=egoclip"), ("ground", "stage=egoclip")} <= jobs
     assert {("eval_egomcq", "stage=egoclip"), ("eval_egomcq", "stage=egoclip_k5")} <= jobs
     assert {r for r, _ in jobs} >= {"plot_training", "plot_retrieval", "plot_egomcq", "plot_sparsity"}
-
-
-def test_lint_reports_nothing(tmp_path):
-    result = snakemake(copy_workflow(tmp_path), "--lint", check=False)
-    report = result.stdout + result.stderr
-    assert "Congratulations, your workflow is in a good condition!" in report, report
-
-
-def test_rules_are_formatted_by_snakefmt():
-    """The rules keep snakefmt's layout (the workflow field's formatter), so diffs show only changes."""
-    root = Path(__file__).resolve().parents[1]
-    snakefmt = Path(sys.executable).with_name("snakefmt")
-    result = subprocess.run([str(snakefmt), "--check", "Snakefile", "rules"], cwd=root, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_local_profile_dry_run(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from svitt.data.datasets import FrameStore, segment_indices
-from svitt.data.demo_corpus import write_mp4
+from svitt.data.mp4 import write_mp4
 from svitt.data.download import shard_of
 from tests.helpers.workflow import copy_workflow, snakemake
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Finetune a pretraining stage's model on a downstream task with the one training loop (svitt.training.train).
+"""Finetune a pretraining stage's model on a downstream task with the one training loop (svitt.training.loop).
 
 Run by the workflow (rules/downstream.smk), or by hand:
     python workflow_scripts/finetune.py --config-json '{"task": "retrieval", "name": "ft", "epochs": 5,
@@ -8,9 +8,9 @@ Run by the workflow (rules/downstream.smk), or by hand:
         --test-annotations resources/demo/retrieval_test.json --tokenizer resources/demo/tokenizer \\
         --out results/finetune/retrieval/demo_retrieval/stage3
 
-The config is the job's entry (svitt.training.train.finetune_config): "task" (retrieval: VTC + VTM on caption
+The config is the job's entry (svitt.training.keys.finetune_config): "task" (retrieval: VTC + VTM on caption
 pairs; qa: the answer generation loss of a 3-layer decoder initialised from the fusion layers),
-the training keys of svitt.training.train.TRAIN_KEYS (qa adds QA_KEYS and QA_DATA_KEYS) and the sparsity keys
+the training keys of svitt.training.keys.TRAIN_KEYS (qa adds QA_KEYS and QA_DATA_KEYS) and the sparsity keys
 of MODEL_STAGE_KEYS (frames, local_blocks, ..., multimodal_keep) applied to the init's model.
 Annotations are Singularity's JSON layout: [{"video", "caption"}] (retrieval) or
 [{"video", "question", "answer"}] (QA). Before training, the videos of the train split are checked
@@ -75,7 +75,8 @@ def check_overlap(train: str, test: str, mode: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     entry = yaml.safe_load(args.config.read_text()) if args.config else json.loads(args.config_json)
-    from svitt.training.train import finetune_config, run_cli
+    from svitt.training.keys import finetune_config
+    from svitt.training.loop import run_cli
 
     if args.test_annotations:
         try:

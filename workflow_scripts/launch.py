@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this 
 
 from svitt.training.devices import acquire, default_pool, gpu_ids, job_gpu_count  # noqa: E402
 
-STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as svitt.training.train: saved, run again to continue
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as svitt.training.loop: saved, run again to continue
 # torchrun's agent dies on SIGUSR1 by default (its workers would run on, orphaned): let it pass
 # the signal on to them instead.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.data.demo_corpus import DemoGeometry, DemoSizes, make_demo_corpus  # noqa: E402
+from svitt.data.demo import DemoGeometry, DemoSizes, make_demo_corpus  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -42,7 +42,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = yaml.safe_load(args.config.read_text()) if args.config else json.loads(args.config_json)
-    from svitt.training.train import run_cli
+    from svitt.training.loop import run_cli
 
     return run_cli(cfg, args, init=args.init)
 

@@ -103,7 +103,7 @@ def plot_training_curves(metrics: dict, out: str | Path):
                 handles.append(h)
                 labels.append(label)
     fig.legend(handles, labels, loc="outside right upper", fontsize=8, title="stage", title_fontsize=8)
-    note = "" if seeds == 1 else f" (solid: first seed, dashed: other seeds)"
+    note = "" if seeds == 1 else " (solid: first seed, dashed: other seeds)"
     fig.suptitle(f"Pretraining curriculum: training losses{note}", fontsize=11)
     _save(fig, out)
 

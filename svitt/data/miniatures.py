@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from svitt.data.demo_corpus import write_mp4
+from svitt.data.mp4 import write_mp4
 
 WORDS = ("a person", "a dog", "a red ball", "a blue car", "a woman", "a man", "the camera", "a child")
 ACTIONS = ("walks left", "runs right", "jumps", "turns around", "picks up a cup", "opens a door",

@@ -98,7 +98,7 @@ class TrainLoader:
 
 
 def build_train_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, world: int) -> TrainLoader:
-    """The stage's training data: `cfg` is a resolved stage config, `data` a svitt.training.train.TrainData."""
+    """The stage's training data: `cfg` is a resolved stage config, `data` a svitt.training.tasks.TrainData."""
     dcfg, video = cfg["data"], cfg["model"]["video"]
     transform = TrainTransform(size=video["image_size"], scale=tuple(dcfg["scale"]), flip=dcfg["flip"],
                                mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))

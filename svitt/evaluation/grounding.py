@@ -14,7 +14,7 @@ inside the window or not); decoded as VSLNet does on Ego4D, the top-k (start <= 
 outer product of the start and end probabilities, with greedy non-maximum suppression over them
 (as ActionFormer / GroundNLQ) so that the k windows are k different guesses.
 
-Why a loop of its own rather than svitt.training.train: that loop trains SViTT stages (frames from HDF5, the
+Why a loop of its own rather than svitt.training.loop: that loop trains SViTT stages (frames from HDF5, the
 VTC / EgoNCE / VTM / MLM objectives, DDP, exact resume, exported SViTT weights). The grounder
 trains on precomputed features held in memory, for seconds (the demo) to minutes (Ego4D, one GPU),
 and none of that machinery applies; putting it there would add a second kind of model to the loop.

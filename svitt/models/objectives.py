@@ -2,7 +2,7 @@
 
 A row says what an objective computes (a function of the model, the encoders' features of the whole
 batch, the batch's other inputs and LossSettings), what it needs, which parts of the model it trains
-and what it cannot be combined with. SViTT.losses, the stage config's validation (svitt.training.train), DDP's
+and what it cannot be combined with. SViTT.losses, the stage config's validation (svitt.training.keys), DDP's
 find_unused_parameters, the plots' labels and the meta-device step of svitt.analysis.efficiency are read from
 here. Adding an objective: its loss in svitt/models/losses.py, its row in OBJECTIVE_TABLE, its weight key in
 schemas/config.schema.yaml (docs/training.md).

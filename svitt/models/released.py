@@ -598,7 +598,7 @@ def _text_len(config: dict, kind: str) -> int:
 
 def _info(config, checkpoint, kind, model_cfg, source, notes, verified, initialised, decoder_layers) -> dict:
     """model.json: this project's keys (name, frames, model_config, train_config) and the provenance."""
-    from svitt.training.train import DATA_KEYS, QA_DATA_KEYS
+    from svitt.training.keys import DATA_KEYS, QA_DATA_KEYS
 
     data = {key: copy.deepcopy(default) for key, (_, default) in DATA_KEYS.items()}
     data.update(text_len=_text_len(config, kind), mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])  # BEiT's

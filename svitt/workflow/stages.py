@@ -1,4 +1,4 @@
-"""The pretraining stages of a workflow config, resolved into what svitt.training.train reads.
+"""The pretraining stages of a workflow config, resolved into what svitt.training.loop reads.
 
 Pure Python (no torch): the workflow imports it when it parses the config (rules/common.smk), and
 tests call it directly.
@@ -147,7 +147,7 @@ def over_defaults(defaults: dict, stage: dict) -> dict:
 
 
 def stage_config(config: dict, name: str) -> dict:
-    """The config svitt.training.train reads for one stage (variant): the model with the stage's
+    """The config svitt.training.loop reads for one stage (variant): the model with the stage's
     overrides, the stage's optimisation settings over pretrain.defaults, and the seed."""
     pretrain = with_control(config)
     stage, seed = _stage(pretrain, name)

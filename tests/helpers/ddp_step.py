@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from svitt import distributed as dist  # noqa: E402
 from svitt.models.svitt import SViTT  # noqa: E402
-from svitt.training.train import PairsTask, _optimizer_step  # noqa: E402
+from svitt.training.loop import TrainState, _optimizer_step  # noqa: E402
+from svitt.training.tasks import PairsTask  # noqa: E402
 
 BATCH = 8
 
@@ -44,14 +45,14 @@ def main(out: str, grad_accum: int = 1, every_rank: bool = False):
     batch = {"video": video[part], "input_ids": ids[part], "attention_mask": mask[part]}
     micro = [{k: v.chunk(grad_accum)[i] for k, v in batch.items()} for i in range(grad_accum)]
     net = model
-    if world > 1 and grad_accum == 1:  # as svitt.training.train: the cached step averages gradients itself
+    if world > 1 and grad_accum == 1:  # as svitt.training.loop: the cached step averages gradients itself
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
     cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05,
            "vtm_hard_fraction": 1.0}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    parts, _ = _optimizer_step(net, model, optimizer, scaler, iter(micro), cfg, PairsTask(), Tokenizer(),
-                               device, "fp32")
+    state = TrainState(cfg, PairsTask(), model, optimizer, scaler, Tokenizer(), device, "fp32", net=net)
+    parts, _ = _optimizer_step(state, iter(micro))
     named = list(model.named_parameters())
     record = {"loss": parts["vtc"], "names": [n for n, _ in named],
               "params": {n: p.detach().clone() for n, p in named},

@@ -149,10 +149,16 @@ def released_video_reference(state: dict, video: torch.Tensor, eps: float, keep_
     layer = 0
     while f"{p}encoder.layer.{layer}.layernorm_before.weight" in state:
         lp = f"{p}encoder.layer.{layer}."
-        ln = lambda h, name: F.layer_norm(h, h.shape[-1:], state[lp + name + ".weight"], state[lp + name + ".bias"], eps)
+
+        def ln(h, name, lp=lp):
+            return F.layer_norm(h, h.shape[-1:], state[lp + name + ".weight"], state[lp + name + ".bias"], eps)
+
         a = lp + "attention.attention."
         h = ln(x, "layernorm_before")
-        split = lambda y: y.view(b, y.shape[1], heads, -1).transpose(1, 2)
+
+        def split(y):
+            return y.view(b, y.shape[1], heads, -1).transpose(1, 2)
+
         q = split(F.linear(h, state[a + "query.weight"], state[a + "query.bias"]))
         k = split(F.linear(h, state[a + "key.weight"]))
         v = split(F.linear(h, state[a + "value.weight"], state[a + "value.bias"]))
