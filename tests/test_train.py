@@ -75,6 +75,18 @@ def test_a_stage_trains_and_exports_model_and_metrics(reference):
     assert text["question_pruning"] is True
 
 
+def test_the_checkpoint_is_the_same_whatever_python_random_held_before(pipeline, reference, tmp_path):
+    """The checkpoint stores Python's `random` state with torch's: seeded by the stage's seed, two runs
+    of one seed write the same state (two clean demo runs differed in it, and only in it)."""
+    import random
+
+    random.seed(12345)  # another process's state, as an unseeded interpreter would start with
+    train(stage(), data(pipeline), tmp_path, progress=False)
+    ours, theirs = (torch.load(p / "checkpoint.pt", weights_only=True)["rng"] for p in (tmp_path, reference))
+    assert ours["python"] == theirs["python"]
+    assert torch.equal(ours["torch"], theirs["torch"]) and torch.equal(ours["layout"], theirs["layout"])
+
+
 def test_a_finished_run_keeps_only_what_a_re_export_needs(pipeline, reference, tmp_path):
     """The finished checkpoint holds the model, not the optimiser state (two thirds of the bytes);
     resumed with the same config it trains no step and exports the same weights; with

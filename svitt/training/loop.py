@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -133,6 +134,7 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
     rank, world, device = dist.init_distributed(cfg["device"])
     _set_deterministic(cfg["deterministic"], device)
     torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])  # nothing draws from it, but the checkpoint stores its state: same seed, same bytes
     precision = resolve_precision(cfg["precision"], device)
 
     tokenizer = load_tokenizer(data.tokenizer)
