@@ -14,6 +14,16 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+
+
+# Every rule's wildcards: a configured dataset, a pretraining stage (or seed variant), shard numbers.
+wildcard_constraints:
+    dataset="|".join(re.escape(d) for d in DATASETS),
+    stage="|".join(re.escape(s) for s in ALL_STAGE_NAMES),
+    index=r"\d+",
+    shards=r"\d+",
+
+
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/downstream.smk"

@@ -50,9 +50,7 @@ rule plot_training:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=runs_flags({s: seed_files(s, "metrics.jsonl") for s in all_stages()}),
     shell:
@@ -74,9 +72,7 @@ rule plot_sparsity:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=named({s: f"results/pretrain/{s}/model.json" for s in all_stages()}),
     shell:
@@ -99,9 +95,7 @@ rule plot_retrieval:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=lambda w: runs_flags(retrieval_runs(w.dataset)),
     shell:
@@ -126,9 +120,7 @@ rule plot_probing:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=lambda w: runs_flags(retrieval_runs(w.dataset)),
     shell:
@@ -152,9 +144,7 @@ rule plot_egomcq:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=runs_flags(egomcq_runs()),
     shell:
@@ -177,9 +167,7 @@ rule plot_probing_egomcq:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=runs_flags(egomcq_runs()),
     shell:
@@ -240,9 +228,7 @@ rule plot_sweep:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         points=lambda w: runs_flags(sweep_runs(sweep_section(w), w.kind)),
         references=lambda w: runs_flags(sweep_references(sweep_section(w))),
@@ -295,9 +281,7 @@ rule plot_efficiency:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     shell:
         "python workflow_scripts/plot.py efficiency report={input} --out {output} > {log} 2>&1"
 
@@ -308,12 +292,8 @@ rule plot_efficiency:
 rule pruning_maps:
     input:
         model=lambda w: f"results/pretrain/{ANALYSIS['pruning_maps']['stage']}/model.safetensors",
-        shards=lambda w: shard_paths(
-            ANALYSIS["pruning_maps"].get("dataset") or RETRIEVAL_DATASETS[0]
-        ),
-        annotations=lambda w: dataset(
-            ANALYSIS["pruning_maps"].get("dataset") or RETRIEVAL_DATASETS[0]
-        )["annotations"],
+        shards=lambda w: shard_paths(pruning_dataset()),
+        annotations=lambda w: dataset(pruning_dataset())["annotations"],
         tokenizer=f"{config['tokenizer']}/vocab.txt",
         videos=lambda w: ANALYSIS["pruning_maps"].get("videos", []),
     output:
@@ -359,9 +339,7 @@ rule plot_control:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         joint=lambda w: runs_flags(control_runs("joint")),
         late=lambda w: runs_flags(control_runs("late")),
@@ -385,9 +363,7 @@ rule plot_ablation:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         pairs=lambda w: runs_flags(ablation_runs()),
     shell:
@@ -421,9 +397,7 @@ rule tables:
         "../envs/svitt.yaml"
     threads: 1
     resources:
-        gpu=0,
-        mem_mb=1000,
-        runtime=10,
+        **SMALL_JOB,
     params:
         flags=table_flags(),
     shell:

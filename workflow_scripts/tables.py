@@ -54,23 +54,29 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from svitt.analysis import tables
     from svitt.io import atomic_write_bytes, atomic_write_csv
+    from svitt.workflow.analysis import table_names
 
-    built = {}
-    for dataset, results in grouped(args.retrieval).items():
-        built[f"retrieval_{dataset}"] = tables.retrieval_table(results, dataset)
-        built[f"twins_{dataset}"] = tables.twins_table(results, dataset)
-        if tables.probed(results):
-            built[f"probing_{dataset}"] = tables.probing_table(results, "retrieval", dataset)
-    for dataset, results in grouped(args.qa).items():
-        built[f"qa_{dataset}"] = tables.qa_table(results, dataset)
-        if tables.probed(results):
-            built[f"probing_qa_{dataset}"] = tables.probing_table(results, "qa", dataset)
-    if args.egomcq:
-        built["egomcq"] = tables.egomcq_table(named(args.egomcq))
-        if tables.probed(named(args.egomcq)):
-            built["probing_egomcq"] = tables.probing_table(named(args.egomcq), "egomcq", "EgoMCQ")
+    retrieval, qa = grouped(args.retrieval), grouped(args.qa)
+    egomcq = named(args.egomcq) if args.egomcq else None
+    # The tables to build, decided by the one function the rule's outputs come from too
+    # (svitt.workflow.analysis.table_names), here from what the result files hold.
+    names = table_names({d: tables.probed(r) for d, r in retrieval.items()},
+                        {d: tables.probed(r) for d, r in qa.items()},
+                        None if egomcq is None else tables.probed(egomcq), efficiency=bool(args.efficiency))
+    builders = {}
+    for dataset, results in retrieval.items():
+        builders[f"retrieval_{dataset}"] = lambda r=results, d=dataset: tables.retrieval_table(r, d)
+        builders[f"twins_{dataset}"] = lambda r=results, d=dataset: tables.twins_table(r, d)
+        builders[f"probing_{dataset}"] = lambda r=results, d=dataset: tables.probing_table(r, "retrieval", d)
+    for dataset, results in qa.items():
+        builders[f"qa_{dataset}"] = lambda r=results, d=dataset: tables.qa_table(r, d)
+        builders[f"probing_qa_{dataset}"] = lambda r=results, d=dataset: tables.probing_table(r, "qa", d)
+    if egomcq is not None:
+        builders["egomcq"] = lambda: tables.egomcq_table(egomcq)
+        builders["probing_egomcq"] = lambda: tables.probing_table(egomcq, "egomcq", "EgoMCQ")
     if args.efficiency:
-        built["efficiency"] = tables.efficiency_table(args.efficiency)
+        builders["efficiency"] = lambda: tables.efficiency_table(args.efficiency)
+    built = {name: builders[name]() for name in names}
     if not built:
         raise SystemExit("no results given: pass --retrieval, --egomcq, --qa or --efficiency")
     for name, table in built.items():

@@ -1,2 +1,12 @@
-"""Torch-free settings resolution for the Snakemake rules: stage resolution (stages). Importable
-with the standard library and PyYAML only, so rules/*.smk may import it and tests call it directly."""
+"""Torch-free settings resolution for the Snakemake rules: what rules/*.smk computes from the config,
+as functions of the config dict. Importable with the standard library and PyYAML only, and never
+importing Snakemake, so rules/*.smk bind `config` to it and tests call it directly.
+
+    config      config layering (`standalone:` overlays), YAML numbers, canonical params, CLI flags
+    datasets    dataset lookups, download and frame-extraction flags
+    stages      pretraining stages resolved into training configs (`like:`, controls, seed variants)
+    evaluation  retrieval evaluation and finetuning settings
+    uses        what each dataset is used for, and the check of its files' layouts
+    analysis    result files per seed, sweep points, control, ablation, the list of result tables
+    targets     the files of the `all`, `seeds` and `ablation` targets
+"""

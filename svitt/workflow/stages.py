@@ -15,6 +15,16 @@ tests call it directly.
     pretrain.override     training settings applied over every stage's own entry (the rehearsal's
                           batch size and steps); never the model or its sparsity
 
+`like: <stage>`: a stage entry (e.g. an ablation or extra stage) may name the curriculum stage it
+copies instead of repeating its numbers. It gets that stage's entry, then its own keys over it
+(`data` merges key by key, every other key replaces, as over pretrain.defaults). It never copies
+`name` or `init`: a copy is a stage of its own, started from the image/text weights unless it says
+`init:` itself (a single-stage run "like stage2" trains stage2's settings from scratch; write
+`init: stage1` to expand from stage1 as stage2 does). It copies everything else, `dataset` and
+`model` included. `like` names a curriculum stage that has no `like` itself (one level, no chains);
+anything else is an error naming the value. The resolved entry has no `like` key: the stage trains
+exactly as if its numbers were written out (the workflow's params do not change).
+
 A stage sets the sparsity vocabulary at its top level (frames, temporal, local_blocks,
 random_blocks, block_size, visual_keep, prune_layers, multimodal_keep, multimodal_prune_layers), any other model
 key under `model: {video: {...}, text: {...}}`, and optimisation keys over pretrain.defaults
@@ -31,7 +41,7 @@ VOCABULARY = {
     "visual_keep": "video", "prune_layers": "video", "temporal": "video",
     "multimodal_keep": "text", "multimodal_prune_layers": "text",
 }
-STAGE_ONLY_KEYS = ("name", "init", "dataset", "model")
+STAGE_ONLY_KEYS = ("name", "like", "init", "dataset", "model")
 DEFAULT_DATASET = "webvid"
 SECTIONS = ("curriculum", "egoclip", "extra", "ablation", "control")  # control: derived (with_control)
 _VARIANT = re.compile(r"^(?P<base>[A-Za-z0-9_]+)-seed(?P<seed>\d+)$")
@@ -43,11 +53,47 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
+LIKE_NEVER_COPIED = ("name", "init")  # a `like:` copy is a stage of its own (see the docstring)
+
+
+def _like(entry: dict, curriculum: dict[str, dict], where: str) -> dict:
+    """One stage entry with its `like:` resolved (a copy; entries without `like` come back as is)."""
+    if "like" not in entry:
+        return entry
+    name, like = entry.get("name"), entry["like"]
+    if like not in curriculum:
+        raise ValueError(f"{where} stage {name!r} says like: {like!r}, which is not a curriculum stage "
+                         f"(have {sorted(curriculum)})")
+    base = curriculum[like]
+    if "like" in base:
+        raise ValueError(f"{where} stage {name!r} says like: {like!r}, which says like: {base['like']!r} "
+                         f"itself: `like` names a stage written out in full (no chains)")
+    copied = {k: v for k, v in base.items() if k not in LIKE_NEVER_COPIED}
+    own = {k: v for k, v in entry.items() if k != "like"}
+    return over_defaults(copied, own)
+
+
+def resolve_like(pretrain: dict) -> dict:
+    """pretrain with every stage's `like:` resolved (see the module docstring); idempotent."""
+    curriculum = {s["name"]: s for s in _as_list(pretrain.get("curriculum"))}
+    out = dict(pretrain)
+    for section in SECTIONS:
+        value = pretrain.get(section)
+        if value is None or section == "control":
+            continue
+        where = f"pretrain.{section}"
+        if isinstance(value, list):
+            out[section] = [_like(s, curriculum, where) for s in value]
+        else:
+            out[section] = _like(value, curriculum, where)
+    return out
+
+
 def control_stages(pretrain: dict, control: dict | None) -> list[dict]:
     """analysis.control -> the twin of each listed curriculum stage, `<name>_<temporal>`."""
     if not control:
         return []
-    curriculum = {s["name"]: s for s in _as_list(pretrain.get("curriculum"))}
+    curriculum = {s["name"]: s for s in _as_list(resolve_like(pretrain).get("curriculum"))}
     names, suffix = list(control["stages"]), f"_{control.get('temporal', 'late')}"
     unknown = sorted(set(names) - set(curriculum))
     if unknown:
@@ -67,13 +113,14 @@ def control_stages(pretrain: dict, control: dict | None) -> list[dict]:
 
 def with_control(config: dict) -> dict:
     """config["pretrain"] with the derived "control" section (analysis.control) filled in."""
-    pretrain = dict(config["pretrain"])
+    pretrain = resolve_like(config["pretrain"])
     pretrain["control"] = control_stages(pretrain, (config.get("analysis") or {}).get("control"))
     return pretrain
 
 
 def configured_stages(pretrain: dict) -> dict[str, dict]:
-    """{name: stage} of every section (SECTIONS), in that order."""
+    """{name: stage} of every section (SECTIONS), in that order, `like:` resolved."""
+    pretrain = resolve_like(pretrain)
     stages: dict[str, dict] = {}
     for section in SECTIONS:
         for stage in _as_list(pretrain.get(section)):
@@ -169,3 +216,20 @@ def stage_config(config: dict, name: str) -> dict:
     if dataset != DEFAULT_DATASET and "clips" in config["datasets"].get(dataset, {}):
         cfg.setdefault("data", {})["kind"] = "egoclip"
     return cfg
+
+
+def stage_inputs(config: dict, name: str) -> dict[str, str]:
+    """The input files of one stage (variant): its dataset's shards and annotations, the tokenizer,
+    and the stage it starts from, or (no init) the model's image/text weights where set."""
+    from svitt.workflow.datasets import dataset, shard_paths
+
+    pretrain = with_control(config)
+    data, init = stage_dataset(pretrain, name), stage_init(pretrain, name)
+    inputs = {"shards": shard_paths(config, data), "annotations": dataset(config, data)["annotations"],
+              "tokenizer": f"{config['tokenizer']}/vocab.txt"}
+    if init:
+        inputs["init"] = f"results/pretrain/{init}/model.safetensors"
+    for key in ("video_weights", "text_weights"):
+        if not init and config["model"].get(key):
+            inputs[key] = config["model"][key]
+    return inputs
