@@ -156,8 +156,8 @@ def load_model(model: str | Path, frames: int | None = None, overrides: dict | N
     check_safetensors(weights)
     try:
         return _LOADERS[kind](weights, frames, overrides)
-    except RuntimeError as error:  # load_state_dict: missing / unexpected keys, shapes
-        if "state_dict" not in str(error):
+    except (RuntimeError, ValueError) as error:  # load_state_dict / adapt_svitt_state_dict: keys, shapes
+        if "state_dict" not in str(error) and "does not fit" not in str(error):
             raise
         raise ValueError(f"the weights of {weights} do not fit the model its {INFO_NAME} describes: {error}") from None
 
