@@ -212,3 +212,33 @@ def test_feature_standardisation_counts_each_clip_once():
     distinct = torch.cat([item.video for item in items[:3]])
     torch.testing.assert_close(model.feature_mean, distinct.mean(0))
     torch.testing.assert_close(model.feature_std, distinct.std(0))
+
+
+def test_the_grounder_registry_names_the_model_and_refuses_an_unknown_one(monkeypatch):
+    from svitt.evaluation.grounding import GROUNDERS, build_grounder
+
+    assert GROUNDER_DEFAULTS["model"] == "span" and GROUNDERS["span"] is SpanGrounder
+    with pytest.raises(ValueError, match=r"evaluation.nlq.grounder.model 'vslnet' is not a known grounding model; "
+                                         r"known: \['span'\]"):
+        resolve_grounder_config({"model": "vslnet"})
+    # the default builds what SpanGrounder(video_dim, text_dim, dim, heads, dropout) builds, draw for draw
+    settings = resolve_grounder_config({"dim": 16, "heads": 2, "dropout": 0.2})
+    torch.manual_seed(3)
+    built = build_grounder(settings, 8, 12)
+    torch.manual_seed(3)
+    direct = SpanGrounder(8, 12, 16, 2, 0.2)
+    assert type(built) is SpanGrounder and built.cqa.dropout.p == 0.2
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), direct.state_dict().values()))
+
+    class Mean(torch.nn.Module):  # a second grounding model: one class and one registry entry
+        def __init__(self, video_dim, text_dim):
+            super().__init__()
+            self.start = torch.nn.Linear(video_dim, 1)
+
+        @classmethod
+        def from_settings(cls, video_dim, text_dim, settings):
+            return cls(video_dim, text_dim)
+
+    monkeypatch.setitem(GROUNDERS, "mean", Mean)
+    assert resolve_grounder_config({"model": "mean"})["model"] == "mean"
+    assert isinstance(build_grounder(resolve_grounder_config({"model": "mean"}), 8, 12), Mean)

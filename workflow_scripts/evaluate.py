@@ -45,21 +45,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     module = task(args.task)
     settings = {**module.SETTINGS, **json.loads(args.config_json)}
-    import torch
-
-    from svitt.training.checkpoint import load_exported
-    from svitt.data.pipeline import PairCollator, load_tokenizer
-    from svitt.data.transforms import EvalTransform
+    from svitt.data.pipeline import PairCollator
+    from svitt.evaluation.loading import load_for_evaluation
     from svitt.io import atomic_write_json
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model, info = getattr(module, "load_model", load_exported)(args.model, frames=settings.get("frames"))
+    loaded = load_for_evaluation(args.model, args.device, frames=settings.get("frames"),
+                                 kind=getattr(module, "MODEL_KIND", "svitt"), tokenizer=args.tokenizer)
+    model, info, device = loaded.model, loaded.info, loaded.device
     video = model.cfg["video"]
-    data_cfg = info["train_config"]["data"]  # normalise as in training
+    data_cfg = loaded.data_config  # normalise as in training
     settings.update({k: data_cfg[k] for k, v in settings.items() if v is None and k in data_cfg})
-    transform = EvalTransform(size=video["image_size"], mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
-    collator = PairCollator(load_tokenizer(args.tokenizer), settings["text_len"])
+    transform = loaded.transform()
+    collator = PairCollator(loaded.tokenizer, settings["text_len"])
     files = {"answer_list": args.answer_list} if args.answer_list else {}
     dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform, settings, **files)
     result = module.run(model, dataset, collator, settings, device=device, progress=not args.no_progress)

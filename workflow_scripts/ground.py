@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Ego4D NLQ grounding: train a span grounder (svitt.evaluation.grounding) on SViTT-Ego window features of
-the train split, evaluate it on val (R@1 / R@5 at IoU 0.3 / 0.5), next to the baseline that
+"""Ego4D NLQ grounding, the CLI of svitt.evaluation.nlq.ground_nlq: train a grounder
+(svitt.evaluation.grounding.GROUNDERS, evaluation.nlq.grounder.model) on SViTT-Ego window features
+of the train split, evaluate it on val (R@1 / R@5 at IoU 0.3 / 0.5), next to the baseline that
 predicts the query-independent most frequent windows.
 
     python workflow_scripts/ground.py videos --train nlq_train.json --val nlq_val.json --out videos.tsv
@@ -27,18 +28,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
-
-CONVENTIONS = {
-    "recall": "share of evaluated queries (percent) with a top-k window of IoU > threshold (strict), "
-              "as Ego4D's evaluate_nlq_performance",
-    "miou": "per query the mean IoU of its 3 best-overlapping windows, averaged (Ego4D's mIoU)",
-    "windows": "seconds from the clip start; ground truth as annotated (clip_start_sec, clip_end_sec)",
-    "decoding": "top-k (start <= end) feature pairs of the start x end probability (VSLNet on Ego4D); with "
-                "settings.nms_iou, a pair whose IoU with a better kept one is >= nms_iou is skipped",
-    "baseline": "the k feature spans training windows fall on most often, the same for every query",
-    "skipped": "queries left out of every number here, with the reason",
-}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,19 +58,6 @@ def list_videos(args, splits) -> int:
     return 0
 
 
-def encode_queries(model, tokenizer_dir, texts: list[str], text_len: int, device) -> list:
-    """Token states [L_i, Dt] of each query from the frozen text encoder (padding removed)."""
-    from svitt.data.pipeline import PairCollator, load_tokenizer
-    from svitt.evaluation.encode import embed_texts
-
-    collator = PairCollator(load_tokenizer(tokenizer_dir), text_len)
-    out = []
-    for first in range(0, len(texts), 1024):  # bounded memory on Ego4D's ~14k train queries
-        _, hidden, mask = embed_texts(model, collator, texts[first:first + 1024], device=device)
-        out += [h[m.bool()] for h, m in zip(hidden, mask)]
-    return out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from svitt.data.nlq import read_nlq
@@ -95,79 +71,29 @@ def main(argv=None) -> int:
 
 
 def train_and_evaluate(args, splits) -> int:
+    """svitt.evaluation.nlq.ground_nlq, its outputs written atomically: --out-dir's
+    metrics.jsonl, grounder.safetensors and predictions_val.json, then --out."""
     import torch
     from safetensors.torch import save_file
 
-    from svitt.training.checkpoint import load_exported
-    from svitt.evaluation.metrics import nlq_recall
-    from svitt.evaluation.nlq import read_feature_info
-    from svitt.evaluation.grounding import (SpanGrounder, baseline_windows, build_items, most_frequent_spans,
-                                 predict_windows, resolve_grounder_config, train_grounder)
+    from svitt.evaluation.nlq import NothingToGround, ground_nlq
     from svitt.io import atomic_path, atomic_write_bytes, atomic_write_json
 
-    settings = resolve_grounder_config(json.loads(args.config_json))
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    info = read_feature_info(args.features)
-    model, model_info = load_exported(args.model)
-    model = model.to(device).eval()
-    built = {}
-    for name, split in splits.items():
-        texts = encode_queries(model, args.tokenizer, [q.query for q in split.queries], settings["text_len"], device)
-        built[name] = build_items(split, args.features, info["features_per_second"], texts)
-    del model
-    (train, train_skipped, train_clamped), (val, val_skipped, val_clamped) = built["train"], built["val"]
-    for name, (items, _, _) in built.items():
-        if not items:
-            raise SystemExit(f"ground: no {name} query can be grounded ({splits[name].path}); "
-                             f"skipped: {built[name][1][:3]}")
-    val_truth = [list(item.window) for item in val]
-
-    torch.manual_seed(settings["seed"])
-    grounder = SpanGrounder(train[0].video.shape[1], train[0].text.shape[1], settings["dim"], settings["heads"],
-                            settings["dropout"])
-
-    def on_epoch(epoch):
-        windows = predict_windows(grounder, val, settings["top_k"], settings["nms_iou"], device=device)
-        metrics = nlq_recall(windows, val_truth)
-        return {f"val_{k}": v for k, v in metrics.items()}
-
-    rows = train_grounder(grounder, train, settings, device, not args.no_progress, on_epoch)
-    predictions = predict_windows(grounder, val, settings["top_k"], settings["nms_iou"], device=device)
-    metrics = nlq_recall(predictions, val_truth)
-    spans = most_frequent_spans(train, settings["top_k"])
-    baseline = nlq_recall(baseline_windows(spans, val), val_truth)
-
+    try:
+        run = ground_nlq(splits, args.features, args.model, args.tokenizer, json.loads(args.config_json),
+                         device=args.device, progress=not args.no_progress)
+    except NothingToGround as error:
+        raise SystemExit(f"ground: {error}") from None
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write_bytes(args.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.rows).encode())
     with atomic_path(args.out_dir / "grounder.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in grounder.state_dict().items()}, str(tmp),
-                  metadata={"settings": json.dumps(settings), "video_dim": str(train[0].video.shape[1]),
-                            "text_dim": str(train[0].text.shape[1])})
-    challenge = {"version": "1.0", "challenge": "ego4d_nlq_challenge",
-                 "results": [{**splits["val"].queries[item.query_index].key, "predicted_times": windows}
-                             for item, windows in zip(val, predictions)]}
-    atomic_write_json(args.out_dir / "predictions_val.json", challenge)
-    result = {
-        "task": "nlq", "stage": model_info["name"], "model": str(args.model), "metrics": metrics,
-        "baseline": {"name": "most frequent window", "metrics": baseline,
-                     "spans": [list(s) for s in spans],  # feature indices; in seconds from the first feature:
-                     "seconds": [[s / info["features_per_second"], (e + 1) / info["features_per_second"]]
-                                 for s, e in spans]},
-        "features": {**{k: info[k] for k in ("kind", "fps", "window", "stride", "features_per_second", "dim")},
-                     "folder": str(args.features)},
-        "annotations": {name: split.path for name, split in splits.items()},
-        "queries": {name: len(split.queries) + len(split.skipped) for name, split in splits.items()},
-        "evaluated": {"train": len(train), "val": len(val)},
-        "skipped": {"train": train_skipped, "val": val_skipped},
-        "clamped": {"train": train_clamped, "val": val_clamped},
-        "settings": settings, "conventions": CONVENTIONS,
-        "predictions": str(args.out_dir / "predictions_val.json"),
-    }
+        save_file(run.grounder_state(), str(tmp), metadata=run.metadata)
+    atomic_write_json(args.out_dir / "predictions_val.json", run.predictions)
+    result = {**run.result, "predictions": str(args.out_dir / "predictions_val.json")}
     atomic_write_json(args.out, result)
-    print(json.dumps({"grounder": metrics, "baseline": baseline, "evaluated": result["evaluated"],
-                      "skipped": {k: len(v) for k, v in result["skipped"].items()}}))
+    print(json.dumps({"grounder": result["metrics"], "baseline": result["baseline"]["metrics"],
+                      "evaluated": result["evaluated"], "skipped": {k: len(v) for k, v in result["skipped"].items()}}))
     return 0
 
 

@@ -68,22 +68,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     import h5py
-    import torch
 
-    from svitt.training.checkpoint import load_exported
     from svitt.data.datasets import FrameStore, resolve_shards
-    from svitt.data.transforms import EvalTransform
     from svitt.evaluation import extract_window_features
+    from svitt.evaluation.loading import load_for_evaluation
     from svitt.evaluation.nlq import VideoFeatureWriter
     from svitt.io import atomic_path
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
     fps = shard_fps(resolve_shards(args.shards))
-    model, info = load_exported(args.model, frames=args.window)
-    data_cfg = info["train_config"]["data"]
-    transform = EvalTransform(size=model.cfg["video"]["image_size"], mean=tuple(data_cfg["mean"]),
-                              std=tuple(data_cfg["std"]))
+    loaded = load_for_evaluation(args.model, args.device, frames=args.window)
+    model, info, device = loaded.model, loaded.info, loaded.device
+    transform = loaded.transform()
     store = FrameStore(args.shards)
     ids = sorted(store.shard_of)
     for video_id in ids:

@@ -86,9 +86,8 @@ def main(argv=None) -> int:
     import torch
 
     from svitt.analysis import plots
-    from svitt.training.checkpoint import load_exported
-    from svitt.data.pipeline import PairCollator, load_tokenizer
-    from svitt.data.transforms import EvalTransform
+    from svitt.data.pipeline import PairCollator
+    from svitt.evaluation.loading import load_for_evaluation
     from svitt.io import atomic_write_json
 
     overrides = {"video": {}, "text": {}}
@@ -96,10 +95,12 @@ def main(argv=None) -> int:
         overrides["video"]["visual_keep"] = args.visual_keep
     if args.multimodal_keep is not None:
         overrides["text"]["multimodal_keep"] = args.multimodal_keep
-    model, info = load_exported(args.model, overrides=overrides)
+    # on the CPU, where this script has always run (it has no --device)
+    loaded = load_for_evaluation(args.model, "cpu", overrides=overrides, tokenizer=args.tokenizer)
+    model, info = loaded.model, loaded.info
     video_cfg = model.cfg["video"]
-    mean, std = info["train_config"]["data"]["mean"], info["train_config"]["data"]["std"]
-    transform = EvalTransform(size=video_cfg["image_size"], mean=tuple(mean), std=tuple(std))
+    mean, std = loaded.data_config["mean"], loaded.data_config["std"]
+    transform = loaded.transform()
     clips, captions, names = [], [], []
     if args.shards:
         from svitt.data.datasets import RetrievalDataset
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         captions.append(caption)
         names.append(path.name)
     batch = torch.stack(clips)
-    tokens = PairCollator(load_tokenizer(args.tokenizer), args.text_len).tokenize(captions)
+    tokens = PairCollator(loaded.tokenizer, args.text_len).tokenize(captions)
     model.video_encoder.layout_generator.manual_seed(int(video_cfg["seed"]))
     maps = kept_positions(model.eval(), batch, tokens["input_ids"], tokens["attention_mask"])
     grid = tuple(model.video_encoder.grid)

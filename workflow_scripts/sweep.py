@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.io import atomic_write_json  # noqa: E402  (no torch before the point is checked)
+from svitt.evaluation.loading import read_model_info  # noqa: E402  (no torch before the point is checked)
+from svitt.io import atomic_write_json  # noqa: E402
 
 METRIC = "t2v_mean"  # of the contrastive scores, as the paper's Figures 4 and 5 (mean recall)
 
@@ -78,7 +79,7 @@ def why_not(overrides: dict, model_config: dict) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    info = json.loads(args.model.with_name("model.json").read_text())
+    info = read_model_info(args.model)
     overrides = point_overrides(args)
     record = {"point": args.point, "stage": info["name"], "model": str(args.model), "frames": info["frames"],
               "settings": {**{k: info["model_config"]["video"][k] for k in
@@ -91,25 +92,20 @@ def main(argv=None) -> int:
         print(f"point {args.point} not run: {reason}")
         return 0
 
-    import torch
-
     from svitt.analysis import efficiency
-    from svitt.training.checkpoint import load_exported
-    from svitt.data.pipeline import PairCollator, load_tokenizer
-    from svitt.data.transforms import EvalTransform
+    from svitt.data.pipeline import PairCollator
     from svitt.evaluation import task
+    from svitt.evaluation.loading import load_for_evaluation
     from svitt.evaluation.probing import reset_layouts
 
     module = task("retrieval")
     settings = {k: v for k, v in {**module.SETTINGS, **json.loads(args.config_json)}.items()
                 if k not in ("frame_orders", "shuffle_seed")}  # one pass, frames as sampled
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model, info = load_exported(args.model, overrides=overrides)
+    loaded = load_for_evaluation(args.model, args.device, overrides=overrides, tokenizer=args.tokenizer)
+    model, info, device = loaded.model, loaded.info, loaded.device
     video = model.cfg["video"]
-    data_cfg = info["train_config"]["data"]
-    transform = EvalTransform(size=video["image_size"], mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
-    collator = PairCollator(load_tokenizer(args.tokenizer), settings["text_len"])
+    transform = loaded.transform()
+    collator = PairCollator(loaded.tokenizer, settings["text_len"])
     dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform)
     reset_layouts(model)
     result = module.evaluate_retrieval(model, dataset, collator, batch_size=settings["batch_size"],

@@ -59,17 +59,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from svitt.training.checkpoint import load_exported
-    from svitt.data.pipeline import PairCollator, load_tokenizer
-    from svitt.data.transforms import EvalTransform
+    from svitt.data.pipeline import PairCollator
     from svitt.evaluation import retrieval
     from svitt.evaluation.encode import embed_texts, embed_videos, vtm_scores
+    from svitt.evaluation.loading import load_for_evaluation
     from svitt.io import atomic_write_json
 
-    model, info = load_exported(args.model)
-    model.eval()
-    data = info["train_config"]["data"]
-    transform = EvalTransform(size=model.cfg["video"]["image_size"], mean=tuple(data["mean"]), std=tuple(data["std"]))
+    # on the CPU, where this diagnostic has always run (it has no --device)
+    loaded = load_for_evaluation(args.model, "cpu", tokenizer=args.tokenizer)
+    model, info = loaded.model, loaded.info
+    transform = loaded.transform()
     dataset = retrieval.build_dataset(args.shards, str(args.annotations), model.cfg["video"]["frames"], transform)
     items = json.loads(args.annotations.read_text())
     if len(items) != len(dataset.texts) or any("family" not in item for item in items):
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
                          "per clip, each with a family)")
     with torch.no_grad():
         video_emb, video_tokens = embed_videos(model, dataset, 32, 0, "cpu", keep_tokens=True, progress=False)
-        text_emb, text_hidden, text_mask = embed_texts(model, PairCollator(load_tokenizer(args.tokenizer), 32),
+        text_emb, text_hidden, text_mask = embed_texts(model, PairCollator(loaded.tokenizer, 32),
                                                        dataset.texts, device="cpu")
         n = len(items)
         vtm = vtm_scores(model, text_hidden, text_mask, video_tokens, [(i, j) for i in range(n) for j in range(n)],

@@ -104,21 +104,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from svitt.training.checkpoint import load_exported
-    from svitt.data.pipeline import PairCollator, load_tokenizer
-    from svitt.data.transforms import EvalTransform
+    from svitt.data.pipeline import PairCollator
     from svitt.evaluation import retrieval
     from svitt.evaluation.encode import embed_videos
+    from svitt.evaluation.loading import load_for_evaluation
     from svitt.io import atomic_write_json
 
     groups = json.loads(args.groups)
-    model, info = load_exported(args.model)
-    model.eval()
-    data_cfg, video_cfg = info["train_config"]["data"], model.cfg["video"]
-    transform = EvalTransform(size=video_cfg["image_size"], mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
+    # on the CPU, where this diagnostic has always run (it has no --device)
+    loaded = load_for_evaluation(args.model, "cpu", tokenizer=args.tokenizer)
+    model, info = loaded.model, loaded.info
+    video_cfg = model.cfg["video"]
+    transform = loaded.transform()
     dataset = retrieval.build_dataset(args.shards, args.annotations, video_cfg["frames"], transform)
     items = json.loads(args.annotations.read_text())
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = loaded.tokenizer
     group_ids = group_token_ids(tokenizer, groups)
     _, tokens = embed_videos(model, dataset, args.batch_size, keep_tokens=True, progress=False)
     n = len(items)

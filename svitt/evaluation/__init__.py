@@ -1,11 +1,16 @@
 """Evaluation of SViTT models: one module per task, one embedding path, numpy metrics.
 
     metrics.py    score matrices -> numbers (numpy only: importable without torch)
+    loading.py    the one way an evaluation loads an exported model and picks its device
+                  (load_for_evaluation; every evaluating script calls it)
     encode.py     the one embedding path: videos, texts, matching scores
     retrieval.py  text-video retrieval (+ temporal twins on the demo corpus)
     egomcq.py     EgoMCQ (SViTT-Ego)
     qa.py         open-ended video QA with an answer decoder (answers ranked from a list)
-    nlq.py        Ego4D NLQ window features and their per-video export (grounding: svitt.evaluation.grounding)
+    nlq.py        Ego4D NLQ: window features and their per-video export, and the grounding task
+                  (ground_nlq: a grounder trained on train, evaluated on val, beside a baseline)
+    grounding.py  the grounding models (GROUNDERS registry, keyed by evaluation.nlq.grounder.model),
+                  their data, training loop and decoding
 
 Public names are re-exported here; the torch-backed ones are imported on first use, so
 `from svitt.evaluation import retrieval_metrics` needs numpy only.
@@ -24,7 +29,9 @@ _LAZY = {
     "evaluate_retrieval": "retrieval",
     "evaluate_egomcq": "egomcq",
     "evaluate_qa": "qa",
-    "window_starts": "nlq", "extract_window_features": "nlq",
+    "window_starts": "nlq", "extract_window_features": "nlq", "ground_nlq": "nlq",
+    "load_for_evaluation": "loading", "pick_device": "loading", "read_model_info": "loading",
+    "GROUNDERS": "grounding", "build_grounder": "grounding",
 }
 
 TASKS = ("retrieval", "egomcq", "qa")  # modules with SETTINGS, build_dataset(...) and run(...)

@@ -19,6 +19,10 @@ VTC / EgoNCE / VTM / MLM objectives, DDP, exact resume, exported SViTT weights).
 trains on precomputed features held in memory, for seconds (the demo) to minutes (Ego4D, one GPU),
 and none of that machinery applies; putting it there would add a second kind of model to the loop.
 Seeded throughout: the same seed on the same machine gives the same numbers.
+
+The grounding models are registered in GROUNDERS, keyed by evaluation.nlq.grounder.model
+("span": SpanGrounder, the default); the task that trains and evaluates one is
+svitt.evaluation.nlq.ground_nlq. docs/nlq.md, "Adding a grounding model".
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from svitt.training.optim import param_groups
 from svitt.training.scheduler import cosine_lr, set_lr
 
 GROUNDER_DEFAULTS = dict(  # every key of evaluation.nlq.grounder, documented here once
+    model="span",  # the grounding model: a key of GROUNDERS (below); "span": SpanGrounder
     dim=128,  # hidden width of the grounder
     heads=4,
     dropout=0.1,
@@ -55,6 +60,7 @@ _NEG = -1e30  # masked logit (VSLNet's mask_logits)
 def resolve_grounder_config(cfg: dict | None) -> dict:
     check_keys(cfg or {}, GROUNDER_DEFAULTS, "evaluation.nlq.grounder")
     out = {**GROUNDER_DEFAULTS, **(cfg or {})}
+    grounder_class(out["model"])  # a clear error for an unknown model, before any work
     for key in ("dim", "heads", "epochs", "batch_size", "text_len", "top_k"):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise ValueError(f"evaluation.nlq.grounder.{key} must be a positive integer, got {out[key]!r}")
@@ -209,6 +215,11 @@ class SpanGrounder(nn.Module):
         self.start_head = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
         self.end_head = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, 1))
 
+    @classmethod
+    def from_settings(cls, video_dim: int, text_dim: int, settings: dict) -> "SpanGrounder":
+        """The grounder evaluation.nlq.grounder describes (resolve_grounder_config's output)."""
+        return cls(video_dim, text_dim, settings["dim"], settings["heads"], settings["dropout"])
+
     @torch.no_grad()
     def set_feature_stats(self, items: list["GroundingItem"]) -> None:
         """Mean and std of every video feature dimension over the (training) items."""
@@ -241,6 +252,31 @@ class SpanGrounder(nn.Module):
         start = self.start_head(torch.cat([start_x, x], dim=-1)).squeeze(-1).masked_fill(pad, _NEG)
         end = self.end_head(torch.cat([end_x, x], dim=-1)).squeeze(-1).masked_fill(pad, _NEG)
         return {"start": start, "end": end, "highlight": highlight}
+
+
+# -------------------------------------------------------------------------- the registry
+# evaluation.nlq.grounder.model -> the class. A grounding model is an nn.Module with
+#   from_settings(video_dim, text_dim, settings) (a classmethod: settings are
+#     resolve_grounder_config's, so its own hyperparameters are keys of GROUNDER_DEFAULTS),
+#   set_feature_stats(items) (called once with the training items before training; may do nothing),
+#   forward(video, video_mask, text, text_mask) -> {"start", "end", "highlight"} logits [B, N]
+#     (padding at _NEG in start / end), what grounding_loss trains and top_spans decodes,
+# and optionally no_weight_decay() (svitt.training.optim.param_groups). docs/nlq.md: adding one.
+GROUNDERS: dict[str, type[nn.Module]] = {"span": SpanGrounder}
+
+
+def grounder_class(name: str) -> type[nn.Module]:
+    """The grounding model registered under `name` (GROUNDERS)."""
+    if not isinstance(name, str) or name not in GROUNDERS:
+        raise ValueError(f"evaluation.nlq.grounder.model {name!r} is not a known grounding model; "
+                         f"known: {sorted(GROUNDERS)}")
+    return GROUNDERS[name]
+
+
+def build_grounder(settings: dict, video_dim: int, text_dim: int) -> nn.Module:
+    """The grounding model settings["model"] names, built from the settings (draws its initial
+    weights from torch's global generator: seed it first)."""
+    return grounder_class(settings["model"]).from_settings(video_dim, text_dim, settings)
 
 
 def grounding_loss(out: dict, batch: dict, highlight_weight: float) -> dict[str, torch.Tensor]:
@@ -294,7 +330,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: dict, device="cpu",
+def train_grounder(model: nn.Module, items: list[GroundingItem], settings: dict, device="cpu",
                    progress: bool = True, on_epoch=None) -> list[dict]:
     """AdamW over shuffled batches for settings["epochs"] epochs (seeded), after fixing the
     feature standardisation from `items`. on_epoch(epoch) may return held-out metrics for that
@@ -329,7 +365,7 @@ def train_grounder(model: SpanGrounder, items: list[GroundingItem], settings: di
     return rows
 
 
-def predict_windows(model: SpanGrounder, items: list[GroundingItem], k: int = 5, nms_iou: float | None = None,
+def predict_windows(model: nn.Module, items: list[GroundingItem], k: int = 5, nms_iou: float | None = None,
                     batch_size: int = 64, device="cpu") -> list[list[list[float]]]:
     """Per item its top-k windows [[start, end], ...] in clip seconds, best first (top_spans)."""
     model.to(device).eval()

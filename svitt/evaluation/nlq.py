@@ -11,11 +11,16 @@ Feature kinds: "cls" is the clip summary the contrastive embedding projects (the
 D): the video [CLS] token after the final norm, or with video.pooling "mean" the normed mean token;
 "projected" is that summary through the model's vision projection, unnormalised (embed_dim), as
 EgoVLP's NLQ extractor saves its 256-d embedding.
+
+The grounding task (ground_nlq) is the evaluation of those features: a grounding model
+(svitt.evaluation.grounding.GROUNDERS) trained on the train split's queries, evaluated on val,
+beside a query-independent baseline; workflow_scripts/ground.py is its CLI.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,3 +121,125 @@ def clip_feature_span(video_start_sec: float, video_end_sec: float, rate: float,
     first = max(0, math.floor(video_start_sec * rate + _EPS))
     stop = min(available, math.ceil(video_end_sec * rate - _EPS))
     return first, stop, first / rate - video_start_sec
+
+
+# ------------------------------------------------------------------------- the grounding task
+# What the numbers of a grounding result mean (recorded in every result JSON).
+GROUNDING_CONVENTIONS = {
+    "recall": "share of evaluated queries (percent) with a top-k window of IoU > threshold (strict), "
+              "as Ego4D's evaluate_nlq_performance",
+    "miou": "per query the mean IoU of its 3 best-overlapping windows, averaged (Ego4D's mIoU)",
+    "windows": "seconds from the clip start; ground truth as annotated (clip_start_sec, clip_end_sec)",
+    "decoding": "top-k (start <= end) feature pairs of the start x end probability (VSLNet on Ego4D); with "
+                "settings.nms_iou, a pair whose IoU with a better kept one is >= nms_iou is skipped",
+    "baseline": "the k feature spans training windows fall on most often, the same for every query",
+    "skipped": "queries left out of every number here, with the reason",
+}
+
+
+def encode_queries(model, tokenizer, texts: list[str], text_len: int, device) -> list:
+    """Token states [L_i, Dt] of each query from the frozen text encoder (padding removed)."""
+    from svitt.data.pipeline import PairCollator
+    from svitt.evaluation.encode import embed_texts
+
+    collator = PairCollator(tokenizer, text_len)
+    out = []
+    for first in range(0, len(texts), 1024):  # bounded memory on Ego4D's ~14k train queries
+        _, hidden, mask = embed_texts(model, collator, texts[first:first + 1024], device=device)
+        out += [h[m.bool()] for h, m in zip(hidden, mask)]
+    return out
+
+
+class NothingToGround(ValueError):
+    """A split none of whose queries can be grounded (the message names it and why)."""
+
+
+@dataclass
+class GroundingRun:
+    """What ground_nlq returns; the caller writes it (workflow_scripts/ground.py, atomically)."""
+    result: dict  # the result JSON: metrics, baseline, features, annotations, counts, skipped, settings, conventions
+    rows: list[dict]  # one per epoch: mean losses and val recall (metrics.jsonl)
+    grounder: torch.nn.Module  # trained, on the device
+    metadata: dict[str, str]  # of grounder.safetensors: settings, video_dim, text_dim
+    predictions: dict  # val predictions in the Ego4D NLQ challenge format (predictions_val.json)
+
+    def grounder_state(self) -> dict[str, torch.Tensor]:
+        """The grounder's tensors as saved: contiguous, on the CPU."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.grounder.state_dict().items()}
+
+
+def ground_nlq(splits: dict, features: str | Path, model: str | Path, tokenizer, settings: dict | None = None,
+               device="auto", progress: bool = True) -> GroundingRun:
+    """Ego4D NLQ grounding, the evaluation of an SViTT-Ego model's window features (paper 4.4):
+    a grounder (svitt.evaluation.grounding.GROUNDERS, settings["model"]) is trained on the
+    "train" split and evaluated on "val" (R@1 / R@5 at IoU 0.3 / 0.5, mIoU), beside the baseline
+    that predicts the query-independent most frequent windows.
+
+    splits: {"train": NLQSplit, "val": NLQSplit} (svitt.data.nlq.read_nlq); features: a folder of
+    nlq_features.py --pt-dir ({video_uid}.pt + features.json); model: the exported SViTT model
+    whose (frozen) text encoder encodes the queries; tokenizer: its tokenizer (or folder);
+    settings: evaluation.nlq.grounder (GROUNDER_DEFAULTS where not given); device: as
+    svitt.evaluation.loading.pick_device. Queries whose window lies outside their clip, or whose
+    clip has no features, are left out and listed under result["skipped"] with the reason.
+    Seeded by settings["seed"]: the same seed on the same machine gives the same numbers."""
+    from svitt.evaluation.grounding import (baseline_windows, build_grounder, build_items, most_frequent_spans,
+                                            predict_windows, resolve_grounder_config, train_grounder)
+    from svitt.evaluation.loading import load_for_evaluation, pick_device
+    from svitt.evaluation.metrics import nlq_recall
+
+    settings = resolve_grounder_config(settings)
+    device = pick_device(device)
+    info = read_feature_info(features)
+    loaded = load_for_evaluation(model, device)
+    encoder, stage = loaded.model, loaded.info["name"]
+    if isinstance(tokenizer, (str, Path)):
+        from svitt.data.pipeline import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    built = {}
+    for name, split in splits.items():
+        texts = encode_queries(encoder, tokenizer, [q.query for q in split.queries], settings["text_len"], device)
+        built[name] = build_items(split, features, info["features_per_second"], texts)
+    del encoder, loaded
+    (train, train_skipped, train_clamped), (val, val_skipped, val_clamped) = built["train"], built["val"]
+    for name, (items, _, _) in built.items():
+        if not items:
+            raise NothingToGround(f"no {name} query can be grounded ({splits[name].path}); "
+                             f"skipped: {built[name][1][:3]}")
+    val_truth = [list(item.window) for item in val]
+
+    torch.manual_seed(settings["seed"])
+    video_dim, text_dim = train[0].video.shape[1], train[0].text.shape[1]
+    grounder = build_grounder(settings, video_dim, text_dim)
+
+    def on_epoch(epoch):
+        windows = predict_windows(grounder, val, settings["top_k"], settings["nms_iou"], device=device)
+        metrics = nlq_recall(windows, val_truth)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    rows = train_grounder(grounder, train, settings, device, progress, on_epoch)
+    predictions = predict_windows(grounder, val, settings["top_k"], settings["nms_iou"], device=device)
+    metrics = nlq_recall(predictions, val_truth)
+    spans = most_frequent_spans(train, settings["top_k"])
+    baseline = nlq_recall(baseline_windows(spans, val), val_truth)
+
+    challenge = {"version": "1.0", "challenge": "ego4d_nlq_challenge",
+                 "results": [{**splits["val"].queries[item.query_index].key, "predicted_times": windows}
+                             for item, windows in zip(val, predictions)]}
+    result = {
+        "task": "nlq", "stage": stage, "model": str(model), "metrics": metrics,
+        "baseline": {"name": "most frequent window", "metrics": baseline,
+                     "spans": [list(s) for s in spans],  # feature indices; in seconds from the first feature:
+                     "seconds": [[s / info["features_per_second"], (e + 1) / info["features_per_second"]]
+                                 for s, e in spans]},
+        "features": {**{k: info[k] for k in ("kind", "fps", "window", "stride", "features_per_second", "dim")},
+                     "folder": str(features)},
+        "annotations": {name: split.path for name, split in splits.items()},
+        "queries": {name: len(split.queries) + len(split.skipped) for name, split in splits.items()},
+        "evaluated": {"train": len(train), "val": len(val)},
+        "skipped": {"train": train_skipped, "val": val_skipped},
+        "clamped": {"train": train_clamped, "val": val_clamped},
+        "settings": settings, "conventions": GROUNDING_CONVENTIONS,
+    }
+    metadata = {"settings": json.dumps(settings), "video_dim": str(video_dim), "text_dim": str(text_dim)}
+    return GroundingRun(result, rows, grounder, metadata, challenge)

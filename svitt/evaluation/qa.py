@@ -8,9 +8,6 @@ the count (they can never be right) and are reported.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
@@ -24,26 +21,15 @@ SETTINGS = {"batch_size": 32, "rerank_k": 128, "scoring": "sequence", "text_len"
             "frame_orders": list(FRAME_ORDERS), "shuffle_seed": 0}
 
 
+MODEL_KIND = "qa"  # svitt.evaluation.loading: a finetuned VideoQA, checked
+
+
 def load_model(weights, frames: int | None = None):
-    """A finetuned VideoQA model (model.safetensors with model.json beside it): (model, info)."""
-    from safetensors.torch import load_file
+    """A finetuned VideoQA model (model.safetensors with model.json beside it): (model, info), on
+    the CPU; svitt.evaluation.loading.load_for_evaluation(..., kind="qa") is what scripts call."""
+    from svitt.evaluation.loading import load_model as load
 
-    from svitt.models.answer_decoder import VideoQA
-
-    weights = Path(weights)
-    info_path = weights.with_name("model.json")
-    if not info_path.exists():
-        raise FileNotFoundError(f"{info_path} is missing: it holds the config of {weights}")
-    info = json.loads(info_path.read_text())
-    train_cfg = info["train_config"]
-    if train_cfg.get("task") != "qa":
-        raise ValueError(f"{weights} is a {train_cfg.get('task', 'pairs')!r} model, not a finetuned QA model")
-    if frames is not None and frames != info["model_config"]["video"]["frames"]:
-        raise ValueError(f"{weights} was finetuned with {info['model_config']['video']['frames']} frames; "
-                         f"evaluating it with {frames} is not supported")
-    model = VideoQA(info["model_config"], train_cfg["decoder_layers"])
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval(), info
+    return load(weights, frames=frames, kind="qa")
 
 
 def build_dataset(shards, annotations, frames: int, transform, settings: dict | None = None, answer_list=None):
