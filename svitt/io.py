@@ -41,3 +41,29 @@ def atomic_write_csv(path: str | Path, header: list[str], rows):
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Tensors (moved to the CPU, made contiguous) and string metadata as a .safetensors file,
+    atomically and with its header sorted: the same tensors give the same bytes from any process."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        sort_safetensors_header(tmp)
+
+
+def sort_safetensors_header(path: str | Path) -> None:
+    """Rewrite a .safetensors header with its keys sorted, in place: safetensors writes the
+    metadata map in no fixed order, so two exports of the same weights differed in their bytes.
+    The sorted JSON is no longer than the original and is padded with spaces to its length, so
+    the tensors' offsets do not move."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) > length:
+            raise ValueError(f"{path}: the sorted header ({len(canonical)} bytes) does not fit the original "
+                             f"({length} bytes)")
+        handle.seek(8)
+        handle.write(canonical + b" " * (length - len(canonical)))

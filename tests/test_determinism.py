@@ -64,3 +64,25 @@ def test_an_exported_model_is_the_same_file_in_every_process(tmp_path):
 
     with safe_open(str(tmp_path / "0" / "model.safetensors"), "pt") as handle:
         assert handle.metadata()["format"] == "pt" and list(handle.keys()) == ["bias", "weight"]
+
+
+def test_written_safetensors_are_the_same_file_in_every_process(tmp_path):
+    """The grounder's file has three metadata keys: written by svitt.io.write_safetensors, four
+    processes write the same bytes (safetensors orders its metadata map differently per process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch\nfrom svitt.io import write_safetensors\ntorch.manual_seed(0)\n"
+            "write_safetensors(sys.argv[1], torch.nn.Linear(4, 3).state_dict(), "
+            "{'settings': '{}', 'video_dim': '64', 'text_dim': '32'})\n")
+    root = Path(__file__).resolve().parents[1]
+    for k in range(4):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{k}.safetensors")], check=True, cwd=root,
+                       env={"PYTHONPATH": str(root), "PATH": ""})
+    files = [(tmp_path / f"{k}.safetensors").read_bytes() for k in range(4)]
+    assert all(f == files[0] for f in files)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"settings": "{}", "video_dim": "64", "text_dim": "32"}

@@ -74,10 +74,9 @@ def train_and_evaluate(args, splits) -> int:
     """svitt.evaluation.nlq.ground_nlq, its outputs written atomically: --out-dir's
     metrics.jsonl, grounder.safetensors and predictions_val.json, then --out."""
     import torch
-    from safetensors.torch import save_file
 
     from svitt.evaluation.nlq import NothingToGround, ground_nlq
-    from svitt.io import atomic_path, atomic_write_bytes, atomic_write_json
+    from svitt.io import atomic_write_bytes, atomic_write_json, write_safetensors
 
     torch.set_num_threads(args.threads)
     try:
@@ -87,8 +86,7 @@ def train_and_evaluate(args, splits) -> int:
         raise SystemExit(f"ground: {error}") from None
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.rows).encode())
-    with atomic_path(args.out_dir / "grounder.safetensors") as tmp:
-        save_file(run.grounder_state(), str(tmp), metadata=run.metadata)
+    write_safetensors(args.out_dir / "grounder.safetensors", run.grounder_state(), run.metadata)
     atomic_write_json(args.out_dir / "predictions_val.json", run.predictions)
     result = {**run.result, "predictions": str(args.out_dir / "predictions_val.json")}
     atomic_write_json(args.out, result)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from svitt.io import atomic_path, atomic_write_json
+from svitt.io import atomic_path, atomic_write_json, write_safetensors
 
 
 def atomic_torch_save(obj, path: str | Path):
@@ -48,30 +48,10 @@ def load_training_state(path: str | Path) -> dict:
 
 def export_model(model: torch.nn.Module, out_dir: str | Path, info: dict):
     """Write model.safetensors then model.json (the JSON last: its presence marks completion)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"format": "pt", "svitt": json.dumps(info.get("model_config", {}))})
-        sort_safetensors_header(tmp)
+    write_safetensors(out_dir / "model.safetensors", model.state_dict(),
+                      {"format": "pt", "svitt": json.dumps(info.get("model_config", {}))})
     atomic_write_json(out_dir / "model.json", info)
-
-
-def sort_safetensors_header(path: str | Path) -> None:
-    """Rewrite a .safetensors header with its keys sorted, in place: safetensors writes the
-    metadata map in no fixed order, so two exports of the same weights differed in their bytes.
-    The sorted JSON is no longer than the original and is padded with spaces to its length, so
-    the tensors' offsets do not move."""
-    with open(path, "r+b") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        if len(canonical) > length:
-            raise ValueError(f"{path}: the sorted header ({len(canonical)} bytes) does not fit the original "
-                             f"({length} bytes)")
-        handle.seek(8)
-        handle.write(canonical + b" " * (length - len(canonical)))
 
 
 def load_exported(weights: str | Path, frames: int | None = None, overrides: dict | None = None):

@@ -14,7 +14,7 @@ import shlex
 
 from svitt.workflow.config import canonical
 from svitt.workflow.evaluation import finetune_pairs, retrieval_datasets
-from svitt.workflow.stages import section_names, split_variant, variant, with_control
+from svitt.workflow.stages import section_names, split_variant, variant
 
 EFFICIENCY_JSON = "results/analysis/efficiency.json"
 
