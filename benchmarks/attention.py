@@ -32,6 +32,7 @@ over the rounds. Writes JSON and prints a Markdown table.
     python benchmarks/attention.py --threads 2      # -> benchmarks/results/attention_cpu.json
     python benchmarks/attention.py --quick          # T = 2, one round: a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from common import measure, run_worker, write_report
 
-from svitt.models.relative_position import (lookup, relative_index, sequence_index, special_bias,
-                                            table_size, token_positions)
+from svitt.models.relative_position import (
+    lookup,
+    relative_index,
+    sequence_index,
+    special_bias,
+    table_size,
+    token_positions,
+)
 from svitt.models.sparse_attention import attention, make_layout
 
 HEADS, HEAD_DIM, SIDE = 12, 64, 14
@@ -57,6 +64,7 @@ BY_NAME = ("flex", "sdpa_nobias")  # run only when asked for
 
 class LayerSize(NamedTuple):  # not a dataclass: tests load this file without registering it
     """Heads, head width, patches per side of a frame and the block sparsity (K_l, K_r, G)."""
+
     heads: int = HEADS
     head_dim: int = HEAD_DIM
     side: int = SIDE
@@ -70,8 +78,7 @@ class LayerSize(NamedTuple):  # not a dataclass: tests load this file without re
 
     @property
     def blocks(self) -> dict:
-        return dict(local_blocks=self.local_blocks, random_blocks=self.random_blocks,
-                    block_size=self.block_size)
+        return dict(local_blocks=self.local_blocks, random_blocks=self.random_blocks, block_size=self.block_size)
 
 
 BEIT_B = LayerSize()
@@ -79,10 +86,11 @@ BEIT_B = LayerSize()
 
 # --- the gather kernel before issue 14 (plain autograd keeps logits, bias and gathered blocks) ---
 
+
 def gather_v1(q, k, v, table, pos, grid, layout):
     b, h, n, d = q.shape
     g, nb, slots = layout.block_size, layout.num_blocks, layout.block_ids.shape[1]
-    scale = d ** -0.5
+    scale = d**-0.5
     padded = nb * g
     full = F.pad(pos, (1, 0), value=-1)
     cls_bias = lookup(table, relative_index(full[:, :1, None], full[:, None, :], grid)).movedim(-1, -3)
@@ -113,6 +121,7 @@ def gather_v1(q, k, v, table, pos, grid, layout):
 
 # --- the released SViTT sparse attention, re-implemented from its description ---
 
+
 class ReleasedSparseAttention(nn.Module):
     """Released SViTT BEiT sparse self-attention (CLS first, one shared position order).
 
@@ -125,8 +134,7 @@ class ReleasedSparseAttention(nn.Module):
     random_ids [blocks, K_r] fixes the random blocks (tests); padding keys are not masked.
     """
 
-    def __init__(self, grid, heads: int, head_dim: int, local_blocks: int, random_blocks: int,
-                 block_size: int):
+    def __init__(self, grid, heads: int, head_dim: int, local_blocks: int, random_blocks: int, block_size: int):
         super().__init__()
         width = heads * head_dim
         self.heads, self.head_dim, self.grid = heads, head_dim, grid
@@ -160,7 +168,7 @@ class ReleasedSparseAttention(nn.Module):
             return t.view(b, n, h, d).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scale = d ** -0.5
+        scale = d**-0.5
         tokens = torch.arange(n, device=x.device)
         # CLS row: dense.
         cls_sim = torch.einsum("bhid,bhjd->bhij", q[:, :, :1], k) * scale + self._bias(tokens[:1], tokens)
@@ -183,7 +191,7 @@ class ReleasedSparseAttention(nn.Module):
             block_idx[:, s] = (torch.arange(nb, device=x.device) + r) % nb  # kb.roll(-r)'s blocks
         if self.random_blocks:
             rand = self._random_blocks(nb, x.device) if random_ids is None else random_ids
-            block_idx[:, self.local_blocks:] = rand
+            block_idx[:, self.local_blocks :] = rand
             gather_idx = rand[None, None, :, :, None, None].expand(b, h, nb, self.random_blocks, g, d)
             for s in range(self.random_blocks):
                 picked = kb.gather(2, gather_idx[:, :, :, s])
@@ -205,6 +213,7 @@ class ReleasedSparseAttention(nn.Module):
 
 
 # --- one layer per variant ---
+
 
 class ProjectLayer(nn.Module):
     """The project's q/k/v projection (BEiT: q and v biases) and attention(...)."""
@@ -247,8 +256,9 @@ class ProjectLayer(nn.Module):
         elif self.kernel == "dense":
             out, _ = attention(q, k, v, self.table, pos, self.grid, None, "dense")
         else:
-            layout = make_layout(n - 1, size.block_size, size.local_blocks, size.random_blocks,
-                                 self.generator, x.device)
+            layout = make_layout(
+                n - 1, size.block_size, size.local_blocks, size.random_blocks, self.generator, x.device
+            )
             if self.kernel == "gather_v1":
                 out = gather_v1(q, k, v, self.table, pos, self.grid, layout)
             else:
@@ -262,8 +272,15 @@ def build_layer(variant: str, grid, size: LayerSize = BEIT_B) -> nn.Module:
     return ProjectLayer(grid, variant, size)
 
 
-def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.dtype,
-            size: LayerSize = BEIT_B, autocast: torch.dtype | None = None) -> dict:
+def run_one(
+    variant: str,
+    frames: int,
+    device: str,
+    repeats: int,
+    dtype: torch.dtype,
+    size: LayerSize = BEIT_B,
+    autocast: torch.dtype | None = None,
+) -> dict:
     """One (variant, T): weights and input in `dtype`; with `autocast` (bf16 / fp16) the step runs
     under torch.autocast as training does (fp32 weights and table, half-precision q, k, v)."""
     torch.manual_seed(0)
@@ -290,16 +307,25 @@ def run_one(variant: str, frames: int, device: str, repeats: int, dtype: torch.d
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + BY_NAME,
-                        help="default: all but sdpa_nobias (flex only on CUDA)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=VARIANTS + BY_NAME,
+        help="default: all but sdpa_nobias (flex only on CUDA)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=4, help="timed steps after the warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="alternating passes over the variants")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="T = 2, one round, two steps: a smoke run")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default: benchmarks/results/attention_<device>.json (quick: not written)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: benchmarks/results/attention_<device>.json (quick: not written)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -311,11 +337,26 @@ def main():
     if args.quick:
         args.frames, args.rounds, args.repeats = [2], 1, 2
     variants = args.variants or (VARIANTS + ("flex",) if args.device == "cuda" else VARIANTS)
-    runs = [run_worker(__file__, [variant, str(frames)],
-                       ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
-                        "--threads", str(torch.get_num_threads())],
-                       {"variant": variant, "frames": frames, "round": r})
-            for frames in args.frames for r in range(args.rounds) for variant in variants]
+    runs = [
+        run_worker(
+            __file__,
+            [variant, str(frames)],
+            [
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(torch.get_num_threads()),
+            ],
+            {"variant": variant, "frames": frames, "round": r},
+        )
+        for frames in args.frames
+        for r in range(args.rounds)
+        for variant in variants
+    ]
     summary = _summary(runs)
     report = {
         "benchmark": "one BEiT-B attention layer (q/k/v projection + attention), forward + backward, batch 1",
@@ -347,8 +388,11 @@ def _summary(runs: list[dict]) -> list[dict]:
         ok = [r for r in group if "error" not in r]
         row = {"variant": variant, "frames": frames}
         if ok:
-            row.update(seconds=min(r["seconds"] for r in ok), peak_bytes=max(r["peak_bytes"] for r in ok),
-                       peak_bytes_all=[r["peak_bytes"] for r in ok])
+            row.update(
+                seconds=min(r["seconds"] for r in ok),
+                peak_bytes=max(r["peak_bytes"] for r in ok),
+                peak_bytes_all=[r["peak_bytes"] for r in ok],
+            )
             if all("allocated_peak_bytes" in r for r in ok):
                 row["allocated_peak_bytes"] = max(r["allocated_peak_bytes"] for r in ok)
         else:
@@ -371,8 +415,7 @@ def _targets(summary: list[dict]) -> dict:
     frames = max(r["frames"] for r in summary)
     checks = {
         "memory_gather_vs_released": (_ratio(summary, frames, "gather", "released", "peak_bytes"), 0.5),
-        "allocated_gather_vs_released": (
-            _ratio(summary, frames, "gather", "released", "allocated_peak_bytes"), 0.5),
+        "allocated_gather_vs_released": (_ratio(summary, frames, "gather", "released", "allocated_peak_bytes"), 0.5),
         "time_gather_vs_gather_v1": (_ratio(summary, frames, "gather", "gather_v1", "seconds"), 1.0),
         "time_dense_vs_sdpa_table": (_ratio(summary, frames, "dense", "sdpa_table", "seconds"), 1.0),
         "time_gather_vs_dense": (_ratio(summary, frames, "gather", "dense", "seconds"), 1 / 3),

@@ -1,4 +1,5 @@
 """Shared plumbing of the benchmarks: timing, peak memory, one subprocess per measurement."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from svitt.io import atomic_write_json  # noqa: E402
+from svitt.io import atomic_write_json
 
 
 def _rss_bytes() -> int:
@@ -53,8 +54,11 @@ def allocated_peak_bytes(step) -> int:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
-              and e.get("args", {}).get("Device Type") == 0]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
+    ]
     return max([0, *totals])
 
 
@@ -90,8 +94,7 @@ def measure(step, device: str, repeats: int) -> dict:
 
 def run_worker(script: str, worker_args: list[str], extra: list[str], labels: dict) -> dict:
     """`python script --worker ARGS... EXTRA...` in a fresh process; its last stdout line is JSON."""
-    result = subprocess.run([sys.executable, script, "--worker", *worker_args, *extra],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, script, "--worker", *worker_args, *extra], capture_output=True, text=True)
     if result.returncode:
         run = {**labels, "error": result.stderr.strip()[-1500:]}
     else:

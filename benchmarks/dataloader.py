@@ -13,6 +13,7 @@ Two geometries:
 - webvid: WebVid-like 596x336 videos, 10 s at 25 fps, keyframe every 2 s, textured moving content
   (stored 32 frames at short side 256; crops of 224).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def write_webvid_like(path: Path, rng: np.random.Generator, seconds=10, fps=25, 
         stream.time_base = Fraction(1, fps)
         for t in range(n):
             dx, dy = int(t * 0.5), int(40 * np.sin(t / 30))
-            frame = texture[64 + dy:64 + dy + h, dx:dx + w] + rng.normal(0, 6, (h, w, 3))
+            frame = texture[64 + dy : 64 + dy + h, dx : dx + w] + rng.normal(0, 6, (h, w, 3))
             video_frame = av.VideoFrame.from_ndarray(np.clip(frame, 0, 255).astype(np.uint8), format="rgb24")
             video_frame.pts = t
             for packet in stream.encode(video_frame):
@@ -96,8 +97,9 @@ def run_setting(kind: str, workdir: Path, count: int, short_side: int, crop: int
     shard = folder / "shard.h5"
     cfg = fr.ExtractConfig(frames=32, short_side=short_side, jpeg_quality=90)
     t0 = time.perf_counter()
-    written, failures = fr.extract_to_shard([fr.VideoJob(p.stem, p) for p in paths], shard, cfg, workers=1,
-                                            progress=False)
+    written, failures = fr.extract_to_shard(
+        [fr.VideoJob(p.stem, p) for p in paths], shard, cfg, workers=1, progress=False
+    )
     extracted = time.perf_counter() - t0
     assert written == count and not failures, failures
     store = FrameStore(shard)
@@ -124,10 +126,19 @@ def run_setting(kind: str, workdir: Path, count: int, short_side: int, crop: int
     return {
         "setting": kind,
         "videos": count,
-        "source": {"height": int(height), "width": int(width), "frames": len(probe), "fps": probe.get_avg_fps(),
-                   "mean_bytes": int(np.mean([p.stat().st_size for p in paths]))},
-        "stored": {"frames": 32, "short_side": short_side, "jpeg_quality": 90,
-                   "mean_bytes_per_video": int(shard.stat().st_size / count)},
+        "source": {
+            "height": int(height),
+            "width": int(width),
+            "frames": len(probe),
+            "fps": probe.get_avg_fps(),
+            "mean_bytes": int(np.mean([p.stat().st_size for p in paths])),
+        },
+        "stored": {
+            "frames": 32,
+            "short_side": short_side,
+            "jpeg_quality": 90,
+            "mean_bytes_per_video": int(shard.stat().st_size / count),
+        },
         "clip": {"frames": CLIP_FRAMES, "crop": crop, "transform": repr(transform)},
         "hdf5": hdf5,
         "decord_mp4": mp4,
@@ -145,8 +156,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="svitt-bench-") as tmp:
-        settings = [run_setting("demo", Path(tmp), args.demo_videos, 40, 32, args.min_seconds),
-                    run_setting("webvid", Path(tmp), args.webvid_videos, 256, 224, args.min_seconds)]
+        settings = [
+            run_setting("demo", Path(tmp), args.demo_videos, 40, 32, args.min_seconds),
+            run_setting("webvid", Path(tmp), args.webvid_videos, 256, 224, args.min_seconds),
+        ]
     result = {
         "benchmark": "dataloader: 16-frame clips per second per core, HDF5 JPEG shards vs decord on mp4",
         "target": "HDF5 at least 5x faster per core",
@@ -157,8 +170,10 @@ def main(argv=None) -> int:
     }
     write_report(args.out, result)
     for s in settings:
-        print(f"{s['setting']}: HDF5 {s['hdf5']['clips_per_second']} clips/s, decord {s['decord_mp4']['clips_per_second']}"
-              f" clips/s, {s['speedup_per_core']}x per core")
+        print(
+            f"{s['setting']}: HDF5 {s['hdf5']['clips_per_second']} clips/s, decord {s['decord_mp4']['clips_per_second']}"
+            f" clips/s, {s['speedup_per_core']}x per core"
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ Reported per worker count: rows/s, successful files/s, MB/s of successful files,
 worker, and the downloader's CPU seconds per file (user + system of this process), which say how
 many cores a download job needs (`download.workers` is the rule's `threads`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def serve(body: bytes, latency: float, rate: float | None, port_queue) -> None:
                 if kind == "truncated-once":
                     return self.body(body, cut=count == 1)
                 if kind == "redirect":
-                    return self.status(302, Location="/target" + self.path[len("/redirect"):])
+                    return self.status(302, Location="/target" + self.path[len("/redirect") :])
                 if kind == "html":
                     return self.body(b"<!DOCTYPE html><html><body>gone</body></html>", "text/html")
                 return self.status({"404": 404, "flaky": 500, "always503": 503}[kind])
@@ -97,10 +98,10 @@ def serve(body: bytes, latency: float, rate: float | None, port_queue) -> None:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
-            data = data[start:len(data) // 2 if cut else len(data)]
+            data = data[start : len(data) // 2 if cut else len(data)]
             step = 64 * 1024
             for i in range(0, len(data), step):
-                self.wfile.write(data[i:i + step])
+                self.wfile.write(data[i : i + step])
                 if rate:
                     time.sleep(min(step, len(data) - i) / rate)
 
@@ -138,11 +139,19 @@ def run(url: str, rows: int, workers: int, workdir: Path, opts: dl.DownloadOptio
     assert len(ok) == expected_ok, [(r.id, r.reason) for r in results if r.status != "ok"][:5]
     megabytes = sum(r.bytes for r in ok) / 1e6
     shutil.rmtree(out)
-    return {"workers": workers, "rows": rows, "ok": len(ok), "failed": rows - len(ok), "seconds": round(seconds, 3),
-            "rows_per_second": round(rows / seconds, 2), "files_per_second": round(len(ok) / seconds, 2),
-            "megabytes_per_second": round(megabytes / seconds, 2),
-            "files_per_second_per_worker": round(len(ok) / seconds / workers, 3),
-            "cpu_seconds_per_file": round(cpu / len(ok), 4), "cpu_cores_busy": round(cpu / seconds, 2)}
+    return {
+        "workers": workers,
+        "rows": rows,
+        "ok": len(ok),
+        "failed": rows - len(ok),
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(rows / seconds, 2),
+        "files_per_second": round(len(ok) / seconds, 2),
+        "megabytes_per_second": round(megabytes / seconds, 2),
+        "files_per_second_per_worker": round(len(ok) / seconds / workers, 3),
+        "cpu_seconds_per_file": round(cpu / len(ok), 4),
+        "cpu_cores_busy": round(cpu / seconds, 2),
+    }
 
 
 def main(argv=None) -> int:
@@ -176,10 +185,18 @@ def main(argv=None) -> int:
             scenarios[name] = {"latency_seconds": latency, "rate_bytes_per_second": rate, "runs": runs}
     report = {
         "benchmark": "download: throughput per worker against a local HTTP server (failure mix of the tests)",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "note": "shared machine; the server shares the cores; compare ratios within one run"},
-        "settings": {"video_bytes": len(body), "mix_per_20_rows": MIX, "retries": args.retries,
-                     "backoff_seconds": args.backoff, "verify": opts.verify},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "note": "shared machine; the server shares the cores; compare ratios within one run",
+        },
+        "settings": {
+            "video_bytes": len(body),
+            "mix_per_20_rows": MIX,
+            "retries": args.retries,
+            "backoff_seconds": args.backoff,
+            "verify": opts.verify,
+        },
         "scenarios": scenarios,
     }
     write_report(args.out, report)

@@ -15,6 +15,7 @@ several `frames.frames` values. Not a test; writes JSON (default benchmarks/resu
   frames.frames = 16 and 32 in alternation, in one process, timed in CPU seconds (robust on a
   shared machine; the rules spread the same work over two worker processes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ import av
 import numpy as np
 from common import write_report
 
-from svitt.data.demo import corpus as demo_corpus, scene as demo_scene
 from svitt.data import frames as fr
+from svitt.data.demo import corpus as demo_corpus
+from svitt.data.demo import scene as demo_scene
 
 GIB = 1024**3
 
@@ -54,8 +56,9 @@ def texture(kind: str, height: int, width: int, rng: np.random.Generator) -> np.
     return np.clip(128 + 40 * rgb, 0, 255).astype(np.float32)
 
 
-def write_webvid_like(path: Path, rng: np.random.Generator, seconds: int, content: str, noise: float, fps=25,
-                      size=(336, 596)) -> None:
+def write_webvid_like(
+    path: Path, rng: np.random.Generator, seconds: int, content: str, noise: float, fps=25, size=(336, 596)
+) -> None:
     """A slow camera pan (0.5 px per frame, a vertical sway) over `content`, plus per-pixel grain."""
     h, w = size
     scene = texture(content, h + 128, w + seconds * fps // 2 + 16, rng)
@@ -66,7 +69,7 @@ def write_webvid_like(path: Path, rng: np.random.Generator, seconds: int, conten
         stream.time_base = Fraction(1, fps)
         for t in range(seconds * fps):
             dx, dy = int(t * 0.5), int(40 * np.sin(t / 30))
-            frame = scene[64 + dy:64 + dy + h, dx:dx + w]
+            frame = scene[64 + dy : 64 + dy + h, dx : dx + w]
             if noise:
                 frame = frame + rng.normal(0, noise, (h, w, 3))
             video_frame = av.VideoFrame.from_ndarray(np.clip(frame, 0, 255).astype(np.uint8), format="rgb24")
@@ -91,25 +94,40 @@ def webvid_sizes(workdir: Path, count: int, counts: list[int]) -> list[dict]:
         for frames in counts:
             shard = folder / f"frames{frames}.h5"
             cpu = time.process_time()
-            written, failures = fr.extract_to_shard(jobs, shard, fr.ExtractConfig(frames, None, 256, 90),
-                                                    workers=1, progress=False)
+            written, failures = fr.extract_to_shard(
+                jobs, shard, fr.ExtractConfig(frames, None, 256, 90), workers=1, progress=False
+            )
             cpu = time.process_time() - cpu
             assert written == count and not failures, failures
             per_video = shard.stat().st_size / count
-            runs.append({"content": content, "noise_std": noise, "frames": frames, "videos": count,
-                         "mean_source_bytes": int(np.mean([p.stat().st_size for p in paths])),
-                         "hdf5_bytes_per_video": int(per_video),
-                         "hdf5_bytes_per_frame": int(per_video / frames),
-                         "hdf5_gib_per_1000_videos": round(1000 * per_video / GIB, 3),
-                         "extract_cpu_seconds_per_video": round(cpu / count, 3)})
+            runs.append(
+                {
+                    "content": content,
+                    "noise_std": noise,
+                    "frames": frames,
+                    "videos": count,
+                    "mean_source_bytes": int(np.mean([p.stat().st_size for p in paths])),
+                    "hdf5_bytes_per_video": int(per_video),
+                    "hdf5_bytes_per_frame": int(per_video / frames),
+                    "hdf5_gib_per_1000_videos": round(1000 * per_video / GIB, 3),
+                    "extract_cpu_seconds_per_video": round(cpu / count, 3),
+                }
+            )
             print(runs[-1], flush=True)
     return runs
 
 
 def demo_times(workdir: Path, repeats: int) -> dict:
     corpus = workdir / "demo"
-    sizes = demo_scene.DemoSizes(train_videos=1024, test_videos=200, qa_videos=8, ego_train_videos=16, ego_mcq_videos=5,
-                         ego_mcq_questions=100, ego_seconds=90)
+    sizes = demo_scene.DemoSizes(
+        train_videos=1024,
+        test_videos=200,
+        qa_videos=8,
+        ego_train_videos=16,
+        ego_mcq_videos=5,
+        ego_mcq_questions=100,
+        ego_seconds=90,
+    )
     demo_corpus.make_demo_corpus(corpus, seed=0, sizes=sizes, workers=2, progress=False)
     videos = sorted((corpus / "videos").glob("*.mp4"))
     whole = [fr.VideoJob(p.stem, p) for p in videos]
@@ -125,16 +143,26 @@ def demo_times(workdir: Path, repeats: int) -> dict:
         for frames in (16, 32):
             start = time.process_time()
             for name, jobs in (("whole", whole), ("clips", clip_jobs)):
-                fr.extract_to_shard(jobs, workdir / f"demo_{name}_{frames}.h5", fr.ExtractConfig(frames, None, 40, 90),
-                                    workers=1, progress=False)
+                fr.extract_to_shard(
+                    jobs,
+                    workdir / f"demo_{name}_{frames}.h5",
+                    fr.ExtractConfig(frames, None, 40, 90),
+                    workers=1,
+                    progress=False,
+                )
             cpu[frames].append(round(time.process_time() - start, 2))
             stored[frames] = sum((workdir / f"demo_{n}_{frames}.h5").stat().st_size for n in ("whole", "clips"))
     best = {k: min(v) for k, v in cpu.items()}
-    return {"videos": len(whole), "clips": sum(len(j.clips) for j in clip_jobs),
-            "cpu_seconds_all": cpu, "cpu_seconds_best": best, "hdf5_bytes": stored,
-            "ratio_32_over_16": round(best[32] / best[16], 3),
-            "extra_cpu_seconds": round(best[32] - best[16], 2),
-            "extra_wall_seconds_on_2_workers": round((best[32] - best[16]) / 2, 2)}
+    return {
+        "videos": len(whole),
+        "clips": sum(len(j.clips) for j in clip_jobs),
+        "cpu_seconds_all": cpu,
+        "cpu_seconds_best": best,
+        "hdf5_bytes": stored,
+        "ratio_32_over_16": round(best[32] / best[16], 3),
+        "extra_cpu_seconds": round(best[32] - best[16], 2),
+        "extra_wall_seconds_on_2_workers": round((best[32] - best[16]) / 2, 2),
+    }
 
 
 def main(argv=None) -> int:
@@ -156,8 +184,10 @@ def main(argv=None) -> int:
     write_report(args.out, report)
     for run in webvid:
         print(f"{run['content']}, {run['frames']} frames: {run['hdf5_gib_per_1000_videos']} GiB per 1,000 videos")
-    print(f"demo extraction: 16 frames {demo['cpu_seconds_best'][16]:.1f} CPU s, "
-          f"32 frames {demo['cpu_seconds_best'][32]:.1f} CPU s")
+    print(
+        f"demo extraction: 16 frames {demo['cpu_seconds_best'][16]:.1f} CPU s, "
+        f"32 frames {demo['cpu_seconds_best'][32]:.1f} CPU s"
+    )
     return 0
 
 

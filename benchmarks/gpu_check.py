@@ -28,6 +28,7 @@ and reported. Writes one JSON file and a Markdown table beside it (same name, .m
 The real mode needs only torch (>= 2.5: FlexAttention with learnable score_mod buffers) and this
 repository's svitt package: no Snakemake, decord, tokenizer files or network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
-
 import attention as attention_bench  # noqa: E402  benchmarks/attention.py
+import torch  # noqa: E402
 from common import allocated_peak_bytes, measure  # noqa: E402  benchmarks/common.py
 from train_step import SIZES as TRAIN_STEP_SIZES  # noqa: E402  benchmarks/train_step.py
+
 from svitt.analysis.efficiency import PAPER_VISUAL_KEEP, TABLE2, mode_overrides, with_overrides  # noqa: E402
 from svitt.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from svitt.models import sparse_attention as sa  # noqa: E402
@@ -83,9 +84,11 @@ DDP_TOLERANCE = 1e-5  # world size 1: the all-reduce sums one rank; only CUDA at
 
 # ----------------------------------------------------------------------------------- sizes
 
+
 @dataclass(frozen=True)
 class Profile:
     """What differs between the real run and the dry run: the device and the sizes."""
+
     name: str  # "cuda" | "dry"
     device: str
     layer: attention_bench.LayerSize  # the attention kernels' and layer's size, (K_l, K_r, G)
@@ -110,24 +113,47 @@ class Profile:
         return self.layer.local_blocks, self.layer.random_blocks, self.layer.block_size
 
 
-TINY_MODEL = {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 1000},
-              "embed_dim": 16}  # tests/helpers/ddp_step.py's model
+TINY_MODEL = {
+    "video": {"preset": "tiny", "frames": 4},
+    "text": {"preset": "tiny", "vocab_size": 1000},
+    "embed_dim": 16,
+}  # tests/helpers/ddp_step.py's model
 
 PROFILES = {
     "cuda": Profile(
-        name="cuda", device="cuda", layer=attention_bench.BEIT_B, model=TRAIN_STEP_SIZES["base"],
-        ddp_model=TINY_MODEL, image_size=224, vocab_size=30522, layer_autocast=torch.bfloat16,
-        batches=tuple(range(2, 16, 2)) + tuple(range(16, 64, 8)) + tuple(range(64, 256, 16))
-        + tuple(range(256, 513, 32)), memory_cap=None, repeats=2),
+        name="cuda",
+        device="cuda",
+        layer=attention_bench.BEIT_B,
+        model=TRAIN_STEP_SIZES["base"],
+        ddp_model=TINY_MODEL,
+        image_size=224,
+        vocab_size=30522,
+        layer_autocast=torch.bfloat16,
+        batches=tuple(range(2, 16, 2))
+        + tuple(range(16, 64, 8))
+        + tuple(range(64, 256, 16))
+        + tuple(range(256, 513, 32)),
+        memory_cap=None,
+        repeats=2,
+    ),
     "dry": Profile(
-        name="dry", device="cpu",
-        layer=attention_bench.LayerSize(heads=2, head_dim=8, side=4, local_blocks=1, random_blocks=3,
-                                        block_size=8),
-        model={"video": {"preset": "tiny", "tubelet_frames": 1}, "text": {"preset": "tiny", "vocab_size": 1000},
-               "embed_dim": 16},
-        ddp_model=TINY_MODEL, image_size=32, vocab_size=1000, layer_autocast=torch.bfloat16,
-        batches=(2, 4, 6, 8), memory_cap=64 << 20, repeats=1,
-        cpu_threads=1),  # tiny ops: one thread is ~5x faster than two on a loaded 2-core machine
+        name="dry",
+        device="cpu",
+        layer=attention_bench.LayerSize(heads=2, head_dim=8, side=4, local_blocks=1, random_blocks=3, block_size=8),
+        model={
+            "video": {"preset": "tiny", "tubelet_frames": 1},
+            "text": {"preset": "tiny", "vocab_size": 1000},
+            "embed_dim": 16,
+        },
+        ddp_model=TINY_MODEL,
+        image_size=32,
+        vocab_size=1000,
+        layer_autocast=torch.bfloat16,
+        batches=(2, 4, 6, 8),
+        memory_cap=64 << 20,
+        repeats=1,
+        cpu_threads=1,
+    ),  # tiny ops: one thread is ~5x faster than two on a loaded 2-core machine
 }
 
 
@@ -141,6 +167,7 @@ def model_config(profile: Profile, mode: str, frames: int, blocks=None) -> dict:
 class BertVocab:
     """What svitt.training.loop reads of a tokenizer for MLM: its size and BERT-base-uncased's special
     ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103); a bare machine has no tokenizer."""
+
     size: int
     mask_token_id: int = 103
     all_special_ids: tuple = (0, 100, 101, 102, 103)
@@ -172,11 +199,18 @@ def make_batch(profile: Profile, cfg: dict, batch: int, seed: int, ego: bool = F
 
 def train_config(objectives=("vtc", "vtm", "mlm")) -> dict:
     """The keys svitt.training.loop._optimizer_step reads (paper: equal weights, MLM probability 0.5)."""
-    return {"objectives": {name: 1.0 for name in objectives}, "grad_accum": 1, "clip_grad_norm": None,
-            "egonce_temperature": 0.05, "vtm_hard_fraction": 1.0, "mlm_prob": 0.5}
+    return {
+        "objectives": {name: 1.0 for name in objectives},
+        "grad_accum": 1,
+        "clip_grad_norm": None,
+        "egonce_temperature": 0.05,
+        "vtm_hard_fraction": 1.0,
+        "mlm_prob": 0.5,
+    }
 
 
 # --------------------------------------------------------------------------------- helpers
+
 
 def is_oom(error: BaseException) -> bool:
     """CUDA's allocator error, also when torch.compile wraps it."""
@@ -185,7 +219,7 @@ def is_oom(error: BaseException) -> bool:
 
 def short(error: BaseException, limit: int = 600) -> str:
     text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2:]
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]
 
 
 def release_memory(device: str):
@@ -203,8 +237,13 @@ def compare(what: str, size: str, got: torch.Tensor, want: torch.Tensor, toleran
     finite = bool(torch.isfinite(got64).all())
     scale = float(want64.abs().max()) if want64.numel() else 0.0
     error = float((got64 - want64).abs().max()) / max(scale, 1e-30) if finite else math.inf
-    return {"what": what, "size": size, "error": error, "tolerance": tolerance,
-            "status": "ok" if finite and error <= tolerance else "fail"}
+    return {
+        "what": what,
+        "size": size,
+        "error": error,
+        "tolerance": tolerance,
+        "status": "ok" if finite and error <= tolerance else "fail",
+    }
 
 
 def relative(got: float, want: float) -> float:
@@ -217,11 +256,17 @@ def status_of(checks: list[dict]) -> str:
 
 # ----------------------------------------------------------------- part 1: correctness
 
+
 def environment(profile: Profile, **_) -> dict:
     """The torch, device and toolchain the results belong to."""
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "c_compiler": shutil.which("gcc") or shutil.which("cc")}  # Triton builds its launcher with it
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "c_compiler": shutil.which("gcc") or shutil.which("cc"),
+    }  # Triton builds its launcher with it
     try:
         import triton
 
@@ -230,9 +275,13 @@ def environment(profile: Profile, **_) -> dict:
         info["triton"] = None
     if profile.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                    total_memory_bytes=props.total_memory, device_count=torch.cuda.device_count(),
-                    bf16_supported=torch.cuda.is_bf16_supported())
+        info.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            total_memory_bytes=props.total_memory,
+            device_count=torch.cuda.device_count(),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
     else:
         info.update(device=f"cpu ({platform.processor() or platform.machine()})", torch_threads=torch.get_num_threads())
     return {"status": "ok", "environment": info}
@@ -241,7 +290,7 @@ def environment(profile: Profile, **_) -> dict:
 def kernel_counts(profile: Profile, frames: int) -> list[int]:
     """Regional token counts checked at T: all of them, and as after the first node pruning
     (Table 9's q_v), one fewer where that lands on a multiple of G (T = 16: 1568 = 28 x 56)."""
-    full = frames * profile.layer.side ** 2
+    full = frames * profile.layer.side**2
     pruned = kept_count(full, PAPER_VISUAL_KEEP[frames])
     if pruned % profile.layer.block_size == 0:
         pruned -= 1
@@ -253,11 +302,10 @@ def kernel_inputs(profile: Profile, frames: int, count: int):
     node pruning leaves them; full: one shared row), the layout and an upstream gradient (CPU,
     float64: each kernel takes its own copy)."""
     size, grid = profile.layer, (frames, profile.layer.side, profile.layer.side)
-    full = frames * size.side ** 2
+    full = frames * size.side**2
     g = torch.Generator().manual_seed(1000 * frames + count)
     b = profile.kernel_batch
-    q, k, v = (torch.randn(b, size.heads, count + 1, size.head_dim, generator=g, dtype=torch.float64)
-               for _ in range(3))
+    q, k, v = (torch.randn(b, size.heads, count + 1, size.head_dim, generator=g, dtype=torch.float64) for _ in range(3))
     table = torch.randn(table_size(grid), size.heads, generator=g, dtype=torch.float64)
     if count == full:
         pos = torch.arange(full)[None]
@@ -294,17 +342,18 @@ def kernel_case(profile: Profile, kernel: str, frames: int, count: int, dtype: t
             raise
         no_backward = short(error, 200)
         with torch.no_grad():
-            out, cls = fn(*[t.detach() for t in inputs[:3]], inputs[3].detach(), pos, grid, layout,
-                          need_cls_attn=True)
-    checks = [compare(f"{kernel} output", size, out, ref, tol),
-              compare(f"{kernel} CLS attention", size, cls, ref_cls, tol)]
+            out, cls = fn(*[t.detach() for t in inputs[:3]], inputs[3].detach(), pos, grid, layout, need_cls_attn=True)
+    checks = [
+        compare(f"{kernel} output", size, out, ref, tol),
+        compare(f"{kernel} CLS attention", size, cls, ref_cls, tol),
+    ]
     names = ("grad q", "grad k", "grad v", "grad table")
     if no_backward:
-        return checks + [{"what": f"{kernel} {n}", "size": size, "status": "skip", "reason": no_backward}
-                         for n in names]
+        return checks + [
+            {"what": f"{kernel} {n}", "size": size, "status": "skip", "reason": no_backward} for n in names
+        ]
     grads = torch.autograd.grad((out * up.to(dtype)).sum(), inputs)
-    return checks + [compare(f"{kernel} {n}", size, got, want, tol)
-                     for n, got, want in zip(names, grads, ref_grads)]
+    return checks + [compare(f"{kernel} {n}", size, got, want, tol) for n, got, want in zip(names, grads, ref_grads)]
 
 
 def flex_kernel(profile: Profile, frames: int, **_) -> dict:
@@ -357,8 +406,17 @@ def training_step(net, model, optimizer, scaler, batch: dict, cfg: dict, profile
     from svitt.training.loop import TrainState, _optimizer_step
     from svitt.training.tasks import PairsTask
 
-    state = TrainState(cfg, PairsTask(), model, optimizer, scaler, BertVocab(profile.vocab_size),
-                       torch.device(profile.device), precision, net=net)
+    state = TrainState(
+        cfg,
+        PairsTask(),
+        model,
+        optimizer,
+        scaler,
+        BertVocab(profile.vocab_size),
+        torch.device(profile.device),
+        precision,
+        net=net,
+    )
     losses, _ = _optimizer_step(state, iter([batch]))
     return losses
 
@@ -385,12 +443,18 @@ def replayed_step(model, precision: str, batch: dict, cfg: dict, profile: Profil
         if scale is None or scaler.get_scale() >= scale:
             break
     else:
-        raise RuntimeError(f"{precision}: the GradScaler skipped {SCALER_TRIES} steps in a row "
-                           f"(scale now {scaler.get_scale()})")
+        raise RuntimeError(
+            f"{precision}: the GradScaler skipped {SCALER_TRIES} steps in a row (scale now {scaler.get_scale()})"
+        )
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    return {"losses": losses, "grads": grads, "skipped": skipped, "params_finite": finite,
-            "scale": scaler.get_scale() if scaler.is_enabled() else None}
+    return {
+        "losses": losses,
+        "grads": grads,
+        "skipped": skipped,
+        "params_finite": finite,
+        "scale": scaler.get_scale() if scaler.is_enabled() else None,
+    }
 
 
 def grad_error(got: dict, want: dict) -> float:
@@ -429,16 +493,40 @@ def precision_step(profile: Profile, **_) -> dict:
         run, tol = runs[precision], PRECISION_TOLERANCE[dtype]
         for name, value in run["losses"].items():
             error = relative(value, want["losses"][name])
-            checks.append({"what": f"{precision} loss {name}", "size": size, "error": error,
-                           "tolerance": tol["loss"], "status": "ok" if error <= tol["loss"] else "fail",
-                           "value": value, "fp32": want["losses"][name]})
+            checks.append(
+                {
+                    "what": f"{precision} loss {name}",
+                    "size": size,
+                    "error": error,
+                    "tolerance": tol["loss"],
+                    "status": "ok" if error <= tol["loss"] else "fail",
+                    "value": value,
+                    "fp32": want["losses"][name],
+                }
+            )
         error = grad_error(run["grads"], want["grads"])
-        checks.append({"what": f"{precision} gradients", "size": size, "error": error, "tolerance": tol["grad"],
-                       "status": "ok" if error <= tol["grad"] else "fail", "autocast": dtype})
-        checks.append({"what": f"{precision} parameters finite after the step", "size": size,
-                       "status": "ok" if run["params_finite"] else "fail"})
-    return {"status": status_of(checks), "checks": checks,
-            "fp16_scaler": {"skipped_steps": runs["fp16"]["skipped"], "scale": runs["fp16"]["scale"]}}
+        checks.append(
+            {
+                "what": f"{precision} gradients",
+                "size": size,
+                "error": error,
+                "tolerance": tol["grad"],
+                "status": "ok" if error <= tol["grad"] else "fail",
+                "autocast": dtype,
+            }
+        )
+        checks.append(
+            {
+                "what": f"{precision} parameters finite after the step",
+                "size": size,
+                "status": "ok" if run["params_finite"] else "fail",
+            }
+        )
+    return {
+        "status": status_of(checks),
+        "checks": checks,
+        "fp16_scaler": {"skipped_steps": runs["fp16"]["skipped"], "scale": runs["fp16"]["scale"]},
+    }
 
 
 def _flat_parameters(model) -> torch.Tensor:
@@ -466,13 +554,32 @@ def ddp_step(profile: Profile, **_) -> dict:
             cfg = train_config()
             batch = make_batch(profile, profile.ddp_model, 4, seed=2)
             state = _rng_state(model, device)
-            want = training_step(plain, plain, new_optimizer(plain), torch.amp.GradScaler(device, enabled=False),
-                                 batch, cfg, profile, "fp32")
+            want = training_step(
+                plain,
+                plain,
+                new_optimizer(plain),
+                torch.amp.GradScaler(device, enabled=False),
+                batch,
+                cfg,
+                profile,
+                "fp32",
+            )
             _set_rng_state(model, device, state)
-            net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
-                                          find_unused_parameters=PairsTask().find_unused_parameters(cfg))
-            got = training_step(net, model, new_optimizer(model), torch.amp.GradScaler(device, enabled=False),
-                                batch, cfg, profile, "fp32")
+            net = DistributedDataParallel(
+                model,
+                device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
+                find_unused_parameters=PairsTask().find_unused_parameters(cfg),
+            )
+            got = training_step(
+                net,
+                model,
+                new_optimizer(model),
+                torch.amp.GradScaler(device, enabled=False),
+                batch,
+                cfg,
+                profile,
+                "fp32",
+            )
             summed = torch.arange(4.0, device=device)
             dist.all_reduce(summed)
             used = dist.get_backend()
@@ -483,12 +590,20 @@ def ddp_step(profile: Profile, **_) -> dict:
     grads_got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     checks = [
         {"what": "backend", "size": size, "status": "ok" if used == backend else "fail", "got": used},
-        {"what": "all_reduce over one rank", "size": size,
-         "status": "ok" if summed.tolist() == [0.0, 1.0, 2.0, 3.0] else "fail"},
+        {
+            "what": "all_reduce over one rank",
+            "size": size,
+            "status": "ok" if summed.tolist() == [0.0, 1.0, 2.0, 3.0] else "fail",
+        },
         {"what": "DDP loss", "size": size, "error": relative(got["loss"], want["loss"]), "tolerance": DDP_TOLERANCE},
         {"what": "DDP gradients", "size": size, "error": grad_error(grads_got, grads_want), "tolerance": DDP_TOLERANCE},
-        compare("DDP parameter updates", size, _flat_parameters(model) - start, _flat_parameters(plain) - start,
-                DDP_TOLERANCE),
+        compare(
+            "DDP parameter updates",
+            size,
+            _flat_parameters(model) - start,
+            _flat_parameters(plain) - start,
+            DDP_TOLERANCE,
+        ),
     ]
     for check in checks[2:4]:
         check["status"] = "ok" if check["error"] <= check["tolerance"] else "fail"
@@ -499,9 +614,11 @@ def lock_job(out: str, release: str):
     """The job the launcher starts in the GPU-lock check: it records what it was given, uses the
     device, and holds the lease until `release` appears."""
     Path(out + ".started").touch()
-    record = {"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
-              "stdin_is_lock": os.path.realpath("/proc/self/fd/0").endswith("gpus.lock"),
-              "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    record = {
+        "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "stdin_is_lock": os.path.realpath("/proc/self/fd/0").endswith("gpus.lock"),
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
     if record["cuda_devices"]:
         x = torch.randn(256, 256, device="cuda")
         record["device"] = torch.cuda.get_device_name(0)
@@ -516,8 +633,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"the launched job exited ({proc.returncode}) before starting: "
-                               f"{proc.stderr.read()[-800:]}")
+            raise RuntimeError(
+                f"the launched job exited ({proc.returncode}) before starting: {proc.stderr.read()[-800:]}"
+            )
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path.name} did not appear within {timeout} s")
         time.sleep(0.02)
@@ -537,14 +655,35 @@ def gpu_lock(profile: Profile, **_) -> dict:
     launcher = [sys.executable, str(ROOT / "workflow_scripts/launch.py")]
     counted = subprocess.run([*launcher, "--count-gpus"], env=env, capture_output=True, text=True, check=True)
     ids = gpu_ids(env)
-    checks = [{"what": "launcher's GPU count equals torch's", "size": f"torch {expected}",
-               "status": "ok" if int(counted.stdout.strip()) == expected else "fail",
-               "got": int(counted.stdout.strip())}]
+    checks = [
+        {
+            "what": "launcher's GPU count equals torch's",
+            "size": f"torch {expected}",
+            "status": "ok" if int(counted.stdout.strip()) == expected else "fail",
+            "got": int(counted.stdout.strip()),
+        }
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         pool, out, release = Path(tmp) / "pool", Path(tmp) / "job.json", Path(tmp) / "release"
-        proc = subprocess.Popen([*launcher, "--gpus", "1", "--pool", str(pool), "--poll", "0.05", "--",
-                                 str(Path(__file__).resolve()), "--lock-job", str(out), str(release)],
-                                env=env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                *launcher,
+                "--gpus",
+                "1",
+                "--pool",
+                str(pool),
+                "--poll",
+                "0.05",
+                "--",
+                str(Path(__file__).resolve()),
+                "--lock-job",
+                str(out),
+                str(release),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             _wait_for(Path(str(out) + ".started"), proc, 120)
             busy_while = would_wait(ids, pool)
@@ -556,17 +695,29 @@ def gpu_lock(profile: Profile, **_) -> dict:
     size = f"GPUs {','.join(ids)}"
     checks += [
         {"what": "job exit status", "size": size, "status": "ok" if code == 0 else "fail", "got": code},
-        {"what": "job got one GPU of the pool", "size": size,
-         "status": "ok" if job.get("cvd") in ids else "fail", "got": job.get("cvd")},
-        {"what": "job holds the lock (its stdin)", "size": size,
-         "status": "ok" if job.get("stdin_is_lock") else "fail"},
+        {
+            "what": "job got one GPU of the pool",
+            "size": size,
+            "status": "ok" if job.get("cvd") in ids else "fail",
+            "got": job.get("cvd"),
+        },
+        {
+            "what": "job holds the lock (its stdin)",
+            "size": size,
+            "status": "ok" if job.get("stdin_is_lock") else "fail",
+        },
         {"what": "lock busy while the job runs", "size": size, "status": "ok" if busy_while else "fail"},
         {"what": "lock free after the job", "size": size, "status": "ok" if free_after else "fail"},
     ]
     if profile.device == "cuda":
-        checks.append({"what": "job sees exactly its device and computes on it", "size": size,
-                       "status": "ok" if job.get("cuda_devices") == 1 and job.get("matmul_ok") else "fail",
-                       "got": {k: job.get(k) for k in ("cuda_devices", "device", "matmul_ok")}})
+        checks.append(
+            {
+                "what": "job sees exactly its device and computes on it",
+                "size": size,
+                "status": "ok" if job.get("cuda_devices") == 1 and job.get("matmul_ok") else "fail",
+                "got": {k: job.get(k) for k in ("cuda_devices", "device", "matmul_ok")},
+            }
+        )
     return {"status": status_of(checks), "checks": checks}
 
 
@@ -581,18 +732,21 @@ def sdpa_eligibility(profile: Profile, frames: int) -> dict:
     if profile.device != "cuda":
         return {}
     size = profile.layer
-    n = 1 + frames * size.side ** 2
+    n = 1 + frames * size.side**2
     dtype = profile.layer_autocast  # the dense path casts the bias to q's dtype
-    q, k, v = (torch.empty(1, size.heads, n, size.head_dim, device="cuda", dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.empty(1, size.heads, n, size.head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
+    )
     bias = torch.empty(1, size.heads, n, n, device="cuda", dtype=dtype, requires_grad=True)
     out = {}
     for label, mask in (("with_bias", bias), ("no_bias", None)):
         try:
             params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, False)
-            out[label] = {name: bool(getattr(torch.backends.cuda, f"can_use_{name}_attention")(params, False))
-                          for name in ("flash", "efficient", "cudnn")
-                          if hasattr(torch.backends.cuda, f"can_use_{name}_attention")}
+            out[label] = {
+                name: bool(getattr(torch.backends.cuda, f"can_use_{name}_attention")(params, False))
+                for name in ("flash", "efficient", "cudnn")
+                if hasattr(torch.backends.cuda, f"can_use_{name}_attention")
+            }
         except (TypeError, RuntimeError) as error:  # the signature moved between releases
             out[label] = f"unknown ({short(error, 120)})"
     return out
@@ -606,8 +760,18 @@ def attention_layer(profile: Profile, frames: int, **_) -> dict:
     for variant in LAYER_VARIANTS:
         row = {"variant": variant}
         try:
-            row.update(attention_bench.run_one(variant, frames, profile.device, profile.repeats, torch.float32,
-                                               profile.layer, autocast=profile.layer_autocast), status="ok")
+            row.update(
+                attention_bench.run_one(
+                    variant,
+                    frames,
+                    profile.device,
+                    profile.repeats,
+                    torch.float32,
+                    profile.layer,
+                    autocast=profile.layer_autocast,
+                ),
+                status="ok",
+            )
         except NotImplementedError as error:
             if profile.device == "cuda":
                 row.update(status="error", error=short(error))
@@ -625,11 +789,18 @@ def attention_layer(profile: Profile, frames: int, **_) -> dict:
             row["time_vs_dense"] = row["seconds"] / dense["seconds"]
             row["memory_vs_dense"] = row["peak_bytes"] / max(dense["peak_bytes"], 1)
     failed = [r for r in rows if r["status"] == "error"]
-    return {"status": "error" if failed else "ok", "frames": frames, "tokens": 1 + frames * profile.layer.side ** 2,
-            "autocast": str(profile.layer_autocast)[6:], "rows": rows, "sdpa": sdpa_eligibility(profile, frames)}
+    return {
+        "status": "error" if failed else "ok",
+        "frames": frames,
+        "tokens": 1 + frames * profile.layer.side**2,
+        "autocast": str(profile.layer_autocast)[6:],
+        "rows": rows,
+        "sdpa": sdpa_eligibility(profile, frames),
+    }
 
 
 # ---------------------------------------------------------------- part 3: training steps
+
 
 def step_peak(step, device: str) -> int:
     """Peak bytes one call of `step` allocates above what was held before (CUDA: the caching
@@ -710,8 +881,10 @@ class Trainer:
         batch = make_batch(self.profile, self.cfg, batch_size, seed=batch_size, ego=self.ego)
 
         def step():
-            self.losses = training_step(self.model, self.model, self.optimizer, self.scaler, batch,
-                                        self.train_cfg, self.profile, self.precision)
+            self.losses = training_step(
+                self.model, self.model, self.optimizer, self.scaler, batch, self.train_cfg, self.profile, self.precision
+            )
+
         return step
 
     def probe(self) -> dict:
@@ -731,21 +904,36 @@ class Trainer:
         device = self.profile.device
         timing = measure(self.step_fn(batch_size), device, self.profile.repeats)
         peak = peak_bytes(timing, device)
-        out = {"batch": batch_size, "seconds_per_step": timing["seconds"], "seconds_all": timing["seconds_all"],
-               "clips_per_s": batch_size / timing["seconds"], "step_peak_bytes": peak,
-               "step_peak_bytes_per_clip": peak / batch_size,
-               "losses": {k: round(v, 4) for k, v in self.losses.items()}}
+        out = {
+            "batch": batch_size,
+            "seconds_per_step": timing["seconds"],
+            "seconds_all": timing["seconds_all"],
+            "clips_per_s": batch_size / timing["seconds"],
+            "step_peak_bytes": peak,
+            "step_peak_bytes_per_clip": peak / batch_size,
+            "losses": {k: round(v, 4) for k, v in self.losses.items()},
+        }
         if device == "cuda":  # measure() reset the counters after the warm-up: the timed steps' peaks
-            out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
-                       peak_reserved_bytes=torch.cuda.max_memory_reserved())
+            out.update(
+                peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+            )
         if self.scaler.is_enabled():
             out["scaler_scale"] = self.scaler.get_scale()
         return out
 
 
-def train_item(profile: Profile, mode: str, frames: int, deadline: float, precision: str | None = None,
-               objectives=("vtc", "vtm", "mlm"), random_blocks: int | None = None, batch: int | None = None,
-               **_) -> dict:
+def train_item(
+    profile: Profile,
+    mode: str,
+    frames: int,
+    deadline: float,
+    precision: str | None = None,
+    objectives=("vtc", "vtm", "mlm"),
+    random_blocks: int | None = None,
+    batch: int | None = None,
+    **_,
+) -> dict:
     """The training step of one configuration at the largest batch that fits (probe, predict,
     step down on OOM), or at a fixed batch (SViTT-Ego's 8 clips)."""
     precision = precision or profile.precision
@@ -754,10 +942,16 @@ def train_item(profile: Profile, mode: str, frames: int, deadline: float, precis
     cfg = model_config(profile, mode, frames, blocks)
     ego = "egonce" in objectives
     trainer = Trainer(profile, cfg, precision, objectives, ego)
-    out = {"mode": mode, "frames": frames, "precision": precision, "objectives": list(objectives),
-           "blocks": list(blocks) if mode in ("edge", "hybrid") else None,
-           "visual_keep": cfg["video"]["visual_keep"], "multimodal_keep": cfg["text"]["multimodal_keep"],
-           "kernel": effective_kernel(trainer.model, profile.device)}
+    out = {
+        "mode": mode,
+        "frames": frames,
+        "precision": precision,
+        "objectives": list(objectives),
+        "blocks": list(blocks) if mode in ("edge", "hybrid") else None,
+        "visual_keep": cfg["video"]["visual_keep"],
+        "multimodal_keep": cfg["text"]["multimodal_keep"],
+        "kernel": effective_kernel(trainer.model, profile.device),
+    }
     if batch is None:
         probe = trainer.probe()
         free = free_bytes(profile)
@@ -765,8 +959,7 @@ def train_item(profile: Profile, mode: str, frames: int, deadline: float, precis
         out.update(probe_peak_bytes=probe, free_bytes=free, predicted_max_batch=predicted)
     else:
         candidates = [batch]
-    result, ooms, stopped = largest_fitting(trainer.timed, candidates, profile.device,
-                                            lambda: deadline - time.time())
+    result, ooms, stopped = largest_fitting(trainer.timed, candidates, profile.device, lambda: deadline - time.time())
     out.update(oom=ooms)
     if result is None:
         return {**out, "status": "error", "error": stopped}
@@ -778,6 +971,7 @@ def train_item(profile: Profile, mode: str, frames: int, deadline: float, precis
 
 
 # ----------------------------------------------------------------------------------- plan
+
 
 @dataclass(frozen=True)
 class Item:
@@ -804,12 +998,36 @@ PLAN = [
     Item("attention", "layer_T4", attention_layer, 15, 2, {"frames": 4}),
     Item("training", "dense_T16", train_item, 12, 3, {"mode": "dense", "frames": 16}),
     Item("training", "hybrid_T16", train_item, 45, 3, {"mode": "hybrid", "frames": 16}),
-    Item("training", "ego_k3", train_item, 35, 2,
-         {"mode": "hybrid", "frames": 4, "precision": "fp16", "objectives": ("egonce", "vtm", "mlm"),
-          "random_blocks": 3, "batch": 8}),
-    Item("training", "ego_k5", train_item, 35, 2,
-         {"mode": "hybrid", "frames": 4, "precision": "fp16", "objectives": ("egonce", "vtm", "mlm"),
-          "random_blocks": 5, "batch": 8}),
+    Item(
+        "training",
+        "ego_k3",
+        train_item,
+        35,
+        2,
+        {
+            "mode": "hybrid",
+            "frames": 4,
+            "precision": "fp16",
+            "objectives": ("egonce", "vtm", "mlm"),
+            "random_blocks": 3,
+            "batch": 8,
+        },
+    ),
+    Item(
+        "training",
+        "ego_k5",
+        train_item,
+        35,
+        2,
+        {
+            "mode": "hybrid",
+            "frames": 4,
+            "precision": "fp16",
+            "objectives": ("egonce", "vtm", "mlm"),
+            "random_blocks": 5,
+            "batch": 8,
+        },
+    ),
     Item("training", "dense_T8", train_item, 10, 2, {"mode": "dense", "frames": 8}),
     Item("training", "hybrid_T8", train_item, 40, 2, {"mode": "hybrid", "frames": 8}),
     Item("training", "dense_T4", train_item, 10, 2, {"mode": "dense", "frames": 4}),
@@ -829,13 +1047,16 @@ def plan_summary(profile: Profile, parts=PARTS) -> dict:
     out = {}
     for part in parts:
         items = [i for i in PLAN if i.part == part]
-        out[part] = {"items": {i.name: planned_seconds(profile, i) for i in items},
-                     "total": WORKER_START_S[profile.name] + sum(planned_seconds(profile, i) for i in items)}
+        out[part] = {
+            "items": {i.name: planned_seconds(profile, i) for i in items},
+            "total": WORKER_START_S[profile.name] + sum(planned_seconds(profile, i) for i in items),
+        }
     out["total"] = sum(v["total"] for v in out.values())
     return out
 
 
 # --------------------------------------------------------------------------------- worker
+
 
 def run_items(profile: Profile, names: list[str], deadline: float, emit) -> None:
     """Run the named items in order; an item whose planned time no longer fits before the
@@ -852,8 +1073,7 @@ def run_items(profile: Profile, names: list[str], deadline: float, emit) -> None
         try:
             result = item.fn(profile, deadline=deadline, **item.kwargs)
         except Exception as error:
-            result = {"status": "error", "error": short(error, 1500),
-                      "traceback": traceback.format_exc()[-3000:]}
+            result = {"status": "error", "error": short(error, 1500), "traceback": traceback.format_exc()[-3000:]}
         release_memory(profile.device)
         emit({"name": name, **result, "seconds": round(time.time() - start, 2), "planned_s": planned})
 
@@ -883,6 +1103,7 @@ def worker(profile: Profile, names: list[str], deadline: float):
 
 # --------------------------------------------------------------------------------- parent
 
+
 def _pump(stream, sink):
     for line in stream:
         sink(line)
@@ -906,21 +1127,34 @@ def run_part(profile: Profile, part: str, names: list[str], deadline: float) -> 
     while pending:
         left = deadline - time.time()
         if left < WORKER_START_S[profile.name] + min(planned.get(n, 0) for n in pending):
-            results += [{"name": n, "status": "skip", "reason": f"budget: {max(left, 0):.0f} s left for the part"}
-                        for n in pending]
+            results += [
+                {"name": n, "status": "skip", "reason": f"budget: {max(left, 0):.0f} s left for the part"}
+                for n in pending
+            ]
             break
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", part, "--deadline", str(deadline),
-               "--items", *pending] + (["--dry"] if profile.name == "dry" else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, cwd=ROOT)
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            part,
+            "--deadline",
+            str(deadline),
+            "--items",
+            *pending,
+        ] + (["--dry"] if profile.name == "dry" else [])
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=ROOT
+        )
         lines, tail = queue.Queue(), collections.deque(maxlen=60)
 
         def keep_stderr(line):
             tail.append(line)
             sys.stderr.write(f"  [{part}] {line}")
 
-        threads = [threading.Thread(target=_pump, args=(proc.stdout, lines.put), daemon=True),
-                   threading.Thread(target=_pump, args=(proc.stderr, keep_stderr), daemon=True)]
+        threads = [
+            threading.Thread(target=_pump, args=(proc.stdout, lines.put), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, keep_stderr), daemon=True),
+        ]
         for t in threads:
             t.start()
         killed, exited_at = False, None
@@ -941,18 +1175,21 @@ def run_part(profile: Profile, part: str, names: list[str], deadline: float) -> 
                     break
                 continue
             if line.startswith(RESULT_MARK):
-                result = json.loads(line[len(RESULT_MARK):])
+                result = json.loads(line[len(RESULT_MARK) :])
                 results.append(result)
                 pending.remove(result["name"])
-                print(f"[{part}] {result['name']}: {result['status']} ({result.get('seconds', 0):.1f} s, "
-                      f"planned {result.get('planned_s', 0):.0f} s)", flush=True)
+                print(
+                    f"[{part}] {result['name']}: {result['status']} ({result.get('seconds', 0):.1f} s, "
+                    f"planned {result.get('planned_s', 0):.0f} s)",
+                    flush=True,
+                )
             else:
                 sys.stdout.write(f"  [{part}] {line}")
         for t in threads:
             t.join(timeout=5)
         if pending:
             name = pending.pop(0)
-            why = ("stopped at the deadline" if killed else f"worker exited with status {proc.returncode}")
+            why = "stopped at the deadline" if killed else f"worker exited with status {proc.returncode}"
             results.append({"name": name, "status": "error", "error": why, "stderr": "".join(tail)[-3000:]})
             print(f"[{part}] {name}: error ({why})", flush=True)
             if killed:
@@ -981,19 +1218,24 @@ def paper_comparisons(training: list[dict]) -> dict:
         dense, hybrid = by.get(f"dense_T{frames}"), by.get(f"hybrid_T{frames}")
         if dense and hybrid:
             out[f"T{frames}"] = {
-                "memory_per_clip_hybrid_vs_dense":
-                    hybrid["step_peak_bytes_per_clip"] / max(dense["step_peak_bytes_per_clip"], 1),
+                "memory_per_clip_hybrid_vs_dense": hybrid["step_peak_bytes_per_clip"]
+                / max(dense["step_peak_bytes_per_clip"], 1),
                 "paper_table2_ratio": TABLE2[(frames, "hybrid")][1] / TABLE2[(frames, "dense")][1],
-                "clips_per_s_hybrid_vs_dense": hybrid["clips_per_s"] / dense["clips_per_s"]}
+                "clips_per_s_hybrid_vs_dense": hybrid["clips_per_s"] / dense["clips_per_s"],
+            }
     for k_r, gb in PAPER_EGO_GB.items():
         ego = by.get(f"ego_k{k_r}")
         if ego and "peak_allocated_bytes" in ego:
-            out[f"ego_k{k_r}"] = {"paper_gb": gb, "peak_allocated_gb": ego["peak_allocated_bytes"] / 1e9,
-                                  "peak_reserved_gb": ego["peak_reserved_bytes"] / 1e9}
+            out[f"ego_k{k_r}"] = {
+                "paper_gb": gb,
+                "peak_allocated_gb": ego["peak_allocated_bytes"] / 1e9,
+                "peak_reserved_gb": ego["peak_reserved_bytes"] / 1e9,
+            }
     return out
 
 
 # ------------------------------------------------------------------------------- markdown
+
 
 def _fmt(value, digits=3):
     if value is None:
@@ -1009,64 +1251,92 @@ def _mb(value):
 
 def markdown(report: dict) -> str:
     env = report.get("environment", {})
-    lines = [f"# GPU check ({report['mode']})", "",
-             f"torch {report['torch']}, CUDA {report['cuda']}, device {env.get('device', '(not recorded)')}, "
-             f"wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget "
-             f"(planned {report['planned']['total']:.0f} s); {report['summary']}", ""]
+    lines = [
+        f"# GPU check ({report['mode']})",
+        "",
+        f"torch {report['torch']}, CUDA {report['cuda']}, device {env.get('device', '(not recorded)')}, "
+        f"wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget "
+        f"(planned {report['planned']['total']:.0f} s); {report['summary']}",
+        "",
+    ]
     parts = report["parts"]
     if "correctness" in parts:
-        lines += ["## Correctness", "", "| item | check | size | error | tolerance | result |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Correctness",
+            "",
+            "| item | check | size | error | tolerance | result |",
+            "|---|---|---|---|---|---|",
+        ]
         for item in parts["correctness"]:
             for c in item.get("checks", []):
                 result = c["status"] if c["status"] != "skip" else f"skip: {c.get('reason', '')[:80]}"
-                lines.append(f"| {item['name']} | {c['what']} | {c['size']} | {_fmt(c.get('error'))} | "
-                             f"{_fmt(c.get('tolerance'))} | {result} |")
+                lines.append(
+                    f"| {item['name']} | {c['what']} | {c['size']} | {_fmt(c.get('error'))} | "
+                    f"{_fmt(c.get('tolerance'))} | {result} |"
+                )
             if not item.get("checks"):
                 lines.append(f"| {item['name']} | | | | | {_item_note(item)} |")
         lines.append("")
     if "attention" in parts:
-        lines += ["## One attention layer, forward + backward (batch 1, bf16 autocast)", "",
-                  "| T | N | variant | time (ms) | peak (MB) | time / dense | memory / dense |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## One attention layer, forward + backward (batch 1, bf16 autocast)",
+            "",
+            "| T | N | variant | time (ms) | peak (MB) | time / dense | memory / dense |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for item in parts["attention"]:
             for r in item.get("rows", []):
                 if r["status"] != "ok":
                     note = r.get("reason") or r.get("error", "")
-                    lines.append(f"| {item['frames']} | {item['tokens']} | {r['variant']} | {r['status']}: "
-                                 f"{note[:80]} | | | |")
+                    lines.append(
+                        f"| {item['frames']} | {item['tokens']} | {r['variant']} | {r['status']}: {note[:80]} | | | |"
+                    )
                     continue
-                lines.append(f"| {item['frames']} | {item['tokens']} | {r['variant']} | {r['seconds'] * 1e3:.2f} | "
-                             f"{_mb(r['peak_bytes'])} | {_fmt(r.get('time_vs_dense'))} | "
-                             f"{_fmt(r.get('memory_vs_dense'))} |")
+                lines.append(
+                    f"| {item['frames']} | {item['tokens']} | {r['variant']} | {r['seconds'] * 1e3:.2f} | "
+                    f"{_mb(r['peak_bytes'])} | {_fmt(r.get('time_vs_dense'))} | "
+                    f"{_fmt(r.get('memory_vs_dense'))} |"
+                )
             if not item.get("rows"):
                 lines.append(f"| {item['name']} | | | {_item_note(item)} | | | |")
         lines.append("")
     if "training" in parts:
-        lines += ["## Training step", "",
-                  "| item | batch (predicted max) | clips/s | step peak / clip (MB) | peak allocated (GB) | "
-                  "peak reserved (GB) | OOM at | note |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Training step",
+            "",
+            "| item | batch (predicted max) | clips/s | step peak / clip (MB) | peak allocated (GB) | "
+            "peak reserved (GB) | OOM at | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for item in parts["training"]:
             if item["status"] != "ok":
                 lines.append(f"| {item['name']} | | | | | | {_ooms(item)} | {_item_note(item)} |")
                 continue
-            gb = {k: (f"{item[k] / 1e9:.2f}" if k in item else "-")
-                  for k in ("peak_allocated_bytes", "peak_reserved_bytes")}
-            lines.append(f"| {item['name']} | {item['batch']} ({item.get('predicted_max_batch', '-')}) | "
-                         f"{item['clips_per_s']:.1f} | {_mb(item['step_peak_bytes_per_clip'])} | "
-                         f"{gb['peak_allocated_bytes']} | {gb['peak_reserved_bytes']} | {_ooms(item)} | "
-                         f"{item['precision']}, {item['kernel']} |")
+            gb = {
+                k: (f"{item[k] / 1e9:.2f}" if k in item else "-")
+                for k in ("peak_allocated_bytes", "peak_reserved_bytes")
+            }
+            lines.append(
+                f"| {item['name']} | {item['batch']} ({item.get('predicted_max_batch', '-')}) | "
+                f"{item['clips_per_s']:.1f} | {_mb(item['step_peak_bytes_per_clip'])} | "
+                f"{gb['peak_allocated_bytes']} | {gb['peak_reserved_bytes']} | {_ooms(item)} | "
+                f"{item['precision']}, {item['kernel']} |"
+            )
         comparisons = report.get("paper", {})
         if comparisons:
             lines += ["", "| against the paper | here | paper |", "|---|---|---|"]
             for key, c in comparisons.items():
                 if key.startswith("ego"):
-                    lines.append(f"| {key} peak GB (allocated / reserved) | {c['peak_allocated_gb']:.2f} / "
-                                 f"{c['peak_reserved_gb']:.2f} | {c['paper_gb']} |")
+                    lines.append(
+                        f"| {key} peak GB (allocated / reserved) | {c['peak_allocated_gb']:.2f} / "
+                        f"{c['peak_reserved_gb']:.2f} | {c['paper_gb']} |"
+                    )
                 else:
                     ratio = c["memory_per_clip_hybrid_vs_dense"]
-                    lines.append(f"| {key} memory per clip, hybrid / dense | {ratio:.3f} | "
-                                 f"{c['paper_table2_ratio']:.3f} (Table 2) |")
+                    lines.append(
+                        f"| {key} memory per clip, hybrid / dense | {ratio:.3f} | "
+                        f"{c['paper_table2_ratio']:.3f} (Table 2) |"
+                    )
         lines.append("")
     return "\n".join(lines)
 
@@ -1085,11 +1355,15 @@ def _item_note(item) -> str:
 
 # ----------------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry", action="store_true", help="the same checks on the CPU at a tiny size")
-    p.add_argument("--out", type=Path, help="JSON result (and a .md beside it); default: "
-                   "benchmarks/results/gpu_check.json (real run), none (dry run)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="JSON result (and a .md beside it); default: benchmarks/results/gpu_check.json (real run), none (dry run)",
+    )
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--budget", type=float, help="seconds for everything (default: 480 real, 900 dry)")
     p.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
@@ -1112,16 +1386,27 @@ def main(argv=None) -> int:
     deadline = start + budget
     plan = plan_summary(profile, args.parts)
     print(f"gpu_check ({profile.name}): budget {budget:.0f} s, planned {plan['total']:.0f} s", flush=True)
-    parts = {part: run_part(profile, part, [i.name for i in PLAN if i.part == part], deadline)
-             for part in args.parts}
+    parts = {part: run_part(profile, part, [i.name for i in PLAN if i.part == part], deadline) for part in args.parts}
     env = next((i.get("environment") for i in parts.get("correctness", []) if i["name"] == "environment"), None)
-    report = {"check": "benchmarks/gpu_check.py", "mode": profile.name, "torch": torch.__version__,
-              "cuda": torch.version.cuda,
-              "python": platform.python_version(), "environment": env or {}, "budget_s": budget,
-              "planned": plan, "wall_s": time.time() - start, "parts": parts, "summary": summary(parts),
-              "paper": paper_comparisons(parts.get("training", [])),
-              "tolerances": {"kernel": {str(k)[6:]: v for k, v in KERNEL_TOLERANCE.items()},
-                             "precision": PRECISION_TOLERANCE, "ddp": DDP_TOLERANCE}}
+    report = {
+        "check": "benchmarks/gpu_check.py",
+        "mode": profile.name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "environment": env or {},
+        "budget_s": budget,
+        "planned": plan,
+        "wall_s": time.time() - start,
+        "parts": parts,
+        "summary": summary(parts),
+        "paper": paper_comparisons(parts.get("training", [])),
+        "tolerances": {
+            "kernel": {str(k)[6:]: v for k, v in KERNEL_TOLERANCE.items()},
+            "precision": PRECISION_TOLERANCE,
+            "ddp": DDP_TOLERANCE,
+        },
+    }
     table = markdown(report)
     print(table)
     if out:

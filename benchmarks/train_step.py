@@ -10,6 +10,7 @@ is its own (CUDA: max_memory_allocated; CPU: growth of peak RSS over the RSS bef
 Writes JSON (default benchmarks/results/train_step_<size>_<device>.json) with the T = 16 targets:
 hybrid at most 0.5x the time and 0.25x the peak memory of dense.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,11 @@ from svitt.models.svitt import SViTT
 KEEP = {4: 0.7, 8: 0.6, 16: 0.5}
 SIZES = {
     "base": {"video": {"preset": "beit_base"}, "text": {"preset": "bert_base"}, "embed_dim": 256},
-    "cpu": {"video": {"preset": "beit_base", "width": 192, "heads": 3},
-            "text": {"preset": "bert_base", "width": 192, "heads": 3, "intermediate_size": 768},
-            "embed_dim": 128},
+    "cpu": {
+        "video": {"preset": "beit_base", "width": 192, "heads": 3},
+        "text": {"preset": "bert_base", "width": 192, "heads": 3, "intermediate_size": 768},
+        "embed_dim": 128,
+    },
 }
 
 
@@ -62,8 +65,14 @@ def run_one(size: str, mode: str, frames: int, batch: int, device: str, precisio
         optimizer.zero_grad(set_to_none=True)
 
     timing = measure(step, device, repeats)
-    return {"mode": mode, "frames": frames, "batch": batch, "seconds_per_clip": timing["seconds"] / batch,
-            "peak_bytes_per_clip": timing["peak_bytes"] / batch, "seconds_all": timing["seconds_all"]}
+    return {
+        "mode": mode,
+        "frames": frames,
+        "batch": batch,
+        "seconds_per_clip": timing["seconds"] / batch,
+        "peak_bytes_per_clip": timing["peak_bytes"] / batch,
+        "seconds_all": timing["seconds_all"],
+    }
 
 
 def targets(runs: list[dict]) -> dict:
@@ -73,10 +82,14 @@ def targets(runs: list[dict]) -> dict:
         return {"note": "dense or hybrid at T=16 missing (see errors)"}
     time_ratio = hybrid["seconds_per_clip"] / dense["seconds_per_clip"]
     mem_ratio = hybrid["peak_bytes_per_clip"] / dense["peak_bytes_per_clip"]
-    return {"T16_time_ratio_hybrid_vs_dense": round(time_ratio, 3), "T16_time_target": 0.5,
-            "T16_time_met": time_ratio <= 0.5,
-            "T16_memory_ratio_hybrid_vs_dense": round(mem_ratio, 3), "T16_memory_target": 0.25,
-            "T16_memory_met": mem_ratio <= 0.25}
+    return {
+        "T16_time_ratio_hybrid_vs_dense": round(time_ratio, 3),
+        "T16_time_target": 0.5,
+        "T16_time_met": time_ratio <= 0.5,
+        "T16_memory_ratio_hybrid_vs_dense": round(mem_ratio, 3),
+        "T16_memory_target": 0.25,
+        "T16_memory_met": mem_ratio <= 0.25,
+    }
 
 
 def main():
@@ -92,21 +105,51 @@ def main():
     p.add_argument("--worker", nargs=2, metavar=("MODE", "FRAMES"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(run_one(args.size, args.worker[0], int(args.worker[1]), args.batch, args.device,
-                                 args.precision, args.repeats)))
+        print(
+            json.dumps(
+                run_one(
+                    args.size,
+                    args.worker[0],
+                    int(args.worker[1]),
+                    args.batch,
+                    args.device,
+                    args.precision,
+                    args.repeats,
+                )
+            )
+        )
         return
-    extra = ["--size", args.size, "--batch", str(args.batch), "--device", args.device,
-             "--precision", args.precision, "--repeats", str(args.repeats)]
-    runs = [run_worker(__file__, [mode, str(frames)], extra, {"mode": mode, "frames": frames})
-            for frames in args.frames for mode in args.modes]
+    extra = [
+        "--size",
+        args.size,
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--repeats",
+        str(args.repeats),
+    ]
+    runs = [
+        run_worker(__file__, [mode, str(frames)], extra, {"mode": mode, "frames": frames})
+        for frames in args.frames
+        for mode in args.modes
+    ]
     report = {
         "benchmark": "SViTT training step (VTC + VTM + MLM, AdamW), per clip",
-        "size": args.size, "model": SIZES[args.size], "batch": args.batch, "precision": args.precision,
+        "size": args.size,
+        "model": SIZES[args.size],
+        "batch": args.batch,
+        "precision": args.precision,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "runs": runs, "targets": targets(runs),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "runs": runs,
+        "targets": targets(runs),
     }
     write_report(args.out or Path(f"benchmarks/results/train_step_{args.size}_{args.device}.json"), report)
+
 
 if __name__ == "__main__":
     main()

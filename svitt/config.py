@@ -1,4 +1,5 @@
 """Small helpers for plain-dict configs: defaults, presets, unknown-key errors."""
+
 from __future__ import annotations
 
 import copy
@@ -35,10 +36,16 @@ def str_to_bool(text: str) -> bool:
 
 def add_io_arguments(parser, what: str = "run") -> None:
     """The io flags of the training CLIs (svitt.training.keys.IO_KEYS): how a run goes, not what it learns."""
-    io = parser.add_argument_group("io settings", f"override the config's; they change how the {what} runs, "
-                                   "not what it learns, so a checkpoint stays resumable")
+    io = parser.add_argument_group(
+        "io settings",
+        f"override the config's; they change how the {what} runs, not what it learns, so a checkpoint stays resumable",
+    )
     io.add_argument("--checkpoint-every", type=int, help="optimiser steps between checkpoints")
     io.add_argument("--log-every", type=int, help="optimiser steps between metrics.jsonl rows")
     io.add_argument("--num-workers", type=int, help="DataLoader processes per rank")
-    io.add_argument("--keep-checkpoint", type=str_to_bool, metavar="{true,false}",
-                    help="keep checkpoint.pt once the model is exported (default true; model weights only)")
+    io.add_argument(
+        "--keep-checkpoint",
+        type=str_to_bool,
+        metavar="{true,false}",
+        help="keep checkpoint.pt once the model is exported (default true; model weights only)",
+    )

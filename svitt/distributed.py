@@ -141,5 +141,5 @@ def average_gradients(module: torch.nn.Module):
     flat /= world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()

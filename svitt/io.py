@@ -1,5 +1,6 @@
 """Atomic writes: every output is written under a temporary name beside it, then renamed, so a
 crash never leaves a file that looks complete."""
+
 from __future__ import annotations
 
 import csv
@@ -63,7 +64,8 @@ def sort_safetensors_header(path: str | Path) -> None:
         header = json.loads(handle.read(length))
         canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         if len(canonical) > length:
-            raise ValueError(f"{path}: the sorted header ({len(canonical)} bytes) does not fit the original "
-                             f"({length} bytes)")
+            raise ValueError(
+                f"{path}: the sorted header ({len(canonical)} bytes) does not fit the original ({length} bytes)"
+            )
         handle.seek(8)
         handle.write(canonical + b" " * (length - len(canonical)))

@@ -1,4 +1,5 @@
 """Shared fixtures: a small demo corpus run through the real data CLIs (session-wide, ~15 s)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,24 +35,112 @@ def pipeline(tmp_path_factory):
     """(corpus folder, resources folder): 8 train + 8 test videos, WebVid / downstream / ego shards."""
     root = tmp_path_factory.mktemp("pipeline")
     corpus, res = root / "demo", root / "resources"
-    assert script("make_demo_corpus").main([
-        "--out", str(corpus), "--seed", "1", "--train-videos", "8", "--test-videos", "8", "--qa-videos", "8",
-        "--ego-train-videos", "1", "--ego-mcq-videos", "5", "--ego-mcq-questions", "4", "--ego-seconds", "12",
-        "--ego-chunk-seconds", "5", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        script("make_demo_corpus").main(
+            [
+                "--out",
+                str(corpus),
+                "--seed",
+                "1",
+                "--train-videos",
+                "8",
+                "--test-videos",
+                "8",
+                "--qa-videos",
+                "8",
+                "--ego-train-videos",
+                "1",
+                "--ego-mcq-videos",
+                "5",
+                "--ego-mcq-questions",
+                "4",
+                "--ego-seconds",
+                "12",
+                "--ego-chunk-seconds",
+                "5",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     download, extract = script("download"), script("extract_frames")
     for name, csv_name in (("webvid", "webvid_train.csv"), ("downstream", "downstream_videos.csv")):
-        assert download.main(["--csv", str(corpus / csv_name), "--out", str(res / "videos" / name),
-                              "--manifest", str(res / "videos" / f"{name}.csv"), "--no-progress"]) == 0
-        assert extract.main(["--videos", str(res / "videos" / f"{name}.csv"), "--out", str(res / "frames" / name /
-                             "shard-0.h5"), "--failures", str(res / "frames" / f"{name}-failures.csv"),
-                             "--frames", "32", "--short-side", "40", "--no-progress"]) == 0
-    assert download.main(["--csv", str(corpus / "egoclip.csv"), "--csv", str(corpus / "egomcq.json"), "--local-dir",
-                          str(corpus / "ego_videos"), "--out", str(res / "videos" / "ego"), "--manifest",
-                          str(res / "videos" / "ego.csv"), "--no-progress"]) == 0
-    assert extract.main(["--videos", str(res / "videos" / "ego.csv"), "--clips", str(corpus / "egoclip.csv"),
-                         "--mcq", str(corpus / "egomcq.json"), "--out", str(res / "frames" / "ego" / "shard-0.h5"),
-                         "--failures", str(res / "frames" / "ego-failures.csv"), "--frames", "16",
-                         "--short-side", "40", "--workers", "2", "--no-progress"]) == 0
+        assert (
+            download.main(
+                [
+                    "--csv",
+                    str(corpus / csv_name),
+                    "--out",
+                    str(res / "videos" / name),
+                    "--manifest",
+                    str(res / "videos" / f"{name}.csv"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        assert (
+            extract.main(
+                [
+                    "--videos",
+                    str(res / "videos" / f"{name}.csv"),
+                    "--out",
+                    str(res / "frames" / name / "shard-0.h5"),
+                    "--failures",
+                    str(res / "frames" / f"{name}-failures.csv"),
+                    "--frames",
+                    "32",
+                    "--short-side",
+                    "40",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    assert (
+        download.main(
+            [
+                "--csv",
+                str(corpus / "egoclip.csv"),
+                "--csv",
+                str(corpus / "egomcq.json"),
+                "--local-dir",
+                str(corpus / "ego_videos"),
+                "--out",
+                str(res / "videos" / "ego"),
+                "--manifest",
+                str(res / "videos" / "ego.csv"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        extract.main(
+            [
+                "--videos",
+                str(res / "videos" / "ego.csv"),
+                "--clips",
+                str(corpus / "egoclip.csv"),
+                "--mcq",
+                str(corpus / "egomcq.json"),
+                "--out",
+                str(res / "frames" / "ego" / "shard-0.h5"),
+                "--failures",
+                str(res / "frames" / "ego-failures.csv"),
+                "--frames",
+                "16",
+                "--short-side",
+                "40",
+                "--workers",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return corpus, res
 
 

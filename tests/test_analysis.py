@@ -1,18 +1,19 @@
 """Figures and tables from result files, sweep points, pruning maps (the analysis CLIs on the
 shared demo pipeline)."""
+
 import json
 import math
 
 import pytest
 import torch
 
-from svitt.training.checkpoint import export_model
-from svitt.data.pipeline import load_tokenizer
 from svitt.analysis.efficiency import edges
-from svitt.evaluation.probing import combine
-from svitt.models.svitt import SViTT
-from svitt.models.sparsity import kept_count
 from svitt.analysis.tables import cell
+from svitt.data.pipeline import load_tokenizer
+from svitt.evaluation.probing import combine
+from svitt.models.sparsity import kept_count
+from svitt.models.svitt import SViTT
+from svitt.training.checkpoint import export_model
 from tests.conftest import script
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -20,13 +21,22 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _retrieval(r1, reversed_twins, exact=50.0):
     """A retrieval result as svitt.evaluation.retrieval.run writes it, with three frame orders."""
+
     def one(shift):
         metrics = {"t2v_r1": r1 - shift, "t2v_r5": r1 + 10, "t2v_r10": r1 + 20, "t2v_mean": r1 + 10 - shift / 3}
         twins = {"time_reversed": reversed_twins - 2 * shift, "event_order": 50.0 + shift}
         fused = {k: v + 1 for k, v in metrics.items()}
-        return {"metrics": metrics, "metrics_vtm": dict(metrics), "metrics_vtm_itc": fused, "twins": twins,
-                "twins_vtm": dict(twins),
-                "num_videos": 8, "chance_r1": 12.5, "frames": 4}
+        return {
+            "metrics": metrics,
+            "metrics_vtm": dict(metrics),
+            "metrics_vtm_itc": fused,
+            "twins": twins,
+            "twins_vtm": dict(twins),
+            "num_videos": 8,
+            "chance_r1": 12.5,
+            "frames": 4,
+        }
+
     out = combine({"normal": one(0), "shuffled": one(6), "reversed": one(3)}, frames=4, seed=0)
     out["twins_exact_reversal"] = {"itc": exact, "vtm": exact}
     return out
@@ -45,15 +55,35 @@ def test_cell_shows_the_mean_then_each_seed():
 
 
 def test_tables_are_regenerated_from_the_result_files(tmp_path):
-    runs = {"stage1": [_write(tmp_path / f"s{seed}/stage1.json", _retrieval(40.0 + 10 * seed, 60.0)) for seed in (0, 1)],
-            "stage2": [_write(tmp_path / "s0/stage2.json", _retrieval(30.0, 82.0))]}
-    mcq = _write(tmp_path / "egoclip.json", combine({o: {"metrics": {"inter": 40.0, "intra": 25.0}} for o in
-                                                     ("normal", "shuffled", "reversed")}, frames=4, seed=0))
-    qa = _write(tmp_path / "qa.json", combine({o: {"metrics": {"accuracy": a}} for o, a in
-                                               (("normal", 41.0), ("shuffled", 40.0), ("reversed", 40.5))},
-                                              frames=4, seed=0))
-    args = ["--out-dir", str(tmp_path / "tables"), "--egomcq", f"egoclip={mcq}", "--qa", f"msrvtt_qa:stage3={qa}",
-            "--retrieval"]
+    runs = {
+        "stage1": [_write(tmp_path / f"s{seed}/stage1.json", _retrieval(40.0 + 10 * seed, 60.0)) for seed in (0, 1)],
+        "stage2": [_write(tmp_path / "s0/stage2.json", _retrieval(30.0, 82.0))],
+    }
+    mcq = _write(
+        tmp_path / "egoclip.json",
+        combine(
+            {o: {"metrics": {"inter": 40.0, "intra": 25.0}} for o in ("normal", "shuffled", "reversed")},
+            frames=4,
+            seed=0,
+        ),
+    )
+    qa = _write(
+        tmp_path / "qa.json",
+        combine(
+            {o: {"metrics": {"accuracy": a}} for o, a in (("normal", 41.0), ("shuffled", 40.0), ("reversed", 40.5))},
+            frames=4,
+            seed=0,
+        ),
+    )
+    args = [
+        "--out-dir",
+        str(tmp_path / "tables"),
+        "--egomcq",
+        f"egoclip={mcq}",
+        "--qa",
+        f"msrvtt_qa:stage3={qa}",
+        "--retrieval",
+    ]
     args += [f"demo:{name}={p}" for name, paths in runs.items() for p in paths]
     assert script("tables").main(args) == 0
     results = (tmp_path / "tables/results.md").read_text()
@@ -82,21 +112,35 @@ def test_every_figure_draws_from_result_files(tmp_path):
     plot = script("plot").main
     runs = [f"stage1={_write(tmp_path / f's{seed}/stage1.json', _retrieval(40.0 + seed, 60.0))}" for seed in (0, 1)]
     late = f"stage1={_write(tmp_path / 'late.json', _retrieval(38.0, 50.0))}"
-    qa = _write(tmp_path / "qa.json", combine({o: {"metrics": {"accuracy": 40.0}} for o in
-                                               ("normal", "shuffled", "reversed")}, frames=4, seed=0))
-    figures = {"retrieval": ["retrieval", *runs], "probing": ["probing", *runs], "control": ["control", *runs, "--late", late],
-               "probing_qa": ["probing", "--task", "qa", f"stage3={qa}"],
-               "ablation": ["ablation", runs[0].replace("stage1=", "4:single="), runs[1].replace("stage1=", "4:expansion=")]}
+    qa = _write(
+        tmp_path / "qa.json",
+        combine({o: {"metrics": {"accuracy": 40.0}} for o in ("normal", "shuffled", "reversed")}, frames=4, seed=0),
+    )
+    figures = {
+        "retrieval": ["retrieval", *runs],
+        "probing": ["probing", *runs],
+        "control": ["control", *runs, "--late", late],
+        "probing_qa": ["probing", "--task", "qa", f"stage3={qa}"],
+        "ablation": ["ablation", runs[0].replace("stage1=", "4:single="), runs[1].replace("stage1=", "4:expansion=")],
+    }
     points = []
-    for name, settings, valid in (("edge_1_1_8", {"local_blocks": 1, "random_blocks": 1, "block_size": 8}, True),
-                                  ("edge_2_1_8", {"local_blocks": 2, "random_blocks": 1, "block_size": 8}, False),
-                                  ("keep_0.5_0.5", {"visual_keep": 0.5, "multimodal_keep": 0.5}, True),
-                                  ("keep_0.7_1", {"visual_keep": 0.7, "multimodal_keep": 1.0}, True)):
-        base = {"local_blocks": None, "random_blocks": None, "block_size": None, "visual_keep": 1.0,
-                "multimodal_keep": 1.0}
+    for name, settings, valid in (
+        ("edge_1_1_8", {"local_blocks": 1, "random_blocks": 1, "block_size": 8}, True),
+        ("edge_2_1_8", {"local_blocks": 2, "random_blocks": 1, "block_size": 8}, False),
+        ("keep_0.5_0.5", {"visual_keep": 0.5, "multimodal_keep": 0.5}, True),
+        ("keep_0.7_1", {"visual_keep": 0.7, "multimodal_keep": 1.0}, True),
+    ):
+        base = {
+            "local_blocks": None,
+            "random_blocks": None,
+            "block_size": None,
+            "visual_keep": 1.0,
+            "multimodal_keep": 1.0,
+        }
         record = {"point": name, "stage": "stage1", "frames": 4, "valid": valid, "settings": {**base, **settings}}
-        record.update({"metrics": {"t2v_mean": 30.0}, "edges": 4000, "gflops": 0.02} if valid else
-                      {"reason": "K_l = 2: even"})
+        record.update(
+            {"metrics": {"t2v_mean": 30.0}, "edges": 4000, "gflops": 0.02} if valid else {"reason": "K_l = 2: even"}
+        )
         points.append(f"stage1/{name}={_write(tmp_path / f'sweep/{name}.json', record)}")
     figures["sweep_edge"] = ["sweep", "--kind", "edge", *[p for p in points if "/edge" in p], "--reference", runs[0]]
     figures["sweep_keep"] = ["sweep", "--kind", "keep", *[p for p in points if "/keep" in p]]
@@ -125,42 +169,97 @@ def exported(pipeline, tmp_path_factory):
     node sparsity, so the CLIs that read checkpoints can run on the demo pipeline."""
     corpus, _ = pipeline
     torch.manual_seed(0)
-    model = SViTT({"video": {"preset": "tiny", "frames": 4, "visual_keep": 0.5},
-                   "text": {"preset": "tiny", "vocab_size": len(load_tokenizer(corpus / "tokenizer")),
-                            "multimodal_keep": 0.5}, "embed_dim": 16})
+    model = SViTT(
+        {
+            "video": {"preset": "tiny", "frames": 4, "visual_keep": 0.5},
+            "text": {"preset": "tiny", "vocab_size": len(load_tokenizer(corpus / "tokenizer")), "multimodal_keep": 0.5},
+            "embed_dim": 16,
+        }
+    )
     out = tmp_path_factory.mktemp("stage")
-    export_model(model, out, {"name": "stage1", "steps": 0, "frames": 4, "model_config": model.cfg,
-                              "train_config": {"data": {"mean": [0.5] * 3, "std": [0.5] * 3}}})
+    export_model(
+        model,
+        out,
+        {
+            "name": "stage1",
+            "steps": 0,
+            "frames": 4,
+            "model_config": model.cfg,
+            "train_config": {"data": {"mean": [0.5] * 3, "std": [0.5] * 3}},
+        },
+    )
     return out / "model.safetensors"
 
 
 def _demo_args(pipeline, exported):
     corpus, res = pipeline
-    return ["--model", str(exported), "--shards", str(res / "frames/downstream/shard-0.h5"),
-            "--annotations", str(corpus / "retrieval_test.json"), "--tokenizer", str(corpus / "tokenizer")]
+    return [
+        "--model",
+        str(exported),
+        "--shards",
+        str(res / "frames/downstream/shard-0.h5"),
+        "--annotations",
+        str(corpus / "retrieval_test.json"),
+        "--tokenizer",
+        str(corpus / "tokenizer"),
+    ]
 
 
 def test_sweep_point_reports_metric_edges_and_flops(pipeline, exported, tmp_path):
     out = tmp_path / "edge_1_1_8.json"
-    assert script("sweep").main([*_demo_args(pipeline, exported), "--point", "edge_1_1_8", "--local-blocks", "1",
-                                 "--random-blocks", "1", "--block-size", "8", "--config-json", '{"rerank_k": 2}',
-                                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        script("sweep").main(
+            [
+                *_demo_args(pipeline, exported),
+                "--point",
+                "edge_1_1_8",
+                "--local-blocks",
+                "1",
+                "--random-blocks",
+                "1",
+                "--block-size",
+                "8",
+                "--config-json",
+                '{"rerank_k": 2}',
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     point = json.loads(out.read_text())
     assert point["valid"] and point["metric"] == {"name": "t2v_mean", "value": point["metrics"]["t2v_mean"]}
-    assert point["settings"] == {"local_blocks": 1, "random_blocks": 1, "block_size": 8, "visual_keep": 0.5,
-                                 "multimodal_keep": 0.5}
+    assert point["settings"] == {
+        "local_blocks": 1,
+        "random_blocks": 1,
+        "block_size": 8,
+        "visual_keep": 0.5,
+        "multimodal_keep": 0.5,
+    }
     info = json.loads(exported.with_name("model.json").read_text())
-    cfg = {**info["model_config"], "video": {**info["model_config"]["video"], "local_blocks": 1,
-                                             "random_blocks": 1, "block_size": 8}}
+    cfg = {
+        **info["model_config"],
+        "video": {**info["model_config"]["video"], "local_blocks": 1, "random_blocks": 1, "block_size": 8},
+    }
     assert point["edges"] == edges(cfg)["edges"] < edges(info["model_config"])["edges"]
     assert point["gflops"] > 0 and set(point["twins"]) == {"time_reversed", "event_order"}
 
 
-@pytest.mark.parametrize("flags, reason", [
-    (["--local-blocks", "2", "--random-blocks", "1", "--block-size", "8"], "K_l = 2: the local window needs an odd"),
-    (["--local-blocks", "1", "--random-blocks", "1", "--block-size", "64"], "G = 64 tokens per block: the clip has 32"),
-    (["--visual-keep", "0", "--multimodal-keep", "0.5"], r"keep rates \[0.0, 0.5\] must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (
+            ["--local-blocks", "2", "--random-blocks", "1", "--block-size", "8"],
+            "K_l = 2: the local window needs an odd",
+        ),
+        (
+            ["--local-blocks", "1", "--random-blocks", "1", "--block-size", "64"],
+            "G = 64 tokens per block: the clip has 32",
+        ),
+        (["--visual-keep", "0", "--multimodal-keep", "0.5"], r"keep rates \[0.0, 0.5\] must be in \(0, 1\]"),
+    ],
+)
 def test_a_point_the_kernel_cannot_run_says_why(pipeline, exported, tmp_path, flags, reason):
     out = tmp_path / "point.json"
     assert script("sweep").main([*_demo_args(pipeline, exported), "--point", "p", *flags, "--out", str(out)]) == 0
@@ -172,8 +271,19 @@ def test_a_point_the_kernel_cannot_run_says_why(pipeline, exported, tmp_path, fl
 def test_pruning_maps_show_what_each_clip_keeps(pipeline, exported, tmp_path):
     corpus, _ = pipeline
     video = sorted((corpus / "videos").glob("test_*.mp4"))[0]
-    args = [*_demo_args(pipeline, exported), "--clips", "3", "--video", str(video), "--caption", "a clip from a file",
-            "--out-figure", str(tmp_path / "maps.png"), "--out-json", str(tmp_path / "maps.json")]
+    args = [
+        *_demo_args(pipeline, exported),
+        "--clips",
+        "3",
+        "--video",
+        str(video),
+        "--caption",
+        "a clip from a file",
+        "--out-figure",
+        str(tmp_path / "maps.png"),
+        "--out-json",
+        str(tmp_path / "maps.json"),
+    ]
     assert script("pruning_maps").main(args) == 0
     assert (tmp_path / "maps.png").read_bytes()[:8] == PNG
     maps = json.loads((tmp_path / "maps.json").read_text())
@@ -193,8 +303,9 @@ def test_readme_results_replace_only_the_marked_section(tmp_path):
     readme.write_text("# T\n\nbefore\n<!-- demo-results:start -->\nold\nrows\n<!-- demo-results:end -->\nafter\n")
     results.write_text("<!-- Generated by workflow_scripts/tables.py; do not edit. -->\n\n| a |\n|---|\n| 1 |\n")
     assert script("readme_results").main(["--results", str(results), "--readme", str(readme)]) == 0
-    assert readme.read_text() == ("# T\n\nbefore\n<!-- demo-results:start -->\n| a |\n|---|\n| 1 |\n"
-                                  "<!-- demo-results:end -->\nafter\n")
+    assert readme.read_text() == (
+        "# T\n\nbefore\n<!-- demo-results:start -->\n| a |\n|---|\n| 1 |\n<!-- demo-results:end -->\nafter\n"
+    )
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="demo-results:start"):
         script("readme_results").main(["--results", str(results), "--readme", str(readme)])
@@ -204,8 +315,10 @@ def test_readme_results_replace_only_the_marked_section(tmp_path):
 def test_readme_results_write_a_named_section_and_leave_the_other(tmp_path):
     """--section demo-temporal-results (make readme-temporal) replaces only its own markers' text."""
     readme, results = tmp_path / "README.md", tmp_path / "results.md"
-    text = ("<!-- demo-results:start -->\ndefault\n<!-- demo-results:end -->\nmid\n"
-            "<!-- demo-temporal-results:start -->\nold\n<!-- demo-temporal-results:end -->\n")
+    text = (
+        "<!-- demo-results:start -->\ndefault\n<!-- demo-results:end -->\nmid\n"
+        "<!-- demo-temporal-results:start -->\nold\n<!-- demo-temporal-results:end -->\n"
+    )
     readme.write_text(text)
     results.write_text("| b |\n|---|\n| 2 |\n")
     args = ["--results", str(results), "--readme", str(readme), "--section", "demo-temporal-results"]
@@ -239,13 +352,18 @@ def test_word_probe_counts_each_group_word_by_hand():
     ids = torch.tensor([[2, 3, 5, 4, 0], [2, 4, 6, 7, 0]])
     groups = {"a": [3, 4], "b": [5, 6, 7]}
     says_4 = torch.nn.functional.one_hot(torch.tensor([[4], [4]]), 10).float()  # both clips "say" word 4
-    counts = probe.masked_word_accuracy(_VideoWordModel(), ids, torch.ones_like(ids), {"own": says_4}, groups,
-                                        mask_id=1)
+    counts = probe.masked_word_accuracy(
+        _VideoWordModel(), ids, torch.ones_like(ids), {"own": says_4}, groups, mask_id=1
+    )
     # group a picks 4: row 0 has 3 then 4, row 1 has 4; group b's logits tie, so it picks its first word 5
     assert counts == {"a": {"own": {0: [1, 2], 1: [1, 1]}}, "b": {"own": {0: [1, 2], 1: [0, 1]}}}
     summary = probe.summarise(counts, groups)
-    assert summary["a"]["own"] == {"all": pytest.approx(200 / 3), "count": 3, "occurrence_1": 50.0,
-                                   "occurrence_2": 100.0}
+    assert summary["a"]["own"] == {
+        "all": pytest.approx(200 / 3),
+        "count": 3,
+        "occurrence_1": 50.0,
+        "occurrence_2": 100.0,
+    }
     assert summary["b"]["chance"] == pytest.approx(100 / 3)
 
 

@@ -1,5 +1,6 @@
 """The analysis rules through Snakemake at test size (tests/configs/test.yaml): the late-fusion control's
 stages, one sweep job per point, and (slow) `all` + `paper_figures` end to end."""
+
 import json
 import re
 
@@ -47,10 +48,19 @@ def test_a_control_of_a_stage_without_its_init_is_an_error(tmp_path):
 
 def test_every_sweep_point_is_its_own_job(tmp_path):
     workdir = copy_workflow(tmp_path)
-    out = snakemake(workdir, "-n", "results/figures/sweep_edge_full.png", "results/figures/sweep_keep_full.png",
-                    "--cores", "1", "--configfile", "tests/configs/test.yaml").stdout
-    points = set(re.findall(r"wildcards: point=(\S+), stage=(\w+)", out)) | \
-        {(p, s) for s, p in re.findall(r"wildcards: stage=(\w+), point=(\S+)", out)}
+    out = snakemake(
+        workdir,
+        "-n",
+        "results/figures/sweep_edge_full.png",
+        "results/figures/sweep_keep_full.png",
+        "--cores",
+        "1",
+        "--configfile",
+        "tests/configs/test.yaml",
+    ).stdout
+    points = set(re.findall(r"wildcards: point=(\S+), stage=(\w+)", out)) | {
+        (p, s) for s, p in re.findall(r"wildcards: stage=(\w+), point=(\S+)", out)
+    }
     grid = yaml.safe_load((workdir / "tests/configs/test.yaml").read_text())["analysis"]["paper_sweep"]
     expected = {f"edge_{a}_{b}_{c}" for a, b, c in grid["edge"]} | {f"keep_{v:g}_{m:g}" for v, m in grid["keep"]}
     assert points == {(p, "stage1") for p in expected}
@@ -66,29 +76,55 @@ class TestEndToEnd:
     """`all` and `paper_figures` at test size (the session's one run)."""
 
     def test_every_figure_and_table_is_drawn(self, run):
-        figures = ["training_curves", "sparsity", "efficiency", "retrieval_demo_retrieval", "probing_demo_retrieval",
-                   "egomcq", "probing_egomcq", "pruning_maps", "sweep_edge", "sweep_keep", "efficiency_full",
-                   "sweep_edge_full", "sweep_keep_full", "control", "ablation"]
+        figures = [
+            "training_curves",
+            "sparsity",
+            "efficiency",
+            "retrieval_demo_retrieval",
+            "probing_demo_retrieval",
+            "egomcq",
+            "probing_egomcq",
+            "pruning_maps",
+            "sweep_edge",
+            "sweep_keep",
+            "efficiency_full",
+            "sweep_edge_full",
+            "sweep_keep_full",
+            "control",
+            "ablation",
+        ]
         for name in figures:
             assert (run / f"results/figures/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-        for table in ["retrieval_demo_retrieval", "twins_demo_retrieval", "probing_demo_retrieval", "egomcq",
-                      "probing_egomcq", "efficiency"]:
+        for table in [
+            "retrieval_demo_retrieval",
+            "twins_demo_retrieval",
+            "probing_demo_retrieval",
+            "egomcq",
+            "probing_egomcq",
+            "efficiency",
+        ]:
             assert (run / f"results/tables/{table}.md").exists() and (run / f"results/tables/{table}.html").exists()
 
     def test_the_results_table_is_the_result_files(self, run):
         results = (run / "results/tables/results.md").read_text()
         for stage in ("stage1", "stage2", "stage3"):
             metrics = json.loads((run / f"results/eval/retrieval/demo_retrieval/{stage}.json").read_text())["metrics"]
-            row = f"| {stage} | " + {"stage1": "4", "stage2": "8", "stage3": "16"}[stage] + " | " + \
-                " | ".join(f"{metrics[k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mean")) + " |"
+            row = (
+                f"| {stage} | "
+                + {"stage1": "4", "stage2": "8", "stage3": "16"}[stage]
+                + " | "
+                + " | ".join(f"{metrics[k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mean"))
+                + " |"
+            )
             assert row in results, row
 
     def test_the_control_is_at_50_percent_by_construction(self, run):
         for stage in ("stage1_late", "stage2_late"):  # tests/configs/test.yaml's control
             result = json.loads((run / f"results/eval/retrieval/demo_retrieval/{stage}.json").read_text())
             assert result["twins_exact_reversal"] == {"itc": 50.0, "vtm": 50.0}, stage
-            deltas = [v for order in result["frame_order_deltas"].values() for group in order.values()
-                      for v in group.values()]
+            deltas = [
+                v for order in result["frame_order_deltas"].values() for group in order.values() for v in group.values()
+            ]
             assert deltas and all(v == 0.0 for v in deltas), stage
 
     def test_an_unrunnable_sweep_point_says_why(self, run):
@@ -102,8 +138,10 @@ class TestEndToEnd:
         cfg = yaml.safe_load((run / "tests/configs/test.yaml").read_text())
         cfg["analysis"]["sweep"]["edge"].append([1, 0, 8])
         (run / "configs/more.yaml").write_text(yaml.safe_dump(cfg))
-        assert planned_jobs(run, "configs/more.yaml") == {("sweep_point", "stage=stage1, point=edge_1_0_8"),
-                                                          ("plot_sweep", "kind=edge, suffix=")}
+        assert planned_jobs(run, "configs/more.yaml") == {
+            ("sweep_point", "stage=stage1, point=edge_1_0_8"),
+            ("plot_sweep", "kind=edge, suffix="),
+        }
 
     def test_the_vtm_negatives_diagnostic_reads_a_trained_stage(self, run, tmp_path):
         from collections import Counter
@@ -112,11 +150,23 @@ class TestEndToEnd:
 
         annotations = run / "resources/demo/retrieval_test.json"
         out = tmp_path / "stage1.json"
-        assert script("vtm_negatives").main([
-            "--model", str(run / "results/pretrain/stage1/model.safetensors"),
-            "--shards", *map(str, sorted((run / "resources/frames/demo_retrieval").glob("shard-*.h5"))),
-            "--annotations", str(annotations), "--tokenizer", str(run / "resources/demo/tokenizer"),
-            "--out", str(out)]) == 0
+        assert (
+            script("vtm_negatives").main(
+                [
+                    "--model",
+                    str(run / "results/pretrain/stage1/model.safetensors"),
+                    "--shards",
+                    *map(str, sorted((run / "resources/frames/demo_retrieval").glob("shard-*.h5"))),
+                    "--annotations",
+                    str(annotations),
+                    "--tokenizer",
+                    str(run / "resources/demo/tokenizer"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         result = json.loads(out.read_text())
         items = json.loads(annotations.read_text())
         n, sizes = len(items), Counter(item["family"] for item in items)
@@ -133,7 +183,14 @@ class TestEndToEnd:
     def test_the_report_holds_every_figure_and_table(self, run):
         snakemake(run, "--report", "report.html", "--configfile", "tests/configs/test.yaml")
         html = (run / "report.html").read_text(errors="replace")
-        for name in ["pruning_maps.png", "probing_demo_retrieval.png", "sweep_edge.png", "efficiency.png",
-                     "retrieval_demo_retrieval.html", "twins_demo_retrieval.html", "efficiency.html"]:
+        for name in [
+            "pruning_maps.png",
+            "probing_demo_retrieval.png",
+            "sweep_edge.png",
+            "efficiency.png",
+            "retrieval_demo_retrieval.html",
+            "twins_demo_retrieval.html",
+            "efficiency.html",
+        ]:
             assert name in html, name
         assert "This report was produced by the configuration below" in html

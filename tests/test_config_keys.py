@@ -1,13 +1,14 @@
 """One home per config key: the schema checks exactly the keys the library reads, so a typo in
 the model or stage sections fails when the workflow is parsed, not days later in the first job."""
+
 import pytest
 import yaml
 
 from svitt.models.svitt import MODEL_DEFAULTS
 from svitt.models.text_encoder import TEXT_DEFAULTS
 from svitt.models.video_encoder import VIDEO_DEFAULTS
-from svitt.workflow.stages import STAGE_ONLY_KEYS, VOCABULARY
 from svitt.training.keys import DATA_KEYS, IO_KEYS, MODEL_STAGE_KEYS, QA_DATA_KEYS, QA_KEYS, TRAIN_KEYS
+from svitt.workflow.stages import STAGE_ONLY_KEYS, VOCABULARY
 from tests.helpers.workflow import REPO, copy_workflow, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())

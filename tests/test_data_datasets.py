@@ -1,5 +1,6 @@
 """Clip datasets, transforms and the twin batch sampler, over HDF5 shards written here by hand
 (uniform-gray frames whose level identifies the frame, so sampling can be checked by value)."""
+
 from __future__ import annotations
 
 import io
@@ -135,9 +136,11 @@ def shard(tmp_path):
 
 def test_pretraining_pairs(shard, tmp_path):
     csv_path = tmp_path / "webvid.csv"
-    csv_path.write_text("videoid,contentUrl,duration,page_dir,name,family\n"
-                        + "".join(f"v{i},file:///x,PT1S,d,caption {i},fam{i // 4}\n" for i in range(8))
-                        + "gone,file:///y,PT1S,d,lost,fam9\nodd/id,file:///z,PT1S,d,slashed,\n")
+    csv_path.write_text(
+        "videoid,contentUrl,duration,page_dir,name,family\n"
+        + "".join(f"v{i},file:///x,PT1S,d,caption {i},fam{i // 4}\n" for i in range(8))
+        + "gone,file:///y,PT1S,d,lost,fam9\nodd/id,file:///z,PT1S,d,slashed,\n"
+    )
     data = ds.VideoTextDataset(shard, csv_path, 4, TrainTransform(32, flip=False), seed=0)
     assert len(data) == 9 and data.missing == ["gone"]
     assert data.groups[:5] == ["fam0"] * 4 + ["fam1"] and data.groups[8] == ""
@@ -183,12 +186,16 @@ def test_lazy_handles_and_workers(shard, tmp_path):
 
 def test_retrieval_dataset(shard, tmp_path):
     annotation = tmp_path / "ret.json"
-    annotation.write_text(json.dumps([
-        {"video": "v0.mp4", "caption": "zero", "reverse_twin": "v1", "order_twin": "v2"},
-        {"video": "v1", "caption": ["one a", "one b"], "reverse_twin": "v0.mp4"},
-        {"video": "missing", "caption": "lost"},
-        {"video": "v2", "caption": "two", "order_twin": "v0"},
-    ]))
+    annotation.write_text(
+        json.dumps(
+            [
+                {"video": "v0.mp4", "caption": "zero", "reverse_twin": "v1", "order_twin": "v2"},
+                {"video": "v1", "caption": ["one a", "one b"], "reverse_twin": "v0.mp4"},
+                {"video": "missing", "caption": "lost"},
+                {"video": "v2", "caption": "two", "order_twin": "v0"},
+            ]
+        )
+    )
     data = ds.RetrievalDataset(shard, annotation, 4, EvalTransform(32))
     assert data.video_ids == ["v0", "v1", "v2"] and data.missing == ["missing"]
     assert data.texts == ["zero", "one a", "one b", "two"]
@@ -202,9 +209,15 @@ def test_retrieval_dataset(shard, tmp_path):
 
 def test_qa_dataset(shard, tmp_path):
     annotation = tmp_path / "qa.json"
-    annotation.write_text(json.dumps([{"video": "v0", "question": "what?", "answer": "red"},
-                                      {"video": "v1", "question": "which?", "answer": "zebra"},
-                                      {"video": "nope", "question": "?", "answer": "red"}]))
+    annotation.write_text(
+        json.dumps(
+            [
+                {"video": "v0", "question": "what?", "answer": "red"},
+                {"video": "v1", "question": "which?", "answer": "zebra"},
+                {"video": "nope", "question": "?", "answer": "red"},
+            ]
+        )
+    )
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps(["blue", "red"]))
     data = ds.QADataset(shard, annotation, 8, EvalTransform(32), answer_list=answers)
@@ -214,8 +227,10 @@ def test_qa_dataset(shard, tmp_path):
     assert item["answer_index"] == 1 and data[1]["answer_index"] == -1 and item["video_id"] == "v0"
 
 
-EGO_HEADER = ("clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\tclip_end"
-              "\tclip_text\ttag_verb\ttag_noun\n")
+EGO_HEADER = (
+    "clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\tclip_end"
+    "\tclip_text\ttag_verb\ttag_noun\n"
+)
 
 
 def ego_row(i, uid, t, start, end, text, verbs="[0]", nouns="[1, 3]"):
@@ -224,14 +239,21 @@ def ego_row(i, uid, t, start, end, text, verbs="[0]", nouns="[1, 3]"):
 
 @pytest.fixture()
 def ego(tmp_path):
-    clips = [("A", 10, 9.5, 10.5), ("A", 20, 19.5, 20.5), ("A", 20.4, 20.0, 21.0), ("A", 70, 69.5, 70.5),
-             ("B", 5, 4.5, 5.5)]
+    clips = [
+        ("A", 10, 9.5, 10.5),
+        ("A", 20, 19.5, 20.5),
+        ("A", 20.4, 20.0, 21.0),
+        ("A", 70, 69.5, 70.5),
+        ("B", 5, 4.5, 5.5),
+    ]
     videos = {clip_key(uid, s, e): gray_frames(16, base=3 * n) for n, (uid, _t, s, e) in enumerate(clips)}
     shard = make_shard(tmp_path / "ego.h5", videos)
     csv_path = tmp_path / "egoclip.csv"
-    csv_path.write_text(EGO_HEADER + "".join(ego_row(n, uid, t, s, e, f"#C C does {n}") for n, (uid, t, s, e)
-                                             in enumerate(clips))
-                        + ego_row(9, "C", 1, 0.5, 1.5, "#C C is missing"))
+    csv_path.write_text(
+        EGO_HEADER
+        + "".join(ego_row(n, uid, t, s, e, f"#C C does {n}") for n, (uid, t, s, e) in enumerate(clips))
+        + ego_row(9, "C", 1, 0.5, 1.5, "#C C is missing")
+    )
     return shard, csv_path, clips
 
 
@@ -283,12 +305,26 @@ def test_egomcq_dataset(ego, tmp_path):
         uid, t, s, e = clips[n]
         return {"video_uid": uid, "clip_start": s, "clip_end": e, "clip_text": f"#C C does {n}", "narration_time": t}
 
-    mcq = {"0": {"query": clip(2), "choices": {str(k): clip(n) for k, n in enumerate([0, 1, 2, 3, 4])},
-                 "answer": 2, "types": 1},
-           "1": {"query": clip(1), "choices": {str(k): clip(n) for k, n in enumerate([4, 1, 0, 2, 3])},
-                 "answer": 1, "types": 2},
-           "2": {"query": clip(0), "choices": {**{str(k): clip(k) for k in range(4)},
-                                               "4": {**clip(0), "video_uid": "absent"}}, "answer": 0, "types": 2}}
+    mcq = {
+        "0": {
+            "query": clip(2),
+            "choices": {str(k): clip(n) for k, n in enumerate([0, 1, 2, 3, 4])},
+            "answer": 2,
+            "types": 1,
+        },
+        "1": {
+            "query": clip(1),
+            "choices": {str(k): clip(n) for k, n in enumerate([4, 1, 0, 2, 3])},
+            "answer": 1,
+            "types": 2,
+        },
+        "2": {
+            "query": clip(0),
+            "choices": {**{str(k): clip(k) for k in range(4)}, "4": {**clip(0), "video_uid": "absent"}},
+            "answer": 0,
+            "types": 2,
+        },
+    }
     path = tmp_path / "egomcq.json"
     path.write_text(json.dumps(mcq))
     data = ds.EgoMCQDataset(shard, path, 4, EvalTransform(32))

@@ -1,5 +1,6 @@
 """The embedded demo corpus: captions must describe the pixels, twins must be exact twins, the
 metadata must be in the real sets' layouts, and everything must be deterministic from the seed."""
+
 from __future__ import annotations
 
 import csv
@@ -11,10 +12,21 @@ import av
 import numpy as np
 import pytest
 
-from svitt.data.demo import corpus as demo_corpus, scene as demo_scene, twins as demo_twins
+from svitt.data.demo import corpus as demo_corpus
+from svitt.data.demo import scene as demo_scene
+from svitt.data.demo import twins as demo_twins
 
-SMALL = demo_scene.DemoSizes(train_videos=8, test_videos=8, qa_videos=8, qa_questions_per_video=3, ego_train_videos=2,
-                     ego_mcq_videos=5, ego_mcq_questions=6, ego_seconds=12.0, finetune_videos=8)
+SMALL = demo_scene.DemoSizes(
+    train_videos=8,
+    test_videos=8,
+    qa_videos=8,
+    qa_questions_per_video=3,
+    ego_train_videos=2,
+    ego_mcq_videos=5,
+    ego_mcq_questions=6,
+    ego_seconds=12.0,
+    finetune_videos=8,
+)
 GEO = demo_scene.DemoGeometry(ego_chunk_seconds=5.0)
 OPP = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CAPTION = re.compile(r"^the (\w+) (\w+) moves (\w+), then the (\w+) (\w+) moves (\w+)$")
@@ -45,10 +57,27 @@ def read_webvid(corpus: Path) -> list[dict]:
 
 def test_layout_and_counts(corpus):
     names = {p.name for p in corpus.iterdir()}
-    assert names == {"videos", "ego_videos", "tokenizer", "corpus.json", "webvid_train.csv", "downstream_videos.csv",
-                     "qa_videos.csv", "retrieval_train.json", "retrieval_test.json", "retrieval_test_didemo.json",
-                     "twins_test.json", "qa_train.json", "qa_test.json", "qa_answers.json", "egoclip.csv",
-                     "egomcq.json", "ego_taxonomy.json", "nlq_train.json", "nlq_val.json"}
+    assert names == {
+        "videos",
+        "ego_videos",
+        "tokenizer",
+        "corpus.json",
+        "webvid_train.csv",
+        "downstream_videos.csv",
+        "qa_videos.csv",
+        "retrieval_train.json",
+        "retrieval_test.json",
+        "retrieval_test_didemo.json",
+        "twins_test.json",
+        "qa_train.json",
+        "qa_test.json",
+        "qa_answers.json",
+        "egoclip.csv",
+        "egomcq.json",
+        "ego_taxonomy.json",
+        "nlq_train.json",
+        "nlq_val.json",
+    }
     assert len(list((corpus / "videos").glob("*.mp4"))) == 32
     rows = read_webvid(corpus)
     assert list(rows[0]) == ["videoid", "contentUrl", "duration", "page_dir", "name", "family", "variant"]
@@ -81,7 +110,9 @@ def test_time_reversed_twins_hold_the_same_frames_reversed(corpus):
     assert np.abs(swap - fwd).mean() > 2 * np.abs(rev_fwd - fwd[::-1]).mean()  # the event-order twin differs
     a, b = demo_twins.Event("red", "circle", "left"), demo_twins.Event("blue", "square", "up")
     videos = demo_twins.render_family(a, b, GEO, np.random.default_rng(0))
-    assert np.array_equal(videos["rev"], videos["fwd"][::-1]) and np.array_equal(videos["swaprev"], videos["swap"][::-1])
+    assert np.array_equal(videos["rev"], videos["fwd"][::-1]) and np.array_equal(
+        videos["swaprev"], videos["swap"][::-1]
+    )
     assert np.array_equal(videos["fwd"][0], videos["swap"][0]) and np.array_equal(videos["fwd"][-1], videos["swap"][-1])
 
 
@@ -150,7 +181,7 @@ def test_retrieval_qa_and_twins_files(corpus):
         elif q["type"] == "second":
             assert text == "what moves second?" and q["answer"] == f"{second[0]} {second[1]}"
         elif q["type"] == "direction":
-            obj = tuple(text[len("which way does the "):-len(" move?")].split())
+            obj = tuple(text[len("which way does the ") : -len(" move?")].split())
             assert q["answer"] == (first[2] if obj == first[:2] else second[2])
         else:
             assert q["type"] == "before"
@@ -161,8 +192,19 @@ def test_retrieval_qa_and_twins_files(corpus):
 def test_egoclip_and_egomcq_layouts(corpus):
     with open(corpus / "egoclip.csv", newline="") as handle:
         header = handle.readline().rstrip("\n").split("\t")
-    assert header == ["clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind", "narration_time",
-                      "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"]
+    assert header == [
+        "clip_idx",
+        "video_uid",
+        "video_dur",
+        "narration_source",
+        "narration_ind",
+        "narration_time",
+        "clip_start",
+        "clip_end",
+        "clip_text",
+        "tag_verb",
+        "tag_noun",
+    ]
     rows = list(csv.DictReader(open(corpus / "egoclip.csv", newline=""), delimiter="\t"))
     taxonomy = json.loads((corpus / "ego_taxonomy.json").read_text())
     assert len(rows) == 2 * 6  # two 12 s videos, one narration every 2 s
@@ -173,8 +215,9 @@ def test_egoclip_and_egomcq_layouts(corpus):
         noun = taxonomy["nouns"][json.loads(r["tag_noun"])[0]]
         assert noun in r["clip_text"].split() and r["clip_text"].split()[2].startswith(verb[:4])
     chunked = [p for p in (corpus / "ego_videos").iterdir()]
-    assert len(chunked) == 7 and all(sorted(c.name for c in p.iterdir()) == ["0.mp4", "1.mp4", "2.mp4"]
-                                     for p in chunked)  # 12 s in 5 s chunks
+    assert len(chunked) == 7 and all(
+        sorted(c.name for c in p.iterdir()) == ["0.mp4", "1.mp4", "2.mp4"] for p in chunked
+    )  # 12 s in 5 s chunks
     mcq = json.loads((corpus / "egomcq.json").read_text())
     assert list(mcq) == [str(i) for i in range(6)]
     train_uids = {r["video_uid"] for r in rows}
@@ -197,14 +240,25 @@ def test_vocab_covers_every_text_without_unk(corpus):
         texts += [q["question"] + " " + q["answer"] for q in json.loads((corpus / name).read_text())]
     texts += [r["clip_text"] for r in csv.DictReader(open(corpus / "egoclip.csv"), delimiter="\t")]
     texts += [q["query"]["clip_text"] for q in json.loads((corpus / "egomcq.json").read_text()).values()]
-    for tokenizer in (demo_corpus.load_tokenizer(corpus / "tokenizer"),
-                      BertTokenizerFast(vocab=str(corpus / "tokenizer" / "vocab.txt"))):
+    for tokenizer in (
+        demo_corpus.load_tokenizer(corpus / "tokenizer"),
+        BertTokenizerFast(vocab=str(corpus / "tokenizer" / "vocab.txt")),
+    ):
         assert tokenizer.pad_token_id == 0 and tokenizer.unk_token_id == 1
         for text in texts:
             ids = tokenizer(text)["input_ids"]
             assert tokenizer.unk_token_id not in ids, (text, tokenizer.convert_ids_to_tokens(ids))
-        assert tokenizer.convert_ids_to_tokens(tokenizer("#C C lifts the red ball")["input_ids"]) == \
-            ["[CLS]", "#", "c", "c", "lifts", "the", "red", "ball", "[SEP]"]
+        assert tokenizer.convert_ids_to_tokens(tokenizer("#C C lifts the red ball")["input_ids"]) == [
+            "[CLS]",
+            "#",
+            "c",
+            "c",
+            "lifts",
+            "the",
+            "red",
+            "ball",
+            "[SEP]",
+        ]
         assert tokenizer.unk_token_id in tokenizer("a zebra")["input_ids"]  # the check can fail
 
 
@@ -219,15 +273,19 @@ def test_deterministic_from_seed(corpus, tmp_path):
             assert path.read_bytes() == other.read_bytes(), path
     different = tmp_path / "other"
     demo_corpus.make_demo_corpus(different, seed=4, sizes=SMALL, geometry=GEO, workers=1, progress=False)
-    assert (different / "webvid_train.csv").read_text().replace(str(different), "") != \
-        (corpus / "webvid_train.csv").read_text().replace(str(corpus), "")
+    assert (different / "webvid_train.csv").read_text().replace(str(different), "") != (
+        corpus / "webvid_train.csv"
+    ).read_text().replace(str(corpus), "")
 
 
 def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--train-videos must be a non-negative multiple of 4 .* got 6"):
         demo_corpus.make_demo_corpus(tmp_path / "x", sizes=demo_scene.DemoSizes(train_videos=6), progress=False)
     with pytest.raises(ValueError, match="at least 5 held-out ego videos, got 3"):
-        demo_corpus.make_demo_corpus(tmp_path / "y", sizes=demo_scene.DemoSizes(8, 0, 0, ego_train_videos=1, ego_mcq_videos=3,
-                                                               ego_seconds=10), progress=False)
+        demo_corpus.make_demo_corpus(
+            tmp_path / "y",
+            sizes=demo_scene.DemoSizes(8, 0, 0, ego_train_videos=1, ego_mcq_videos=3, ego_seconds=10),
+            progress=False,
+        )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert list(tmp_path.iterdir()) == []  # temporary folders removed

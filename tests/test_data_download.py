@@ -1,11 +1,11 @@
 """Download stage: a real HTTP server on 127.0.0.1 serves good and bad videos; every bad input must
 end as a manifest row whose reason says what went wrong."""
+
 from __future__ import annotations
 
 import csv
 import hashlib
 import http.server
-
 import os
 import signal
 import subprocess
@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from conftest import REPO, script
 
 from svitt.data import download as dl
 from svitt.data.mp4 import write_mp4
-from conftest import REPO, script
 
 cli = script("download")
 
@@ -141,7 +141,7 @@ def make_handler(server_state):
             for i in range(0, len(data), piece):
                 if server_state["stop"].is_set():
                     return
-                self.wfile.write(data[i:i + piece])
+                self.wfile.write(data[i : i + piece])
                 self.wfile.flush()
                 time.sleep(delay)
 
@@ -244,8 +244,21 @@ def test_every_bad_input_gets_its_reason(server, videos, tmp_path):
     ]
     csv_path = write_csv(tmp_path / "list.csv", rows)
     out, manifest = tmp_path / "videos", tmp_path / "manifest.csv"
-    code = cli.main(["--csv", str(csv_path), "--out", str(out), "--manifest", str(manifest),
-                     "--max-bytes", str(1024 * 1024), "--max-failed-fraction", "1.0", *FAST])
+    code = cli.main(
+        [
+            "--csv",
+            str(csv_path),
+            "--out",
+            str(out),
+            "--manifest",
+            str(manifest),
+            "--max-bytes",
+            str(1024 * 1024),
+            "--max-failed-fraction",
+            "1.0",
+            *FAST,
+        ]
+    )
     assert code == 0
     with open(manifest, newline="") as handle:
         assert len(list(csv.DictReader(handle))) == len(rows)  # one row per input row, duplicates included
@@ -287,9 +300,25 @@ def test_stalled_server_is_cut_by_the_total_timeout(server, tmp_path):
     """A trickle of one byte per 50 ms never trips a per-read timeout; the total deadline must."""
     rows = [("trickle", f"{server['url']}/stall-body.mp4", ""), ("silent", f"{server['url']}/stall-headers.mp4", "")]
     manifest = tmp_path / "manifest.csv"
-    code = cli.main(["--csv", str(write_csv(tmp_path / "l.csv", rows)), "--out", str(tmp_path / "v"),
-                     "--manifest", str(manifest), "--timeout", "1", "--retries", "0", "--workers", "2",
-                     "--no-progress", "--max-failed-fraction", "1"])
+    code = cli.main(
+        [
+            "--csv",
+            str(write_csv(tmp_path / "l.csv", rows)),
+            "--out",
+            str(tmp_path / "v"),
+            "--manifest",
+            str(manifest),
+            "--timeout",
+            "1",
+            "--retries",
+            "0",
+            "--workers",
+            "2",
+            "--no-progress",
+            "--max-failed-fraction",
+            "1",
+        ]
+    )
     assert code == 0
     m = manifest_rows(manifest)
     trickled = int(m["trickle"]["reason"].split("(")[1].split()[0])
@@ -308,14 +337,33 @@ def test_timeout_bounds_every_attempt_of_a_closing_trickle(server, tmp_path, kin
     timeout, retries = 1, 3
     url = f"{server['url']}/trickle-close/{kind}.mp4"
     manifest = tmp_path / "manifest.csv"
-    args = ["--csv", str(write_csv(tmp_path / "l.csv", [("trickle", url, "")])), "--out", str(tmp_path / "v"),
-            "--manifest", str(manifest), "--timeout", str(timeout), "--retries", str(retries), "--backoff", "0.01",
-            "--max-failed-fraction", "1", "--no-progress"]
+    args = [
+        "--csv",
+        str(write_csv(tmp_path / "l.csv", [("trickle", url, "")])),
+        "--out",
+        str(tmp_path / "v"),
+        "--manifest",
+        str(manifest),
+        "--timeout",
+        str(timeout),
+        "--retries",
+        str(retries),
+        "--backoff",
+        "0.01",
+        "--max-failed-fraction",
+        "1",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.monotonic()
     try:
-        subprocess.run([sys.executable, str(REPO / "workflow_scripts" / "download.py"), *args], env=env,
-                       timeout=40, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "workflow_scripts" / "download.py"), *args],
+            env=env,
+            timeout=40,
+            check=True,
+            capture_output=True,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the download was still running after 40 s: the deadline did not hold")
     elapsed = time.monotonic() - start
@@ -323,7 +371,8 @@ def test_timeout_bounds_every_attempt_of_a_closing_trickle(server, tmp_path, kin
     assert elapsed < (retries + 1) * timeout + 5  # 4 attempts of 1 s, plus interpreter start-up
     reason = manifest_rows(manifest)["trickle"]["reason"]
     assert reason.startswith(f"timeout: no complete response within {timeout} s (") and reason.endswith(
-        f"(after {retries + 1} attempts)")
+        f"(after {retries + 1} attempts)"
+    )
 
 
 def test_ids_never_escape_the_output_folder(videos, tmp_path):
@@ -359,10 +408,14 @@ def test_annotation_files_name_their_videos(tmp_path):
     """Folder datasets are selected by their annotations: a retrieval / QA JSON list, a video_uid
     table (nlq_videos.tsv), an egomcq.json."""
     listing = tmp_path / "ret.json"
-    listing.write_text('[{"video": "video7010.mp4", "caption": "a"}, {"video": "video7011.mp4", "caption": "b"},'
-                       ' {"video": "video7010.mp4", "caption": "c"}]')
-    assert [(i.row, i.id, i.url) for i in dl.read_video_list(listing)] == [(0, "video7010.mp4", None),
-                                                                            (1, "video7011.mp4", None)]
+    listing.write_text(
+        '[{"video": "video7010.mp4", "caption": "a"}, {"video": "video7011.mp4", "caption": "b"},'
+        ' {"video": "video7010.mp4", "caption": "c"}]'
+    )
+    assert [(i.row, i.id, i.url) for i in dl.read_video_list(listing)] == [
+        (0, "video7010.mp4", None),
+        (1, "video7011.mp4", None),
+    ]
     nlq = tmp_path / "nlq_videos.tsv"
     nlq.write_text("video_uid\tsplit\nuid-a\ttrain\nuid-b\tval\nuid-a\tval\n")
     assert [i.id for i in dl.read_video_list(nlq)] == ["uid-a", "uid-b"]
@@ -370,7 +423,10 @@ def test_annotation_files_name_their_videos(tmp_path):
     assert [i.id for i in dl.read_video_list(uids)] == ["uid-c"]
     bad = tmp_path / "bad.json"
     bad.write_text('[{"clip": 1}]')
-    with pytest.raises(dl.InputError, match=r"bad.json: a list of objects with keys \['clip'\] is none of the accepted layouts: .*egomcq.json"):
+    with pytest.raises(
+        dl.InputError,
+        match=r"bad.json: a list of objects with keys \['clip'\] is none of the accepted layouts: .*egomcq.json",
+    ):
         dl.read_video_list(bad)
     folder = tmp_path / "videos"
     folder.mkdir()
@@ -387,8 +443,24 @@ def test_download_shards_partition_the_rows(videos, tmp_path):
     seen = []
     for k in range(3):
         manifest = tmp_path / f"m{k}.csv"
-        assert cli.main(["--csv", str(csv_path), "--out", str(tmp_path / f"v{k}"), "--manifest", str(manifest),
-                         "--num-shards", "3", "--shard-index", str(k), *FAST]) == 0
+        assert (
+            cli.main(
+                [
+                    "--csv",
+                    str(csv_path),
+                    "--out",
+                    str(tmp_path / f"v{k}"),
+                    "--manifest",
+                    str(manifest),
+                    "--num-shards",
+                    "3",
+                    "--shard-index",
+                    str(k),
+                    *FAST,
+                ]
+            )
+            == 0
+        )
         with open(manifest, newline="") as handle:
             rows = list(csv.DictReader(handle))
         assert all(dl.shard_of(r["id"], 3) == k for r in rows)
@@ -399,8 +471,12 @@ def test_download_shards_partition_the_rows(videos, tmp_path):
 
 def test_failed_fraction_threshold(server, tmp_path, capsys):
     u = server["url"]
-    rows = [("a", f"{u}/video/a.mp4", ""), ("b", f"{u}/video/b.mp4", ""), ("c", f"{u}/404.mp4", ""),
-            ("d", f"{u}/video/d.mp4", "")]
+    rows = [
+        ("a", f"{u}/video/a.mp4", ""),
+        ("b", f"{u}/video/b.mp4", ""),
+        ("c", f"{u}/404.mp4", ""),
+        ("d", f"{u}/video/d.mp4", ""),
+    ]
     csv_path = write_csv(tmp_path / "l.csv", rows)
     args = ["--csv", str(csv_path), "--out", str(tmp_path / "v"), "--manifest", str(tmp_path / "m.csv"), *FAST]
     assert cli.main(args + ["--max-failed-fraction", "0.25"]) == 0  # 1 of 4 is not above 0.25
@@ -436,8 +512,19 @@ def test_resume_after_kill(server, videos, tmp_path):
     rows = [("done", f"{u}/video/kill-done.mp4", ""), ("slow", f"{u}/slow/kill.mp4", "")]
     csv_path = write_csv(tmp_path / "l.csv", rows)
     out, manifest = tmp_path / "v", tmp_path / "m.csv"
-    args = ["--csv", str(csv_path), "--out", str(out), "--manifest", str(manifest), "--workers", "1",
-            "--timeout", "60", "--no-progress"]
+    args = [
+        "--csv",
+        str(csv_path),
+        "--out",
+        str(out),
+        "--manifest",
+        str(manifest),
+        "--workers",
+        "1",
+        "--timeout",
+        "60",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(REPO / "workflow_scripts" / "download.py"), *args], env=env)
     part = out / "slow.mp4.part"
@@ -489,11 +576,26 @@ def test_local_folder_and_ego4d_cli(videos, tmp_path, capsys):
         (folder / "uid-chunked" / f"{k}.mp4").write_bytes(videos["small"])
     assert [p.name for p in dl.list_chunks(folder / "uid-chunked")] == ["0.mp4", "1.mp4", "2.mp4", "10.mp4"]
     egoclip = tmp_path / "egoclip.csv"
-    egoclip.write_text("clip_idx\tvideo_uid\tclip_start\tclip_end\tclip_text\n0\tuid-single\t0\t1\t#C C x\n"
-                       "1\tuid-chunked\t0\t1\t#C C y\n2\tuid-single\t1\t2\t#C C z\n3\tuid-gone\t0\t1\t#C C w\n")
+    egoclip.write_text(
+        "clip_idx\tvideo_uid\tclip_start\tclip_end\tclip_text\n0\tuid-single\t0\t1\t#C C x\n"
+        "1\tuid-chunked\t0\t1\t#C C y\n2\tuid-single\t1\t2\t#C C z\n3\tuid-gone\t0\t1\t#C C w\n"
+    )
     manifest = tmp_path / "m.csv"
-    code = cli.main(["--csv", str(egoclip), "--local-dir", str(folder), "--out", str(tmp_path / "v"),
-                     "--manifest", str(manifest), "--max-failed-fraction", "0.5", "--no-progress"])
+    code = cli.main(
+        [
+            "--csv",
+            str(egoclip),
+            "--local-dir",
+            str(folder),
+            "--out",
+            str(tmp_path / "v"),
+            "--manifest",
+            str(manifest),
+            "--max-failed-fraction",
+            "0.5",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     m = manifest_rows(manifest)
     assert list(m) == ["uid-single", "uid-chunked", "uid-gone"]  # one row per distinct video_uid
@@ -503,10 +605,31 @@ def test_local_folder_and_ego4d_cli(videos, tmp_path, capsys):
     assert m["uid-gone"]["reason"].startswith(f"not found in local folder {folder}")
 
     command = dl.ego4d_command("uids.txt", "out/ego4d", aws_profile="ego4d")
-    assert command == ["ego4d", "--output_directory", "out/ego4d", "--datasets", "full_scale",
-                       "--video_uid_file", "uids.txt", "--yes", "--aws_profile_name", "ego4d"]
-    code = cli.main(["--csv", str(egoclip), "--ego4d-cli", "--ego4d-executable", "ego4d-not-installed-here",
-                     "--out", str(tmp_path / "e"), "--manifest", str(tmp_path / "e.csv")])
+    assert command == [
+        "ego4d",
+        "--output_directory",
+        "out/ego4d",
+        "--datasets",
+        "full_scale",
+        "--video_uid_file",
+        "uids.txt",
+        "--yes",
+        "--aws_profile_name",
+        "ego4d",
+    ]
+    code = cli.main(
+        [
+            "--csv",
+            str(egoclip),
+            "--ego4d-cli",
+            "--ego4d-executable",
+            "ego4d-not-installed-here",
+            "--out",
+            str(tmp_path / "e"),
+            "--manifest",
+            str(tmp_path / "e.csv"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "Ego4D CLI 'ego4d-not-installed-here' not found on PATH" in err and "--local-dir" in err

@@ -1,5 +1,6 @@
 """Frame extraction: expected frame counts and contents, clips across chunk boundaries, a failure
 reason for every kind of bad video, and shards that never look valid after a crash."""
+
 from __future__ import annotations
 
 import csv
@@ -63,8 +64,21 @@ def test_whole_videos_frame_counts_attributes_and_content(tmp_path):
     gray_video(src / "ramp.mp4", ramp, fps=8)
     gray_video(src / "short.mp4", [50, 100, 150], fps=8)
     out, failures = tmp_path / "frames" / "shard.h5", tmp_path / "frames" / "failures.csv"
-    code = cli.main(["--videos", str(src), "--out", str(out), "--failures", str(failures), "--frames", "8",
-                     "--short-side", "40", "--no-progress"])
+    code = cli.main(
+        [
+            "--videos",
+            str(src),
+            "--out",
+            str(out),
+            "--failures",
+            str(failures),
+            "--frames",
+            "8",
+            "--short-side",
+            "40",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and read_failures(failures) == {}
     with h5py.File(out) as h5:
         assert h5.attrs["format"] == "svitt-frames" and h5.attrs["short_side"] == 40
@@ -106,17 +120,35 @@ def test_clips_cross_chunk_boundaries(tmp_path):
     chunk_dir = tmp_path / "ego" / "uid-1"
     chunk_dir.mkdir(parents=True)
     for k in range(3):
-        gray_video(chunk_dir / f"{k}.mp4", values[25 * k:25 * (k + 1)], size=(64, 64))
+        gray_video(chunk_dir / f"{k}.mp4", values[25 * k : 25 * (k + 1)], size=(64, 64))
     egoclip = tmp_path / "egoclip.csv"
-    egoclip.write_text("clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start"
-                       "\tclip_end\tclip_text\ttag_verb\ttag_noun\n"
-                       "0\tuid-1\t6\tn\t0\t2.5\t2.0\t3.0\t#C C x\t[0]\t[0]\n"
-                       "1\tuid-1\t6\tn\t1\t9.5\t9.0\t10.0\t#C C beyond the end\t[0]\t[0]\n"
-                       "2\tuid-gone\t6\tn\t0\t1.0\t0.5\t1.5\t#C C missing video\t[0]\t[0]\n")
+    egoclip.write_text(
+        "clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start"
+        "\tclip_end\tclip_text\ttag_verb\ttag_noun\n"
+        "0\tuid-1\t6\tn\t0\t2.5\t2.0\t3.0\t#C C x\t[0]\t[0]\n"
+        "1\tuid-1\t6\tn\t1\t9.5\t9.0\t10.0\t#C C beyond the end\t[0]\t[0]\n"
+        "2\tuid-gone\t6\tn\t0\t1.0\t0.5\t1.5\t#C C missing video\t[0]\t[0]\n"
+    )
     out, failures = tmp_path / "ego.h5", tmp_path / "fail.csv"
-    code = cli.main(["--videos", str(tmp_path / "ego"), "--clips", str(egoclip), "--out", str(out), "--failures",
-                     str(failures), "--frames", "16", "--short-side", "32", "--no-progress",
-                     "--max-failed-fraction", "1"])
+    code = cli.main(
+        [
+            "--videos",
+            str(tmp_path / "ego"),
+            "--clips",
+            str(egoclip),
+            "--out",
+            str(out),
+            "--failures",
+            str(failures),
+            "--frames",
+            "16",
+            "--short-side",
+            "32",
+            "--no-progress",
+            "--max-failed-fraction",
+            "1",
+        ]
+    )
     assert code == 0
     key = fr.clip_key("uid-1", "2.0", "3.0")
     assert key == "uid-1_2.000_3.000"
@@ -124,7 +156,9 @@ def test_clips_cross_chunk_boundaries(tmp_path):
         ds = h5[key]
         assert ds.attrs["frame_indices"].tolist() == list(range(20, 30))
         assert np.allclose(ds.attrs["timestamps"], np.arange(20, 30) / 10)
-        assert ds.attrs["video_uid"] == "uid-1" and ds.attrs["clip_start"] == 2.0 and ds.attrs["source_num_frames"] == 60
+        assert (
+            ds.attrs["video_uid"] == "uid-1" and ds.attrs["clip_start"] == 2.0 and ds.attrs["source_num_frames"] == 60
+        )
         assert np.allclose(jpeg_means(h5, key), values[20:30], atol=3)
     reasons = read_failures(failures)
     assert reasons["uid-1_9.000_10.000"] == "clip [9, 10] s lies outside the video (0 to 6.000 s)"
@@ -147,20 +181,23 @@ def bad_videos(folder: Path, good: bytes) -> dict[str, str]:
         for packet in stream.encode():
             container.mux(packet)
     garbage_moov = b"moov" + bytes(np.random.default_rng(2).integers(0, 255, 200, dtype=np.uint8))
-    (folder / "nostream.mp4").write_bytes(good[:good.index(b"ftyp") + 28] + (len(garbage_moov) + 4).to_bytes(4, "big")
-                                          + garbage_moov)
+    (folder / "nostream.mp4").write_bytes(
+        good[: good.index(b"ftyp") + 28] + (len(garbage_moov) + 4).to_bytes(4, "big") + garbage_moov
+    )
     broken = bytearray(good)  # intact boxes, random H.264 payload
     at = broken.index(b"mdat")
-    size = int.from_bytes(broken[at - 4:at], "big")
-    broken[at + 4:at - 4 + size] = np.random.default_rng(3).integers(0, 255, size - 8, dtype=np.uint8).tobytes()
+    size = int.from_bytes(broken[at - 4 : at], "big")
+    broken[at + 4 : at - 4 + size] = np.random.default_rng(3).integers(0, 255, size - 8, dtype=np.uint8).tobytes()
     (folder / "undecodable.mp4").write_bytes(bytes(broken))
-    return {"zero": "zero.mp4: empty file (0 bytes)",
-            "html": "html.mp4: HTML page, not a video",
-            "noise": "noise.mp4: unrecognised content",
-            "truncated": "truncated.mp4: truncated MP4: ",
-            "audio": "audio.mp4: no video stream (audio-only: 1 audio stream(s))",
-            "nostream": "nostream.mp4: no video stream (streams: none)",
-            "undecodable": "undecodable.mp4: undecodable (InvalidDataError"}
+    return {
+        "zero": "zero.mp4: empty file (0 bytes)",
+        "html": "html.mp4: HTML page, not a video",
+        "noise": "noise.mp4: unrecognised content",
+        "truncated": "truncated.mp4: truncated MP4: ",
+        "audio": "audio.mp4: no video stream (audio-only: 1 audio stream(s))",
+        "nostream": "nostream.mp4: no video stream (streams: none)",
+        "undecodable": "undecodable.mp4: undecodable (InvalidDataError",
+    }
 
 
 def test_every_bad_video_gets_its_reason_and_the_rest_proceed(tmp_path):
@@ -169,8 +206,19 @@ def test_every_bad_video_gets_its_reason_and_the_rest_proceed(tmp_path):
     good = gray_video(src / "good.mp4", [40, 80, 120, 160]).read_bytes()
     expected = bad_videos(src, good)
     out, failures = tmp_path / "shard.h5", tmp_path / "failures.csv"
-    args = ["--videos", str(src), "--out", str(out), "--failures", str(failures), "--frames", "4", "--no-progress",
-            "--workers", "2"]
+    args = [
+        "--videos",
+        str(src),
+        "--out",
+        str(out),
+        "--failures",
+        str(failures),
+        "--frames",
+        "4",
+        "--no-progress",
+        "--workers",
+        "2",
+    ]
     assert cli.main(args + ["--max-failed-fraction", "0.9"]) == 0
     reasons = read_failures(failures)
     assert sorted(reasons) == sorted(expected)
@@ -184,11 +232,15 @@ def test_every_bad_video_gets_its_reason_and_the_rest_proceed(tmp_path):
 def test_manifest_input_uses_ok_rows_only(tmp_path):
     gray_video(tmp_path / "a.mp4", [10, 20])
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("id,status,reason,bytes,sha256,path\na/with slash,ok,,1,x,a.mp4\nb,failed,HTTP 404 Not Found,,,\n")
+    manifest.write_text(
+        "id,status,reason,bytes,sha256,path\na/with slash,ok,,1,x,a.mp4\nb,failed,HTTP 404 Not Found,,,\n"
+    )
     assert fr.discover_videos(manifest) == {"a/with slash": (tmp_path / "a.mp4").resolve()}
     out = tmp_path / "s.h5"
-    assert cli.main(["--videos", str(manifest), "--out", str(out), "--failures", str(tmp_path / "f.csv"),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["--videos", str(manifest), "--out", str(out), "--failures", str(tmp_path / "f.csv"), "--no-progress"])
+        == 0
+    )
     store = FrameStore(out)
     assert "a/with slash" in store and store.num_frames("a/with slash") == 2
     with h5py.File(out) as h5:
@@ -206,11 +258,29 @@ def test_folder_videos_named_by_their_annotations(tmp_path):
     gray_video(src / "u2" / "0.mp4", [40, 50])
     gray_video(src / "unlisted.mp4", [60])
     listing = tmp_path / "ret.json"
-    listing.write_text('[{"video": "video1.mp4", "caption": "a"}, {"video": "u2", "caption": "b"}, '
-                       '{"video": "gone.mp4", "caption": "c"}]')
+    listing.write_text(
+        '[{"video": "video1.mp4", "caption": "a"}, {"video": "u2", "caption": "b"}, '
+        '{"video": "gone.mp4", "caption": "c"}]'
+    )
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    assert cli.main(["--videos", str(src), "--ids", str(listing), "--out", str(out), "--failures", str(failures),
-                     "--max-failed-fraction", "0.5", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "--videos",
+                str(src),
+                "--ids",
+                str(listing),
+                "--out",
+                str(out),
+                "--failures",
+                str(failures),
+                "--max-failed-fraction",
+                "0.5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     store = FrameStore(out)
     assert sorted(store.shard_of) == ["u2", "video1.mp4"]
     assert store.attrs("u2")["source"] == str(src / "u2") and store.num_frames("video1.mp4") == 3
@@ -229,10 +299,26 @@ def test_several_id_lists_extract_the_union(tmp_path):
     test.write_text('[{"video": "a.mp4", "caption": "x"}, {"video": "b.mp4", "caption": "y"}]')
     train.write_text('[{"video": "b.mp4", "caption": "y"}, {"video": "c.mp4", "caption": "z"}]')
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    assert cli.main(["--videos", str(src), "--ids", str(test), str(train), "--out", str(out),
-                     "--failures", str(failures), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "--videos",
+                str(src),
+                "--ids",
+                str(test),
+                str(train),
+                "--out",
+                str(out),
+                "--failures",
+                str(failures),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(FrameStore(out).shard_of) == ["a.mp4", "b.mp4", "c.mp4"]
     assert read_failures(failures) == {}
+
 
 def test_shards_partition_the_videos(tmp_path):
     """Shard i of the extraction holds exactly the videos shard i of the download fetched."""
@@ -249,8 +335,24 @@ def test_shards_partition_the_videos(tmp_path):
     stored = []
     for k in range(3):
         out = tmp_path / f"s{k}.h5"
-        assert cli.main(["--videos", str(src), "--out", str(out), "--failures", str(tmp_path / f"f{k}.csv"),
-                         "--num-shards", "3", "--shard-index", str(k), "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "--videos",
+                    str(src),
+                    "--out",
+                    str(out),
+                    "--failures",
+                    str(tmp_path / f"f{k}.csv"),
+                    "--num-shards",
+                    "3",
+                    "--shard-index",
+                    str(k),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         stored.append(sorted(FrameStore(out).shard_of))
         assert stored[-1] == sorted(f"v{i}" for i in range(6) if dl.shard_of(f"v{i}", 3) == k)
     assert sorted(sum(stored, [])) == [f"v{i}" for i in range(6)]
@@ -272,8 +374,13 @@ def test_error_mid_shard_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
     monkeypatch.setattr(fr, "run_job", failing)
     out = tmp_path / "out" / "shard.h5"
     with pytest.raises(MemoryError):
-        fr.extract_to_shard([fr.VideoJob(f"v{i}", src / f"v{i}.mp4") for i in range(4)], out, fr.ExtractConfig(3),
-                            workers=1, progress=False)
+        fr.extract_to_shard(
+            [fr.VideoJob(f"v{i}", src / f"v{i}.mp4") for i in range(4)],
+            out,
+            fr.ExtractConfig(3),
+            workers=1,
+            progress=False,
+        )
     assert list(out.parent.iterdir()) == []
 
 
@@ -283,15 +390,30 @@ def test_killed_extraction_leaves_no_valid_shard(tmp_path):
     for i in range(30):
         gray_video(src / f"v{i:02d}.mp4", [i * 8 + 5] * 3)
     out_dir = tmp_path / "frames"
-    code = ("import sys, time; from svitt.data import frames as fr; real = fr.run_job\n"
-            "def slow(job, cfg):\n    time.sleep(0.1); return real(job, cfg)\n"
-            "fr.run_job = slow\n"
-            "sys.argv = ['x'] + sys.argv[1:]\n"
-            f"path = {str(REPO / 'workflow_scripts' / 'extract_frames.py')!r}\n"
-            "exec(compile(open(path).read(), path, 'exec'), {'__file__': path, '__name__': '__main__'})\n")
+    code = (
+        "import sys, time; from svitt.data import frames as fr; real = fr.run_job\n"
+        "def slow(job, cfg):\n    time.sleep(0.1); return real(job, cfg)\n"
+        "fr.run_job = slow\n"
+        "sys.argv = ['x'] + sys.argv[1:]\n"
+        f"path = {str(REPO / 'workflow_scripts' / 'extract_frames.py')!r}\n"
+        "exec(compile(open(path).read(), path, 'exec'), {'__file__': path, '__name__': '__main__'})\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", code, "--videos", str(src), "--out", str(out_dir / "s.h5"),
-                             "--failures", str(out_dir / "f.csv"), "--no-progress"], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--videos",
+            str(src),
+            "--out",
+            str(out_dir / "s.h5"),
+            "--failures",
+            str(out_dir / "f.csv"),
+            "--no-progress",
+        ],
+        env=env,
+    )
     try:
         for _ in range(2000):
             if out_dir.exists() and any(p.name.startswith(".s.h5.tmp") for p in out_dir.iterdir()):

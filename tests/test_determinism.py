@@ -4,6 +4,7 @@ At the demo's batch size (64) the VTM hard negatives repeat clips, and advanced 
 backward (x[idx] -> index_put with accumulation) adds the repeated rows in a thread-dependent order:
 two clean demo runs differed from step 3 on. At batch 8 the rows rarely collide, so this runs at 64.
 """
+
 import pytest
 import torch
 
@@ -15,11 +16,16 @@ BATCH = 64
 @pytest.fixture(scope="module")
 def model_and_batch():
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 4},
-                               "text": {"preset": "tiny", "vocab_size": 40}, "embed_dim": 16})
-    batch = {"video": torch.randn(BATCH, 4, 3, 32, 32), "input_ids": torch.randint(5, 40, (BATCH, 12)),
-             "attention_mask": torch.ones(BATCH, 12, dtype=torch.long),
-             "nouns": (torch.rand(BATCH, 6) < 0.3).float(), "verbs": (torch.rand(BATCH, 4) < 0.3).float()}
+    model = svitt.build_model(
+        {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40}, "embed_dim": 16}
+    )
+    batch = {
+        "video": torch.randn(BATCH, 4, 3, 32, 32),
+        "input_ids": torch.randint(5, 40, (BATCH, 12)),
+        "attention_mask": torch.ones(BATCH, 12, dtype=torch.long),
+        "nouns": (torch.rand(BATCH, 6) < 0.3).float(),
+        "verbs": (torch.rand(BATCH, 4) < 0.3).float(),
+    }
     batch["mlm_ids"] = batch["input_ids"].clone()
     batch["mlm_labels"] = torch.where(torch.rand(BATCH, 12) < 0.3, batch["input_ids"], -100)
     return model.train(), batch
@@ -51,13 +57,19 @@ def test_an_exported_model_is_the_same_file_in_every_process(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import sys, torch\nfrom svitt.training.checkpoint import export_model\ntorch.manual_seed(0)\n"
-            "export_model(torch.nn.Linear(4, 3), sys.argv[1], {'model_config': {'video': {'frames': 4}}})\n")
+    code = (
+        "import sys, torch\nfrom svitt.training.checkpoint import export_model\ntorch.manual_seed(0)\n"
+        "export_model(torch.nn.Linear(4, 3), sys.argv[1], {'model_config': {'video': {'frames': 4}}})\n"
+    )
     root = Path(__file__).resolve().parents[1]
     files = []
     for k in range(4):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], check=True, cwd=root,
-                       env={"PYTHONPATH": str(root), "PATH": ""})
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / str(k))],
+            check=True,
+            cwd=root,
+            env={"PYTHONPATH": str(root), "PATH": ""},
+        )
         files.append((tmp_path / str(k) / "model.safetensors").read_bytes())
     assert all(f == files[0] for f in files)
     from safetensors import safe_open
@@ -73,13 +85,19 @@ def test_written_safetensors_are_the_same_file_in_every_process(tmp_path):
     import sys
     from pathlib import Path
 
-    code = ("import sys, torch\nfrom svitt.io import write_safetensors\ntorch.manual_seed(0)\n"
-            "write_safetensors(sys.argv[1], torch.nn.Linear(4, 3).state_dict(), "
-            "{'settings': '{}', 'video_dim': '64', 'text_dim': '32'})\n")
+    code = (
+        "import sys, torch\nfrom svitt.io import write_safetensors\ntorch.manual_seed(0)\n"
+        "write_safetensors(sys.argv[1], torch.nn.Linear(4, 3).state_dict(), "
+        "{'settings': '{}', 'video_dim': '64', 'text_dim': '32'})\n"
+    )
     root = Path(__file__).resolve().parents[1]
     for k in range(4):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{k}.safetensors")], check=True, cwd=root,
-                       env={"PYTHONPATH": str(root), "PATH": ""})
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"{k}.safetensors")],
+            check=True,
+            cwd=root,
+            env={"PYTHONPATH": str(root), "PATH": ""},
+        )
     files = [(tmp_path / f"{k}.safetensors").read_bytes() for k in range(4)]
     assert all(f == files[0] for f in files)
     from safetensors import safe_open

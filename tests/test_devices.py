@@ -2,6 +2,7 @@
 CUDA_VISIBLE_DEVICES and whichever checkout they start from; a lease lives exactly as long as the
 job's processes; a waiter waits as long as it takes. No GPU needed: SVITT_NUM_GPUS fakes the count
 (ids are just ids), and the lock is the real kernel lock."""
+
 from __future__ import annotations
 
 import json
@@ -40,15 +41,28 @@ def job(tmp_path):
 
 
 def environment(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "SVITT_GPU_POOL") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CUDA_VISIBLE_DEVICES", "SVITT_GPU_POOL") and not k.startswith("SLURM_")
+    }
     return {**env, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def launch(job, out, gpus, env, pool=None, release=None, repo=ROOT, poll=0.05):
     pool_args = ["--pool", str(pool)] if pool else []
-    args = [sys.executable, str(repo / "workflow_scripts/launch.py"), "--gpus", str(gpus), "--poll", str(poll),
-            *pool_args, "--", str(job), str(out)] + ([str(release)] if release else [])
+    args = [
+        sys.executable,
+        str(repo / "workflow_scripts/launch.py"),
+        "--gpus",
+        str(gpus),
+        "--poll",
+        str(poll),
+        *pool_args,
+        "--",
+        str(job),
+        str(out),
+    ] + ([str(release)] if release else [])
     return subprocess.Popen(args, env=env, cwd=repo, stderr=subprocess.PIPE, text=True)
 
 
@@ -73,6 +87,7 @@ def overlap(a: dict, b: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------- leases
+
 
 def test_concurrent_single_gpu_jobs_get_distinct_devices(tmp_path, job):
     env = environment(SVITT_NUM_GPUS="4")
@@ -148,6 +163,7 @@ def test_two_checkouts_share_the_machines_pool(tmp_path, job):
 
 # ----------------------------------------------------------------------- the lease's lifetime
 
+
 def test_kill_9_of_the_launcher_keeps_the_gpu_until_its_job_exits(tmp_path, job):
     env = environment(SVITT_NUM_GPUS="1")
     pool, release = tmp_path / "pool", tmp_path / "release"
@@ -166,14 +182,29 @@ def test_torchruns_orphaned_workers_keep_their_gpus(tmp_path):
     """kill -9 of the launcher *and* torchrun's agent (a killed process group): the workers,
     in sessions of their own, run on, and so do their leases (they hold the lock as stdin)."""
     worker = tmp_path / "worker.py"
-    worker.write_text("import os, sys, time\n"
-                      "open(f\"{sys.argv[1]}.{os.environ['RANK']}\", 'w').close()\n"
-                      "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.05)\n")
+    worker.write_text(
+        "import os, sys, time\n"
+        "open(f\"{sys.argv[1]}.{os.environ['RANK']}\", 'w').close()\n"
+        "while not os.path.exists(sys.argv[2]):\n    time.sleep(0.05)\n"
+    )
     env = environment(SVITT_NUM_GPUS="2", OMP_NUM_THREADS="1")
     pool, release, started = tmp_path / "pool", tmp_path / "release", tmp_path / "started"
     launcher = subprocess.Popen(
-        [sys.executable, str(ROOT / "workflow_scripts/launch.py"), "--gpus", "2", "--pool", str(pool), "--",
-         str(worker), str(started), str(release)], env=env, start_new_session=True)
+        [
+            sys.executable,
+            str(ROOT / "workflow_scripts/launch.py"),
+            "--gpus",
+            "2",
+            "--pool",
+            str(pool),
+            "--",
+            str(worker),
+            str(started),
+            str(release),
+        ],
+        env=env,
+        start_new_session=True,
+    )
     for rank in (0, 1):
         wait_for(Path(f"{started}.{rank}"), timeout=120)
     os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and torchrun's agent, not the workers
@@ -198,8 +229,9 @@ def test_a_waiter_waits_past_the_old_600_s_deadline_and_says_so(tmp_path):
         if now[0] >= 1800:
             holder.release()
 
-    lease = acquire(1, ["0"], tmp_path, poll=60, report_every=300, log=messages.append, sleep=sleep,
-                    clock=lambda: now[0])
+    lease = acquire(
+        1, ["0"], tmp_path, poll=60, report_every=300, log=messages.append, sleep=sleep, clock=lambda: now[0]
+    )
     assert lease.ids == ["0"] and now[0] == 1800
     waiting = [m for m in messages if m.startswith("launch: waiting")]
     assert len(waiting) == 6  # at 0, 5, ..., 25 min (free again at 30)
@@ -217,18 +249,27 @@ def test_asking_for_more_gpus_than_are_visible_is_an_error(tmp_path):
 
 # --------------------------------------------------------------------------------- gpus: auto
 
-@pytest.mark.parametrize("env,ids", [
-    ({"SVITT_NUM_GPUS": "3"}, ["0", "1", "2"]),
-    ({"SVITT_NUM_GPUS": "0"}, []),
-    ({"SVITT_NUM_GPUS": "3", "CUDA_VISIBLE_DEVICES": "2,6"}, ["2", "6"]),
-    ({"SVITT_NUM_GPUS": "3", "CUDA_VISIBLE_DEVICES": ""}, []),  # GPUs hidden on purpose
-    ({"SVITT_NUM_GPUS": "3", "SLURM_JOB_ID": "5"}, None),  # a Slurm job given no GPU has none
-])
+
+@pytest.mark.parametrize(
+    "env,ids",
+    [
+        ({"SVITT_NUM_GPUS": "3"}, ["0", "1", "2"]),
+        ({"SVITT_NUM_GPUS": "0"}, []),
+        ({"SVITT_NUM_GPUS": "3", "CUDA_VISIBLE_DEVICES": "2,6"}, ["2", "6"]),
+        ({"SVITT_NUM_GPUS": "3", "CUDA_VISIBLE_DEVICES": ""}, []),  # GPUs hidden on purpose
+        ({"SVITT_NUM_GPUS": "3", "SLURM_JOB_ID": "5"}, None),  # a Slurm job given no GPU has none
+    ],
+)
 def test_visible_gpus_and_auto(env, ids):
     if ids is not None:
         assert gpu_ids(env) == ids
     count = len(ids or [])
     assert auto_gpus(env) == (1 if count else 0)
-    out = subprocess.run([sys.executable, str(ROOT / "workflow_scripts/launch.py"), "--count-gpus"],
-                         env=environment(**env), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "workflow_scripts/launch.py"), "--count-gpus"],
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == str(count)

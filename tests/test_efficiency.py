@@ -1,5 +1,6 @@
 """svitt.analysis.efficiency: FLOPs by hand, the live-tensor counter by hand, the full-size table against
 SViTT Tables 7 and 2, the efficiency CLI."""
+
 import json
 import math
 
@@ -29,7 +30,7 @@ def test_live_tensor_bytes_by_hand():
 def _video_flops_by_hand(n_tokens, patches, patch_in, width, mlp, heads, depth, embed):
     """2 x multiply-adds of a dense BEiT over one clip: patch embedding, then per block qkv,
     output projection, MLP and the two attention matmuls; then the projection to the embedding."""
-    per_block = 2 * n_tokens * width * (3 * width + width + 2 * mlp) + 2 * 2 * n_tokens ** 2 * width
+    per_block = 2 * n_tokens * width * (3 * width + width + 2 * mlp) + 2 * 2 * n_tokens**2 * width
     return 2 * patches * width * patch_in + depth * per_block + 2 * width * embed
 
 
@@ -44,8 +45,17 @@ def test_tiny_video_flops_by_hand_on_meta_and_on_cpu():
 def test_counted_training_memory_is_close_to_a_real_cpu_step():
     """The meta count follows the same graph as a real step; only the attention kernel differs
     (the real CPU kernel keeps a log-sum-exp where the meta path keeps probabilities)."""
-    cfg = {**TINY, "video": {**TINY["video"], "local_blocks": 1, "random_blocks": 1, "block_size": 8,
-                             "visual_keep": 0.6, "attention_kernel": "gather"}}
+    cfg = {
+        **TINY,
+        "video": {
+            **TINY["video"],
+            "local_blocks": 1,
+            "random_blocks": 1,
+            "block_size": 8,
+            "visual_keep": 0.6,
+            "attention_kernel": "gather",
+        },
+    }
     counted = efficiency.counted_training_bytes(efficiency.meta_model(cfg), 2)
     model = SViTT(cfg).train()
     clip, ids, mask = efficiency._pair_inputs(model, 2, 32, "cpu")
@@ -64,17 +74,23 @@ def test_full_size_sparsity_matches_table7(frames, sparsity):
     # eq. 17-19 taken literally is 1.1-1.3% below the printed edges (tests/test_sparsity.py)
     assert counts["edges"] / 1e6 == pytest.approx(efficiency.TABLE7[frames]["edges_m"], rel=0.013)
     table7 = efficiency.edges(cfg, count_multimodal_pruning=False)  # Table 7's count: exact
-    assert (round(table7["edges"] / 1e6, 2), round(table7["sparsity"], 2)) == \
-        (efficiency.TABLE7[frames]["edges_m"], sparsity)
+    assert (round(table7["edges"] / 1e6, 2), round(table7["sparsity"], 2)) == (
+        efficiency.TABLE7[frames]["edges_m"],
+        sparsity,
+    )
 
 
 def test_mode_overrides_follow_tables_2_and_7():
     assert efficiency.mode_overrides("dense", 8) == {
         "video": {"frames": 8, "local_blocks": None, "random_blocks": None, "block_size": None, "visual_keep": 1.0},
-        "text": {"multimodal_keep": 1.0}}
+        "text": {"multimodal_keep": 1.0},
+    }
     hybrid = efficiency.mode_overrides("hybrid", 16)
-    assert (hybrid["video"]["block_size"], hybrid["video"]["visual_keep"], hybrid["text"]["multimodal_keep"]) == \
-        (56, 0.5, 0.1)
+    assert (hybrid["video"]["block_size"], hybrid["video"]["visual_keep"], hybrid["text"]["multimodal_keep"]) == (
+        56,
+        0.5,
+        0.1,
+    )
     assert efficiency.mode_overrides("node", 4)["video"]["local_blocks"] is None
     with pytest.raises(ValueError, match="sparsity mode must be one of.*'sparse'"):
         efficiency.mode_overrides("sparse", 4)
@@ -85,21 +101,32 @@ def test_mode_overrides_follow_tables_2_and_7():
 def test_full_size_flops_follow_table2():
     """BEiT-B at 224 px, counted on the meta device: dense T = 4 by hand, and Table 2's ordering
     (hybrid at 16 frames costs no more than dense at 8)."""
-    dense4 = efficiency.inference_flops(efficiency.meta_model(efficiency.with_overrides(
-        PAPER, efficiency.mode_overrides("dense", 4))))
+    dense4 = efficiency.inference_flops(
+        efficiency.meta_model(efficiency.with_overrides(PAPER, efficiency.mode_overrides("dense", 4)))
+    )
     assert dense4["video"] == _video_flops_by_hand(785, 784, 3 * 16 * 16, 768, 3072, 12, 12, 256)
-    rows = [{"frames": t, "mode": m, "gflops": efficiency.inference_flops(efficiency.meta_model(
-        efficiency.with_overrides(PAPER, efficiency.mode_overrides(m, t))))["total"] / 1e9}
-        for t, m in ((8, "dense"), (16, "hybrid"))]
+    rows = [
+        {
+            "frames": t,
+            "mode": m,
+            "gflops": efficiency.inference_flops(
+                efficiency.meta_model(efficiency.with_overrides(PAPER, efficiency.mode_overrides(m, t)))
+            )["total"]
+            / 1e9,
+        }
+        for t, m in ((8, "dense"), (16, "hybrid"))
+    ]
     [check] = efficiency.paper_checks(rows)
     assert check["ok"], check
     assert check["got"] < 1.0
 
 
 def test_paper_checks_report_misses():
-    rows = [{"frames": 4, "mode": "hybrid", "edges_m_table7": 1.462, "sparsity_table7": 0.804, "gflops": 1.0},
-            {"frames": 8, "mode": "dense", "gflops": 10.0, "memory_gb": 2.0},
-            {"frames": 16, "mode": "hybrid", "gflops": 12.0, "memory_gb": 1.0}]
+    rows = [
+        {"frames": 4, "mode": "hybrid", "edges_m_table7": 1.462, "sparsity_table7": 0.804, "gflops": 1.0},
+        {"frames": 8, "mode": "dense", "gflops": 10.0, "memory_gb": 2.0},
+        {"frames": 16, "mode": "hybrid", "gflops": 12.0, "memory_gb": 1.0},
+    ]
     checks = efficiency.paper_checks(rows)
 
     def check(start):
@@ -114,13 +141,39 @@ def test_paper_checks_report_misses():
 
 def test_efficiency_script_writes_the_table(tmp_path):
     out = tmp_path / "efficiency.json"
-    assert script("efficiency").main([
-        "--frames", "4", "8", "--modes", "dense", "hybrid", "--blocks", "1", "1", "8", "--memory", "meta",
-        "--model-json", json.dumps({**TINY, "video": {"preset": "tiny"}}), "--out-json", str(out),
-        "--out-csv", str(tmp_path / "efficiency.csv"), "--no-progress"]) == 0
+    assert (
+        script("efficiency").main(
+            [
+                "--frames",
+                "4",
+                "8",
+                "--modes",
+                "dense",
+                "hybrid",
+                "--blocks",
+                "1",
+                "1",
+                "8",
+                "--memory",
+                "meta",
+                "--model-json",
+                json.dumps({**TINY, "video": {"preset": "tiny"}}),
+                "--out-json",
+                str(out),
+                "--out-csv",
+                str(tmp_path / "efficiency.csv"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    assert [(r["frames"], r["mode"]) for r in report["rows"]] == [(4, "dense"), (4, "hybrid"), (8, "dense"),
-                                                                  (8, "hybrid")]
+    assert [(r["frames"], r["mode"]) for r in report["rows"]] == [
+        (4, "dense"),
+        (4, "hybrid"),
+        (8, "dense"),
+        (8, "hybrid"),
+    ]
     assert not report["paper_size"] and report["checks"] == []  # the paper's numbers are for BEiT-B
     dense8, hybrid8 = report["rows"][2], report["rows"][3]
     assert hybrid8["edges_m"] < dense8["edges_m"] and hybrid8["gflops"] < dense8["gflops"]

@@ -20,8 +20,14 @@ TEXT_TO_VIDEO = [0, 1, 2, 2]
 #      video 1: gt text 1 scores 0.5, text 2 scores 0.7 above          -> rank 1
 #      video 2: best gt text 2 scores 0.4, text 1 (0.6) above, text 0 (0.3) not -> rank 1
 EXPECTED = {
-    "t2v_r1": 25.0, "t2v_r5": 100.0, "t2v_r10": 100.0, "t2v_mean": 75.0,
-    "v2t_r1": 100 / 3, "v2t_r5": 100.0, "v2t_r10": 100.0, "v2t_mean": (100 / 3 + 200) / 3,
+    "t2v_r1": 25.0,
+    "t2v_r5": 100.0,
+    "t2v_r10": 100.0,
+    "t2v_mean": 75.0,
+    "v2t_r1": 100 / 3,
+    "v2t_r5": 100.0,
+    "v2t_r10": 100.0,
+    "v2t_mean": (100 / 3 + 200) / 3,
 }
 
 
@@ -104,17 +110,23 @@ def test_egomcq_bad_input():
 
 
 # ------------------------------------------------------------------------------- re-ranked recall
-from svitt.evaluation import (RERANK_CONVENTIONS, fused_rerank_scores, rerank_candidates,  # noqa: E402
-                              rerank_metrics)
+from svitt.evaluation import (  # noqa: E402
+    RERANK_CONVENTIONS,
+    fused_rerank_scores,
+    rerank_candidates,
+    rerank_metrics,
+)
 
 # 5 texts x 3 videos, 1-2 captions per video (texts 0, 1 -> video 0; 2 -> 1; 3, 4 -> 2), k = 2
-RR_SIM = np.array([
-    [0.9, 0.5, 0.1],
-    [0.2, 0.8, 0.6],
-    [0.7, 0.3, 0.4],
-    [0.3, 0.2, 0.1],
-    [0.5, 0.6, 0.55],
-])
+RR_SIM = np.array(
+    [
+        [0.9, 0.5, 0.1],
+        [0.2, 0.8, 0.6],
+        [0.7, 0.3, 0.4],
+        [0.3, 0.2, 0.1],
+        [0.5, 0.6, 0.55],
+    ]
+)
 RR_TEXT_TO_VIDEO = [0, 0, 1, 2, 2]
 # each text's top-2 videos: t0 [0, 1], t1 [1, 2], t2 [0, 2], t3 [0, 1], t4 [1, 2]
 RR_VTM_T2V = [[2.0, 1.0], [3.0, 1.0], [0.5, 0.2], [1.0, -1.0], [0.0, 4.0]]
@@ -156,8 +168,10 @@ def _singularity_recalls(itc, vtm_t2v, vtm_v2t, text_to_video, k):
     txt_ranks = [min(np.where(np.argsort(i2t[v])[::-1] == t)[0][0] for t in img2txt[v]) for v in range(num_videos)]
     img_ranks = [np.where(np.argsort(t2i[i])[::-1] == text_to_video[i])[0][0] for i in range(num_texts)]
     recall = lambda ranks, r: 100.0 * np.mean(np.array(ranks) < r)  # noqa: E731
-    return {**{f"t2v_r{r}": recall(img_ranks, r) for r in (1, 5, 10)},
-            **{f"v2t_r{r}": recall(txt_ranks, r) for r in (1, 5, 10)}}
+    return {
+        **{f"t2v_r{r}": recall(img_ranks, r) for r in (1, 5, 10)},
+        **{f"v2t_r{r}": recall(txt_ranks, r) for r in (1, 5, 10)},
+    }
 
 
 @pytest.mark.parametrize("captions_per_video", [1, 5])

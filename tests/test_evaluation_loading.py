@@ -1,4 +1,5 @@
 """svitt.evaluation.loading: the one way an evaluation loads an exported model and picks its device."""
+
 import json
 
 import pytest
@@ -15,14 +16,23 @@ DATA = {"mean": [0.25, 0.5, 0.75], "std": [0.1, 0.2, 0.3]}
 def exported(tmp_path_factory):
     """(folder, the model as trained): a tiny SViTT exported as the training loop exports a stage."""
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny"}, "text": {"preset": "tiny", "vocab_size": 64},
-                               "embed_dim": 16})
+    model = svitt.build_model(
+        {"video": {"preset": "tiny"}, "text": {"preset": "tiny", "vocab_size": 64}, "embed_dim": 16}
+    )
     with torch.no_grad():  # weights no fresh build would have
         for p in model.parameters():
             p.add_(torch.randn_like(p))
     folder = tmp_path_factory.mktemp("exported") / "stage"
-    export_model(model, folder, {"name": "tiny", "frames": model.cfg["video"]["frames"],
-                                 "model_config": model.cfg, "train_config": {"data": DATA}})
+    export_model(
+        model,
+        folder,
+        {
+            "name": "tiny",
+            "frames": model.cfg["video"]["frames"],
+            "model_config": model.cfg,
+            "train_config": {"data": DATA},
+        },
+    )
     return folder, model
 
 

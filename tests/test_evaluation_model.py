@@ -1,5 +1,6 @@
 """Model-driven evaluation on demo data: retrieval (with VTM re-ranking), twins, EgoMCQ, NLQ
 windows; and the pure twin metric by hand."""
+
 import math
 
 import pytest
@@ -9,15 +10,25 @@ import svitt
 from svitt.data.datasets import EgoMCQDataset, FrameStore, RetrievalDataset
 from svitt.data.pipeline import PairCollator, load_tokenizer
 from svitt.data.transforms import EvalTransform
-from svitt.evaluation import (evaluate_egomcq, evaluate_retrieval, extract_window_features, retrieval_metrics,
-                              twin_accuracy, window_starts)
+from svitt.evaluation import (
+    evaluate_egomcq,
+    evaluate_retrieval,
+    extract_window_features,
+    retrieval_metrics,
+    twin_accuracy,
+    window_starts,
+)
 
 
 def test_twin_accuracy_by_hand():
-    sim = torch.tensor([[0.9, 0.1, 0.0, 0.0],   # video 0 prefers its caption over twin 1's
-                        [0.8, 0.2, 0.0, 0.0],   # video 1 prefers twin 0's caption: wrong
-                        [0.0, 0.0, 0.5, 0.5],   # a tie counts as wrong
-                        [0.0, 0.0, 0.1, 0.7]])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],  # video 0 prefers its caption over twin 1's
+            [0.8, 0.2, 0.0, 0.0],  # video 1 prefers twin 0's caption: wrong
+            [0.0, 0.0, 0.5, 0.5],  # a tie counts as wrong
+            [0.0, 0.0, 0.1, 0.7],
+        ]
+    )
     acc = twin_accuracy(sim, [(0, 1, "reverse"), (2, 3, "order")])
     assert acc == {"reverse": 50.0, "order": 50.0}
 
@@ -35,8 +46,13 @@ def tiny(pipeline):
     corpus, _ = pipeline
     tokenizer = load_tokenizer(corpus / "tokenizer")
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 4},
-                               "text": {"preset": "tiny", "vocab_size": len(tokenizer)}, "embed_dim": 16})
+    model = svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": 4},
+            "text": {"preset": "tiny", "vocab_size": len(tokenizer)},
+            "embed_dim": 16,
+        }
+    )
     return model.eval(), PairCollator(tokenizer, 32)
 
 
@@ -82,8 +98,9 @@ def test_window_features_are_the_cls_of_each_window(pipeline, tiny):
     store = FrameStore(res / "frames/ego")
     video = sorted(store.shard_of)[0]
     transform = EvalTransform(32)
-    [(video_id, feats, starts)] = list(extract_window_features(model, store, [video], transform, window=4,
-                                                               stride=3, progress=False))
+    [(video_id, feats, starts)] = list(
+        extract_window_features(model, store, [video], transform, window=4, stride=3, progress=False)
+    )
     total = store.num_frames(video)
     assert starts.tolist() == window_starts(total, 4, 3)
     clip = transform(store.read(video, [3, 4, 5, 6]))[None]

@@ -1,5 +1,6 @@
 """Finetuning through workflow_scripts/finetune.py on demo data: the job config, the train/test
 overlap check, exact resume after SIGKILL, the retrieval path, per-dataset text length."""
+
 import json
 import subprocess
 import sys
@@ -11,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import svitt
-from svitt.training.checkpoint import export_model
 from svitt.data.pipeline import PairCollator, build_train_loader, load_tokenizer
 from svitt.evaluation import task as eval_task
 from svitt.models import resolve_model_config
+from svitt.training.checkpoint import export_model
 from svitt.training.keys import finetune_config, resolve_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +28,20 @@ def init(pipeline, tmp_path_factory):
     corpus, _ = pipeline
     vocab = len(load_tokenizer(corpus / "tokenizer"))
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 8, "local_blocks": 1, "random_blocks": 1,
-                                         "block_size": 8, "visual_keep": 0.6},
-                               "text": {"preset": "tiny", "vocab_size": vocab, "multimodal_keep": 0.5},
-                               "embed_dim": 16})
+    model = svitt.build_model(
+        {
+            "video": {
+                "preset": "tiny",
+                "frames": 8,
+                "local_blocks": 1,
+                "random_blocks": 1,
+                "block_size": 8,
+                "visual_keep": 0.6,
+            },
+            "text": {"preset": "tiny", "vocab_size": vocab, "multimodal_keep": 0.5},
+            "embed_dim": 16,
+        }
+    )
     out = tmp_path_factory.mktemp("stage")
     export_model(model, out, {"name": "stage2", "model_config": model.cfg, "train_config": {}})
     return out / "model.safetensors"
@@ -38,9 +49,20 @@ def init(pipeline, tmp_path_factory):
 
 def test_a_job_entry_sets_the_init_model_and_the_training_keys(init):
     base = json.loads(init.with_name("model.json").read_text())["model_config"]
-    cfg = finetune_config({"task": "qa", "name": "qa/x/stage2", "frames": 4, "visual_keep": 0.7,
-                           "multimodal_keep": 0.1, "epochs": 2, "batch_size": 4, "lr": 1e-4,
-                           "data": {"text_len": 25}}, base)
+    cfg = finetune_config(
+        {
+            "task": "qa",
+            "name": "qa/x/stage2",
+            "frames": 4,
+            "visual_keep": 0.7,
+            "multimodal_keep": 0.1,
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 1e-4,
+            "data": {"text_len": 25},
+        },
+        base,
+    )
     assert cfg["task"] == "qa" and cfg["epochs"] == 2 and "frames" not in cfg
     assert (cfg["model"]["video"]["frames"], cfg["model"]["video"]["visual_keep"]) == (4, 0.7)
     assert cfg["model"]["video"]["block_size"] == 8 and cfg["model"]["text"]["multimodal_keep"] == 0.1
@@ -57,9 +79,24 @@ def test_a_job_entry_sets_the_init_model_and_the_training_keys(init):
 
 def _cli(pipeline, init, out, cfg, annotations, test=None, extra=()):
     corpus, res = pipeline
-    cmd = [sys.executable, str(FINETUNE), "--config-json", json.dumps(cfg), "--init", str(init),
-           "--shards", str(res / "frames/downstream/shard-0.h5"), "--annotations", str(annotations),
-           "--tokenizer", str(corpus / "tokenizer"), "--out", str(out), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        str(FINETUNE),
+        "--config-json",
+        json.dumps(cfg),
+        "--init",
+        str(init),
+        "--shards",
+        str(res / "frames/downstream/shard-0.h5"),
+        "--annotations",
+        str(annotations),
+        "--tokenizer",
+        str(corpus / "tokenizer"),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     return cmd + (["--test-annotations", str(test)] if test else [])
 
 
@@ -70,20 +107,44 @@ def test_a_train_split_overlapping_the_test_split_is_an_error_listing_it_or_a_wa
     leaked = sorted({q["video"] for q in test})[:2]
     (tmp_path / "train.json").write_text(json.dumps(train + [q for q in test if q["video"] in leaked]))
     cfg = {"task": "qa", "name": "qa", "epochs": 1, "batch_size": 4, "lr": 1e-4, "data": {"num_workers": 0}}
-    run = subprocess.run(_cli(pipeline, init, tmp_path / "out", cfg, tmp_path / "train.json",
-                              corpus / "qa_test.json"), capture_output=True, text=True)
+    run = subprocess.run(
+        _cli(pipeline, init, tmp_path / "out", cfg, tmp_path / "train.json", corpus / "qa_test.json"),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 2
     assert f"share {len(leaked)} video(s): {', '.join(leaked)}" in run.stderr
     assert not (tmp_path / "out").exists()  # stopped before anything was written
-    run = subprocess.run(_cli(pipeline, init, tmp_path / "out", {**cfg, "max_steps": 1}, tmp_path / "train.json",
-                              corpus / "qa_test.json", ["--overlap", "warn"]), capture_output=True, text=True)
+    run = subprocess.run(
+        _cli(
+            pipeline,
+            init,
+            tmp_path / "out",
+            {**cfg, "max_steps": 1},
+            tmp_path / "train.json",
+            corpus / "qa_test.json",
+            ["--overlap", "warn"],
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     videos = len({q["video"] for q in train}) + len(leaked)
     assert f"warning: {len(leaked)} of {videos} videos of the finetuning split" in run.stderr
 
 
-QA_JOB = {"task": "qa", "name": "qa/demo/stage2", "frames": 4, "epochs": 3, "batch_size": 4, "lr": 3e-4,
-          "warmup_epochs": 0, "log_every": 1, "checkpoint_every": 2, "data": {"flip": False, "num_workers": 0}}
+QA_JOB = {
+    "task": "qa",
+    "name": "qa/demo/stage2",
+    "frames": 4,
+    "epochs": 3,
+    "batch_size": 4,
+    "lr": 3e-4,
+    "warmup_epochs": 0,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "data": {"flip": False, "num_workers": 0},
+}
 
 
 def _losses(out):
@@ -137,23 +198,52 @@ def test_retrieval_finetuning_trains_vtc_and_vtm_from_the_stage_and_evaluates(pi
     rows = {r["id"]: r["caption"] for r in csv.DictReader(open(corpus / "downstream_videos.csv"))}
     (tmp_path / "train.json").write_text(json.dumps([{"video": v, "caption": rows[v]} for v in qa_videos]))
     assert not set(qa_videos) & set(captions)
-    cfg = {"task": "retrieval", "name": "retrieval/demo/stage2", "epochs": 2, "batch_size": 4, "lr": 1e-4,
-           "warmup_epochs": 0, "log_every": 1, "data": {"flip": False, "num_workers": 0}}
+    cfg = {
+        "task": "retrieval",
+        "name": "retrieval/demo/stage2",
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 1e-4,
+        "warmup_epochs": 0,
+        "log_every": 1,
+        "data": {"flip": False, "num_workers": 0},
+    }
     out = tmp_path / "out"
-    run = subprocess.run(_cli(pipeline, init, out, cfg, tmp_path / "train.json", corpus / "retrieval_test.json"),
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        _cli(pipeline, init, out, cfg, tmp_path / "train.json", corpus / "retrieval_test.json"),
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(set(r) >= {"vtc", "vtm", "loss"} and "mlm" not in r
-                                                      for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(
+        set(r) >= {"vtc", "vtm", "loss"} and "mlm" not in r for r in rows
+    )
     assert rows[0]["loss"] == pytest.approx(rows[0]["vtc"] + rows[0]["vtm"])
     before, after = load_file(init), load_file(out / "model.safetensors")
     assert set(before) == set(after) and not torch.equal(before["vtm_head.weight"], after["vtm_head.weight"])
-    evaluate = subprocess.run([sys.executable, str(ROOT / "workflow_scripts/evaluate.py"), "retrieval", "--model",
-                               str(out / "model.safetensors"), "--shards", str(res / "frames/downstream/shard-0.h5"),
-                               "--annotations", str(corpus / "retrieval_test.json"), "--tokenizer",
-                               str(corpus / "tokenizer"), "--config-json", json.dumps({"rerank_k": 3}),
-                               "--out", str(tmp_path / "eval.json"), "--no-progress"], capture_output=True, text=True)
+    evaluate = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "workflow_scripts/evaluate.py"),
+            "retrieval",
+            "--model",
+            str(out / "model.safetensors"),
+            "--shards",
+            str(res / "frames/downstream/shard-0.h5"),
+            "--annotations",
+            str(corpus / "retrieval_test.json"),
+            "--tokenizer",
+            str(corpus / "tokenizer"),
+            "--config-json",
+            json.dumps({"rerank_k": 3}),
+            "--out",
+            str(tmp_path / "eval.json"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["stage"] == "retrieval/demo/stage2" and set(result) >= {"metrics", "metrics_vtm", "twins"}
@@ -172,21 +262,29 @@ def test_a_dataset_text_length_reaches_training_and_evaluation(pipeline, tmp_pat
     tokenizer = load_tokenizer(corpus / "tokenizer")
     full = len(tokenizer(" ".join([items[0]["caption"] + "."] * 3))["input_ids"])
     assert full > 32
-    model = resolve_model_config({"video": {"preset": "tiny", "frames": 4},
-                                  "text": {"preset": "tiny", "vocab_size": len(tokenizer)}})
+    model = resolve_model_config(
+        {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": len(tokenizer)}}
+    )
     data = type("Data", (), {"shards": [res / "frames/downstream/shard-0.h5"], "annotations": tmp_path / "didemo.json"})
     longest = {}
     for text_len, paragraph in ((64, True), (32, True), (64, False)):
-        cfg = resolve_train_config({"name": "s", "model": model, "objectives": {"vtc": 1.0}, "epochs": 1,
-                                    "batch_size": 8, "lr": 1e-4, "data": {"text_len": text_len, "paragraph": paragraph,
-                                                                          "flip": False, "num_workers": 0}})
+        cfg = resolve_train_config(
+            {
+                "name": "s",
+                "model": model,
+                "objectives": {"vtc": 1.0},
+                "epochs": 1,
+                "batch_size": 8,
+                "lr": 1e-4,
+                "data": {"text_len": text_len, "paragraph": paragraph, "flip": False, "num_workers": 0},
+            }
+        )
         loader = build_train_loader(cfg, data, tokenizer, 8, 0, 1)
         assert len(loader.dataset) == (8 if paragraph else 24)  # one text per video, or per sentence
         longest[text_len, paragraph] = max(b["input_ids"].shape[1] for b in loader.epoch(0))
     assert longest[64, True] > 32 and longest[32, True] == 32 and longest[64, False] < 32
     retrieval = eval_task("retrieval")
-    dataset = retrieval.build_dataset(res / "frames/downstream", tmp_path / "didemo.json", 4, None,
-                                      {"paragraph": True})
+    dataset = retrieval.build_dataset(res / "frames/downstream", tmp_path / "didemo.json", 4, None, {"paragraph": True})
     assert len(dataset.texts) == 8 and dataset.texts[0].count(items[0]["caption"]) == 3
     assert PairCollator(tokenizer, 64).tokenize(dataset.texts)["input_ids"].shape[1] == full
     assert PairCollator(tokenizer, 32).tokenize(dataset.texts)["input_ids"].shape[1] == 32

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py: its dry run (the real run's code on the CPU, tiny sizes, gloo) passes
 every check, and what goes wrong (a result beyond tolerance, out-of-memory, an exception, a dead
 worker, the deadline) is reported while the remaining checks still run."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,13 @@ DRY = gc.PROFILES["dry"]
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text()), out
 
@@ -106,8 +112,13 @@ def test_a_result_beyond_tolerance_is_a_failure_with_its_size_and_error():
     got = want.clone()
     got[1, 0] += 0.02
     check = gc.compare("flex grad k", "T=16 N-1=1567", got, want, 1e-3)
-    assert check == {"what": "flex grad k", "size": "T=16 N-1=1567", "error": pytest.approx(0.02 / 4),
-                     "tolerance": 1e-3, "status": "fail"}
+    assert check == {
+        "what": "flex grad k",
+        "size": "T=16 N-1=1567",
+        "error": pytest.approx(0.02 / 4),
+        "tolerance": 1e-3,
+        "status": "fail",
+    }
     assert gc.compare("x", "s", got, want, 0.01)["status"] == "ok"
     got[0, 0] = float("nan")
     nan = gc.compare("x", "s", got, want, 1.0)
@@ -193,6 +204,9 @@ def test_the_readme_and_the_makefile_give_the_same_command():
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     make = subprocess.run(
         ["make", "-n", "--no-print-directory", "gpu-check", "PYTHON=python"],
-        cwd=ROOT, capture_output=True, text=True, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert make.stdout.strip() == command

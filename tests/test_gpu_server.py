@@ -2,6 +2,7 @@
 real Snakefile, launcher and GPU pool; the GPU steps are stubs (tests/helpers/gpu_schedule.py: no
 GPU here, SVITT_NUM_GPUS fakes the count). `gpus: auto` resolved when the workflow is parsed.
 Protected stage models rerun by a user who is not root, with the steps the README gives."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,11 @@ THREADS = {"ground": 1}  # the grounder uses one CPU thread; the other GPU rules
 
 
 def environment(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_VISIBLE_DEVICES", "SVITT_GPU_POOL", "SVITT_NUM_GPUS") and not k.startswith("SLURM_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CUDA_VISIBLE_DEVICES", "SVITT_GPU_POOL", "SVITT_NUM_GPUS") and not k.startswith("SLURM_")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
 
@@ -43,12 +47,13 @@ def _gpu_jobs(rows):
 
 def _assert_disjoint_gpus(rows):
     for i, a in enumerate(rows):
-        for b in rows[i + 1:]:
+        for b in rows[i + 1 :]:
             if _concurrent(a, b):
                 assert not set(a["cvd"].split(",")) & set(b["cvd"].split(",")), (a, b)
 
 
 # ---------------------------------------------------------------------------- scheduling
+
 
 def test_training_goes_first_and_nlq_features_do_not_delay_stage1(tmp_path):
     """Stages that take every GPU of the server (here a 1-GPU server: the same decision as 8 of 8,
@@ -83,14 +88,20 @@ def test_the_demo_takes_one_gpu_per_job_and_evaluates_beside_training(tmp_path):
     assert any(_concurrent(r, t) for r in rows if r["kind"] == "evaluate" for t in train)
 
 
-@pytest.mark.parametrize("env,gpus", [({"SVITT_NUM_GPUS": "2"}, 1),
-                                      ({"SVITT_NUM_GPUS": "2", "CUDA_VISIBLE_DEVICES": ""}, 0)])
+@pytest.mark.parametrize(
+    "env,gpus", [({"SVITT_NUM_GPUS": "2"}, 1), ({"SVITT_NUM_GPUS": "2", "CUDA_VISIBLE_DEVICES": ""}, 0)]
+)
 def test_gpus_auto_is_resolved_when_the_workflow_is_parsed(tmp_path, env, gpus):
     """The demo as shipped (config.yaml): a GPU per job where the machine has one, else the CPU
     (an empty CUDA_VISIBLE_DEVICES hides the GPUs on purpose)."""
     work = copy_workflow(tmp_path / "w")
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "all", "--cores", "8", "--resources",
-                          "gpu=8"], cwd=work, env=environment(**env), capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", "all", "--cores", "8", "--resources", "gpu=8"],
+        cwd=work,
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     blocks = [b for b in re.split(r"\n(?=rule \w+:)", out.stdout) if re.match(r"rule (\w+):", b.strip())]
     jobs = [b for b in blocks if re.match(r"rule (\w+):", b.strip()).group(1) in GPU_RULES]
@@ -109,25 +120,57 @@ def test_every_stage_kind_gets_the_training_layout(tmp_path):
     grounder lease evaluation.gpus."""
     work = copy_workflow(tmp_path / "w")
     stage = {"frames": 4, "epochs": 1, "lr": 0.001}
-    overlay = {"pretrain": {"gpus": 2, "threads_per_gpu": 3, "save_before": 120, "seeds": [1],
-                            "extra": [{"name": "control", **stage}],
-                            "ablation": [{"name": "single4", **stage}]},
-               "evaluation": {"gpus": 1, "threads_per_gpu": 3}}
+    overlay = {
+        "pretrain": {
+            "gpus": 2,
+            "threads_per_gpu": 3,
+            "save_before": 120,
+            "seeds": [1],
+            "extra": [{"name": "control", **stage}],
+            "ablation": [{"name": "single4", **stage}],
+        },
+        "evaluation": {"gpus": 1, "threads_per_gpu": 3},
+    }
     (work / "configs/kinds.yaml").write_text(yaml.safe_dump(overlay))
-    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "all", "seeds", "ablation", "--cores", "8",
-                          "--resources", "gpu=8", "--configfile", "tests/configs/test.yaml", "configs/kinds.yaml"],
-                         cwd=work, env=environment(), capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-p",
+            "all",
+            "seeds",
+            "ablation",
+            "--cores",
+            "8",
+            "--resources",
+            "gpu=8",
+            "--configfile",
+            "tests/configs/test.yaml",
+            "configs/kinds.yaml",
+        ],
+        cwd=work,
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    blocks = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out.stdout) if re.match(r"(?:local)?rule (\w+):", b.strip())]
+    blocks = [
+        b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out.stdout) if re.match(r"(?:local)?rule (\w+):", b.strip())
+    ]
     pretrain = [b for b in blocks if b.strip().startswith("rule pretrain:")]
     stages = {re.search(r"wildcards: stage=(\S+)", b).group(1) for b in pretrain}
-    assert stages == {f"{n}{s}" for n in ("stage1", "stage2", "stage3", "egoclip", "control", "single4")
-                      for s in ("", "-seed1")} - {"single4-seed1"}  # ablation: the configured stages only
+    assert stages == {
+        f"{n}{s}" for n in ("stage1", "stage2", "stage3", "egoclip", "control", "single4") for s in ("", "-seed1")
+    } - {"single4-seed1"}  # ablation: the configured stages only
     for block in pretrain:
         assert re.search(r"resources: .*\bgpu=2\b", block), block
         assert re.search(r"threads: 6\b", block), block
         assert re.search(r"priority: 100\b", block), block
-        assert "workflow_scripts/launch.py --gpus 2 --threads 6 --save-before 120 -- workflow_scripts/train.py" in block, block
+        assert (
+            "workflow_scripts/launch.py --gpus 2 --threads 6 --save-before 120 -- workflow_scripts/train.py" in block
+        ), block
     nlq = [b for b in blocks if b.strip().startswith(("rule nlq_features:", "rule ground:"))]
     assert len(nlq) == 2, [b.splitlines()[0] for b in blocks]
     for block in nlq:
@@ -168,14 +211,18 @@ def test_protected_stage_models_rerun_for_a_user_who_is_not_root(pipeline, tmp_p
     prefix, folder = unprivileged_runner(tmp_path)
     corpus, res = pipeline
     work = folder / "w"
-    overlay = {"pretrain": {"protect_models": True, "gpus": 0},
-               "datasets": {"webvid": {"shards": 1}}}  # the session corpus's one WebVid shard
+    overlay = {
+        "pretrain": {"protect_models": True, "gpus": 0},
+        "datasets": {"webvid": {"shards": 1}},
+    }  # the session corpus's one WebVid shard
     env = environment()
     configs = prepare(work, overlay, {}, env)
     # Real data in place of the placeholders (stage1 and stage2 train for real), as old as they were.
-    for src, dest in ((corpus / "webvid_train.csv", "resources/demo/webvid_train.csv"),
-                      (corpus / "tokenizer/vocab.txt", "resources/demo/tokenizer/vocab.txt"),
-                      (res / "frames/webvid/shard-0.h5", "resources/frames/webvid/shard-000-of-001.h5")):
+    for src, dest in (
+        (corpus / "webvid_train.csv", "resources/demo/webvid_train.csv"),
+        (corpus / "tokenizer/vocab.txt", "resources/demo/tokenizer/vocab.txt"),
+        (res / "frames/webvid/shard-0.h5", "resources/frames/webvid/shard-000-of-001.h5"),
+    ):
         stamp = (work / dest).stat().st_mtime
         shutil.copy(src, work / dest)
         os.utime(work / dest, (stamp, stamp))
@@ -185,8 +232,13 @@ def test_protected_stage_models_rerun_for_a_user_who_is_not_root(pipeline, tmp_p
         os.chown(path, owner.st_uid, owner.st_gid)
 
     def snakemake(*args):
-        return subprocess.run([*prefix, sys.executable, "-m", "snakemake", *args, "--cores", "2",
-                               "--configfile", *configs], cwd=work, env=env, capture_output=True, text=True)
+        return subprocess.run(
+            [*prefix, sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", *configs],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
 
     models = [work / f"results/pretrain/{s}/model.safetensors" for s in ("stage1", "stage2")]
     first = snakemake(*[str(m.relative_to(work)) for m in models])
@@ -217,6 +269,9 @@ def test_protected_stage_models_rerun_for_a_user_who_is_not_root(pipeline, tmp_p
     shutil.rmtree(folder)
     # The steps, as the documentation gives them.
     docs = "".join(p.read_text() for p in (REPO / "README.md", REPO / "docs/gpus_and_slurm.md") if p.exists())
-    for step in ("chmod u+w results/pretrain/*/model.safetensors", "chmod a-w results/pretrain/*/model.safetensors",
-                 "Write-protected output files for rule pretrain"):
+    for step in (
+        "chmod u+w results/pretrain/*/model.safetensors",
+        "chmod a-w results/pretrain/*/model.safetensors",
+        "Write-protected output files for rule pretrain",
+    ):
         assert step in docs, step

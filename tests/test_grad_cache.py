@@ -1,4 +1,5 @@
 """grad_accum keeps the contrastive batch: svitt.training.grad_cache against one large batch (fp64)."""
+
 import pytest
 import torch
 
@@ -11,9 +12,13 @@ WEIGHTS = {"vtc": 1.0, "egonce": 1.0, "vtm": 1.0, "mlm": 1.0}
 
 def _model(dropout=0.0, **video):
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 4, **video},
-                               "text": {"preset": "tiny", "vocab_size": 40, "dropout": dropout},
-                               "embed_dim": 16})
+    model = svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": 4, **video},
+            "text": {"preset": "tiny", "vocab_size": 40, "dropout": dropout},
+            "embed_dim": 16,
+        }
+    )
     return model.double().train()
 
 
@@ -23,12 +28,20 @@ def _micro_batches(sizes=(4, 4, 4, 4), lengths=(7, 9, 5, 9)):
     for n, length in zip(sizes, lengths):
         ids = torch.randint(5, 40, (n, length))
         mask = torch.ones(n, length, dtype=torch.long)
-        mask[0, length - 2:] = 0  # some padding inside a micro-batch too
+        mask[0, length - 2 :] = 0  # some padding inside a micro-batch too
         ids[mask == 0] = 0
         labels = torch.where((torch.rand(n, length) < 0.3) & mask.bool(), ids, -100)
-        batches.append({"video": torch.randn(n, 4, 3, 32, 32, dtype=torch.float64), "input_ids": ids,
-                        "attention_mask": mask, "mlm_ids": torch.where(labels >= 0, 4, ids), "mlm_labels": labels,
-                        "nouns": (torch.rand(n, 6) < 0.3).double(), "verbs": (torch.rand(n, 4) < 0.4).double()})
+        batches.append(
+            {
+                "video": torch.randn(n, 4, 3, 32, 32, dtype=torch.float64),
+                "input_ids": ids,
+                "attention_mask": mask,
+                "mlm_ids": torch.where(labels >= 0, 4, ids),
+                "mlm_labels": labels,
+                "nouns": (torch.rand(n, 6) < 0.3).double(),
+                "verbs": (torch.rand(n, 4) < 0.4).double(),
+            }
+        )
     return batches
 
 
@@ -38,8 +51,10 @@ def _collate(batches):
     pad = {"input_ids": 0, "attention_mask": 0, "mlm_ids": 0, "mlm_labels": -100}
     out = {}
     for key in batches[0]:
-        parts = [b[key] if key not in pad else torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]),
-                                                                       value=pad[key]) for b in batches]
+        parts = [
+            b[key] if key not in pad else torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=pad[key])
+            for b in batches
+        ]
         out[key] = torch.cat(parts)
     return out
 

@@ -1,6 +1,7 @@
 """The order-blind control (video.temporal = late): each frame through the image encoder alone,
 CLS mean-pooled over time. Its twin accuracy is 50% by construction; these tests check the
 construction itself (bit-identical outputs for any frame order), not just a number near 50."""
+
 import pytest
 import torch
 
@@ -16,9 +17,13 @@ SPARSE = dict(local_blocks=1, random_blocks=1, block_size=8, visual_keep=0.6)
 
 def _model(temporal, frames=8, **video):
     torch.manual_seed(0)
-    return svitt.build_model({"video": {"preset": "tiny", "frames": frames, "temporal": temporal, **video},
-                              "text": {"preset": "tiny", "vocab_size": 100, "multimodal_keep": 0.5},
-                              "embed_dim": 16}).eval()
+    return svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": frames, "temporal": temporal, **video},
+            "text": {"preset": "tiny", "vocab_size": 100, "multimodal_keep": 0.5},
+            "embed_dim": 16,
+        }
+    ).eval()
 
 
 def _encode(model, video):
@@ -48,14 +53,14 @@ def test_late_fusion_is_the_image_encoder_per_frame_mean_pooled():
     assert hidden.shape == (2, 1 + 4 * 16, 64) and pos.shape == (2, 4 * 16)
     # by hand: each frame as a static tubelet (the frame twice), alone through the same weights
     with torch.no_grad():
-        per_frame = [encoder._encode(clips[:, t:t + 1].expand(-1, 2, -1, -1, -1))[0] for t in range(4)]
+        per_frame = [encoder._encode(clips[:, t : t + 1].expand(-1, 2, -1, -1, -1))[0] for t in range(4)]
     cls = torch.stack([f[:, 0] for f in per_frame], 1).mean(1)
     assert torch.allclose(hidden[:, 0], cls, atol=1e-6)
     order = canonical_frame_order(clips)
     for b in range(2):
         for slot, t in enumerate(order[b].tolist()):  # tokens follow the canonical frame order
-            assert torch.allclose(hidden[b, 1 + 16 * slot:1 + 16 * (slot + 1)], per_frame[t][b, 1:], atol=1e-6)
-            assert pos[b, 16 * slot:16 * (slot + 1)].tolist() == [16 * t + p for p in range(16)]
+            assert torch.allclose(hidden[b, 1 + 16 * slot : 1 + 16 * (slot + 1)], per_frame[t][b, 1:], atol=1e-6)
+            assert pos[b, 16 * slot : 16 * (slot + 1)].tolist() == [16 * t + p for p in range(16)]
 
 
 def test_canonical_order_tells_translated_frames_apart():
@@ -80,10 +85,16 @@ def test_late_fusion_twin_accuracy_is_exactly_50_percent_on_the_demo(pipeline):
     tokenizer = load_tokenizer(corpus / "tokenizer")
     data = RetrievalDataset(res / "frames/downstream", corpus / "retrieval_test.json", 4, EvalTransform(32))
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 4, "temporal": "late", **SPARSE},
-                               "text": {"preset": "tiny", "vocab_size": len(tokenizer)}, "embed_dim": 16})
-    result = task("retrieval").run(model.eval(), data, PairCollator(tokenizer, 32),
-                                   {"batch_size": 4, "rerank_k": 3}, progress=False)
+    model = svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": 4, "temporal": "late", **SPARSE},
+            "text": {"preset": "tiny", "vocab_size": len(tokenizer)},
+            "embed_dim": 16,
+        }
+    )
+    result = task("retrieval").run(
+        model.eval(), data, PairCollator(tokenizer, 32), {"batch_size": 4, "rerank_k": 3}, progress=False
+    )
     assert result["twins_exact_reversal"] == {"itc": 50.0, "vtm": 50.0}
     for deltas in result["frame_order_deltas"].values():
         assert all(v == 0.0 for group in deltas.values() for v in group.values()), deltas

@@ -47,6 +47,7 @@ def _col(j):
 
 # ----------------------------------------------------------------------------- info_nce
 
+
 def test_info_nce_hand_computed():
     video, text = _video_text()
     tau = 0.5
@@ -75,9 +76,14 @@ def test_info_nce_tensor_temperature_gets_gradient():
     tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     loss = info_nce(video, text, tau)
     loss.backward()
+
     # d/dtau of sum over both directions of (-s_ii/tau + logsumexp(s_i/tau)), by finite difference of the hand formula
     def hand(t):
-        return (sum(_neg_log_softmax(_col(i), [i], t) for i in range(3)) + sum(_neg_log_softmax(_row(i), [i], t) for i in range(3))) / 3
+        return (
+            sum(_neg_log_softmax(_col(i), [i], t) for i in range(3))
+            + sum(_neg_log_softmax(_row(i), [i], t) for i in range(3))
+        ) / 3
+
     eps = 1e-6
     assert tau.grad.item() == pytest.approx((hand(0.5 + eps) - hand(0.5 - eps)) / (2 * eps), abs=1e-6)
 
@@ -95,6 +101,7 @@ def test_info_nce_rejects_mismatched_shapes():
 
 
 # ----------------------------------------------------------------------------- egonce
+
 
 def test_egonce_hand_computed_3x3():
     video, text = _video_text()
@@ -129,7 +136,9 @@ def test_egonce_without_shared_tags_equals_info_nce():
     nouns = torch.ones(6, 3)
     verbs = torch.eye(6)
     for tau in (0.05, 0.07, torch.tensor(0.3, dtype=torch.float64)):
-        assert egonce(video, text, nouns, verbs, tau).item() == pytest.approx(info_nce(video, text, tau).item(), abs=1e-12)
+        assert egonce(video, text, nouns, verbs, tau).item() == pytest.approx(
+            info_nce(video, text, tau).item(), abs=1e-12
+        )
     # samples without any tag share nothing either
     assert egonce(video, text, torch.zeros(6, 2), torch.zeros(6, 2), 0.05).item() == pytest.approx(
         info_nce(video, text, 0.05).item(), abs=1e-12
@@ -214,7 +223,9 @@ def test_vtm_hard_negatives_respect_positives_mask():
 
 def test_vtm_hard_negatives_all_positive_row_falls_back_to_off_diagonal():
     gen = torch.Generator().manual_seed(2)
-    t_idx, v_idx = vtm_hard_negatives(torch.zeros(2, 2), generator=gen, positives_mask=torch.ones(2, 2, dtype=torch.bool))
+    t_idx, v_idx = vtm_hard_negatives(
+        torch.zeros(2, 2), generator=gen, positives_mask=torch.ones(2, 2, dtype=torch.bool)
+    )
     assert t_idx.tolist() == [1, 0] and v_idx.tolist() == [1, 0]
 
 
@@ -266,8 +277,9 @@ def _batch(batch=400, length=64, seed=0):
 def test_mask_tokens_80_10_10_statistics():
     ids, attention = _batch()
     original = ids.clone()
-    masked, labels = mask_tokens(ids, attention, VOCAB, MASK, [PAD, CLS, SEP, MASK], 0.15,
-                                 generator=torch.Generator().manual_seed(0))
+    masked, labels = mask_tokens(
+        ids, attention, VOCAB, MASK, [PAD, CLS, SEP, MASK], 0.15, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(ids, original)  # input untouched
     special = (ids == CLS) | (ids == SEP) | (attention == 0)
     maskable = ~special
@@ -340,6 +352,7 @@ def test_mlm_loss_without_masked_tokens_is_zero_with_graph():
 
 
 # ----------------------------------------------------------------------------- temperature
+
 
 def test_clamp_temperature():
     assert clamp_temperature(0.0001) == 0.001

@@ -1,36 +1,89 @@
 """Ego4D NLQ annotations: the reader (v1 / v2 layouts, bad layouts), the video list, and the NLQ
 part of the demo corpus (queries with one answer each, over the EgoClip / EgoMCQ videos)."""
+
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from svitt.data.demo import ego as demo_ego, scene as demo_scene
+from svitt.data.demo import ego as demo_ego
+from svitt.data.demo import scene as demo_scene
 from svitt.data.nlq import read_nlq, write_video_list
 
 
 def _query(start, end, text, **extra):
-    return {"clip_start_sec": start, "clip_end_sec": end, "video_start_sec": start, "video_end_sec": end,
-            "query": text, **extra}
+    return {
+        "clip_start_sec": start,
+        "clip_end_sec": end,
+        "video_start_sec": start,
+        "video_end_sec": end,
+        "query": text,
+        **extra,
+    }
 
 
 V2 = {  # shaped like Ego4D's nlq_val.json v2 (a clip starting a hair before 0, a window past the clip end)
-    "version": "2.0", "date": "230105", "description": "NLQ Annotations (val)",
-    "videos": [{"video_uid": "vid-a", "split": "val", "clips": [
-        {"clip_uid": "clip-a0", "video_start_sec": -4e-07, "video_end_sec": 480.0366735908854,
-         "clip_start_sec": 0, "clip_end_sec": 480.0156449908854, "source_clip_uid": "s0",
-         "annotations": [
-             {"annotation_uid": "ann-0", "request_uid": "r0", "language_queries": [
-                 _query(28.60389, 29.013, "Where did i put the fire gun ?", template="Place: Where did I put X?"),
-                 {"clip_start_sec": 3.0, "clip_end_sec": 4.0, "template": "Objects: ..."},  # no query text
-                 _query(468.95576, 480.067, "In what location did i last see the blue bucket?")]},
-             {"annotation_uid": "ann-1", "language_queries": [
-                 _query(500.0, 510.0, "Query Text:Did I leave the door open?"),
-                 _query(9.0, 8.0, "Where was the drill?")]}]}]},
-        {"video_uid": "vid-b", "split": "val", "clips": [
-            {"clip_uid": "clip-b0", "video_start_sec": 2340.0, "video_end_sec": 2820.0, "annotations": [
-                {"annotation_uid": "ann-2", "language_queries": [_query(240.5, 254.7, "What color t-shirt?")]}]}]}],
+    "version": "2.0",
+    "date": "230105",
+    "description": "NLQ Annotations (val)",
+    "videos": [
+        {
+            "video_uid": "vid-a",
+            "split": "val",
+            "clips": [
+                {
+                    "clip_uid": "clip-a0",
+                    "video_start_sec": -4e-07,
+                    "video_end_sec": 480.0366735908854,
+                    "clip_start_sec": 0,
+                    "clip_end_sec": 480.0156449908854,
+                    "source_clip_uid": "s0",
+                    "annotations": [
+                        {
+                            "annotation_uid": "ann-0",
+                            "request_uid": "r0",
+                            "language_queries": [
+                                _query(
+                                    28.60389,
+                                    29.013,
+                                    "Where did i put the fire gun ?",
+                                    template="Place: Where did I put X?",
+                                ),
+                                {
+                                    "clip_start_sec": 3.0,
+                                    "clip_end_sec": 4.0,
+                                    "template": "Objects: ...",
+                                },  # no query text
+                                _query(468.95576, 480.067, "In what location did i last see the blue bucket?"),
+                            ],
+                        },
+                        {
+                            "annotation_uid": "ann-1",
+                            "language_queries": [
+                                _query(500.0, 510.0, "Query Text:Did I leave the door open?"),
+                                _query(9.0, 8.0, "Where was the drill?"),
+                            ],
+                        },
+                    ],
+                }
+            ],
+        },
+        {
+            "video_uid": "vid-b",
+            "split": "val",
+            "clips": [
+                {
+                    "clip_uid": "clip-b0",
+                    "video_start_sec": 2340.0,
+                    "video_end_sec": 2820.0,
+                    "annotations": [
+                        {"annotation_uid": "ann-2", "language_queries": [_query(240.5, 254.7, "What color t-shirt?")]}
+                    ],
+                }
+            ],
+        },
+    ],
 }
 
 
@@ -40,10 +93,15 @@ def test_read_v2_layout(tmp_path):
     split = read_nlq(path)
     assert split.version == "2.0" and split.video_uids == ["vid-a", "vid-b"]
     assert [(q.clip.clip_uid, q.annotation_uid, q.query_idx) for q in split.queries] == [
-        ("clip-a0", "ann-0", 0), ("clip-a0", "ann-0", 2), ("clip-a0", "ann-1", 0), ("clip-a0", "ann-1", 1),
-        ("clip-b0", "ann-2", 0)]  # query_idx counts the query without text, as the official evaluation does
-    assert split.skipped == [{"clip_uid": "clip-a0", "annotation_uid": "ann-0", "query_idx": 1,
-                              "reason": "no query text"}]
+        ("clip-a0", "ann-0", 0),
+        ("clip-a0", "ann-0", 2),
+        ("clip-a0", "ann-1", 0),
+        ("clip-a0", "ann-1", 1),
+        ("clip-b0", "ann-2", 0),
+    ]  # query_idx counts the query without text, as the official evaluation does
+    assert split.skipped == [
+        {"clip_uid": "clip-a0", "annotation_uid": "ann-0", "query_idx": 1, "reason": "no query text"}
+    ]
     first, past_end, outside, backwards, other = split.queries
     assert (first.start, first.end) == (28.60389, 29.013)
     assert first.clip.duration == pytest.approx(480.0366739908854)
@@ -57,27 +115,75 @@ def test_read_v2_layout(tmp_path):
 
 def test_read_v1_layout(tmp_path):
     """v1 (nlq_train.json of 2022): the same nesting, version "1", clips without source_clip_uid."""
-    v1 = {"version": "1", "videos": [{"video_uid": "u", "clips": [
-        {"clip_uid": "c", "video_start_sec": 60, "video_end_sec": 540, "video_start_frame": 1800,
-         "annotations": [{"annotation_uid": "a", "language_queries": [_query(1, 2.5, "what did I pour?")]}]}]}]}
+    v1 = {
+        "version": "1",
+        "videos": [
+            {
+                "video_uid": "u",
+                "clips": [
+                    {
+                        "clip_uid": "c",
+                        "video_start_sec": 60,
+                        "video_end_sec": 540,
+                        "video_start_frame": 1800,
+                        "annotations": [
+                            {"annotation_uid": "a", "language_queries": [_query(1, 2.5, "what did I pour?")]}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
     (tmp_path / "v1.json").write_text(json.dumps(v1))
     [query] = read_nlq(tmp_path / "v1.json").queries
     assert (query.query, query.start, query.end, query.clip.duration) == ("what did I pour?", 1.0, 2.5, 480.0)
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"0": {"query": {"video_uid": "x"}, "choices": {}, "answer": 0, "types": 1}},  # egomcq.json
-     "the top level has no 'videos' .*expected the Ego4D NLQ layout videos\\[\\]\\.clips\\[\\]"),
-    ([{"video": "v", "caption": "c"}], "the top level has no 'videos' \\(found list\\)"),  # a retrieval list
-    ({"videos": [{"video_uid": "u", "clips": [{"video_start_sec": 0, "video_end_sec": 1, "annotations": []}]}]},
-     "videos\\[0\\]\\.clips\\[0\\] has no 'clip_uid'"),
-    ({"videos": [{"video_uid": "u", "clips": [{"clip_uid": "c", "video_start_sec": 0, "video_end_sec": 9,
-                                               "annotations": [{"annotation_uid": "a", "language_queries": [
-                                                   {"query": "q", "clip_start_sec": 1}]}]}]}]},
-     "language_queries\\[0\\] has no 'clip_end_sec'"),
-    ({"videos": [{"video_uid": "u", "clips": [{"clip_uid": "c", "video_start_sec": 5, "video_end_sec": 5,
-                                               "annotations": []}]}]}, "expected video_end_sec > video_start_sec"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            {"0": {"query": {"video_uid": "x"}, "choices": {}, "answer": 0, "types": 1}},  # egomcq.json
+            "the top level has no 'videos' .*expected the Ego4D NLQ layout videos\\[\\]\\.clips\\[\\]",
+        ),
+        ([{"video": "v", "caption": "c"}], "the top level has no 'videos' \\(found list\\)"),  # a retrieval list
+        (
+            {"videos": [{"video_uid": "u", "clips": [{"video_start_sec": 0, "video_end_sec": 1, "annotations": []}]}]},
+            "videos\\[0\\]\\.clips\\[0\\] has no 'clip_uid'",
+        ),
+        (
+            {
+                "videos": [
+                    {
+                        "video_uid": "u",
+                        "clips": [
+                            {
+                                "clip_uid": "c",
+                                "video_start_sec": 0,
+                                "video_end_sec": 9,
+                                "annotations": [
+                                    {"annotation_uid": "a", "language_queries": [{"query": "q", "clip_start_sec": 1}]}
+                                ],
+                            }
+                        ],
+                    }
+                ]
+            },
+            "language_queries\\[0\\] has no 'clip_end_sec'",
+        ),
+        (
+            {
+                "videos": [
+                    {
+                        "video_uid": "u",
+                        "clips": [{"clip_uid": "c", "video_start_sec": 5, "video_end_sec": 5, "annotations": []}],
+                    }
+                ]
+            },
+            "expected video_end_sec > video_start_sec",
+        ),
+    ],
+)
 def test_another_layout_is_an_error_naming_the_expected_key(tmp_path, data, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
@@ -96,16 +202,23 @@ def test_video_list_is_what_download_reads(tmp_path):
 
     (tmp_path / "val.json").write_text(json.dumps(V2))
     clip = {"video_start_sec": 0, "video_end_sec": 9, "annotations": []}
-    train = {"videos": [{"video_uid": "vid-t", "clips": [{**clip, "clip_uid": "t0"}]},
-                        {"video_uid": "vid-b", "clips": [{**clip, "clip_uid": "b1"}]},
-                        {"video_uid": "vid-none", "clips": []}]}  # a video without clips needs no features
+    train = {
+        "videos": [
+            {"video_uid": "vid-t", "clips": [{**clip, "clip_uid": "t0"}]},
+            {"video_uid": "vid-b", "clips": [{**clip, "clip_uid": "b1"}]},
+            {"video_uid": "vid-none", "clips": []},
+        ]
+    }  # a video without clips needs no features
     (tmp_path / "train.json").write_text(json.dumps(train))
     out = tmp_path / "videos.tsv"
     splits = {"train": read_nlq(tmp_path / "train.json"), "val": read_nlq(tmp_path / "val.json")}
     assert write_video_list(out, splits) == 3
     rows = list(csv.DictReader(open(out), delimiter="\t"))
-    assert rows == [{"video_uid": "vid-a", "split": "val"}, {"video_uid": "vid-b", "split": "train"},
-                    {"video_uid": "vid-t", "split": "train"}]
+    assert rows == [
+        {"video_uid": "vid-a", "split": "val"},
+        {"video_uid": "vid-b", "split": "train"},
+        {"video_uid": "vid-t", "split": "train"},
+    ]
     assert [item.id for item in read_video_list(out)] == ["vid-a", "vid-b", "vid-t"]
 
 
@@ -135,9 +248,16 @@ def test_demo_nlq_queries_have_one_answer_each(tmp_path):
 def test_demo_nlq_text():
     action = demo_ego.EgoAction(2.2, 3.8, 0, "move", "left", "ball", "#C C moves the red ball to the left")
     assert demo_ego.nlq_query_text(action, "red") == "when did I move the red ball to the left?"
-    assert demo_ego.nlq_query_text(demo_ego.EgoAction(0, 1, 0, "lift", "", "cone"), "blue") == "when did I lift the blue cone?"
+    assert (
+        demo_ego.nlq_query_text(demo_ego.EgoAction(0, 1, 0, "lift", "", "cone"), "blue")
+        == "when did I lift the blue cone?"
+    )
     assert demo_ego.nlq_clip_spans(12, demo_scene.DemoGeometry(ego_nlq_clip_seconds=30)) == [(0.0, 12.0)]
-    assert demo_ego.nlq_clip_spans(70, demo_scene.DemoGeometry(ego_nlq_clip_seconds=30)) == [(0.0, 30.0), (30.0, 60.0), (60.0, 70.0)]
+    assert demo_ego.nlq_clip_spans(70, demo_scene.DemoGeometry(ego_nlq_clip_seconds=30)) == [
+        (0.0, 30.0),
+        (30.0, 60.0),
+        (60.0, 70.0),
+    ]
     assert demo_ego.nlq_clip_spans(70, demo_scene.DemoGeometry(ego_nlq_clip_seconds=0)) == [(0.0, 70.0)]
 
 

@@ -1,6 +1,7 @@
 """NLQ window features exported in the layout VSLNet's Ego4D preparation reads: {video_uid}.pt
 float32 [N, D] per video at 1.875 features/s (7.5 fps, windows of 4 every 4 frames), every window
 encoded (none left zero), read back here step by step as VSLNet's prepare_ego4d_dataset.py does."""
+
 import json
 import math
 
@@ -9,11 +10,11 @@ import pytest
 import torch
 
 import svitt
-from svitt.training.checkpoint import export_model
 from svitt.data.datasets import FrameStore
 from svitt.data.transforms import EvalTransform
 from svitt.evaluation import window_starts
 from svitt.evaluation.nlq import clip_feature_span
+from svitt.training.checkpoint import export_model
 from tests.conftest import script
 
 # VSLNet's Ego4D constants (NLQ/VSLNet/utils/prepare_ego4d_dataset.py)
@@ -46,9 +47,26 @@ def exported(pipeline, tmp_path_factory):
     corpus, res = pipeline
     root = tmp_path_factory.mktemp("nlq_features")
     shard = root / "frames" / "shard-0.h5"
-    assert script("extract_frames").main(["--videos", str(res / "videos" / "ego.csv"), "--out", str(shard),
-                                          "--failures", str(root / "failures.csv"), "--fps", "7.5", "--frames",
-                                          "1000", "--short-side", "40", "--no-progress"]) == 0
+    assert (
+        script("extract_frames").main(
+            [
+                "--videos",
+                str(res / "videos" / "ego.csv"),
+                "--out",
+                str(shard),
+                "--failures",
+                str(root / "failures.csv"),
+                "--fps",
+                "7.5",
+                "--frames",
+                "1000",
+                "--short-side",
+                "40",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     torch.manual_seed(0)
     cfg = {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 200}, "embed_dim": 16}
     model = svitt.build_model(cfg)
@@ -62,9 +80,26 @@ def test_exported_pt_files_read_as_vslnet_prepares_them(pipeline, exported, tmp_
     corpus, _ = pipeline
     shard, weights, model = exported
     out = tmp_path / "features"
-    assert script("nlq_features").main(["--model", str(weights), "--shards", str(shard),
-                                        "--out", str(tmp_path / "f.h5"), "--pt-dir", str(out), "--kind", kind,
-                                        "--batch-size", "5", "--no-progress"]) == 0
+    assert (
+        script("nlq_features").main(
+            [
+                "--model",
+                str(weights),
+                "--shards",
+                str(shard),
+                "--out",
+                str(tmp_path / "f.h5"),
+                "--pt-dir",
+                str(out),
+                "--kind",
+                kind,
+                "--batch-size",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "features.json").read_text())
     assert (info["kind"], info["fps"], info["window"], info["stride"]) == (kind, 7.5, 4, 4)
     assert info["features_per_second"] == FEATURES_PER_SEC
@@ -82,7 +117,7 @@ def test_exported_pt_files_read_as_vslnet_prepares_them(pipeline, exported, tmp_
         for clip in video["clips"]:
             clip_start = vslnet_nearest_frame(clip["video_start_sec"], math.floor)
             clip_end = vslnet_nearest_frame(clip["video_end_sec"], math.ceil)
-            clip_feature = feature[clip_start:clip_end + 1]
+            clip_feature = feature[clip_start : clip_end + 1]
             feature_sizes[clip["clip_uid"]] = clip_feature.shape[0]
             # its num_frames (the clip's feature count the grounder is told) is what the file holds
             duration = clip["video_end_sec"] - clip["video_start_sec"]
@@ -110,8 +145,17 @@ def test_shards_without_a_fixed_rate_are_refused(pipeline, exported, tmp_path, c
     _, res = pipeline
     _, weights, _ = exported
     with pytest.raises(ValueError, match="one fixed fps .*fps \\[0.0\\]"):
-        script("nlq_features").main(["--model", str(weights), "--shards", str(res / "frames" / "ego"),
-                                     "--out", str(tmp_path / "f.h5"), "--no-progress"])
+        script("nlq_features").main(
+            [
+                "--model",
+                str(weights),
+                "--shards",
+                str(res / "frames" / "ego"),
+                "--out",
+                str(tmp_path / "f.h5"),
+                "--no-progress",
+            ]
+        )
 
 
 def test_a_capped_video_is_refused():

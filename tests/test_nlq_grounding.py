@@ -1,19 +1,29 @@
 """The span grounder: time <-> feature index by hand, VSLNet's top-k decoding, the baseline, bad
 input (windows outside their clip, missing features) counted and listed, that it learns a
 grounding a query-independent baseline cannot, and ground.py end to end on a tiny model."""
+
 import json
 
 import pytest
 import torch
 
 import svitt
-from svitt.training.checkpoint import export_model
 from svitt.data.nlq import read_nlq
+from svitt.evaluation.grounding import (
+    GROUNDER_DEFAULTS,
+    GroundingItem,
+    SpanGrounder,
+    baseline_windows,
+    build_items,
+    most_frequent_spans,
+    predict_windows,
+    resolve_grounder_config,
+    top_spans,
+    train_grounder,
+)
 from svitt.evaluation.metrics import nlq_recall
 from svitt.evaluation.nlq import write_video_features
-from svitt.evaluation.grounding import (GROUNDER_DEFAULTS, GroundingItem, SpanGrounder, baseline_windows, build_items,
-                             most_frequent_spans, predict_windows, resolve_grounder_config, top_spans,
-                             train_grounder)
+from svitt.training.checkpoint import export_model
 from tests.conftest import script
 
 
@@ -74,8 +84,9 @@ def test_most_frequent_spans_by_hand():
 
 
 def test_settings_are_checked_and_match_the_schema():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     assert resolve_grounder_config(None) == GROUNDER_DEFAULTS
     with pytest.raises(ValueError, match="unknown evaluation.nlq.grounder config key\\(s\\) \\['layers'\\]"):
@@ -91,20 +102,35 @@ def _nlq_file(path, clips):
     """clips: [(video_uid, clip_uid, video_start, video_end, [(start, end, query), ...])]."""
     videos = {}
     for uid, clip_uid, c0, c1, queries in clips:
-        videos.setdefault(uid, []).append({
-            "clip_uid": clip_uid, "video_start_sec": c0, "video_end_sec": c1,
-            "annotations": [{"annotation_uid": f"a-{clip_uid}", "language_queries": [
-                {"clip_start_sec": s, "clip_end_sec": e, "query": q} for s, e, q in queries]}]})
+        videos.setdefault(uid, []).append(
+            {
+                "clip_uid": clip_uid,
+                "video_start_sec": c0,
+                "video_end_sec": c1,
+                "annotations": [
+                    {
+                        "annotation_uid": f"a-{clip_uid}",
+                        "language_queries": [
+                            {"clip_start_sec": s, "clip_end_sec": e, "query": q} for s, e, q in queries
+                        ],
+                    }
+                ],
+            }
+        )
     path.write_text(json.dumps({"version": "1", "videos": [{"video_uid": u, "clips": c} for u, c in videos.items()]}))
     return read_nlq(path)
 
 
 def test_bad_queries_are_counted_and_listed_not_dropped(tmp_path):
     write_video_features(tmp_path / "f", {"v1": torch.ones(30, 4)}, {"features_per_second": 0.5})
-    split = _nlq_file(tmp_path / "nlq.json", [
-        ("v1", "c1", 20.0, 40.0, [(2.2, 3.8, "ok"), (25.0, 30.0, "after the clip"), (19.0, 21.0, "sticks out")]),
-        ("v2", "c2", 0.0, 20.0, [(1.0, 2.0, "no features")]),
-        ("v1", "c3", 70.0, 90.0, [(1.0, 2.0, "past the video's features")])])
+    split = _nlq_file(
+        tmp_path / "nlq.json",
+        [
+            ("v1", "c1", 20.0, 40.0, [(2.2, 3.8, "ok"), (25.0, 30.0, "after the clip"), (19.0, 21.0, "sticks out")]),
+            ("v2", "c2", 0.0, 20.0, [(1.0, 2.0, "no features")]),
+            ("v1", "c3", 70.0, 90.0, [(1.0, 2.0, "past the video's features")]),
+        ],
+    )
     items, skipped, clamped = build_items(split, tmp_path / "f", 0.5, [torch.zeros(2, 4)] * 5)
     assert [split.queries[i.query_index].query for i in items] == ["ok", "sticks out"]
     assert items[0].video.shape == (10, 4) and items[0].labels == (1, 1)  # features 10..19 of v1
@@ -162,26 +188,65 @@ def test_ground_cli_end_to_end(tmp_path):
 
     queries = [(0.2, 1.8, "when did I lift the red ball?"), (4.2, 5.8, "when did I shake the blue cube?")]
     train = [("v1", f"t{k}", 20.0 * k, 20.0 * (k + 1), queries) for k in range(3)]
-    val = [("v2", "e0", 0.0, 20.0, queries + [(30.0, 31.0, "when did I lower the red ball?")]),
-           ("v3", "e1", 0.0, 20.0, queries)]  # v3 has no features
+    val = [
+        ("v2", "e0", 0.0, 20.0, queries + [(30.0, 31.0, "when did I lower the red ball?")]),
+        ("v3", "e1", 0.0, 20.0, queries),
+    ]  # v3 has no features
     _nlq_file(tmp_path / "train.json", train)
     _nlq_file(tmp_path / "val.json", val)
     write_vocab(tmp_path / "tok", [q for _, _, q in queries] + ["when did I lower the red ball?"])
-    write_video_features(tmp_path / "feats", {"v1": torch.randn(30, 8), "v2": torch.randn(10, 8)},
-                         {"kind": "cls", "fps": 2.0, "window": 4, "stride": 4, "features_per_second": 0.5, "dim": 8})
+    write_video_features(
+        tmp_path / "feats",
+        {"v1": torch.randn(30, 8), "v2": torch.randn(10, 8)},
+        {"kind": "cls", "fps": 2.0, "window": 4, "stride": 4, "features_per_second": 0.5, "dim": 8},
+    )
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny"}, "text": {"preset": "tiny", "vocab_size": 64},
-                               "embed_dim": 16})
+    model = svitt.build_model(
+        {"video": {"preset": "tiny"}, "text": {"preset": "tiny", "vocab_size": 64}, "embed_dim": 16}
+    )
     export_model(model, tmp_path / "m", {"name": "tiny", "model_config": model.cfg, "train_config": {}})
     ground = script("ground")
-    assert ground.main(["videos", "--train", str(tmp_path / "train.json"), "--val", str(tmp_path / "val.json"),
-                        "--out", str(tmp_path / "videos.tsv")]) == 0
+    assert (
+        ground.main(
+            [
+                "videos",
+                "--train",
+                str(tmp_path / "train.json"),
+                "--val",
+                str(tmp_path / "val.json"),
+                "--out",
+                str(tmp_path / "videos.tsv"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "videos.tsv").read_text() == "video_uid\tsplit\nv1\ttrain\nv2\tval\nv3\tval\n"
     out = tmp_path / "nlq.json"
-    assert ground.main(["train", "--features", str(tmp_path / "feats"), "--train", str(tmp_path / "train.json"),
-                        "--val", str(tmp_path / "val.json"), "--model", str(tmp_path / "m" / "model.safetensors"),
-                        "--tokenizer", str(tmp_path / "tok"), "--config-json", '{"dim": 16, "epochs": 2}',
-                        "--out", str(out), "--out-dir", str(tmp_path / "g"), "--no-progress"]) == 0
+    assert (
+        ground.main(
+            [
+                "train",
+                "--features",
+                str(tmp_path / "feats"),
+                "--train",
+                str(tmp_path / "train.json"),
+                "--val",
+                str(tmp_path / "val.json"),
+                "--model",
+                str(tmp_path / "m" / "model.safetensors"),
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--config-json",
+                '{"dim": 16, "epochs": 2}',
+                "--out",
+                str(out),
+                "--out-dir",
+                str(tmp_path / "g"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == {"r1_iou0.3", "r5_iou0.3", "r1_iou0.5", "r5_iou0.5", "miou"}
     assert set(result["baseline"]["metrics"]) == set(result["metrics"])
@@ -199,8 +264,20 @@ def test_ground_cli_end_to_end(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and "val_r1_iou0.3" in rows[0]
     # another layout is an error naming the key, not a traceback
     (tmp_path / "mcq.json").write_text(json.dumps({"0": {"query": {}}}))
-    assert ground.main(["videos", "--train", str(tmp_path / "mcq.json"), "--val", str(tmp_path / "val.json"),
-                        "--out", str(tmp_path / "x.tsv")]) == 2
+    assert (
+        ground.main(
+            [
+                "videos",
+                "--train",
+                str(tmp_path / "mcq.json"),
+                "--val",
+                str(tmp_path / "val.json"),
+                "--out",
+                str(tmp_path / "x.tsv"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_feature_standardisation_counts_each_clip_once():
@@ -218,8 +295,11 @@ def test_the_grounder_registry_names_the_model_and_refuses_an_unknown_one(monkey
     from svitt.evaluation.grounding import GROUNDERS, build_grounder
 
     assert GROUNDER_DEFAULTS["model"] == "span" and GROUNDERS["span"] is SpanGrounder
-    with pytest.raises(ValueError, match=r"evaluation.nlq.grounder.model 'vslnet' is not a known grounding model; "
-                                         r"known: \['span'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"evaluation.nlq.grounder.model 'vslnet' is not a known grounding model; "
+        r"known: \['span'\]",
+    ):
         resolve_grounder_config({"model": "vslnet"})
     # the default builds what SpanGrounder(video_dim, text_dim, dim, heads, dropout) builds, draw for draw
     settings = resolve_grounder_config({"dim": 16, "heads": 2, "dropout": 0.2})

@@ -1,5 +1,6 @@
 """svitt.models.objectives: the one table of objectives drives the model's losses, the stage config's
 validation, DDP's find_unused_parameters, the plots' labels and the meta-device training step."""
+
 import dataclasses
 import itertools
 from pathlib import Path
@@ -15,8 +16,14 @@ from svitt.models.svitt import SViTT
 from svitt.training.keys import TRAIN_KEYS, resolve_train_config
 from svitt.training.tasks import PairsTask
 
-STAGE = {"name": "s", "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny"}},
-         "objectives": {"vtc": 1.0}, "epochs": 1, "batch_size": 4, "lr": 1e-4}
+STAGE = {
+    "name": "s",
+    "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny"}},
+    "objectives": {"vtc": 1.0},
+    "epochs": 1,
+    "batch_size": 4,
+    "lr": 1e-4,
+}
 TINY = {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40}, "embed_dim": 16}
 SUBSETS = [frozenset(c) for n in range(1, len(OBJECTIVES) + 1) for c in itertools.combinations(OBJECTIVES, n)]
 
@@ -80,10 +87,15 @@ def tiny_pairs():
     ids = torch.randint(5, 40, (4, 6), generator=g)
     labels = torch.where(torch.rand(4, 6, generator=g) < 0.5, ids, -100)
     labels[:, 1] = ids[:, 1]
-    batch = {"video": torch.randn(4, 4, 3, 32, 32, generator=g), "input_ids": ids,
-             "attention_mask": torch.ones_like(ids), "mlm_ids": torch.where(labels >= 0, 4, ids), "mlm_labels": labels,
-             "nouns": (torch.rand(4, 3, generator=g) < 0.5).float(),
-             "verbs": (torch.rand(4, 2, generator=g) < 0.5).float()}
+    batch = {
+        "video": torch.randn(4, 4, 3, 32, 32, generator=g),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mlm_ids": torch.where(labels >= 0, 4, ids),
+        "mlm_labels": labels,
+        "nouns": (torch.rand(4, 3, generator=g) < 0.5).float(),
+        "verbs": (torch.rand(4, 2, generator=g) < 0.5).float(),
+    }
     return model, batch
 
 

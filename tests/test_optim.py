@@ -1,5 +1,6 @@
 """AdamW's parameter groups from the models' own no_weight_decay(), checked against the rule the
 trainer wrote by name before the models declared it (svitt.training.optim)."""
+
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,9 @@ def suffix_rule(model):
     return decay, no_decay
 
 
-@pytest.mark.parametrize("build", [lambda: SViTT(copy.deepcopy(TINY)), lambda: VideoQA(copy.deepcopy(TINY), 1)], ids=["svitt", "qa"])
+@pytest.mark.parametrize(
+    "build", [lambda: SViTT(copy.deepcopy(TINY)), lambda: VideoQA(copy.deepcopy(TINY), 1)], ids=["svitt", "qa"]
+)
 def test_groups_equal_the_suffix_rule(build):
     model = build()
     decay, no_decay = suffix_rule(model)

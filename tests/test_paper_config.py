@@ -4,14 +4,15 @@ The expected values are written out here from the papers (SViTT Table 9 and appe
 for the sparsity S; SViTT-Ego section 4.1) and the released code where the papers are silent, not
 read from the config: a key the workflow resolves differently fails the comparison.
 """
+
 import copy
 
 import pytest
 import torch
 
 from svitt.models.relative_position import table_size
-from svitt.models.svitt import resolve_model_config
 from svitt.models.sparsity import edge_count
+from svitt.models.svitt import resolve_model_config
 from svitt.models.text_encoder import multimodal_keep_rates
 from svitt.training.keys import IO_KEYS, resolve_train_config
 from tests.helpers.workflow import copy_workflow, paper_inputs, snakemake, stage_configs
@@ -24,24 +25,80 @@ RELEASED_VIDEO = dict(
     pooling="mean",  # 1: BeitPooler with use_mean_pooling (the text says [cls])
     fusion_norm="separate",  # 2: vision_layernorm, a new LayerNorm, before the fusion layers
     prune_score="raw",  # 4: topk of attn.mean(1)[:, 0, 1:] (eq. 10 renormalises over regional tokens)
-    temporal_resize="interpolate_nearest")  # 7: F.interpolate(mode="nearest") over the offsets
+    temporal_resize="interpolate_nearest",
+)  # 7: F.interpolate(mode="nearest") over the offsets
 RELEASED_TEXT = dict(question_pruning=False)  # 6: QA questions in multi_modal mode, pruning never applied
-BEIT_BASE = dict(preset="beit_base", image_size=224, patch_size=16, tubelet_frames=1, in_chans=3, depth=12,
-                 width=768, heads=12, mlp_ratio=4.0, qkv_bias=True, layer_scale_init=0.1, drop_path=0.1,
-                 prune_layers=[4, 7, 10], attention_kernel="auto", grad_checkpointing=False, seed=0, init_std=0.02,
-                 temporal="joint",  # one space-time sequence per clip (the late-fusion control: "late")
-                 abs_pos_embed=False,  # timm's beit_base_patch16_224: relative position bias only
-                 **RELEASED_VIDEO)
-BERT_BASE = dict(preset="bert_base", vocab_size=30522, width=768, depth=12, heads=12, intermediate_size=3072,
-                 fusion_layers=3, max_position_embeddings=512, type_vocab_size=2, dropout=0.1, layer_norm_eps=1e-12,
-                 pad_token_id=0, multimodal_prune_layers=[1], init_std=0.02, **RELEASED_TEXT)
+BEIT_BASE = dict(
+    preset="beit_base",
+    image_size=224,
+    patch_size=16,
+    tubelet_frames=1,
+    in_chans=3,
+    depth=12,
+    width=768,
+    heads=12,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    layer_scale_init=0.1,
+    drop_path=0.1,
+    prune_layers=[4, 7, 10],
+    attention_kernel="auto",
+    grad_checkpointing=False,
+    seed=0,
+    init_std=0.02,
+    temporal="joint",  # one space-time sequence per clip (the late-fusion control: "late")
+    abs_pos_embed=False,  # timm's beit_base_patch16_224: relative position bias only
+    **RELEASED_VIDEO,
+)
+BERT_BASE = dict(
+    preset="bert_base",
+    vocab_size=30522,
+    width=768,
+    depth=12,
+    heads=12,
+    intermediate_size=3072,
+    fusion_layers=3,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    dropout=0.1,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    multimodal_prune_layers=[1],
+    init_std=0.02,
+    **RELEASED_TEXT,
+)
 PRETRAIN = dict(  # Table 9 pretraining columns' shared rows, appendix A.3, released code (mlm, min lr)
-    task="pairs", objectives={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0}, epochs=10, warmup_epochs=1, weight_decay=0.02,
-    betas=[0.9, 0.999], mlm_prob=0.5, min_lr_ratio=0.01, egonce_temperature=0.05, vtm_hard_fraction=1.0,
-    max_steps=None, grad_accum=1,
-    clip_grad_norm=None, precision="auto", compile=False, device="auto", seed=0, deterministic=None,
-    data=dict(kind="webvid", text_len=32, flip=True, scale=[0.5, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
-              twin_batches=False, num_nouns=582, num_verbs=118, paragraph=False))
+    task="pairs",
+    objectives={"vtc": 1.0, "vtm": 1.0, "mlm": 1.0},
+    epochs=10,
+    warmup_epochs=1,
+    weight_decay=0.02,
+    betas=[0.9, 0.999],
+    mlm_prob=0.5,
+    min_lr_ratio=0.01,
+    egonce_temperature=0.05,
+    vtm_hard_fraction=1.0,
+    max_steps=None,
+    grad_accum=1,
+    clip_grad_norm=None,
+    precision="auto",
+    compile=False,
+    device="auto",
+    seed=0,
+    deterministic=None,
+    data=dict(
+        kind="webvid",
+        text_len=32,
+        flip=True,
+        scale=[0.5, 1.0],
+        mean=[0.5, 0.5, 0.5],
+        std=[0.5, 0.5, 0.5],
+        twin_batches=False,
+        num_nouns=582,
+        num_verbs=118,
+        paragraph=False,
+    ),
+)
 # Table 9: frames -> batch, lr, (K_l, K_r, G), (q_v, q_m); Table 7: S. Stage 1 is Table 3's dense
 # single-frame "1_0" (not in Table 9: its T = 4 column's batch and learning rate).
 CHAIN = {
@@ -51,17 +108,28 @@ CHAIN = {
     "stage4": dict(frames=16, batch_size=192, lr=5e-6, blocks=(1, 3, 56), keep=(0.5, 0.1), sparsity=0.96),
 }
 INIT = {"stage1": None, "stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
-WEIGHTS = dict(video_weights="data/weights/beit_base_patch16_224.in22k_ft_in22k.pth",
-               text_weights="data/bert-base-uncased")
+WEIGHTS = dict(
+    video_weights="data/weights/beit_base_patch16_224.in22k_ft_in22k.pth", text_weights="data/bert-base-uncased"
+)
 
 
 def _expected(name, frames, batch_size, lr, blocks, keep, **changes):
     cfg = copy.deepcopy(PRETRAIN)
-    video = dict(BEIT_BASE, frames=frames, local_blocks=blocks[0], random_blocks=blocks[1], block_size=blocks[2],
-                 visual_keep=keep[0])
+    video = dict(
+        BEIT_BASE,
+        frames=frames,
+        local_blocks=blocks[0],
+        random_blocks=blocks[1],
+        block_size=blocks[2],
+        visual_keep=keep[0],
+    )
     text = dict(BERT_BASE, multimodal_keep=keep[1])
-    cfg.update(name=name, batch_size=batch_size, lr=lr,
-               model=dict(video=video, text=text, embed_dim=256, temperature=0.07, **WEIGHTS))
+    cfg.update(
+        name=name,
+        batch_size=batch_size,
+        lr=lr,
+        model=dict(video=video, text=text, embed_dim=256, temperature=0.07, **WEIGHTS),
+    )
     for key, value in changes.items():
         if key == "data":
             cfg["data"].update(value)
@@ -94,24 +162,36 @@ def test_the_chain_is_table_9s_and_every_setting_resolves_to_the_paper(paper_dry
         resolved = _resolved(stages[name])
         assert set(resolved) == set(expected), name
         for key in expected:
-            assert resolved[key] == pytest.approx(expected[key]) if isinstance(expected[key], float) \
-                else resolved[key] == expected[key], f"{name}.{key}: {resolved[key]!r} != {expected[key]!r}"
+            assert (
+                resolved[key] == pytest.approx(expected[key])
+                if isinstance(expected[key], float)
+                else resolved[key] == expected[key]
+            ), f"{name}.{key}: {resolved[key]!r} != {expected[key]!r}"
 
 
 @pytest.mark.parametrize("name", list(CHAIN))
 def test_each_stage_has_table_7s_sparsity(paper_dry_run, name):
     video = _resolved(stage_configs(paper_dry_run)[name])["model"]
     v, t = video["video"], video["text"]
-    counts = edge_count(frames=v["frames"], local_blocks=v["local_blocks"], random_blocks=v["random_blocks"],
-                        block_size=v["block_size"], visual_keep=v["visual_keep"],
-                        multimodal_keep=multimodal_keep_rates(t), text_len=32)
+    counts = edge_count(
+        frames=v["frames"],
+        local_blocks=v["local_blocks"],
+        random_blocks=v["random_blocks"],
+        block_size=v["block_size"],
+        visual_keep=v["visual_keep"],
+        multimodal_keep=multimodal_keep_rates(t),
+        text_len=32,
+    )
     assert round(counts["sparsity"], 2) == CHAIN[name]["sparsity"]
 
 
 def test_each_stage_starts_from_the_previous_one(paper_dry_run):
     for name, init in INIT.items():
-        command = next(line for line in paper_dry_run.splitlines()
-                       if "train.py" in line and f"--out results/pretrain/{name} " in line)
+        command = next(
+            line
+            for line in paper_dry_run.splitlines()
+            if "train.py" in line and f"--out results/pretrain/{name} " in line
+        )
         assert (f"--init results/pretrain/{init}/model.safetensors" in command) == (init is not None), name
         if init is None:
             assert "--init" not in command
@@ -121,15 +201,25 @@ def test_each_stage_starts_from_the_previous_one(paper_dry_run):
 def test_svitt_ego_stages_in_both_edge_configurations(paper_dry_run, name, random_blocks):
     """SViTT-Ego 4.1: EgoClip, EgoNCE + VTM + MLM, 4 frames, 8 GPUs x 8 clips, FP16, one warm-up
     epoch, edge sparsity (1, 3, 56) or (1, 5, 56), from image/text weights."""
-    expected = _expected(name, frames=4, batch_size=64, lr=3e-5, blocks=(1, random_blocks, 56), keep=(0.7, 0.1),
-                         objectives={"egonce": 1.0, "vtm": 1.0, "mlm": 1.0}, precision="fp16",
-                         data={"kind": "egoclip"})
+    expected = _expected(
+        name,
+        frames=4,
+        batch_size=64,
+        lr=3e-5,
+        blocks=(1, random_blocks, 56),
+        keep=(0.7, 0.1),
+        objectives={"egonce": 1.0, "vtm": 1.0, "mlm": 1.0},
+        precision="fp16",
+        data={"kind": "egoclip"},
+    )
     resolved = _resolved(stage_configs(paper_dry_run)[name])
     assert resolved == expected
 
 
-@pytest.mark.parametrize("section,key,value", [(s, k, v) for s, d in (("video", RELEASED_VIDEO), ("text", RELEASED_TEXT))
-                                                 for k, v in d.items()])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [(s, k, v) for s, d in (("video", RELEASED_VIDEO), ("text", RELEASED_TEXT)) for k, v in d.items()],
+)
 def test_every_stage_and_finetuning_job_takes_the_released_codes_side(paper_dry_run, section, key, value):
     """docs/fidelity.md points 1-4, 6, 7: each pretraining stage and each finetuning job (whose
     model is its init's) resolves to the released code's behaviour."""
@@ -184,8 +274,12 @@ def test_the_demo_keeps_this_projects_defaults():
     model["text"]["vocab_size"] = 100
     resolved = resolve_model_config(model)
     assert {k: resolved["video"][k] for k in RELEASED_VIDEO} == dict(
-        layer_norm_eps=1e-6, pooling="cls", fusion_norm="shared", prune_score="renormalised",
-        temporal_resize="symmetric")
+        layer_norm_eps=1e-6,
+        pooling="cls",
+        fusion_norm="shared",
+        prune_score="renormalised",
+        temporal_resize="symmetric",
+    )
     assert resolved["text"]["question_pruning"] is True
 
 
@@ -200,8 +294,9 @@ def test_overlays_after_the_paper_config_still_merge(tmp_path):
     workdir = copy_workflow(tmp_path)
     paper_inputs(workdir)
     (workdir / "configs/cluster.yaml").write_text("pretrain:\n  defaults:\n    grad_accum: 4\n")
-    out = snakemake(workdir, "all", "-n", "-p", "--cores", "1", "--configfile", "configs/paper.yaml",
-                    "configs/cluster.yaml").stdout
+    out = snakemake(
+        workdir, "all", "-n", "-p", "--cores", "1", "--configfile", "configs/paper.yaml", "configs/cluster.yaml"
+    ).stdout
     stages = stage_configs(out)
     assert stages["stage3"]["grad_accum"] == 4 and stages["stage3"]["mlm_prob"] == 0.5
 
@@ -220,21 +315,49 @@ RETRIEVAL_DATASETS = ("msrvtt", "didemo", "charades", "ssv2_label", "ssv2_templa
 # and answer 5 tokens, a 3-layer decoder from the fusion layers.
 QA_DATASETS = ("msrvtt_qa", "anet_qa", "agqa")
 FINETUNE_SHARED = dict(  # what every finetuning job shares; the rest are svitt.training.loop's defaults
-    epochs=15, warmup_epochs=0, lr=1e-5, weight_decay=0.02, betas=[0.9, 0.999], mlm_prob=0.15, min_lr_ratio=0.0,
-    egonce_temperature=0.05, vtm_hard_fraction=1.0, max_steps=None, grad_accum=1, clip_grad_norm=None,
-    precision="auto", compile=False,
-    device="auto", seed=0, deterministic=None,
-    data=dict(kind="webvid", text_len=32, flip=True, scale=[0.5, 1.0], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
-              twin_batches=False, num_nouns=582, num_verbs=118, paragraph=False))
+    epochs=15,
+    warmup_epochs=0,
+    lr=1e-5,
+    weight_decay=0.02,
+    betas=[0.9, 0.999],
+    mlm_prob=0.15,
+    min_lr_ratio=0.0,
+    egonce_temperature=0.05,
+    vtm_hard_fraction=1.0,
+    max_steps=None,
+    grad_accum=1,
+    clip_grad_norm=None,
+    precision="auto",
+    compile=False,
+    device="auto",
+    seed=0,
+    deterministic=None,
+    data=dict(
+        kind="webvid",
+        text_len=32,
+        flip=True,
+        scale=[0.5, 1.0],
+        mean=[0.5, 0.5, 0.5],
+        std=[0.5, 0.5, 0.5],
+        twin_batches=False,
+        num_nouns=582,
+        num_verbs=118,
+        paragraph=False,
+    ),
+)
 
 
 def _expected_finetune(name, task, frames, batch_size, keep, **changes):
     cfg = copy.deepcopy(FINETUNE_SHARED)
     video = dict(BEIT_BASE, frames=frames, local_blocks=1, random_blocks=3, block_size=56, visual_keep=keep[0])
     text = dict(BERT_BASE, multimodal_keep=keep[1])
-    cfg.update(name=name, task=task, batch_size=batch_size,
-               objectives={"vtc": 1.0, "vtm": 1.0} if task == "pairs" else {"qa": 1.0},
-               model=dict(video=video, text=text, embed_dim=256, temperature=0.07, video_weights=None, text_weights=None))
+    cfg.update(
+        name=name,
+        task=task,
+        batch_size=batch_size,
+        objectives={"vtc": 1.0, "vtm": 1.0} if task == "pairs" else {"qa": 1.0},
+        model=dict(video=video, text=text, embed_dim=256, temperature=0.07, video_weights=None, text_weights=None),
+    )
     for key, value in changes.items():
         if key == "data":
             cfg["data"].update(value)
@@ -247,8 +370,10 @@ def _finetune_jobs(dry_run: str) -> dict[str, dict]:
     import json
     import re
 
-    return {json.loads(m[1])["name"]: json.loads(m[1])
-            for m in re.finditer(r"finetune\.py --config-json '(\{.*?\})'", dry_run)}
+    return {
+        json.loads(m[1])["name"]: json.loads(m[1])
+        for m in re.finditer(r"finetune\.py --config-json '(\{.*?\})'", dry_run)
+    }
 
 
 def _resolved_finetune(entry, init_stage):
@@ -261,8 +386,11 @@ def _resolved_finetune(entry, init_stage):
 def _assert_equal(resolved, expected, name):
     assert set(resolved) == set(expected), name
     for key in expected:
-        assert resolved[key] == pytest.approx(expected[key]) if isinstance(expected[key], float) \
-            else resolved[key] == expected[key], f"{name}.{key}: {resolved[key]!r} != {expected[key]!r}"
+        assert (
+            resolved[key] == pytest.approx(expected[key])
+            if isinstance(expected[key], float)
+            else resolved[key] == expected[key]
+        ), f"{name}.{key}: {resolved[key]!r} != {expected[key]!r}"
 
 
 def test_finetuning_jobs_resolve_to_table_9(paper_dry_run):
@@ -275,13 +403,22 @@ def test_finetuning_jobs_resolve_to_table_9(paper_dry_run):
         for dataset in RETRIEVAL_DATASETS:
             name = f"retrieval/{dataset}/{stage}"
             data = {"text_len": 64, "paragraph": True} if dataset == "didemo" else {}
-            _assert_equal(_resolved_finetune(jobs[name], stages[stage]),
-                          _expected_finetune(name, "pairs", **row, data=data), name)
+            _assert_equal(
+                _resolved_finetune(jobs[name], stages[stage]), _expected_finetune(name, "pairs", **row, data=data), name
+            )
     for dataset in QA_DATASETS:
         name = f"qa/{dataset}/stage3"
-        expected = _expected_finetune(name, "qa", frames=8, batch_size=128, keep=(0.6, 0.5), lr=5e-5,
-                                      epochs=1 if dataset == "agqa" else 5, decoder_layers=3,
-                                      data={"text_len": 25, "answer_len": 5})
+        expected = _expected_finetune(
+            name,
+            "qa",
+            frames=8,
+            batch_size=128,
+            keep=(0.6, 0.5),
+            lr=5e-5,
+            epochs=1 if dataset == "agqa" else 5,
+            decoder_layers=3,
+            data={"text_len": 25, "answer_len": 5},
+        )
         _assert_equal(_resolved_finetune(jobs[name], stages["stage3"]), expected, name)
 
 
@@ -290,14 +427,25 @@ def test_the_curriculum_ablation_overlay_is_table_3s_single_stages(tmp_path):
     column, Table 7 sparsity) trained from the image/text weights instead of the previous stage."""
     workdir = copy_workflow(tmp_path)
     paper_inputs(workdir)
-    out = snakemake(workdir, "ablation", "paper_figures", "-n", "-p", "--cores", "1", "--configfile",
-                    "configs/paper.yaml", "configs/ablation_curriculum.yaml").stdout
+    out = snakemake(
+        workdir,
+        "ablation",
+        "paper_figures",
+        "-n",
+        "-p",
+        "--cores",
+        "1",
+        "--configfile",
+        "configs/paper.yaml",
+        "configs/ablation_curriculum.yaml",
+    ).stdout
     stages = stage_configs(out)
     for single, chain in (("single4", "stage2"), ("single8", "stage3"), ("single16", "stage4")):
         row = {k: v for k, v in CHAIN[chain].items() if k != "sparsity"}
         assert _resolved(stages[single]) == _expected(single, **row), single
-        command = next(line for line in out.splitlines()
-                       if "train.py" in line and f"--out results/pretrain/{single} " in line)
+        command = next(
+            line for line in out.splitlines() if "train.py" in line and f"--out results/pretrain/{single} " in line
+        )
         assert "--init" not in command
     assert "results/eval/retrieval/didemo/single16.json" in out and "results/figures/ablation.png" in out
 
@@ -318,15 +466,20 @@ def test_the_temporal_demo_overlay_changes_only_data_position_embedding_and_step
     assert "--train-videos 4096" in out and "shard-003-of-004" in out
     base = yaml.safe_load((workdir / "config.yaml").read_text())["demo_corpus"]["train_videos"]
     for name in ("stage1", "stage2", "stage3"):
-        steps = {s: cfg["epochs"] * n // cfg["batch_size"] for s, cfg, n in
-                 (("default", default[name], base), ("temporal", temporal[name], 4096))}
-        assert steps == {"default": {"stage1": 512, "stage2": 128, "stage3": 96}[name],
-                         "temporal": {"stage1": 2560, "stage2": 128, "stage3": 128}[name]}, name
+        steps = {
+            s: cfg["epochs"] * n // cfg["batch_size"]
+            for s, cfg, n in (("default", default[name], base), ("temporal", temporal[name], 4096))
+        }
+        assert steps == {
+            "default": {"stage1": 512, "stage2": 128, "stage3": 96}[name],
+            "temporal": {"stage1": 2560, "stage2": 128, "stage3": 128}[name],
+        }, name
         assert temporal[name]["model"]["video"]["abs_pos_embed"] is True
         assert temporal[name]["batch_size"] == {"stage1": 32}.get(name, default[name]["batch_size"])
         strip = {"epochs", "model", "batch_size"}
-        assert {k: v for k, v in temporal[name].items() if k not in strip} == \
-            {k: v for k, v in default[name].items() if k not in strip}, name
+        assert {k: v for k, v in temporal[name].items() if k not in strip} == {
+            k: v for k, v in default[name].items() if k not in strip
+        }, name
         for stage in (f"{name}-seed1", f"{name}_late", f"{name}_late-seed1"):
             late, seed = stage.startswith(f"{name}_late"), 1 if stage.endswith("-seed1") else 0
             cfg = temporal[stage]
@@ -337,7 +490,14 @@ def test_the_temporal_demo_overlay_changes_only_data_position_embedding_and_step
     # the twins table: each stage beside its control, both seeds
     tables = re.search(r"workflow_scripts/tables\.py .*", out).group(0)
     rows = re.findall(r"demo_retrieval:(\w+)=results/eval/retrieval/demo_retrieval/([\w-]+)\.json", tables)
-    assert [name for name, _ in rows[::2]] == ["stage1", "stage1_late", "stage2", "stage2_late", "stage3", "stage3_late"]
+    assert [name for name, _ in rows[::2]] == [
+        "stage1",
+        "stage1_late",
+        "stage2",
+        "stage2_late",
+        "stage3",
+        "stage3_late",
+    ]
     assert all(path in (name, f"{name}-seed1") for name, path in rows)
     assert "results/figures/control.png" in out
 
@@ -351,15 +511,23 @@ def test_every_file_a_figure_or_table_reads_is_planned_over_two_seeds(tmp_path):
     workdir = copy_workflow(tmp_path)
     out = snakemake(workdir, "all", "-n", "-p", "--cores", "1", "--configfile", "configs/demo_seeds.yaml").stdout
     planned = {p.strip() for line in re.findall(r"^\s+output: (.*)$", out, flags=re.M) for p in line.split(",")}
-    read = {path for command in re.findall(r"workflow_scripts/(?:plot|tables)\.py .*", out)
-            for path in re.findall(r"=(results/\S+)", command)}
+    read = {
+        path
+        for command in re.findall(r"workflow_scripts/(?:plot|tables)\.py .*", out)
+        for path in re.findall(r"=(results/\S+)", command)
+    }
     assert "results/pretrain/stage1-seed1/metrics.jsonl" in read
-    assert {"results/eval/retrieval_finetuned/demo_retrieval/stage3-seed1.json",
-            "results/eval/qa/demo_qa/stage3-seed1.json"} <= read  # finetuning has a spread too
+    assert {
+        "results/eval/retrieval_finetuned/demo_retrieval/stage3-seed1.json",
+        "results/eval/qa/demo_qa/stage3-seed1.json",
+    } <= read  # finetuning has a spread too
     assert read and read <= planned, sorted(read - planned)
     for task, data in (("retrieval", "demo_retrieval"), ("qa", "demo_qa")):  # from seed 1's stage3, with seed 1
-        command = next(line for line in out.splitlines()
-                       if "finetune.py" in line and f"--out results/finetune/{task}/{data}/stage3-seed1 " in line)
+        command = next(
+            line
+            for line in out.splitlines()
+            if "finetune.py" in line and f"--out results/finetune/{task}/{data}/stage3-seed1 " in line
+        )
         assert '"seed":1' in command and "--init results/pretrain/stage3-seed1/model.safetensors" in command
 
 

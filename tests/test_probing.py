@@ -1,4 +1,5 @@
 """Temporal probing (SViTT Table 14): frame orders, one pass per order, deltas, exact-reversal twins."""
+
 import numpy as np
 import pytest
 import torch
@@ -45,15 +46,18 @@ def test_frame_orders_must_start_with_normal(orders):
 
 
 def test_combine_reports_each_order_and_normal_minus_order():
-    results = {"normal": {"metrics": {"t2v_r1": 40.0}, "twins": {"time_reversed": 80.0}, "num_videos": 8},
-               "shuffled": {"metrics": {"t2v_r1": 30.0}, "twins": {"time_reversed": 55.0}, "num_videos": 8},
-               "reversed": {"metrics": {"t2v_r1": 35.0}, "twins": {"time_reversed": 20.0}, "num_videos": 8}}
+    results = {
+        "normal": {"metrics": {"t2v_r1": 40.0}, "twins": {"time_reversed": 80.0}, "num_videos": 8},
+        "shuffled": {"metrics": {"t2v_r1": 30.0}, "twins": {"time_reversed": 55.0}, "num_videos": 8},
+        "reversed": {"metrics": {"t2v_r1": 35.0}, "twins": {"time_reversed": 20.0}, "num_videos": 8},
+    }
     out = combine(results, frames=4, seed=0)
     assert out["metrics"] == {"t2v_r1": 40.0} and out["num_videos"] == 8  # the normal pass, keys unchanged
     assert out["frame_orders"]["reversed"]["twins"] == {"time_reversed": 20.0}
     assert out["frame_order_deltas"] == {
         "shuffled": {"metrics": {"t2v_r1": 10.0}, "twins": {"time_reversed": 25.0}},
-        "reversed": {"metrics": {"t2v_r1": 5.0}, "twins": {"time_reversed": 60.0}}}
+        "reversed": {"metrics": {"t2v_r1": 5.0}, "twins": {"time_reversed": 60.0}},
+    }
     assert out["frame_permutations"]["reversed"] == [3, 2, 1, 0]
 
 
@@ -83,8 +87,13 @@ def demo(pipeline):
 
 def _model(tokenizer, **video):
     torch.manual_seed(0)
-    return svitt.build_model({"video": {"preset": "tiny", "frames": 4, **video},
-                              "text": {"preset": "tiny", "vocab_size": len(tokenizer)}, "embed_dim": 16}).eval()
+    return svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": 4, **video},
+            "text": {"preset": "tiny", "vocab_size": len(tokenizer)},
+            "embed_dim": 16,
+        }
+    ).eval()
 
 
 def test_retrieval_runs_every_frame_order_and_reports_the_differences(demo):
@@ -105,8 +114,10 @@ def test_retrieval_runs_every_frame_order_and_reports_the_differences(demo):
     assert set(result["twins_exact_reversal"]) == {"itc", "vtm"}
     # a joint model reads frame order: reversing every clip changes its embeddings (recall over 8
     # clips of an untrained model can coincide, so compare what the recalls are computed from)
-    embeddings = {order: embed_videos(model, data, 4, 0, "cpu", keep_tokens=False, progress=False,
-                                      frame_order=order)[0] for order in ("normal", "reversed")}
+    embeddings = {
+        order: embed_videos(model, data, 4, 0, "cpu", keep_tokens=False, progress=False, frame_order=order)[0]
+        for order in ("normal", "reversed")
+    }
     assert not torch.allclose(embeddings["normal"], embeddings["reversed"], atol=1e-4)
 
 
@@ -114,7 +125,8 @@ def test_egomcq_runs_every_frame_order(pipeline, demo):
     corpus, res = pipeline
     tokenizer, collator, _ = demo
     data = EgoMCQDataset(res / "frames/ego", corpus / "egomcq.json", 4, EvalTransform(32))
-    result = task("egomcq").run(_model(tokenizer), data, collator, {"frame_orders": ["normal", "reversed"]},
-                                progress=False)
+    result = task("egomcq").run(
+        _model(tokenizer), data, collator, {"frame_orders": ["normal", "reversed"]}, progress=False
+    )
     assert set(result["frame_orders"]) == {"normal", "reversed"}
     assert set(result["frame_order_deltas"]["reversed"]["metrics"]) == {"inter", "intra"}

@@ -2,6 +2,7 @@
 real releases that failed before (DiDeMo's '@' ids, SSv2's lists of ground-truth videos, WebVid
 on disk in its download script's layout), the recall with several ground-truth videos per text
 checked by hand and against Singularity's itm_eval, and BERT's published file naming."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,19 +48,35 @@ def read_failures(path: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------
 # Sniffing: a layout named from the header or the first entry
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, content, layout", [
-    ("w.csv", "videoid,contentUrl,duration,page_dir,name\n1,http://x/1.mp4,PT1S,d,a\n", "webvid_csv"),
-    ("g.csv", "id,url,caption\nx,http://x,a\n", "generic_csv"),
-    ("u.tsv", "video_uid\tsplit\nabc\tval\n", "uid_table"),
-    ("e.csv", "clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\t"
-              "clip_end\tclip_text\ttag_verb\ttag_noun\n0\tu\t9\tp\t0\t1\t-0.5\t1.5\t#C C x\t[1]\t[2]\n", "egoclip_tsv"),
-    ("r.json", [{"video": ["1.webm", "2.webm"], "caption": "pushing pen"}], "retrieval_json"),
-    ("q.json", [{"video": "v.mp4", "question": "what?", "answer": "dog", "question_id": 3}], "qa_json"),
-    ("a.json", ["dog", "cat"], "answer_list"),
-    ("m.json", {"0": {"query": {}, "choices": {}, "answer": 1, "types": 1}}, "egomcq_json"),
-    ("n.json", {"version": "2.0", "date": "230105", "description": "NLQ", "metadata": "s3://x",
-                "videos": [{"video_uid": "u", "clips": []}]}, "nlq_json"),
-])
+@pytest.mark.parametrize(
+    "name, content, layout",
+    [
+        ("w.csv", "videoid,contentUrl,duration,page_dir,name\n1,http://x/1.mp4,PT1S,d,a\n", "webvid_csv"),
+        ("g.csv", "id,url,caption\nx,http://x,a\n", "generic_csv"),
+        ("u.tsv", "video_uid\tsplit\nabc\tval\n", "uid_table"),
+        (
+            "e.csv",
+            "clip_idx\tvideo_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\t"
+            "clip_end\tclip_text\ttag_verb\ttag_noun\n0\tu\t9\tp\t0\t1\t-0.5\t1.5\t#C C x\t[1]\t[2]\n",
+            "egoclip_tsv",
+        ),
+        ("r.json", [{"video": ["1.webm", "2.webm"], "caption": "pushing pen"}], "retrieval_json"),
+        ("q.json", [{"video": "v.mp4", "question": "what?", "answer": "dog", "question_id": 3}], "qa_json"),
+        ("a.json", ["dog", "cat"], "answer_list"),
+        ("m.json", {"0": {"query": {}, "choices": {}, "answer": 1, "types": 1}}, "egomcq_json"),
+        (
+            "n.json",
+            {
+                "version": "2.0",
+                "date": "230105",
+                "description": "NLQ",
+                "metadata": "s3://x",
+                "videos": [{"video_uid": "u", "clips": []}],
+            },
+            "nlq_json",
+        ),
+    ],
+)
 def test_each_layout_is_named_from_its_first_entry(tmp_path, name, content, layout):
     path = tmp_path / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -82,8 +99,11 @@ def test_a_file_in_no_layout_names_the_file_what_it_holds_and_what_is_accepted(t
     assert str(path) in message and "a list of objects with keys ['clip', 'text']" in message
     assert 'retrieval JSON list [{"video": ..., "caption": ...}]' in message
     qa = write_json(tmp_path / "qa.json", [{"video": "v", "question": "q", "answer": "a"}])
-    with pytest.raises(formats.InputError, match=r"qa.json: found a QA JSON list .*; as a retrieval test split "
-                                                 r"it must be one of: retrieval JSON list"):
+    with pytest.raises(
+        formats.InputError,
+        match=r"qa.json: found a QA JSON list .*; as a retrieval test split "
+        r"it must be one of: retrieval JSON list",
+    ):
         formats.check_layout(qa, ("retrieval_json",), "a retrieval test split")
 
 
@@ -116,11 +136,26 @@ def test_didemo_videos_are_found_by_their_real_names(tmp_path):
     video(folder / name)
     assert dl.find_local_video(folder, name) == folder / name
     assert dl.find_local_video(folder, "54322086@N00_2408598493_274c77d26a") == folder / name
-    annotation = write_json(tmp_path / "didemo_ret_test.json",
-                            [{"video": name, "caption": ["first sentence", "second one"]}])
+    annotation = write_json(
+        tmp_path / "didemo_ret_test.json", [{"video": name, "caption": ["first sentence", "second one"]}]
+    )
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    assert extract_cli.main(["--videos", str(folder), "--ids", str(annotation), "--out", str(out), "--failures",
-                             str(failures), "--no-progress"]) == 0
+    assert (
+        extract_cli.main(
+            [
+                "--videos",
+                str(folder),
+                "--ids",
+                str(annotation),
+                "--out",
+                str(out),
+                "--failures",
+                str(failures),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     data = RetrievalDataset(out, annotation, 2, EvalTransform(32), paragraph=True)
     assert data.video_ids == [name] and data.texts == ["first sentence second one"]
 
@@ -132,8 +167,9 @@ def test_the_published_extension_or_another_one_on_disk(tmp_path):
     assert dl.find_local_video(folder, "../v/clip.mp4") is None  # never outside the folder by its raw name
 
 
-@pytest.mark.parametrize("fmt, codec, ext", [("mpeg", "mpeg1video", ".mpg"), ("asf", "wmv2", ".wmv"),
-                                              ("3gp", "h263", ".3gp")])
+@pytest.mark.parametrize(
+    "fmt, codec, ext", [("mpeg", "mpeg1video", ".mpg"), ("asf", "wmv2", ".wmv"), ("3gp", "h263", ".3gp")]
+)
 def test_didemo_originals_in_other_containers_are_found_and_decoded(tmp_path, fmt, codec, ext):
     """DiDeMo's Flickr originals come as .mpg, .wmv, .3gp, ... while Singularity's annotations name
     .mp4 copies: the video is found under its own container and decoded."""
@@ -153,8 +189,24 @@ def test_didemo_originals_in_other_containers_are_found_and_decoded(tmp_path, fm
             container.mux(packet)
     annotation = write_json(tmp_path / "a.json", [{"video": f"{stem}.mp4", "caption": ["one", "two"]}])
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    assert extract_cli.main(["--videos", str(folder), "--ids", str(annotation), "--out", str(out), "--failures",
-                             str(failures), "--frames", "4", "--no-progress"]) == 0
+    assert (
+        extract_cli.main(
+            [
+                "--videos",
+                str(folder),
+                "--ids",
+                str(annotation),
+                "--out",
+                str(out),
+                "--failures",
+                str(failures),
+                "--frames",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     store = FrameStore(out)
     assert list(store.shard_of) == [f"{stem}.mp4"] and store.num_frames(f"{stem}.mp4") == 4
 
@@ -165,14 +217,30 @@ def test_webvid_on_disk_in_the_download_scripts_layout(tmp_path):
     video(folder / "006001_006050" / "1066692580.mp4")
     video(folder / "1066692581.mp4")  # a flat copy is found too
     csv_path = tmp_path / "results_2M_train.csv"
-    csv_path.write_text("videoid,contentUrl,duration,page_dir,name\n"
-                        "1066692580,https://x/1.mp4,PT00H00M14S,006001_006050,a caption\n"
-                        "1066692581,https://x/2.mp4,PT00H00M10S,006001_006050,another\n")
+    csv_path.write_text(
+        "videoid,contentUrl,duration,page_dir,name\n"
+        "1066692580,https://x/1.mp4,PT00H00M14S,006001_006050,a caption\n"
+        "1066692581,https://x/2.mp4,PT00H00M10S,006001_006050,another\n"
+    )
     refs = formats.read_video_list(csv_path)
     assert [r.hint for r in refs] == ["006001_006050/1066692580.mp4", "006001_006050/1066692581.mp4"]
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    assert extract_cli.main(["--videos", str(folder), "--ids", str(csv_path), "--out", str(out), "--failures",
-                             str(failures), "--no-progress"]) == 0
+    assert (
+        extract_cli.main(
+            [
+                "--videos",
+                str(folder),
+                "--ids",
+                str(csv_path),
+                "--out",
+                str(out),
+                "--failures",
+                str(failures),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(FrameStore(out).shard_of) == ["1066692580", "1066692581"]
 
 
@@ -198,9 +266,13 @@ def ssv2(tmp_path):
 
         folder.mkdir(exist_ok=True)
         write_webm(folder / name, np.full((6, 32, 32, 3), 40 * i, np.uint8), 8)
-    val = write_json(tmp_path / "ssv2_ret_label_val_small.json", [
-        {"video": ["137878.webm", "151151.webm"], "caption": "pushing pen from left to right"},
-        {"video": ["2.webm", "3.webm", "gone.webm"], "caption": "spinning cube"}])
+    val = write_json(
+        tmp_path / "ssv2_ret_label_val_small.json",
+        [
+            {"video": ["137878.webm", "151151.webm"], "caption": "pushing pen from left to right"},
+            {"video": ["2.webm", "3.webm", "gone.webm"], "caption": "spinning cube"},
+        ],
+    )
     train = write_json(tmp_path / "ssv2_ret_label_train.json", [{"video": "2.webm", "caption": "spinning cube"}])
     return folder, val, train
 
@@ -208,8 +280,25 @@ def ssv2(tmp_path):
 def test_ssv2_lists_of_videos_are_extracted_and_a_failed_item_costs_no_other(ssv2, tmp_path):
     folder, val, train = ssv2
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    assert extract_cli.main(["--videos", str(folder), "--ids", str(val), str(train), "--out", str(out),
-                             "--failures", str(failures), "--max-failed-fraction", "0.3", "--no-progress"]) == 0
+    assert (
+        extract_cli.main(
+            [
+                "--videos",
+                str(folder),
+                "--ids",
+                str(val),
+                str(train),
+                "--out",
+                str(out),
+                "--failures",
+                str(failures),
+                "--max-failed-fraction",
+                "0.3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(FrameStore(out).shard_of) == ["137878.webm", "151151.webm", "2.webm", "3.webm"]
     assert list(read_failures(failures)) == ["gone.webm"]
     data = RetrievalDataset(out, val, 2, EvalTransform(32))
@@ -223,8 +312,7 @@ def test_recall_with_several_ground_truth_videos_by_hand():
     t2v: text 0's best ground truth (video 1, 0.8) beats video 2 (0.3): rank 0; text 1's video 2
     (0.7) beats 0.5 and 0.2: rank 0. v2t: video 0's text 0 (0.1) is beaten by text 1 (0.5): rank 1;
     videos 1 and 2 rank their text first."""
-    sim = np.array([[0.1, 0.8, 0.3],
-                    [0.5, 0.2, 0.7]])
+    sim = np.array([[0.1, 0.8, 0.3], [0.5, 0.2, 0.7]])
     metrics = retrieval_metrics(sim, [[0, 1], [2]])
     assert metrics["t2v_r1"] == 100.0
     assert metrics["v2t_r1"] == pytest.approx(200 / 3) and metrics["v2t_r5"] == 100.0
@@ -239,12 +327,14 @@ def test_recall_with_several_ground_truth_videos_by_hand():
 def _singularity_itm_eval(scores_t2i, txt2img, img2txt):
     """Singularity's itm_eval recall loops (tasks/retrieval_utils.py), restated: the rank of a text
     is the smallest argsort position of its ground-truth images, and of an image its texts'."""
+
     def recall(ranks):
         return [100.0 * np.mean(np.asarray(ranks) < k) for k in (1, 5, 10)]
 
     t_ranks = [min(np.where(np.argsort(row)[::-1] == g)[0][0] for g in txt2img[i]) for i, row in enumerate(scores_t2i)]
-    i_ranks = [min(np.where(np.argsort(row)[::-1] == t)[0][0] for t in img2txt[v])
-               for v, row in enumerate(scores_t2i.T)]
+    i_ranks = [
+        min(np.where(np.argsort(row)[::-1] == t)[0][0] for t in img2txt[v]) for v, row in enumerate(scores_t2i.T)
+    ]
     return recall(t_ranks), recall(i_ranks)
 
 
@@ -277,8 +367,19 @@ def test_a_failed_shard_keeps_its_videos_and_the_rerun_extracts_only_the_rest(tm
         video(folder / f"v{i}.mp4", level=50 * i)
     listing = write_json(tmp_path / "ret.json", [{"video": f"v{i}.mp4", "caption": "c"} for i in range(4)])
     out, failures = tmp_path / "s.h5", tmp_path / "f.csv"
-    args = ["--videos", str(folder), "--ids", str(listing), "--out", str(out), "--failures", str(failures),
-            "--max-failed-fraction", "0.1", "--no-progress"]
+    args = [
+        "--videos",
+        str(folder),
+        "--ids",
+        str(listing),
+        "--out",
+        str(out),
+        "--failures",
+        str(failures),
+        "--max-failed-fraction",
+        "0.1",
+        "--no-progress",
+    ]
     assert extract_cli.main(args) == 1  # v3 is missing: 1 of 4 failed, above 0.1
     partial = fr.partial_path(out)
     assert not out.exists() and sorted(FrameStore(partial).shard_of) == ["v0.mp4", "v1.mp4", "v2.mp4"]
@@ -310,20 +411,48 @@ def test_bert_base_uncased_published_naming_loads(tmp_path):
     from svitt.models.published import write_bert_folder
     from svitt.models.svitt import build_model
 
-    folder = write_bert_folder(tmp_path / "bert", ["a dog runs"], hidden_size=32, num_hidden_layers=4,
-                               num_attention_heads=2, intermediate_size=64, max_position_embeddings=40)
+    folder = write_bert_folder(
+        tmp_path / "bert",
+        ["a dog runs"],
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
     state = load_file(str(folder / "model.safetensors"))
     assert "bert.embeddings.LayerNorm.gamma" in state and "bert.embeddings.LayerNorm.weight" not in state
     vocab = (folder / "vocab.txt").read_text().splitlines()
     assert len(vocab) == 30522 and [vocab[i] for i in (0, 100, 101, 102, 103)] == [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    model = build_model({"video": {"preset": "tiny", "frames": 2}, "embed_dim": 16, "text_weights": str(folder),
-                         "text": {"preset": "tiny", "width": 32, "depth": 4, "heads": 2, "intermediate_size": 64,
-                                  "fusion_layers": 1, "max_position_embeddings": 40, "vocab_size": 30522}})
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+    ]
+    model = build_model(
+        {
+            "video": {"preset": "tiny", "frames": 2},
+            "embed_dim": 16,
+            "text_weights": str(folder),
+            "text": {
+                "preset": "tiny",
+                "width": 32,
+                "depth": 4,
+                "heads": 2,
+                "intermediate_size": 64,
+                "fusion_layers": 1,
+                "max_position_embeddings": 40,
+                "vocab_size": 30522,
+            },
+        }
+    )
     loaded = model.state_dict()
     assert torch.equal(loaded["text_encoder.embeddings.LayerNorm.weight"], state["bert.embeddings.LayerNorm.gamma"])
-    assert torch.equal(loaded["text_encoder.encoder.layer.3.output.LayerNorm.bias"],
-                       state["bert.encoder.layer.3.output.LayerNorm.beta"])
+    assert torch.equal(
+        loaded["text_encoder.encoder.layer.3.output.LayerNorm.bias"],
+        state["bert.encoder.layer.3.output.LayerNorm.beta"],
+    )
 
 
 @pytest.mark.parametrize("layout", ["timm", "hf"])
@@ -341,8 +470,7 @@ def test_beit_b_weights_in_both_published_layouts_load_at_full_size(tmp_path, la
     if layout == "timm":
         path = published.write_timm_beit(tmp_path / "beit.pth")
         source = torch.load(path, weights_only=True)
-        q_bias, gamma, norm = (source["blocks.11.attn.q_bias"], source["blocks.11.gamma_1"],
-                               source["fc_norm.weight"])
+        q_bias, gamma, norm = (source["blocks.11.attn.q_bias"], source["blocks.11.gamma_1"], source["fc_norm.weight"])
         table = source["blocks.0.attn.relative_position_bias_table"]
     else:
         path = published.write_hf_beit(tmp_path / "beit")
@@ -351,8 +479,13 @@ def test_beit_b_weights_in_both_published_layouts_load_at_full_size(tmp_path, la
         q_bias = source[prefix]
         gamma = source[next(k for k in source if k.endswith("layer.11.lambda_1"))]
         norm = source[next(k for k in source if "pooler.layernorm.weight" in k)]
-        table = source[next(k for k in source if k.endswith("layer.0.attention.attention.relative_position_bias."
-                                                              "relative_position_bias_table"))]
+        table = source[
+            next(
+                k
+                for k in source
+                if k.endswith("layer.0.attention.attention.relative_position_bias.relative_position_bias_table")
+            )
+        ]
     assert table.shape == (732, 12)  # (2*14-1)^2 + 3 rows: BEiT-B/16 at 224 px
     encoder = VideoEncoder.from_config({"preset": "beit_base", "frames": 4})
     encoder.load_image_weights(load_state_dict_file(path))

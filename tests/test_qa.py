@@ -1,5 +1,6 @@
 """Video QA: answer ranking against hand-computed log-likelihoods (both scoring rules), accuracy by
 hand, the QA dataset's errors, and the evaluation of a VideoQA model on demo data."""
+
 import json
 import math
 
@@ -21,18 +22,31 @@ TABLES = [
 ]
 ANSWERS = torch.tensor([[CLS, X, SEP], [CLS, Y, SEP], [CLS, Z, SEP]])
 # By hand, log p(answer) = sum of its tokens' log p; Singularity adds log p(first token) again:
-SEQUENCE = [[math.log(0.6 * 0.3), math.log(0.3 * 0.8), math.log(0.05 * 1.0)],
-            [math.log(0.2 * 0.9), math.log(0.1 * 0.5), math.log(0.7 * 0.1)]]
-SINGULARITY = [[math.log(0.6 * 0.6 * 0.3), math.log(0.3 * 0.3 * 0.8), math.log(0.05 * 0.05 * 1.0)],
-               [math.log(0.2 * 0.2 * 0.9), math.log(0.1 * 0.1 * 0.5), math.log(0.7 * 0.7 * 0.1)]]
+SEQUENCE = [
+    [math.log(0.6 * 0.3), math.log(0.3 * 0.8), math.log(0.05 * 1.0)],
+    [math.log(0.2 * 0.9), math.log(0.1 * 0.5), math.log(0.7 * 0.1)],
+]
+SINGULARITY = [
+    [math.log(0.6 * 0.6 * 0.3), math.log(0.3 * 0.3 * 0.8), math.log(0.05 * 0.05 * 1.0)],
+    [math.log(0.2 * 0.2 * 0.9), math.log(0.1 * 0.1 * 0.5), math.log(0.7 * 0.7 * 0.1)],
+]
 
 
 class TableDecoder(AnswerDecoder):
     """A decoder whose next-token distribution is the table of its question (question[b, 0, 0])."""
 
     def __init__(self):
-        nn_cfg = dict(vocab_size=7, width=8, heads=2, intermediate_size=8, max_position_embeddings=8,
-                      type_vocab_size=2, dropout=0.0, layer_norm_eps=1e-12, pad_token_id=0)
+        nn_cfg = dict(
+            vocab_size=7,
+            width=8,
+            heads=2,
+            intermediate_size=8,
+            max_position_embeddings=8,
+            type_vocab_size=2,
+            dropout=0.0,
+            layer_norm_eps=1e-12,
+            pad_token_id=0,
+        )
         super().__init__(nn_cfg, num_layers=1)
 
     def logits(self, answer_ids, answer_mask, question, question_mask):
@@ -41,7 +55,7 @@ class TableDecoder(AnswerDecoder):
             table = TABLES[int(question[b, 0, 0])]
             for t in range(answer_ids.shape[1]):
                 probs = torch.zeros(7)
-                for token, p in table.get(tuple(answer_ids[b, :t + 1].tolist()), {}).items():
+                for token, p in table.get(tuple(answer_ids[b, : t + 1].tolist()), {}).items():
                     probs[token] = p
                 probs[OTHER] = 1.0 - probs.sum()
                 out[b, t] = probs.clamp_min(1e-12).log()
@@ -74,8 +88,17 @@ def test_the_two_rules_can_pick_different_answers_and_k_keeps_the_likeliest_firs
 def test_a_real_decoder_scores_the_prefix_by_prefix_likelihood_in_any_chunking():
     """Both rules against one forward pass per prefix (no causal mask involved), padded answers."""
     torch.manual_seed(0)
-    cfg = dict(vocab_size=30, width=16, heads=2, intermediate_size=32, max_position_embeddings=10,
-               type_vocab_size=2, dropout=0.0, layer_norm_eps=1e-12, pad_token_id=0)
+    cfg = dict(
+        vocab_size=30,
+        width=16,
+        heads=2,
+        intermediate_size=32,
+        max_position_embeddings=10,
+        type_vocab_size=2,
+        dropout=0.0,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
     decoder = AnswerDecoder(cfg, num_layers=2).eval()
     question, qmask = torch.randn(3, 4, 16), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
     answers = torch.tensor([[2, 7, 3, 0], [2, 9, 11, 3], [2, 7, 12, 3], [2, 5, 3, 0]])
@@ -88,8 +111,8 @@ def test_a_real_decoder_scores_the_prefix_by_prefix_likelihood_in_any_chunking()
             logps = []
             with torch.no_grad():
                 for t in range(1, n):  # log p(token t | tokens < t)
-                    prefix = answers[a:a + 1, :t]
-                    out = decoder.logits(prefix, torch.ones_like(prefix), question[b:b + 1], qmask[b:b + 1])
+                    prefix = answers[a : a + 1, :t]
+                    out = decoder.logits(prefix, torch.ones_like(prefix), question[b : b + 1], qmask[b : b + 1])
                     logps.append(out[0, -1].log_softmax(-1)[answers[a, t]].item())
             assert sequence[b, a].item() == pytest.approx(sum(logps), abs=1e-4)
             assert singularity[b, a].item() == pytest.approx(sum(logps) + logps[0], abs=1e-4)
@@ -100,8 +123,12 @@ def test_qa_accuracy_by_hand():
     answers = ["red circle", "right", "yes", "yes", "blue square"]
     types = ["first", "direction", "before", "before", None]
     assert qa_accuracy(predictions, answers) == {"overall": 60.0}
-    assert qa_accuracy(predictions, answers, types) == {"overall": 60.0, "before": 50.0, "direction": 0.0,
-                                                        "first": 100.0}
+    assert qa_accuracy(predictions, answers, types) == {
+        "overall": 60.0,
+        "before": 50.0,
+        "direction": 0.0,
+        "first": 100.0,
+    }
     assert qa_accuracy(["Red"], ["red"]) == {"overall": 0.0}  # exact match
     with pytest.raises(ValueError, match="one length, got 2 and 1"):
         qa_accuracy(["a", "b"], ["a"])
@@ -109,9 +136,14 @@ def test_qa_accuracy_by_hand():
         qa_accuracy(["a"], ["a"], ["t", "u"])
 
 
-@pytest.mark.parametrize("entry,key", [({"question": "q", "answer": "a"}, "video"),
-                                       ({"video": "v", "answer": "a"}, "question"),
-                                       ({"video": "v", "question": "q"}, "answer")])
+@pytest.mark.parametrize(
+    "entry,key",
+    [
+        ({"question": "q", "answer": "a"}, "video"),
+        ({"video": "v", "answer": "a"}, "question"),
+        ({"video": "v", "question": "q"}, "answer"),
+    ],
+)
 def test_an_entry_without_a_key_is_an_error_naming_file_entry_and_key(pipeline, tmp_path, entry, key):
     corpus, res = pipeline
     good = json.loads((corpus / "qa_test.json").read_text())[0]
@@ -126,16 +158,26 @@ def qa_model(pipeline):
     corpus, _ = pipeline
     tokenizer = load_tokenizer(corpus / "tokenizer")
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 4},
-                               "text": {"preset": "tiny", "vocab_size": len(tokenizer)}, "embed_dim": 16})
+    model = svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": 4},
+            "text": {"preset": "tiny", "vocab_size": len(tokenizer)},
+            "embed_dim": 16,
+        }
+    )
     return VideoQA.from_svitt(model), tokenizer
 
 
 def test_the_decoder_starts_from_the_fusion_layers(pipeline, qa_model):
     corpus, _ = pipeline
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 4},
-                               "text": {"preset": "tiny", "vocab_size": len(qa_model[1])}, "embed_dim": 16})
+    model = svitt.build_model(
+        {
+            "video": {"preset": "tiny", "frames": 4},
+            "text": {"preset": "tiny", "vocab_size": len(qa_model[1])},
+            "embed_dim": 16,
+        }
+    )
     qa = VideoQA.from_svitt(model, decoder_layers=2)
     fusion = model.text_encoder.encoder.layer[-2:]
     for target, source in zip(qa.answer_decoder.layer, fusion):
@@ -163,15 +205,17 @@ def test_qa_evaluation_counts_answers_missing_from_the_list(pipeline, qa_model, 
     test = json.loads((corpus / "qa_test.json").read_text())
     dropped = test[0]["answer"]
     (tmp_path / "answers.json").write_text(json.dumps([a for a in answers if a != dropped]))
-    data = QADataset(res / "frames/downstream", corpus / "qa_test.json", 4, EvalTransform(32),
-                     answer_list=tmp_path / "answers.json")
+    data = QADataset(
+        res / "frames/downstream", corpus / "qa_test.json", 4, EvalTransform(32), answer_list=tmp_path / "answers.json"
+    )
     missing = [q for q in test if q["answer"] == dropped]
     assert len(data.unanswerable) == len(missing) >= 1
     result = evaluate_qa(model, data, PairCollator(tokenizer, 25), batch_size=4, rerank_k=3, progress=False)
     assert result["unanswerable"] == len(missing) and result["num_questions"] == len(test)
     assert result["unanswerable_examples"][0]["answer"] == dropped
-    assert result["metrics"] == qa_accuracy(result["predictions"], [q["answer"] for q in test],
-                                            [q["type"] for q in test])
+    assert result["metrics"] == qa_accuracy(
+        result["predictions"], [q["answer"] for q in test], [q["type"] for q in test]
+    )
     assert all(p != dropped and p in data.answer_list for p in result["predictions"])
     assert set(result["counts"]) == {q["type"] for q in test} and result["scoring"] == "sequence"
     assert result["rerank_k"] == 3
@@ -184,8 +228,12 @@ def test_qa_batches_hold_question_and_answer_tokens(pipeline):
     batch = QACollator(tokenizer, text_len=6, answer_len=3)([data[0], data[1]])
     assert batch["input_ids"].shape == (2, 6) and batch["answer_ids"].shape[1] <= 3
     assert batch["answer_ids"][:, 0].tolist() == [tokenizer.cls_token_id] * 2
-    assert batch["answer"] == [data[0]["answer"], data[1]["answer"]] and batch["type"][0] in ("first", "second",
-                                                                                              "direction", "before")
+    assert batch["answer"] == [data[0]["answer"], data[1]["answer"]] and batch["type"][0] in (
+        "first",
+        "second",
+        "direction",
+        "before",
+    )
 
 
 def test_grad_accum_on_the_qa_task_gives_the_gradients_of_the_whole_batch(qa_model):
@@ -201,16 +249,22 @@ def test_grad_accum_on_the_qa_task_gives_the_gradients_of_the_whole_batch(qa_mod
     ids = torch.randint(5, len(tokenizer), (4, 6), generator=g)
     answers = torch.randint(5, len(tokenizer), (4, 3), generator=g)
     answers[:, 0], answers[:, -1] = 2, 3
-    batch = {"video": torch.randn(4, 4, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "answer_ids": answers, "answer_mask": torch.ones_like(answers)}
+    batch = {
+        "video": torch.randn(4, 4, 3, 32, 32, generator=g),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "answer_ids": answers,
+        "answer_mask": torch.ones_like(answers),
+    }
     grads, losses = [], []
     for accum in (1, 2):
         net = copy.deepcopy(model).eval()  # no dropout: both runs see the same function
         micro = [{k: v.chunk(accum)[i] for k, v in batch.items()} for i in range(accum)]
         cfg = {"objectives": {"qa": 1.0}, "grad_accum": accum, "clip_grad_norm": None}
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-        state = TrainState(cfg, QATask(), net, optimizer, torch.amp.GradScaler("cpu", enabled=False), tokenizer,
-                           "cpu", "fp32")
+        state = TrainState(
+            cfg, QATask(), net, optimizer, torch.amp.GradScaler("cpu", enabled=False), tokenizer, "cpu", "fp32"
+        )
         parts, clips = _optimizer_step(state, iter(micro))
         assert clips == 4
         losses.append(parts["qa"])

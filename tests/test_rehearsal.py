@@ -7,6 +7,7 @@
 - At CI size the whole DAG runs here (`all` and `paper_figures`): every rule's job count is the
   paper's, everything completes, and the awkward cases of the real releases come out as published.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,14 +30,30 @@ TARGETS = ("all", "paper_figures")
 TRAINING_SIZE_KEYS = {"batch_size", "max_steps"}
 GROUNDER_SIZE_KEYS = {"epochs", "batch_size"}
 # At CI size the model is the tiny preset's widths at the paper's depths.
-CI_MODEL_KEYS = {"preset", "image_size", "patch_size", "width", "heads", "mlp_ratio", "tubelet_frames", "init_std",
-                 "intermediate_size", "max_position_embeddings", "dropout", "layer_scale_init"}
+CI_MODEL_KEYS = {
+    "preset",
+    "image_size",
+    "patch_size",
+    "width",
+    "heads",
+    "mlp_ratio",
+    "tubelet_frames",
+    "init_std",
+    "intermediate_size",
+    "max_position_embeddings",
+    "dropout",
+    "layer_scale_init",
+}
 
 
 def _commands(workdir: Path, *configfiles: str) -> list[str]:
     result = snakemake(workdir, *TARGETS, "-n", "-p", "--forceall", "--configfile", *configfiles)
-    return re.findall(r"^(?:Shell command: )?\s*(?:python workflow_scripts/launch\.py [^\n]*? -- )?(?:python )?"
-                      r"(workflow_scripts/[a-z_]+\.py[^\n]*)$", result.stdout, flags=re.M)
+    return re.findall(
+        r"^(?:Shell command: )?\s*(?:python workflow_scripts/launch\.py [^\n]*? -- )?(?:python )?"
+        r"(workflow_scripts/[a-z_]+\.py[^\n]*)$",
+        result.stdout,
+        flags=re.M,
+    )
 
 
 def _config_json(command: str) -> dict:
@@ -60,8 +77,11 @@ def _without(cfg: dict, keys: set, model_keys: set = frozenset()) -> dict:
 
 def _normalise(command: str, model_keys: set = frozenset()) -> str:
     """A job's command with what the overlays may change set aside."""
-    command = re.sub(r"resources/frames/(\w+)/shard-\d+-of-\d+\.h5( resources/frames/\1/shard-\d+-of-\d+\.h5)*",
-                     r"resources/frames/\1/SHARDS", command)
+    command = re.sub(
+        r"resources/frames/(\w+)/shard-\d+-of-\d+\.h5( resources/frames/\1/shard-\d+-of-\d+\.h5)*",
+        r"resources/frames/\1/SHARDS",
+        command,
+    )
     command = re.sub(r" --(checkpoint-every|log-every|num-workers|keep-checkpoint|workers|threads) \S+", "", command)
     command = re.sub(r" --model-json '\{.*?\}'", "", command) if model_keys else command
     if "--config-json" not in command:
@@ -91,9 +111,14 @@ def plans(tmp_path_factory):
     paper_inputs(workdir)
     for path in ("data/weights/beit_tiny_hf", "data/bert_tiny"):  # the CI overlay's weights (never read)
         (workdir / path).mkdir(parents=True)
-    return {name: _commands(workdir, "configs/paper.yaml", *overlays) for name, overlays in
-            (("paper", ()), ("full", ("configs/rehearsal.yaml",)),
-             ("ci", ("configs/rehearsal.yaml", "tests/configs/rehearsal_ci.yaml")))}
+    return {
+        name: _commands(workdir, "configs/paper.yaml", *overlays)
+        for name, overlays in (
+            ("paper", ()),
+            ("full", ("configs/rehearsal.yaml",)),
+            ("ci", ("configs/rehearsal.yaml", "tests/configs/rehearsal_ci.yaml")),
+        )
+    }
 
 
 @pytest.mark.parametrize("size", ["full", "ci"])
@@ -110,8 +135,10 @@ def test_the_overlays_change_only_how_big_and_how_long(plans, size):
 
 def test_the_overlays_really_change_the_sizes(plans):
     """The normalisation above must not hide everything: batch sizes and steps do differ."""
-    stage1 = {name: _config_json(next(c for c in plans[name] if "--out results/pretrain/stage1 " in c))
-              for name in ("paper", "full", "ci")}
+    stage1 = {
+        name: _config_json(next(c for c in plans[name] if "--out results/pretrain/stage1 " in c))
+        for name in ("paper", "full", "ci")
+    }
     assert stage1["paper"]["batch_size"] == 512 and "max_steps" not in stage1["paper"]
     assert stage1["full"]["batch_size"] == 2 and stage1["full"]["max_steps"] == 2
     assert stage1["full"]["model"] == stage1["paper"]["model"]  # the paper's BEiT-B + BERT-base
@@ -132,8 +159,9 @@ def test_the_ci_rehearsal_runs_every_paper_job(tmp_path):
     assert ssv2["ground_truth"].startswith("several ground-truth videos per text")
     assert ssv2["num_videos"] == 4 and ssv2["num_texts"] == 2  # val_small: two captions, two videos each
     didemo = json.loads((results / "retrieval/didemo/stage2.json").read_text())
-    assert didemo["num_videos"] == 4 and "@" in "".join(json.loads(
-        (workdir / "data/anno/didemo_ret_test.json").read_text())[0]["video"])
+    assert didemo["num_videos"] == 4 and "@" in "".join(
+        json.loads((workdir / "data/anno/didemo_ret_test.json").read_text())[0]["video"]
+    )
     nlq = json.loads((results / "nlq/egoclip.json").read_text())
     assert any(s["reason"] == "no query text" for s in nlq["skipped"]["train"])  # Ego4D's queries without text
     egoclip = json.loads((workdir / "results/pretrain/egoclip/model.json").read_text())

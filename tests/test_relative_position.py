@@ -1,10 +1,10 @@
 """3D relative position bias: indices against timm, inflation and temporal resize by hand."""
+
 import torch
 import torch.nn.functional as F
 from timm.models.beit import gen_relative_position_index
 
-from svitt.models.relative_position import (relative_bias, relative_index, resize_table, table_size,
-                                            token_positions)
+from svitt.models.relative_position import relative_bias, relative_index, resize_table, table_size, token_positions
 
 
 def _full_index(grid):

@@ -6,6 +6,7 @@ The released-format checkpoints are written once per module by tests/helpers/rel
 in a subprocess: tiny models whose config OmegaConf 2.1.1 itself pickled, while this process never
 imports OmegaConf; tests/helpers/released.py writes the released naming.
 """
+
 import copy
 import json
 import pathlib
@@ -16,14 +17,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svitt.training.checkpoint import load_exported
 from svitt.models.answer_decoder import VideoQA
-from svitt.models.released import (ReleasedCheckpointError, checkpoint_kind, config_value, convert,
-                                   map_state_dict, model_config, read_checkpoint)
+from svitt.models.released import (
+    ReleasedCheckpointError,
+    checkpoint_kind,
+    config_value,
+    convert,
+    map_state_dict,
+    model_config,
+    read_checkpoint,
+)
 from svitt.models.svitt import SViTT
+from svitt.training.checkpoint import load_exported
 from tests.conftest import script
-from tests.helpers.released import (RELEASED_CONFIG, TINY_RELEASED_MODEL, perturbed, released_state_dict,
-                                    released_video_reference)
+from tests.helpers.released import (
+    RELEASED_CONFIG,
+    TINY_RELEASED_MODEL,
+    perturbed,
+    released_state_dict,
+    released_video_reference,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,16 +75,26 @@ def test_a_config_pickled_by_omegaconf_reads_as_plain_data_without_omegaconf(rel
         assert config[key] == RELEASED_CONFIG[key], key
     assert config["output_dir"] is None  # the released convert_types' "None" -> None
     assert config["vit_name_or_pretrained_path"] == "${vit_zoo[${vit_type}]}"  # stored unresolved
-    assert config["available_corpus"]["webvid"] == ["${data_root}/webvid_train.json", "${data_root}/webvid_videos",
-                                                    "video"]
+    assert config["available_corpus"]["webvid"] == [
+        "${data_root}/webvid_train.json",
+        "${data_root}/webvid_videos",
+        "video",
+    ]
     assert checkpoint["epoch"] == 4 and checkpoint["global_step"] == 100
     assert checkpoint_kind(checkpoint["model"]) == "pretrain"
 
 
 def test_config_values_resolve_plain_references_and_refuse_the_rest():
-    config = {"vit_type": "beit", "vit_zoo": {"beit": "microsoft/beit"}, "name": "${vit_zoo.beit}",
-              "frames": "${video_input.num_frames}", "video_input": {"num_frames": 8},
-              "data_root": "${oc.env:SL_DATA_DIR}", "lost": "???", "none": "None"}
+    config = {
+        "vit_type": "beit",
+        "vit_zoo": {"beit": "microsoft/beit"},
+        "name": "${vit_zoo.beit}",
+        "frames": "${video_input.num_frames}",
+        "video_input": {"num_frames": 8},
+        "data_root": "${oc.env:SL_DATA_DIR}",
+        "lost": "???",
+        "none": "None",
+    }
     assert config_value(config, "name") == "microsoft/beit"
     assert config_value(config, "frames") == 8
     assert config_value(config, "none") is None and config_value(config, "absent", 3) == 3
@@ -89,9 +112,15 @@ def test_the_stored_config_translates_into_this_projects_settings():
     video, text = cfg["video"], cfg["text"]
     assert video["prune_layers"] == [1]  # token_drop_loc [0]: after the first layer (0-based)
     assert (video["local_blocks"], video["random_blocks"], video["block_size"], video["visual_keep"]) == (1, 1, 5, 0.5)
-    assert {k: video[k] for k in ("layer_norm_eps", "pooling", "fusion_norm", "prune_score", "temporal_resize")} == \
-        dict(layer_norm_eps=1e-12, pooling="mean", fusion_norm="separate", prune_score="raw",
-             temporal_resize="interpolate_nearest")
+    assert {
+        k: video[k] for k in ("layer_norm_eps", "pooling", "fusion_norm", "prune_score", "temporal_resize")
+    } == dict(
+        layer_norm_eps=1e-12,
+        pooling="mean",
+        fusion_norm="separate",
+        prune_score="raw",
+        temporal_resize="interpolate_nearest",
+    )
     assert (video["depth"], video["width"], video["heads"], video["mlp_ratio"], video["frames"]) == (2, 16, 2, 2.0, 2)
     # text_encoder_args: token_drop_loc [2] with fusion_layer 2 is the first fusion layer; q_m read there
     assert (text["multimodal_prune_layers"], text["multimodal_keep"], text["fusion_layers"]) == ([1], 0.25, 2)
@@ -113,19 +142,44 @@ def test_the_released_yamls_multimodal_keep_rate_is_not_applied():
 def test_beit_b_and_bert_base_keys_and_shapes_map_onto_the_paper_model_on_the_meta_device():
     """At full size (no memory: meta tensors): every released tensor has its place, with the shape
     of this project's model under the settings the stored config gives, T = 4."""
-    paper = {"video": {"preset": "beit_base", "frames": 4, "local_blocks": 1, "random_blocks": 3, "block_size": 56,
-                       "visual_keep": 0.7, "prune_layers": [4, 7, 10], "drop_path": 0.1, "layer_norm_eps": 1e-12,
-                       "pooling": "mean", "fusion_norm": "separate", "prune_score": "raw",
-                       "temporal_resize": "interpolate_nearest"},
-             "text": {"preset": "bert_base", "multimodal_keep": 0.1, "question_pruning": False}, "embed_dim": 256}
+    paper = {
+        "video": {
+            "preset": "beit_base",
+            "frames": 4,
+            "local_blocks": 1,
+            "random_blocks": 3,
+            "block_size": 56,
+            "visual_keep": 0.7,
+            "prune_layers": [4, 7, 10],
+            "drop_path": 0.1,
+            "layer_norm_eps": 1e-12,
+            "pooling": "mean",
+            "fusion_norm": "separate",
+            "prune_score": "raw",
+            "temporal_resize": "interpolate_nearest",
+        },
+        "text": {"preset": "bert_base", "multimodal_keep": 0.1, "question_pruning": False},
+        "embed_dim": 256,
+    }
     with torch.device("meta"):
         model = SViTT(paper)
     state = released_state_dict(model, "pretrain")
-    config = {"vit_type": "beit", "image_res": 224, "embed_dim": 256, "temp": 0.07, "video_input": {"num_frames": 4},
-              "vision_encoder_args": {"token_keep_rate": 0.7, "token_keep_strategy": "cls_attn",
-                                      "token_drop_loc": [3, 6, 9], "sparse_local_attn": 1, "sparse_random_attn": 3,
-                                      "attn_block_size": 56},
-              "text_encoder_args": {"token_keep_rate": 0.1, "token_drop_loc": [9]}}
+    config = {
+        "vit_type": "beit",
+        "image_res": 224,
+        "embed_dim": 256,
+        "temp": 0.07,
+        "video_input": {"num_frames": 4},
+        "vision_encoder_args": {
+            "token_keep_rate": 0.7,
+            "token_keep_strategy": "cls_attn",
+            "token_drop_loc": [3, 6, 9],
+            "sparse_local_attn": 1,
+            "sparse_random_attn": 3,
+            "attn_block_size": 56,
+        },
+        "text_encoder_args": {"token_keep_rate": 0.1, "token_drop_loc": [9]},
+    }
     cfg, _ = model_config(config, state, "pretrain")
     assert cfg["video"]["prune_layers"] == [4, 7, 10] and cfg["text"]["multimodal_prune_layers"] == [1]
     assert cfg["text"]["heads"] == 12 and cfg["video"]["heads"] == 12 and cfg["text"]["fusion_layers"] == 3
@@ -174,8 +228,9 @@ def test_a_converted_checkpoint_scores_like_the_same_weights_loaded_natively(kin
             continue  # the released retrieval model has no MLM head: ours keeps its initialisation
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5, msg=name)
     initialised = info["released"]["initialised"]
-    assert (sorted(initialised) == sorted(k for k in ours.state_dict() if k.startswith("mlm_head."))) == \
-        (kind == "retrieval") and (initialised == {}) == (kind == "pretrain")
+    assert (sorted(initialised) == sorted(k for k in ours.state_dict() if k.startswith("mlm_head."))) == (
+        kind == "retrieval"
+    ) and (initialised == {}) == (kind == "pretrain")
 
 
 def test_a_converted_qa_checkpoint_answers_like_the_same_weights_loaded_natively():
@@ -210,7 +265,8 @@ def test_the_imported_video_tower_computes_what_the_released_one_does():
         fusion, pooled = released_video_reference(state, video, eps=1e-12, keep_rate=0.5, drop_loc=[0], heads=2)
         tokens, emb = imported.encode_video(video)
         expected_emb = torch.nn.functional.normalize(
-            torch.nn.functional.linear(pooled, state["vision_proj.weight"], state["vision_proj.bias"]), dim=-1)
+            torch.nn.functional.linear(pooled, state["vision_proj.weight"], state["vision_proj.bias"]), dim=-1
+        )
         renormalised = SViTT({**imported.cfg, "video": {**imported.cfg["video"], "prune_score": "renormalised"}})
         renormalised.load_state_dict(imported.state_dict())
         other_tokens, _ = renormalised.eval().encode_video(video)
@@ -227,7 +283,9 @@ def test_the_script_writes_a_model_that_load_exported_reads(kind, tmp_path, rele
     assert script("import_released").main([str(released / f"{kind}.pth"), str(out)]) == 0
     info = json.loads((out / "model.json").read_text())
     assert info["name"] == out.name and info["released"]["kind"] == kind and info["frames"] == 2
-    assert info["model_config"]["video"]["pooling"] == "mean" and info["model_config"]["text"]["question_pruning"] is False
+    assert (
+        info["model_config"]["video"]["pooling"] == "mean" and info["model_config"]["text"]["question_pruning"] is False
+    )
     model, _ = load_exported(out / "model.safetensors")
     assert isinstance(model, VideoQA if kind == "qa" else SViTT)
     state = read_checkpoint(released / f"{kind}.pth")["model"]
@@ -236,16 +294,22 @@ def test_the_script_writes_a_model_that_load_exported_reads(kind, tmp_path, rele
     q, k, v = weights["video_encoder.blocks.1.attn.qkv.weight"].chunk(3)
     torch.testing.assert_close(k, state["vision_encoder.encoder.layer.1.attention.attention.key.weight"])
     text = "text_encoder.bert." if kind == "pretrain" else "text_encoder."
-    torch.testing.assert_close(weights["text_encoder.encoder.layer.3.crossattention.self.value.bias"],
-                               state[text + "encoder.layer.3.crossattention.self.value.bias"])
+    torch.testing.assert_close(
+        weights["text_encoder.encoder.layer.3.crossattention.self.value.bias"],
+        state[text + "encoder.layer.3.crossattention.self.value.bias"],
+    )
     if kind == "qa":
         from svitt.evaluation.qa import load_model
 
         assert isinstance(load_model(out / "model.safetensors")[0], VideoQA)
-        torch.testing.assert_close(weights["answer_decoder.transform.2.weight"],
-                                   state["text_decoder.cls.predictions.transform.LayerNorm.weight"])
+        torch.testing.assert_close(
+            weights["answer_decoder.transform.2.weight"],
+            state["text_decoder.cls.predictions.transform.LayerNorm.weight"],
+        )
     else:
-        torch.testing.assert_close(weights["video_encoder.norm.weight"], state["vision_encoder.pooler.layernorm.weight"])
+        torch.testing.assert_close(
+            weights["video_encoder.norm.weight"], state["vision_encoder.pooler.layernorm.weight"]
+        )
         torch.testing.assert_close(weights["vtm_head.weight"], state["itm_head.weight"])
 
 
@@ -262,8 +326,10 @@ def test_an_imported_model_starts_a_longer_stage_with_the_released_temporal_resi
     per_offset = 7 * 7
     src, dst = source[key], longer.state_dict()[key]
     for d_dst, d_src in zip(range(-3, 4), [-1, -1, -1, 0, 0, 1, 1]):
-        torch.testing.assert_close(dst[(d_dst + 3) * per_offset:(d_dst + 4) * per_offset],
-                                   src[(d_src + 1) * per_offset:(d_src + 2) * per_offset])
+        torch.testing.assert_close(
+            dst[(d_dst + 3) * per_offset : (d_dst + 4) * per_offset],
+            src[(d_src + 1) * per_offset : (d_src + 2) * per_offset],
+        )
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -286,8 +352,14 @@ def test_a_state_dict_of_no_supported_kind_names_the_signatures_and_what_it_hold
     assert "vision_encoder.encoder (" in message and "text_encoder.bert (" in message
 
 
-@pytest.mark.parametrize("extra", ["vision_encoder.embeddings.mask_token", "text_encoder.bert.pooler.dense.weight",
-                                   "vision_encoder.encoder.layer.0.attention.attention.key.bias"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "vision_encoder.embeddings.mask_token",
+        "text_encoder.bert.pooler.dense.weight",
+        "vision_encoder.encoder.layer.0.attention.attention.key.bias",
+    ],
+)
 def test_an_unmapped_tensor_is_an_error_naming_it(extra):
     state = released_state_dict(_ours(), "pretrain")
     state[extra] = torch.zeros(16)
@@ -295,12 +367,18 @@ def test_an_unmapped_tensor_is_an_error_naming_it(extra):
         convert({"model": state, "config": copy.deepcopy(RELEASED_CONFIG)})
 
 
-@pytest.mark.parametrize("section,key,value", [
-    ("vision_encoder_args", "token_3d_order", "zcurve"), ("vision_encoder_args", "token_keep_strategy", "random"),
-    ("vision_encoder_args", "sparse_local_attn", 3), ("vision_encoder_args", "num_cls_tokens", 2),
-    ("vision_encoder_args", "hidden_dropout_prob", 0.1), ("text_encoder_args", "token_keep_strategy", "avg_attn"),
-    ("text_encoder_args", "position_embedding_type", "relative_key"),
-])
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("vision_encoder_args", "token_3d_order", "zcurve"),
+        ("vision_encoder_args", "token_keep_strategy", "random"),
+        ("vision_encoder_args", "sparse_local_attn", 3),
+        ("vision_encoder_args", "num_cls_tokens", 2),
+        ("vision_encoder_args", "hidden_dropout_prob", 0.1),
+        ("text_encoder_args", "token_keep_strategy", "avg_attn"),
+        ("text_encoder_args", "position_embedding_type", "relative_key"),
+    ],
+)
 def test_a_stored_setting_this_project_does_not_implement_is_named(section, key, value):
     config = copy.deepcopy(RELEASED_CONFIG)
     config[section][key] = value

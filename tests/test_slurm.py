@@ -8,6 +8,7 @@ multi-node launch path (srun + torchrun rendezvous) trains two gloo ranks whose 
 
 Skipped only where the cluster cannot run: not root, no local-slurm tool, Slurm not installable.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,8 +38,16 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("results/pretrain/stage2/model.json", "results/eval/retrieval/demo_retrieval/stage1.json")
 CONFIGS = ("--configfile", "tests/configs/test.yaml", "tests/configs/test_slurm.yaml")
 # The Slurm command line is the one the README's "Running on Slurm" quotes.
-SLURM_ARGS = (*TARGETS, "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
-              "--slurm-init-seconds-before-status-checks", "2", *CONFIGS)
+SLURM_ARGS = (
+    *TARGETS,
+    "--profile",
+    "profiles/slurm",
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "2",
+    *CONFIGS,
+)
 # Poll a local cluster every 2 s, first after 2 s (Snakemake's 10 s and the plugin's 40 s suit a
 # shared cluster; here every job would wait for them): test time only, not in the README's command.
 FAST_POLL = ("--seconds-between-status-checks", "2")
@@ -61,8 +70,12 @@ WORKPLACE_TOOL = Path("/work/shared/tools/local-slurm")
 
 
 def local_slurm_tool() -> Path | None:
-    for candidate in (os.environ.get("LOCAL_SLURM"), REPO.parent / "shared" / "tools" / "local-slurm",
-                      WORKPLACE_TOOL, shutil.which("local-slurm")):
+    for candidate in (
+        os.environ.get("LOCAL_SLURM"),
+        REPO.parent / "shared" / "tools" / "local-slurm",
+        WORKPLACE_TOOL,
+        shutil.which("local-slurm"),
+    ):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return Path(candidate)
     return None
@@ -79,7 +92,9 @@ def cluster():
     start waits ~9 s for the plugin's `scontrol show config`, which later tests would pay.)"""
     tool = local_slurm_tool()
     if tool is None:
-        pytest.skip("no local-slurm tool ($LOCAL_SLURM, ../shared/tools/local-slurm, /work/shared/tools/local-slurm or on PATH)")
+        pytest.skip(
+            "no local-slurm tool ($LOCAL_SLURM, ../shared/tools/local-slurm, /work/shared/tools/local-slurm or on PATH)"
+        )
     if os.geteuid() != 0:
         pytest.skip("local-slurm installs and starts Slurm daemons: it must run as root")
     try:
@@ -87,8 +102,9 @@ def cluster():
         # the tests' OMP_NUM_THREADS=1 the node would have 1 CPU and no 2-CPU job would ever start.
         tool_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_THREAD_LIMIT")}
         tool_env["PATH"] = real_path(tool_env.get("PATH", ""))
-        start = subprocess.run([str(tool), "start", str(FAKE_GPUS)], capture_output=True, text=True,
-                               timeout=START_TIMEOUT_S, env=tool_env)
+        start = subprocess.run(
+            [str(tool), "start", str(FAKE_GPUS)], capture_output=True, text=True, timeout=START_TIMEOUT_S, env=tool_env
+        )
         if start.returncode != 0:
             output = _tail(start.stdout + start.stderr)
             if shutil.which("sbatch") is None:
@@ -96,10 +112,12 @@ def cluster():
             pytest.fail(f"local-slurm start failed:\n{output}")
         yield tool
     finally:
-        subprocess.run([str(tool), "stop"], capture_output=True, timeout=120,
-                       env={**os.environ, "PATH": real_path(os.environ["PATH"])})
-
-
+        subprocess.run(
+            [str(tool), "stop"],
+            capture_output=True,
+            timeout=120,
+            env={**os.environ, "PATH": real_path(os.environ["PATH"])},
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,7 +128,9 @@ def _real_slurm_commands():
     yield
     os.environ["PATH"] = saved
 
+
 # --------------------------------------------------------------------------------------- runs
+
 
 def snakemake_command(args) -> list[str]:
     exe = Path(sys.executable).with_name("snakemake")
@@ -120,8 +140,11 @@ def snakemake_command(args) -> list[str]:
 def job_environment(**extra) -> dict:
     """The venv's bin first on PATH: rules call `python`, and Slurm jobs inherit the submitting
     environment (sbatch --export=ALL). No device assignment of our own: Slurm gives it."""
-    env = {k: v for k, v in os.environ.items()
-           if k != "CUDA_VISIBLE_DEVICES" and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "CUDA_VISIBLE_DEVICES" and not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{real_path(env.get('PATH', ''))}"
     env["SVITT_SLURM_POLL"] = "1"  # launch.py: re-read the job's time limit every second (default 60)
     return {**env, **extra}
@@ -130,6 +153,7 @@ def job_environment(**extra) -> dict:
 @dataclass
 class Job:
     """One job as the submitting Snakemake printed it (and, under Slurm, as Slurm records it)."""
+
     rule: str
     wildcards: str
     threads: int
@@ -158,8 +182,13 @@ def parse_jobs(output: str) -> list[Job]:
             continue
         if current is not None:
             resources = dict(item.split("=", 1) for item in current.get("resources", "").split(", ") if item)
-            job = Job(current["rule"], current.get("wildcards", ""), int(current.get("threads", 1)),
-                      resources, current.get("log", ""))
+            job = Job(
+                current["rule"],
+                current.get("wildcards", ""),
+                int(current.get("threads", 1)),
+                resources,
+                current.get("log", ""),
+            )
             jobs.append(job)
             by_id[current["jobid"]] = job
             current = None
@@ -170,8 +199,7 @@ def parse_jobs(output: str) -> list[Job]:
 
 
 def scontrol(job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
     return dict(re.findall(r"(\S+?)=(\S*)", out))
 
 
@@ -226,8 +254,9 @@ class Run:
 def run_snakemake(args, cwd: Path, env: dict, timeout: float) -> Run:
     start = time.monotonic()
     try:
-        done = subprocess.run(snakemake_command(args), cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            snakemake_command(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"snakemake {' '.join(args)} ran past its budget of {timeout} s")
     return Run(done.returncode, done.stdout + done.stderr, time.monotonic() - start)
@@ -258,8 +287,9 @@ def run_with_a_time_limited_stage2(cwd: Path, env: dict) -> tuple[Run, dict]:
         time.sleep(0.1)
 
     with open(log, "w") as out:
-        proc = subprocess.Popen(snakemake_command((*SLURM_ARGS, *FAST_POLL)), cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            snakemake_command((*SLURM_ARGS, *FAST_POLL)), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             stage2 = cwd / "results/pretrain/stage2"
             while not (stage2 / "checkpoint.pt").exists():
@@ -268,9 +298,13 @@ def run_with_a_time_limited_stage2(cwd: Path, env: dict) -> tuple[Run, dict]:
             minutes = shorten_time_limit(job_id)
             while scontrol(job_id)["JobState"] in ("RUNNING", "COMPLETING"):
                 running("stage2's first job stopped")
-            stopped = {"job": job_id, "minutes": minutes, "files": sorted(p.name for p in stage2.iterdir()),
-                       "step": torch.load(stage2 / "checkpoint.pt", weights_only=True)["step"],
-                       "log": (cwd / "logs/pretrain/stage2.log").read_text()}
+            stopped = {
+                "job": job_id,
+                "minutes": minutes,
+                "files": sorted(p.name for p in stage2.iterdir()),
+                "step": torch.load(stage2 / "checkpoint.pt", weights_only=True)["step"],
+                "log": (cwd / "logs/pretrain/stage2.log").read_text(),
+            }
             while proc.poll() is None:
                 records.update_from_slurm()
                 assert time.monotonic() - start < SLURM_TIMEOUT_S, f"the Slurm run ran past {SLURM_TIMEOUT_S} s"
@@ -311,6 +345,7 @@ def slurm_jobs(run: Run) -> list[Job]:
 
 
 # -------------------------------------------------------------------------------------- tests
+
 
 def test_every_job_ran_as_a_slurm_job(runs):
     slurm = runs["slurm"]
@@ -404,9 +439,11 @@ def test_snakemake_submits_the_next_job_which_resumes_from_the_checkpoint(runs):
 
 # ------------------------------------------------------------------- outputs vs the local run
 
+
 def _files(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for top in ("results", "resources") for p in (root / top).rglob("*")
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)) for top in ("results", "resources") for p in (root / top).rglob("*") if p.is_file()
+    }
 
 
 def _text(path: Path, root: Path) -> str:
@@ -425,6 +462,7 @@ RUN_ATTRS = ("source_stamp",)
 def _h5(path: Path, root: Path) -> dict:
     """Every group and dataset: attributes (but RUN_ATTRS) and contents (JPEG bytes), the working
     folder's path in them (a video's source file) replaced."""
+
     def value(v):
         if isinstance(v, bytes):
             v = v.decode(errors="surrogateescape")
@@ -438,11 +476,13 @@ def _h5(path: Path, root: Path) -> dict:
 
     items = {}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
             entry = {"attrs": {k: value(v) for k, v in obj.attrs.items() if k not in RUN_ATTRS}}
             if isinstance(obj, h5py.Dataset):
                 entry.update(shape=obj.shape, dtype=str(obj.dtype), data=value(obj[()]))
             items[name] = entry
+
         items["/"] = {"attrs": {k: value(v) for k, v in f.attrs.items()}}
         f.visititems(visit)
     return items
@@ -499,19 +539,33 @@ def test_outputs_are_those_of_a_local_run(runs):
 
 # ------------------------------------------------------------------------- more on the cluster
 
+
 def test_plots_run_beside_snakemake_as_local_rules(runs):
     """Figures take seconds: they run on the submitting machine, not as Slurm jobs."""
     work = runs["work"]
     stages = yaml.safe_load((work / "tests/configs/test_slurm.yaml").read_text())["pretrain"]["curriculum"][:2]
     # and whatever named stage3 or egoclip names stage2 instead (the config must still parse)
-    two_stages = {"pretrain": {"curriculum": stages, "egoclip": None},
-                  "analysis": {"control": {"temporal": "late", "stages": ["stage1", "stage2"]},
-                               "pruning_maps": {"stage": "stage2"}},
-                  "finetune": {"retrieval": {"stages": ["stage2"]}, "qa": {"stages": ["stage2"]}},
-                  "evaluation": {"nlq": {"stage": "stage2"}}}
+    two_stages = {
+        "pretrain": {"curriculum": stages, "egoclip": None},
+        "analysis": {
+            "control": {"temporal": "late", "stages": ["stage1", "stage2"]},
+            "pruning_maps": {"stage": "stage2"},
+        },
+        "finetune": {"retrieval": {"stages": ["stage2"]}, "qa": {"stages": ["stage2"]}},
+        "evaluation": {"nlq": {"stage": "stage2"}},
+    }
     (work / "configs/two_stages.yaml").write_text(yaml.safe_dump(two_stages))
-    args = ("results/figures/training_curves.png", "--profile", "profiles/slurm", "--slurm-status-command",
-            "squeue", *FAST_POLL, *FIRST_POLL, *CONFIGS, "configs/two_stages.yaml")
+    args = (
+        "results/figures/training_curves.png",
+        "--profile",
+        "profiles/slurm",
+        "--slurm-status-command",
+        "squeue",
+        *FAST_POLL,
+        *FIRST_POLL,
+        *CONFIGS,
+        "configs/two_stages.yaml",
+    )
     run = run_snakemake(args, work, job_environment(), SLURM_TIMEOUT_S)
     assert run.returncode == 0, _tail(run.output)
     assert [j.key for j in run.jobs] == ["plot_training[]"]  # the trained stages stay as they are
@@ -521,8 +575,11 @@ def test_plots_run_beside_snakemake_as_local_rules(runs):
 
 def _one_process_step(tmp_path: Path) -> dict:
     out = tmp_path / "one.pt"
-    subprocess.run([sys.executable, str(REPO / "tests/helpers/ddp_step.py"), str(out)], check=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [sys.executable, str(REPO / "tests/helpers/ddp_step.py"), str(out)],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return torch.load(out, weights_only=False)
 
 
@@ -532,12 +589,34 @@ def test_the_multi_node_launch_path_wires_ranks_and_their_gradients_agree(cluste
     gloo ranks train one VTC step on halves of one batch. Both ranks end with the same gradients,
     those of one process on the whole batch."""
     log, out = tmp_path / "job.log", tmp_path / "step.pt"
-    script = (f"{sys.executable} workflow_scripts/launch.py --srun --gpus 2 --threads 2 -- "
-              f"tests/helpers/ddp_step.py {out} --every-rank")
-    done = subprocess.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks=1", "--cpus-per-task=2",
-                           "--gres=gpu:2", "--mem=4000", "-t", "10", "-o", str(log), "-D", str(REPO),
-                           "--wrap", script], env=job_environment(OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=SLURM_TIMEOUT_S)
+    script = (
+        f"{sys.executable} workflow_scripts/launch.py --srun --gpus 2 --threads 2 -- "
+        f"tests/helpers/ddp_step.py {out} --every-rank"
+    )
+    done = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--wait",
+            "--nodes=1",
+            "--ntasks=1",
+            "--cpus-per-task=2",
+            "--gres=gpu:2",
+            "--mem=4000",
+            "-t",
+            "10",
+            "-o",
+            str(log),
+            "-D",
+            str(REPO),
+            "--wrap",
+            script,
+        ],
+        env=job_environment(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=SLURM_TIMEOUT_S,
+    )
     assert done.returncode == 0, f"{done.stderr}\n{log.read_text() if log.exists() else ''}"
     job_id = done.stdout.strip().split(";")[0]
     ranks = [torch.load(tmp_path / f"step.rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -566,16 +645,30 @@ def test_a_multi_node_stage_is_submitted_as_one_task_per_node(cluster, tmp_path)
     run it: PartitionConfig) as 2 nodes with one task on each, every task with its node's 4 GPUs
     and threads_per_gpu x 4 CPUs; the job's shell runs once and starts the ranks with srun."""
     work = copy_workflow(tmp_path / "nodes")
-    for placeholder in ("resources/demo/webvid_train.csv", "resources/demo/tokenizer/vocab.txt",
-                        "resources/frames/webvid/shard-000-of-002.h5", "resources/frames/webvid/shard-001-of-002.h5"):
+    for placeholder in (
+        "resources/demo/webvid_train.csv",
+        "resources/demo/tokenizer/vocab.txt",
+        "resources/frames/webvid/shard-000-of-002.h5",
+        "resources/frames/webvid/shard-001-of-002.h5",
+    ):
         (work / placeholder).parent.mkdir(parents=True, exist_ok=True)
         (work / placeholder).touch()  # stage1's inputs: stage1 is the only job
     (work / "configs/two_nodes.yaml").write_text(yaml.safe_dump({"pretrain": {"gpus": 4, "nodes": 2, "retries": 0}}))
-    args = ("results/pretrain/stage1/model.json", "--profile", "profiles/slurm", "--slurm-status-command",
-            "squeue", *FAST_POLL, *FIRST_POLL, *CONFIGS, "configs/two_nodes.yaml")
+    args = (
+        "results/pretrain/stage1/model.json",
+        "--profile",
+        "profiles/slurm",
+        "--slurm-status-command",
+        "squeue",
+        *FAST_POLL,
+        *FIRST_POLL,
+        *CONFIGS,
+        "configs/two_nodes.yaml",
+    )
     with open(tmp_path / "run.txt", "w") as out:
-        proc = subprocess.Popen(snakemake_command(args), cwd=work, env=job_environment(), stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            snakemake_command(args), cwd=work, env=job_environment(), stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.monotonic() + SLURM_TIMEOUT_S
             while not (job_id := _job_with_comment("rule_pretrain_wildcards_stage1")):
@@ -603,6 +696,7 @@ def _job_with_comment(comment: str) -> str | None:
 
 # --------------------------------------------------------------------------- without a cluster
 
+
 def test_the_profile_dry_runs_the_whole_demo_dag(tmp_path):
     """No cluster needed: the profile parses and plans every job of `all` (demo config). Last in
     the file, so that where the cluster runs it is up (see `cluster`)."""
@@ -612,8 +706,16 @@ def test_the_profile_dry_runs_the_whole_demo_dag(tmp_path):
     assert run.returncode == 0, _tail(run.output)
     assert "This was a dry-run" in run.output
     planned = {job.rule for job in run.jobs}
-    assert planned >= {"demo_corpus", "download", "extract_frames", "pretrain", "eval_retrieval",
-                       "eval_egomcq", "plot_training", "all"}, planned
+    assert planned >= {
+        "demo_corpus",
+        "download",
+        "extract_frames",
+        "pretrain",
+        "eval_retrieval",
+        "eval_egomcq",
+        "plot_training",
+        "all",
+    }, planned
     assert not (work / "results").exists() and not (work / "logs" / "slurm").exists()
 
 
@@ -624,9 +726,20 @@ def test_the_readme_quotes_the_command_the_test_runs():
     assert quoted in " ".join(text.replace("\\\n", " ").split())
 
 
-@pytest.mark.parametrize("text,seconds", [
-    ("0:55", 55), ("59:01", 3541), ("2:00:00", 7200), ("1-00:00:05", 86405), ("12-23:59:59", 12 * 86400 + 86399),
-    ("UNLIMITED", None), ("NOT_SET", None), ("INVALID", None), ("", None)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("0:55", 55),
+        ("59:01", 3541),
+        ("2:00:00", 7200),
+        ("1-00:00:05", 86405),
+        ("12-23:59:59", 12 * 86400 + 86399),
+        ("UNLIMITED", None),
+        ("NOT_SET", None),
+        ("INVALID", None),
+        ("", None),
+    ],
+)
 def test_squeues_time_left_is_read_in_seconds(text, seconds):
     assert launch_module().parse_slurm_duration(text) == seconds
 
@@ -640,24 +753,58 @@ def test_training_saves_and_stops_before_the_time_limit_squeue_reports(pipeline,
     fake.mkdir()
     (fake / "squeue").write_text("#!/bin/sh\necho 10:00\n")
     (fake / "squeue").chmod(0o755)
-    stage = {"name": "stage1", "model": {"video": {"preset": "tiny", "frames": 4},
-                                         "text": {"preset": "tiny", "vocab_size": None}, "embed_dim": 16},
-             "objectives": {"vtc": 1.0}, "epochs": 2, "batch_size": 4, "lr": 1e-3, "log_every": 1,
-             "checkpoint_every": 100, "data": {"twin_batches": False}}
-    train = ["workflow_scripts/launch.py", "--gpus", "0", "--save-before", "600", "--",
-             "workflow_scripts/train.py", "--config-json", json.dumps(stage), "--shards",
-             str(res / "frames/webvid/shard-0.h5"), "--annotations", str(corpus / "webvid_train.csv"),
-             "--tokenizer", str(corpus / "tokenizer"), "--out", str(tmp_path / "out"), "--no-progress"]
+    stage = {
+        "name": "stage1",
+        "model": {
+            "video": {"preset": "tiny", "frames": 4},
+            "text": {"preset": "tiny", "vocab_size": None},
+            "embed_dim": 16,
+        },
+        "objectives": {"vtc": 1.0},
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "log_every": 1,
+        "checkpoint_every": 100,
+        "data": {"twin_batches": False},
+    }
+    train = [
+        "workflow_scripts/launch.py",
+        "--gpus",
+        "0",
+        "--save-before",
+        "600",
+        "--",
+        "workflow_scripts/train.py",
+        "--config-json",
+        json.dumps(stage),
+        "--shards",
+        str(res / "frames/webvid/shard-0.h5"),
+        "--annotations",
+        str(corpus / "webvid_train.csv"),
+        "--tokenizer",
+        str(corpus / "tokenizer"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     env = {**job_environment(SLURM_JOB_ID="7"), "PATH": f"{fake}:{real_path(os.environ['PATH'])}"}
-    first = subprocess.run([sys.executable, *train], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    first = subprocess.run(
+        [sys.executable, *train], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert first.returncode == 75, first.stdout
     assert "launch: Slurm job 7 ends in 600 s: training saves and stops 600 s before" in first.stdout
     assert "stage stage1 stopped (signal or time limit) at step 1;" in first.stdout
     assert not (tmp_path / "out/model.safetensors").exists()
     assert torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)["step"] == 1
-    second = subprocess.run([sys.executable, *train], cwd=REPO, env=job_environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    second = subprocess.run(
+        [sys.executable, *train],
+        cwd=REPO,
+        env=job_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert second.returncode == 0, second.stdout
     assert f"resumed stage1 from {tmp_path}/out/checkpoint.pt at step 1/4" in second.stdout
     assert (tmp_path / "out/model.safetensors").exists()

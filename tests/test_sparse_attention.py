@@ -1,4 +1,5 @@
 """Edge sparsity kernels against the masked-dense definition, dense attention and hand math."""
+
 import math
 
 import pytest
@@ -6,16 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from svitt.models import sparse_attention as sa
-from svitt.models.relative_position import (code_offset, position_code, relative_bias, relative_index,
-                                            table_size)
+from svitt.models.relative_position import code_offset, position_code, relative_bias, relative_index, table_size
 
 GRID = (3, 4, 5)  # 60 regional positions
 
 
 def _inputs(n, batch=2, heads=3, dim=8, dtype=torch.float64, seed=0, pruned=True):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, n + 1, dim, generator=g, dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, n + 1, dim, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
     table = torch.randn(table_size(GRID), heads, generator=g, dtype=dtype)
     total = math.prod(GRID)
     if pruned:  # as after node pruning: per-sample subsets of positions, in order
@@ -57,8 +56,9 @@ def test_layout_rejects_even_or_non_positive_local_blocks(even):
         sa.make_layout(10, 4, even, 1)
 
 
-@pytest.mark.parametrize("n,g,kl,kr", [(60, 7, 1, 2), (60, 16, 3, 1), (37, 8, 1, 3), (10, 4, 1, 5),
-                                       (59, 6, 5, 2), (33, 32, 1, 0)])
+@pytest.mark.parametrize(
+    "n,g,kl,kr", [(60, 7, 1, 2), (60, 16, 3, 1), (37, 8, 1, 3), (10, 4, 1, 5), (59, 6, 5, 2), (33, 32, 1, 0)]
+)
 def test_gather_kernel_matches_masked_reference_forward_and_backward(n, g, kl, kr):
     q, k, v, table, pos = _inputs(n)
     layout = sa.make_layout(n, g, kl, kr, torch.Generator().manual_seed(n))
@@ -106,7 +106,7 @@ def test_padding_keys_get_no_attention():
     q, k, v, table, pos = _inputs(5, batch=1, heads=1, dim=4)
     layout = sa.make_layout(5, 4, 1, 0)
     out, _ = sa.gather_attention(q, k, v, table, pos, GRID, layout)
-    scale = 4 ** -0.5
+    scale = 4**-0.5
     bias_self = relative_bias(table, pos[:, 4:5], pos[:, 4:5], GRID)[0, 0, 0, 0]
     logit_self = (q[0, 0, 5] @ k[0, 0, 5]) * scale + bias_self
     logit_cls = (q[0, 0, 5] @ k[0, 0, 0]) * scale + table[-2, 0]
@@ -163,21 +163,26 @@ def test_unknown_kernel_is_rejected():
 
 # --- issue 14: the recomputing gather kernel, the dense bias, CLS rows and the flex tiles ---
 
+
 def _with_table_grad(n, batch, pruned, seed=0):
     q, k, v, table, pos = _inputs(n, batch=batch, pruned=pruned, seed=seed)
     return q, k, v, table.requires_grad_(), pos
 
 
 @pytest.mark.parametrize("chunk_blocks", [1, None])  # None: one chunk for everything
-@pytest.mark.parametrize("n,g,kl,kr,batch,pruned", [
-    (60, 7, 1, 2, 2, True),    # padding (60 = 8 * 7 + 4), per-sample pruned positions
-    (37, 8, 3, 1, 3, True),    # padding, local blocks cut at both ends
-    (60, 6, 1, 3, 2, False),   # no padding, positions shared over the batch
-    (10, 4, 1, 5, 1, False),   # fewer blocks than K_r: invalid random slots
-    (59, 6, 5, 2, 2, True),
-])
+@pytest.mark.parametrize(
+    "n,g,kl,kr,batch,pruned",
+    [
+        (60, 7, 1, 2, 2, True),  # padding (60 = 8 * 7 + 4), per-sample pruned positions
+        (37, 8, 3, 1, 3, True),  # padding, local blocks cut at both ends
+        (60, 6, 1, 3, 2, False),  # no padding, positions shared over the batch
+        (10, 4, 1, 5, 1, False),  # fewer blocks than K_r: invalid random slots
+        (59, 6, 5, 2, 2, True),
+    ],
+)
 def test_gather_kernel_values_and_gradients_including_the_table_match_reference(
-        n, g, kl, kr, batch, pruned, chunk_blocks, monkeypatch):
+    n, g, kl, kr, batch, pruned, chunk_blocks, monkeypatch
+):
     if chunk_blocks is not None:  # the chunk budget is in logits: blocks * B H G (K_l + K_r) G
         monkeypatch.setattr(sa, "CHUNK_ELEMENTS", chunk_blocks * batch * 3 * g * (kl + kr) * g)
     q, k, v, table, pos = _with_table_grad(n, batch, pruned, seed=n + g)
@@ -197,13 +202,11 @@ def test_gather_kernel_passes_gradcheck():
     """Finite differences, independent of the reference's autograd (tiny: 6 positions, 2 blocks)."""
     grid, n = (1, 2, 3), 5
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, n + 1, 2, generator=g, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(2, 2, n + 1, 2, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     table = torch.randn(table_size(grid), 2, generator=g, dtype=torch.float64, requires_grad=True)
     pos = torch.tensor([[0, 1, 2, 4, 5], [0, 2, 3, 4, 5]])
     layout = sa.make_layout(n, 3, 1, 1, torch.Generator().manual_seed(0))
-    assert torch.autograd.gradcheck(
-        lambda *t: sa.gather_attention(*t, pos, grid, layout)[0], (q, k, v, table))
+    assert torch.autograd.gradcheck(lambda *t: sa.gather_attention(*t, pos, grid, layout)[0], (q, k, v, table))
 
 
 def test_gather_kernel_saves_only_q_k_v_the_output_and_the_log_sum_exp():
@@ -241,8 +244,7 @@ def test_gather_kernel_never_builds_an_n_by_n_tensor():
     table = torch.randn(table_size(grid), heads, generator=g, requires_grad=True)
     layout = sa.make_layout(n, 8, 1, 1, torch.Generator().manual_seed(0))
     with Largest():
-        out, cls_attn = sa.attention(q, k, v, table, torch.arange(n)[None], grid, layout, "gather",
-                                     need_cls_attn=True)
+        out, cls_attn = sa.attention(q, k, v, table, torch.arange(n)[None], grid, layout, "gather", need_cls_attn=True)
         out.sum().backward()
     assert cls_attn.shape == (1, n) and table.grad is not None
     assert Largest.numel < heads * (n + 1) ** 2 / 8
@@ -294,13 +296,11 @@ def test_every_kernel_gives_the_reference_cls_attention(cls_score):
     layout = sa.make_layout(37, 8, 1, 1, torch.Generator().manual_seed(4))
     _, expected = sa.reference_attention(q, k, v, table, pos, GRID, layout, need_cls_attn=True, cls_score=cls_score)
     for kernel in ("dense", "gather", "reference"):
-        _, cls_attn = sa.attention(q, k, v, table, pos, GRID, layout, kernel, need_cls_attn=True,
-                                   cls_score=cls_score)
+        _, cls_attn = sa.attention(q, k, v, table, pos, GRID, layout, kernel, need_cls_attn=True, cls_score=cls_score)
         torch.testing.assert_close(cls_attn, expected, rtol=0, atol=1e-12, msg=kernel)
     torch.testing.assert_close(sa.cls_attention(q, k, table, cls_score), expected, rtol=0, atol=1e-12)
     with torch.no_grad():  # eager flex on the CPU: forward only
-        _, flex = sa.flex_block_attention(q, k, v, table, pos, GRID, layout, True, compiled=False,
-                                          cls_score=cls_score)
+        _, flex = sa.flex_block_attention(q, k, v, table, pos, GRID, layout, True, compiled=False, cls_score=cls_score)
     torch.testing.assert_close(flex, expected, rtol=0, atol=1e-12, msg="flex")
     scale = q.shape[-1] ** -0.5
     logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * scale + sa._cls_row_bias(table, k.shape[2])

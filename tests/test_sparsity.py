@@ -60,8 +60,9 @@ def test_table7_sparsity_exact(frames, q_v, sparsity):
 # Table 7's printed edges and S (and Table 1's (1, 3, 56) hybrid row, the same model at T = 4) when
 # q_m prunes no multimodal edge: at T = 4 the visual layers give 1_452_640 edges (above) and the
 # fusion layers 3 x 270 x 32 = 25_920, 1.4786M and S = 1 - 1_478_560 / 7_470_060 = 0.8021.
-@pytest.mark.parametrize("frames, q_v, edges_m, sparsity", [(4, 0.7, 1.48, 0.80), (8, 0.6, 2.60, 0.91),
-                                                            (16, 0.5, 4.61, 0.96)])
+@pytest.mark.parametrize(
+    "frames, q_v, edges_m, sparsity", [(4, 0.7, 1.48, 0.80), (8, 0.6, 2.60, 0.91), (16, 0.5, 4.61, 0.96)]
+)
 def test_table7_count_without_multimodal_pruning(frames, q_v, edges_m, sparsity):
     out = edge_count(frames, 1, 3, 56, visual_keep=q_v, multimodal_keep=0.1, count_multimodal_pruning=False)
     assert (round(out["edges"] / 1e6, 2), round(out["sparsity"], 2)) == (edges_m, sparsity)
@@ -110,8 +111,19 @@ def test_t16_sparse_by_hand():
 def test_per_layer_visual_keep_and_options():
     # tubelets of 2 frames: 8 frames -> 4 temporal slots; 64 / 16 = 4 -> N = 4 * 16 + 1 = 65
     out = edge_count(
-        8, 1, 1, 8, visual_keep=[0.5, 0.9], multimodal_keep=[0.5, 1.0], text_len=10,
-        image_size=64, patch_size=16, depth=4, fusion_layers=2, prune_layers=(1, 3), tubelet_frames=2,
+        8,
+        1,
+        1,
+        8,
+        visual_keep=[0.5, 0.9],
+        multimodal_keep=[0.5, 1.0],
+        text_len=10,
+        image_size=64,
+        patch_size=16,
+        depth=4,
+        fusion_layers=2,
+        prune_layers=(1, 3),
+        tubelet_frames=2,
     )
     # 65 -> ceil(32.5) = 33 after layer 1 -> ceil(29.7) = 30 after layer 3
     assert out["visual_tokens"] == [65, 33, 33, 30]

@@ -1,4 +1,5 @@
 """The assembled model: losses, weight loading (BERT folders, stage-to-stage), bad checkpoints."""
+
 import math
 
 import pytest
@@ -10,8 +11,14 @@ from svitt.models import losses
 from svitt.models.relative_position import table_size
 
 TINY = {
-    "video": {"preset": "tiny", "frames": 4, "local_blocks": 1, "random_blocks": 1,
-              "block_size": 8, "visual_keep": 0.7},
+    "video": {
+        "preset": "tiny",
+        "frames": 4,
+        "local_blocks": 1,
+        "random_blocks": 1,
+        "block_size": 8,
+        "visual_keep": 0.7,
+    },
     "text": {"preset": "tiny", "vocab_size": 60, "multimodal_keep": 0.5},
     "embed_dim": 16,
 }
@@ -31,15 +38,29 @@ def test_pretraining_losses_are_finite_and_train_every_part():
     torch.manual_seed(0)
     model = svitt.build_model(TINY)
     video, ids, mask = _batch()
-    mlm_ids, labels = losses.mask_tokens(ids, mask, 60, mask_token_id=4, special_ids=[0, 1, 2, 3, 4],
-                                         mask_prob=0.5, generator=torch.Generator().manual_seed(1))
+    mlm_ids, labels = losses.mask_tokens(
+        ids,
+        mask,
+        60,
+        mask_token_id=4,
+        special_ids=[0, 1, 2, 3, 4],
+        mask_prob=0.5,
+        generator=torch.Generator().manual_seed(1),
+    )
     out = model(video, ids, mask, objectives=("vtc", "vtm", "mlm"), mlm_ids=mlm_ids, mlm_labels=labels)
     assert set(out) == {"vtc", "vtm", "mlm"}
     assert all(torch.isfinite(v) for v in out.values())
     sum(out.values()).backward()
-    for name in ["video_encoder.patch_embed.proj.weight", "text_encoder.embeddings.word_embeddings.weight",
-                 "vision_proj.weight", "text_proj.weight", "vtm_head.weight", "mlm_head.bias", "temp",
-                 "text_encoder.encoder.layer.3.crossattention.self.key.weight"]:
+    for name in [
+        "video_encoder.patch_embed.proj.weight",
+        "text_encoder.embeddings.word_embeddings.weight",
+        "vision_proj.weight",
+        "text_proj.weight",
+        "vtm_head.weight",
+        "mlm_head.bias",
+        "temp",
+        "text_encoder.encoder.layer.3.crossattention.self.key.weight",
+    ]:
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
 
 
@@ -65,17 +86,25 @@ def test_egonce_objective_uses_noun_and_verb_tags():
 
 
 def test_bert_weights_load_from_a_hugging_face_folder(tmp_path):
-    bert = BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=4,
-                                      num_attention_heads=2, intermediate_size=128,
-                                      max_position_embeddings=64))
+    bert = BertForMaskedLM(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(tmp_path / "bert")
     model = svitt.build_model(dict(TINY, text_weights=str(tmp_path / "bert")))
     ours = model.state_dict()
     for key, value in bert.state_dict().items():
         if key.startswith("bert.encoder") or key.startswith("bert.embeddings"):
-            torch.testing.assert_close(ours["text_encoder." + key[len("bert."):]], value)
-    torch.testing.assert_close(ours["mlm_head.transform.dense.weight"],
-                               bert.state_dict()["cls.predictions.transform.dense.weight"])
+            torch.testing.assert_close(ours["text_encoder." + key[len("bert.") :]], value)
+    torch.testing.assert_close(
+        ours["mlm_head.transform.dense.weight"], bert.state_dict()["cls.predictions.transform.dense.weight"]
+    )
     torch.testing.assert_close(ours["mlm_head.bias"], bert.state_dict()["cls.predictions.bias"])
 
 
@@ -99,8 +128,10 @@ def test_stage_checkpoint_4_to_8_frames_resizes_the_temporal_bias():
     per_offset = 7 * 7
     # tubelet offsets at 4 tubelets -> 2 tubelets: 0 -> 0, +-1 -> +-1, +-2 -> +-1, +-3 -> +-1 (clamped)
     for d_dst, d_src in [(0, 0), (1, 1), (2, 1), (3, 1), (-2, -1)]:
-        torch.testing.assert_close(dst[(d_dst + 3) * per_offset:(d_dst + 4) * per_offset],
-                                   src[(d_src + 1) * per_offset:(d_src + 2) * per_offset])
+        torch.testing.assert_close(
+            dst[(d_dst + 3) * per_offset : (d_dst + 4) * per_offset],
+            src[(d_src + 1) * per_offset : (d_src + 2) * per_offset],
+        )
     torch.testing.assert_close(dst[-3:], src[-3:])
     other = stage1.state_dict()
     torch.testing.assert_close(stage2.state_dict()["vision_proj.weight"], other["vision_proj.weight"])
@@ -117,8 +148,10 @@ def test_stage_checkpoint_resize_follows_the_models_temporal_resize_rule():
     src, dst = stage1.state_dict()[key], stage2.state_dict()[key]
     per_offset = 7 * 7
     for d_dst, d_src in zip(range(-3, 4), [-1, -1, -1, 0, 0, 1, 1]):
-        torch.testing.assert_close(dst[(d_dst + 3) * per_offset:(d_dst + 4) * per_offset],
-                                   src[(d_src + 1) * per_offset:(d_src + 2) * per_offset])
+        torch.testing.assert_close(
+            dst[(d_dst + 3) * per_offset : (d_dst + 4) * per_offset],
+            src[(d_src + 1) * per_offset : (d_src + 2) * per_offset],
+        )
 
 
 def test_stage_checkpoint_of_another_architecture_names_the_tensors():
@@ -131,15 +164,17 @@ def test_stage_checkpoint_of_another_architecture_names_the_tensors():
         deeper.load_stage_checkpoint(stage1.state_dict())
 
 
-@pytest.mark.parametrize("pooling,fusion_norm", [("cls", "shared"), ("mean", "separate"), ("mean", "shared"),
-                                                 ("cls", "separate")])
+@pytest.mark.parametrize(
+    "pooling,fusion_norm", [("cls", "shared"), ("mean", "separate"), ("mean", "shared"), ("cls", "separate")]
+)
 def test_video_embedding_and_fusion_tokens_follow_pooling_and_fusion_norm(pooling, fusion_norm):
     """cls/shared (the default): the embedding projects the normed CLS of the fusion tokens;
     mean/separate (the released code): it projects `norm` of the mean regional token and the fusion
     layers see their own LayerNorm of every token."""
     torch.manual_seed(0)
-    model = svitt.build_model({**TINY, "video": {**TINY["video"], "pooling": pooling,
-                                                 "fusion_norm": fusion_norm}}).eval()
+    model = svitt.build_model(
+        {**TINY, "video": {**TINY["video"], "pooling": pooling, "fusion_norm": fusion_norm}}
+    ).eval()
     encoder = model.video_encoder
     fusion = encoder.fusion_norm if fusion_norm == "separate" else encoder.norm
     with torch.no_grad():
@@ -188,16 +223,16 @@ def test_matching_head_separates_clips_from_unrelated_negatives():
     """The VTM control (issue 11): negatives are unrelated clips (uniform, vtm_hard_fraction 0),
     so a head that learns at all must separate them; it starts at chance, at about the 1:2 prior."""
     torch.manual_seed(0)
-    model = svitt.build_model({"video": {"preset": "tiny", "frames": 2},
-                               "text": {"preset": "tiny", "vocab_size": 20}, "embed_dim": 16})
+    model = svitt.build_model(
+        {"video": {"preset": "tiny", "frames": 2}, "text": {"preset": "tiny", "vocab_size": 20}, "embed_dim": 16}
+    )
     colours = torch.rand(8, 3, generator=torch.Generator().manual_seed(1))
     held_out = _colour_clips(colours, torch.arange(8), torch.Generator().manual_seed(9))
     assert _matching_accuracy(model, held_out) <= 0.6
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     vtm = []
     for _ in range(250):
-        out = model(*_colour_clips(colours, torch.randperm(8), None), objectives=("vtc", "vtm"),
-                    vtm_hard_fraction=0.0)
+        out = model(*_colour_clips(colours, torch.randperm(8), None), objectives=("vtc", "vtm"), vtm_hard_fraction=0.0)
         optimizer.zero_grad()
         (out["vtc"] + out["vtm"]).backward()
         optimizer.step()

@@ -1,4 +1,5 @@
 """BERT text/fusion encoder against Hugging Face BERT, fusion pruning, the QA decoder."""
+
 import math
 
 import pytest
@@ -9,15 +10,30 @@ from svitt.models.answer_decoder import AnswerDecoder
 from svitt.models.text_encoder import TextEncoder
 from svitt.models.weights import bert_checkpoint_filter_fn
 
-CFG = dict(vocab_size=50, width=32, depth=4, heads=2, intermediate_size=64, fusion_layers=2,
-           max_position_embeddings=40, dropout=0.0)
+CFG = dict(
+    vocab_size=50,
+    width=32,
+    depth=4,
+    heads=2,
+    intermediate_size=64,
+    fusion_layers=2,
+    max_position_embeddings=40,
+    dropout=0.0,
+)
 
 
 def _hf_bert(depth=4):
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=depth, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=depth,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForMaskedLM(cfg).eval()
 
 
@@ -79,7 +95,7 @@ def _video_seen_by_each_fusion_layer(cfg, num_regional=40):
     """Video tokens (CLS included) that each fusion layer's cross-attention reads."""
     encoder = TextEncoder(cfg, video_width=16).eval()
     seen = []
-    for layer in encoder.encoder.layer[encoder.first_fusion:]:
+    for layer in encoder.encoder.layer[encoder.first_fusion :]:
         layer.crossattention.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
     ids, mask = _batch()
     with torch.no_grad():
@@ -104,8 +120,11 @@ def test_question_pruning_off_fuses_questions_with_every_video_token():
     the video tokens in every fusion layer, as with q_m = 1; true prunes as retrieval does."""
     from svitt.models.answer_decoder import VideoQA
 
-    model = {"video": {"preset": "tiny", "frames": 2}, "text": {"preset": "tiny", "vocab_size": 50,
-                                                                "multimodal_keep": 0.1}, "embed_dim": 8}
+    model = {
+        "video": {"preset": "tiny", "frames": 2},
+        "text": {"preset": "tiny", "vocab_size": 50, "multimodal_keep": 0.1},
+        "embed_dim": 8,
+    }
     torch.manual_seed(0)
     pruned = VideoQA(model).eval()
     kept = VideoQA({**model, "text": {**model["text"], "question_pruning": False}}).eval()
@@ -115,8 +134,10 @@ def test_question_pruning_off_fuses_questions_with_every_video_token():
     ids, mask = _batch()
     video = torch.randn(3, 2, 3, 32, 32)
     with torch.no_grad():
-        states = {name: m.question_states(video, ids, mask) for name, m in
-                  (("pruned", pruned), ("kept", kept), ("dense", dense))}
+        states = {
+            name: m.question_states(video, ids, mask)
+            for name, m in (("pruned", pruned), ("kept", kept), ("dense", dense))
+        }
         tokens = pruned.video_encoder.fusion_tokens(pruned.video_encoder(video))
         text = pruned.text_encoder.encode(ids, mask)
         by_rate = pruned.text_encoder.fuse(text, mask, tokens)  # retrieval's fusion: q_m applied
@@ -131,10 +152,13 @@ def test_question_pruning_must_be_a_boolean(value):
         TextEncoder(dict(CFG, question_pruning=value), video_width=16)
 
 
-@pytest.mark.parametrize("cfg,match", [
-    (dict(multimodal_keep=[0.5, 0.5]), "multimodal_keep has 2 entries but multimodal_prune_layers has 1"),
-    (dict(multimodal_keep=0.5, multimodal_prune_layers=[2]), "entry 2 must be a fusion layer in 1..1"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (dict(multimodal_keep=[0.5, 0.5]), "multimodal_keep has 2 entries but multimodal_prune_layers has 1"),
+        (dict(multimodal_keep=0.5, multimodal_prune_layers=[2]), "entry 2 must be a fusion layer in 1..1"),
+    ],
+)
 def test_bad_multimodal_pruning_settings_are_named(cfg, match):
     with pytest.raises(ValueError, match=match):
         TextEncoder(dict(CFG, **cfg), video_width=16)
@@ -146,9 +170,14 @@ def test_too_long_text_is_rejected():
         encoder.encode(torch.zeros(1, 41, dtype=torch.long), torch.ones(1, 41, dtype=torch.long))
 
 
-@pytest.mark.parametrize("cfg,match", [(dict(multimodal_keep=0), "multimodal_keep 0"),
-                                       (dict(fusion_layers=5), "fusion_layers 5"),
-                                       (dict(width=33), "width 33")])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (dict(multimodal_keep=0), "multimodal_keep 0"),
+        (dict(fusion_layers=5), "fusion_layers 5"),
+        (dict(width=33), "width 33"),
+    ],
+)
 def test_bad_text_config_is_rejected(cfg, match):
     with pytest.raises(ValueError, match=match):
         TextEncoder(dict(CFG, **cfg), video_width=16)
@@ -156,8 +185,10 @@ def test_bad_text_config_is_rejected(cfg, match):
 
 def test_answer_decoder_ranks_answers_by_their_log_likelihood():
     torch.manual_seed(0)
-    decoder = AnswerDecoder(dict(CFG, preset=None, type_vocab_size=2, layer_norm_eps=1e-12,
-                                 pad_token_id=0, multimodal_keep=1.0), num_layers=2).eval()
+    decoder = AnswerDecoder(
+        dict(CFG, preset=None, type_vocab_size=2, layer_norm_eps=1e-12, pad_token_id=0, multimodal_keep=1.0),
+        num_layers=2,
+    ).eval()
     question = torch.randn(2, 5, 32)
     qmask = torch.ones(2, 5, dtype=torch.long)
     answers = torch.tensor([[2, 7, 3, 0], [2, 9, 11, 3], [2, 7, 12, 3]])  # [CLS] ... [SEP] pad
@@ -167,9 +198,9 @@ def test_answer_decoder_ranks_answers_by_their_log_likelihood():
     for b in range(2):
         for a in range(3):
             n = int(amask[a].sum())
-            ids = answers[a:a + 1, :n]
+            ids = answers[a : a + 1, :n]
             with torch.no_grad():
-                logp = decoder.logits(ids, amask[a:a + 1, :n], question[b:b + 1], qmask[b:b + 1])
+                logp = decoder.logits(ids, amask[a : a + 1, :n], question[b : b + 1], qmask[b : b + 1])
             expected = sum(logp[0, t].log_softmax(-1)[ids[0, t + 1]] for t in range(n - 1))
             assert scores[b, a].item() == pytest.approx(expected.item(), abs=1e-4)
     # with k = 1 only the answer with the likeliest first token keeps a finite score

@@ -1,5 +1,6 @@
 """The training engine on real demo data: a stage end to end, exact resume after SIGKILL,
 preemption, DDP equivalence, and the errors bad input gets."""
+
 import json
 import os
 import signal
@@ -23,8 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def stage(**over):
     cfg = {
         "name": "stage1",
-        "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": None},
-                  "embed_dim": 16},
+        "model": {
+            "video": {"preset": "tiny", "frames": 4},
+            "text": {"preset": "tiny", "vocab_size": None},
+            "embed_dim": 16,
+        },
         "objectives": {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0},
         "mlm_prob": 0.3,
         "epochs": 4,
@@ -41,8 +45,11 @@ def stage(**over):
 
 def data(pipeline, **over):
     corpus, res = pipeline
-    fields = {"shards": [str(res / "frames/webvid/shard-0.h5")], "annotations": str(corpus / "webvid_train.csv"),
-              "tokenizer": str(corpus / "tokenizer")}
+    fields = {
+        "shards": [str(res / "frames/webvid/shard-0.h5")],
+        "annotations": str(corpus / "webvid_train.csv"),
+        "tokenizer": str(corpus / "tokenizer"),
+    }
     return TrainData(**{**fields, **over})
 
 
@@ -69,9 +76,15 @@ def test_a_stage_trains_and_exports_model_and_metrics(reference):
     assert set(load_file(reference / "model.safetensors")) == set(model.state_dict())
     # the settings where the released code differs (docs/fidelity.md) are recorded, at their defaults
     video, text = info["model_config"]["video"], info["model_config"]["text"]
-    assert {k: video[k] for k in ("pooling", "fusion_norm", "layer_norm_eps", "prune_score", "temporal_resize")} == \
-        dict(pooling="cls", fusion_norm="shared", layer_norm_eps=1e-6, prune_score="renormalised",
-             temporal_resize="symmetric")
+    assert {
+        k: video[k] for k in ("pooling", "fusion_norm", "layer_norm_eps", "prune_score", "temporal_resize")
+    } == dict(
+        pooling="cls",
+        fusion_norm="shared",
+        layer_norm_eps=1e-6,
+        prune_score="renormalised",
+        temporal_resize="symmetric",
+    )
     assert text["question_pruning"] is True
 
 
@@ -114,9 +127,21 @@ def test_training_reduces_the_loss_on_a_small_set(pipeline, tmp_path):
 
 def _cli(pipeline, out, cfg):
     corpus, res = pipeline
-    return [sys.executable, str(ROOT / "workflow_scripts/train.py"), "--config-json", json.dumps(cfg),
-            "--shards", str(res / "frames/webvid/shard-0.h5"), "--annotations", str(corpus / "webvid_train.csv"),
-            "--tokenizer", str(corpus / "tokenizer"), "--out", str(out), "--no-progress"]
+    return [
+        sys.executable,
+        str(ROOT / "workflow_scripts/train.py"),
+        "--config-json",
+        json.dumps(cfg),
+        "--shards",
+        str(res / "frames/webvid/shard-0.h5"),
+        "--annotations",
+        str(corpus / "webvid_train.csv"),
+        "--tokenizer",
+        str(corpus / "tokenizer"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
 
 def _wait_for_step(out, step, proc, timeout=120):
@@ -216,8 +241,9 @@ class _Clock:
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(pipeline, reference, tmp_path,
-                                                                        monkeypatch, grad_accum):
+def test_the_time_limit_stops_at_an_optimizer_step_and_resumes_exactly(
+    pipeline, reference, tmp_path, monkeypatch, grad_accum
+):
     """SVITT_STOP_AT (launch.py --save-before on Slurm) passing during step 3's first micro-batch:
     the step is finished (with grad_accum 2 the cached step takes both micro-batches), saved and
     the run stops with Preempted; the resumed run's losses are the uninterrupted run's, in the
@@ -301,18 +327,35 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pip
 
 
 def test_stage_2_starts_from_stage_1_with_the_temporal_bias_resized(pipeline, reference, tmp_path):
-    cfg = stage(name="stage2", epochs=1, model={"video": {"preset": "tiny", "frames": 8, "local_blocks": 1,
-                                                          "random_blocks": 1, "block_size": 8, "visual_keep": 0.6},
-                                                "text": {"preset": "tiny", "vocab_size": None, "multimodal_keep": 0.5},
-                                                "embed_dim": 16})
+    cfg = stage(
+        name="stage2",
+        epochs=1,
+        model={
+            "video": {
+                "preset": "tiny",
+                "frames": 8,
+                "local_blocks": 1,
+                "random_blocks": 1,
+                "block_size": 8,
+                "visual_keep": 0.6,
+            },
+            "text": {"preset": "tiny", "vocab_size": None, "multimodal_keep": 0.5},
+            "embed_dim": 16,
+        },
+    )
     train(cfg, data(pipeline, init=str(reference / "model.safetensors")), tmp_path, progress=False)
     info = json.loads((tmp_path / "model.json").read_text())
     assert info["frames"] == 8 and info["sparsity"] > json.loads((reference / "model.json").read_text())["sparsity"]
 
 
 def test_init_from_another_architecture_names_the_tensors(pipeline, reference, tmp_path):
-    cfg = stage(model={"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": None},
-                       "embed_dim": 32})
+    cfg = stage(
+        model={
+            "video": {"preset": "tiny", "frames": 4},
+            "text": {"preset": "tiny", "vocab_size": None},
+            "embed_dim": 32,
+        }
+    )
     with pytest.raises(ValueError, match=r"vision_proj.weight: checkpoint \(16, 64\) vs model \(32, 64\)"):
         train(cfg, data(pipeline, init=str(reference / "model.safetensors")), tmp_path, progress=False)
 
@@ -339,8 +382,21 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path, grad_a
     helper = ROOT / "tests/helpers/ddp_step.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(helper), str(tmp_path / "one.pt")], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(helper), str(tmp_path / "two.pt"), str(grad_accum)], check=True, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(helper),
+            str(tmp_path / "two.pt"),
+            str(grad_accum),
+        ],
+        check=True,
+        env=env,
+    )
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     largest = max(g.abs().max() for g in one["grads"].values() if g is not None)
@@ -357,5 +413,6 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path, grad_a
         # AdamW's first step moves each weight by about lr * sign(grad): compare the weights
         # whose gradient is clearly non-zero.
         clear = grad_one.abs() > 1e-3 * scale
-        torch.testing.assert_close(two["params"][name][clear], one["params"][name][clear],
-                                   rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            two["params"][name][clear], one["params"][name][clear], rtol=1e-5, atol=1e-6, msg=name
+        )

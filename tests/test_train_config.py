@@ -1,17 +1,21 @@
 """Stage config validation, the learning-rate schedule and precision selection."""
+
 import math
 
 import pytest
 import torch
 
+from svitt.training.keys import resolve_train_config
 from svitt.training.precision import resolve_precision
 from svitt.training.scheduler import cosine_lr
-from svitt.training.keys import resolve_train_config
 
 STAGE = {
     "name": "stage1",
-    "model": {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": None},
-              "embed_dim": 32},
+    "model": {
+        "video": {"preset": "tiny", "frames": 4},
+        "text": {"preset": "tiny", "vocab_size": None},
+        "embed_dim": 32,
+    },
     "objectives": {"vtc": 1.0, "vtm": 1.0, "mlm": 1.0},
     "epochs": 2,
     "batch_size": 8,
@@ -32,19 +36,22 @@ def test_a_missing_required_key_is_named(key):
         resolve_train_config(cfg)
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("epochs", "10", r"stage.epochs must be int, got '10'"),
-    ("lr", None, r"stage.lr must be int or float"),
-    ("compile", 1, r"stage.compile must be bool"),
-    ("batch_size", True, r"stage.batch_size must be int, got True"),
-    ("data", {"flip": "no"}, r"stage.data.flip must be bool"),
-    ("data", {"frames": 4}, r"unknown stage.data key\(s\) \['frames'\]"),
-    ("optimizer", "adam", r"unknown stage key\(s\) \['optimizer'\]"),
-    ("objectives", {"itc": 1.0}, r"objectives \['itc'\]"),
-    ("objectives", {"egonce": 1.0}, r"needs data.kind 'egoclip'"),
-    ("precision", "fp8", r"precision must be one of"),
-    ("model", {"video": {"preset": "tiny", "frames": 3}, "text": {}}, r"frames 3 is not divisible"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("epochs", "10", r"stage.epochs must be int, got '10'"),
+        ("lr", None, r"stage.lr must be int or float"),
+        ("compile", 1, r"stage.compile must be bool"),
+        ("batch_size", True, r"stage.batch_size must be int, got True"),
+        ("data", {"flip": "no"}, r"stage.data.flip must be bool"),
+        ("data", {"frames": 4}, r"unknown stage.data key\(s\) \['frames'\]"),
+        ("optimizer", "adam", r"unknown stage key\(s\) \['optimizer'\]"),
+        ("objectives", {"itc": 1.0}, r"objectives \['itc'\]"),
+        ("objectives", {"egonce": 1.0}, r"needs data.kind 'egoclip'"),
+        ("precision", "fp8", r"precision must be one of"),
+        ("model", {"video": {"preset": "tiny", "frames": 3}, "text": {}}, r"frames 3 is not divisible"),
+    ],
+)
 def test_a_wrong_value_is_named(key, value, match):
     with pytest.raises(ValueError, match=match):
         resolve_train_config({**STAGE, key: value})
@@ -83,7 +90,7 @@ def test_fp16_on_a_cpu_autocasts_to_bfloat16_and_scales_the_loss():
         out = layer(x)
     assert out.dtype == torch.bfloat16
     scaler = grad_scaler("fp16", device)
-    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 16
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**16
     scaler.scale(out.float().pow(2).mean()).backward()
     scaler.unscale_(torch.optim.SGD(layer.parameters(), lr=0.1))
     fp16_grad = layer.weight.grad.clone()

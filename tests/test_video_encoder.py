@@ -1,4 +1,5 @@
 """The BEiT video encoder against timm and Hugging Face BEiT, node pruning, and bad input."""
+
 import math
 import re
 
@@ -45,9 +46,20 @@ def test_single_frame_dense_encoder_reproduces_timm_beit_base(timm_beit_base, tm
 
 
 def _timm_small():
-    return _perturbed(timm.models.beit.Beit(img_size=32, patch_size=8, embed_dim=32, depth=2,
-                                            num_heads=2, mlp_ratio=2.0, use_abs_pos_emb=False,
-                                            use_rel_pos_bias=True, init_values=0.1, num_classes=0))
+    return _perturbed(
+        timm.models.beit.Beit(
+            img_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=True,
+            init_values=0.1,
+            num_classes=0,
+        )
+    )
 
 
 def test_static_clip_with_two_frame_tubelets_embeds_as_the_image():
@@ -78,8 +90,9 @@ def test_without_position_embedding_a_fresh_encoder_cannot_order_its_tubelets():
     swapped = torch.cat([clip[:, 2:], clip[:, :2]], dim=1)  # the tubelets' order, each kept intact
     for abs_pos, differs in ((False, False), (True, True)):
         torch.manual_seed(0)
-        encoder = VideoEncoder.from_config(dict(SMALL, frames=4, tubelet_frames=2, abs_pos_embed=abs_pos,
-                                                init_std=0.1, layer_scale_init=None)).eval()
+        encoder = VideoEncoder.from_config(
+            dict(SMALL, frames=4, tubelet_frames=2, abs_pos_embed=abs_pos, init_std=0.1, layer_scale_init=None)
+        ).eval()
         with torch.no_grad():
             gap = (encoder(clip)[:, 0] - encoder(swapped)[:, 0]).abs().max()
         assert (gap > 1e-4) == differs, (abs_pos, gap)
@@ -113,21 +126,34 @@ def test_stage_expansion_and_image_weights_carry_the_position_embedding():
 
 
 def _hf_small():
-    cfg = BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     image_size=32, patch_size=8, use_relative_position_bias=True,
-                     use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-6)
+    cfg = BeitConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        use_relative_position_bias=True,
+        use_mean_pooling=True,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-6,
+    )
     return _perturbed(BeitModel(cfg, add_pooling_layer=True))
 
 
 # transformers 5 names -> the names of the checkpoints on the Hugging Face hub (transformers 4)
 HUB_NAMES = [
     (r"^embeddings\.", "beit.embeddings."),
-    (r"^layers\.(\d+)\.attention\.([qkv])_proj\.",
-     lambda m: f"beit.encoder.layer.{m.group(1)}.attention.attention."
-               + {"q": "query", "k": "key", "v": "value"}[m.group(2)] + "."),
+    (
+        r"^layers\.(\d+)\.attention\.([qkv])_proj\.",
+        lambda m: (
+            f"beit.encoder.layer.{m.group(1)}.attention.attention."
+            + {"q": "query", "k": "key", "v": "value"}[m.group(2)]
+            + "."
+        ),
+    ),
     (r"^layers\.(\d+)\.attention\.o_proj\.", r"beit.encoder.layer.\1.attention.output.dense."),
-    (r"^layers\.(\d+)\.relative_position_bias\.",
-     r"beit.encoder.layer.\1.attention.attention.relative_position_bias."),
+    (r"^layers\.(\d+)\.relative_position_bias\.", r"beit.encoder.layer.\1.attention.attention.relative_position_bias."),
     (r"^layers\.(\d+)\.mlp\.fc1\.", r"beit.encoder.layer.\1.intermediate.dense."),
     (r"^layers\.(\d+)\.mlp\.fc2\.", r"beit.encoder.layer.\1.output.dense."),
     (r"^layers\.(\d+)\.", r"beit.encoder.layer.\1."),
@@ -161,9 +187,18 @@ def test_single_frame_encoder_reproduces_hugging_face_beit(hub_names):
 def test_mean_pooling_with_the_released_epsilon_reproduces_hugging_face_beits_pooler():
     """video.pooling mean, layer_norm_eps 1e-12 (the released code's BEiT): the clip summary is HF
     BeitPooler's output (LayerNorm of the mean patch token), `norm` holds pooler.layernorm."""
-    cfg = BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     image_size=32, patch_size=8, use_relative_position_bias=True,
-                     use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-12)
+    cfg = BeitConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        use_relative_position_bias=True,
+        use_mean_pooling=True,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-12,
+    )
     ref = _perturbed(BeitModel(cfg, add_pooling_layer=True))
     with torch.no_grad():  # a large mean component makes the epsilon's share visible
         ref.pooler.layernorm.weight.mul_(3.0)
@@ -193,8 +228,9 @@ def test_a_separate_fusion_norm_starts_fresh_and_the_summary_norm_from_fc_norm()
     encoder = VideoEncoder.from_config(dict(SMALL, frames=2, pooling="mean", fusion_norm="separate")).eval()
     encoder.load_image_weights(ref.state_dict())
     torch.testing.assert_close(encoder.norm.weight, ref.fc_norm.weight, rtol=0, atol=0)
-    assert torch.equal(encoder.fusion_norm.weight, torch.ones(32)) and torch.equal(encoder.fusion_norm.bias,
-                                                                                  torch.zeros(32))
+    assert torch.equal(encoder.fusion_norm.weight, torch.ones(32)) and torch.equal(
+        encoder.fusion_norm.bias, torch.zeros(32)
+    )
     with torch.no_grad():
         encoder.fusion_norm.weight.normal_()
         hidden = encoder(torch.randn(2, 2, 3, 32, 32))
@@ -217,7 +253,8 @@ def _cls_scores_by_hand(encoder, video):
     q, k, _ = F.linear(block.norm1(x), attn.qkv.weight, bias).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
     pos = torch.cat([torch.tensor([-1]), torch.arange(n - 1)])[None]
     logits = q @ k.transpose(-1, -2) / math.sqrt(16) + relative_bias(
-        attn.relative_position_bias_table, pos, pos, encoder.grid)
+        attn.relative_position_bias_table, pos, pos, encoder.grid
+    )
     return logits.softmax(-1)[:, :, 0]
 
 
@@ -257,7 +294,8 @@ def test_visual_pruning_keeps_the_top_tokens_by_cls_attention():
         q, k, _ = F.linear(h, attn.qkv.weight, bias).view(2, 33, 3, 2, 16).permute(2, 0, 3, 1, 4)
         pos = torch.cat([torch.tensor([-1]), torch.arange(32)])[None]
         logits = q @ k.transpose(-1, -2) / math.sqrt(16) + relative_bias(
-            attn.relative_position_bias_table, pos, pos, encoder.grid)
+            attn.relative_position_bias_table, pos, pos, encoder.grid
+        )
         cls_to_regional = logits.softmax(-1)[:, :, 0, 1:].mean(1)
     keep = math.ceil(0.3 * 32)
     expected = cls_to_regional.topk(keep, dim=1).indices.sort(dim=1).values
@@ -266,8 +304,16 @@ def test_visual_pruning_keeps_the_top_tokens_by_cls_attention():
 
 
 def test_pruning_schedule_gives_ceil_qn_tokens_after_each_prune_layer():
-    cfg = dict(SMALL, frames=4, depth=4, visual_keep=[0.7, 0.5], prune_layers=[2, 3],
-               local_blocks=1, random_blocks=1, block_size=8)
+    cfg = dict(
+        SMALL,
+        frames=4,
+        depth=4,
+        visual_keep=[0.7, 0.5],
+        prune_layers=[2, 3],
+        local_blocks=1,
+        random_blocks=1,
+        block_size=8,
+    )
     encoder = VideoEncoder.from_config(cfg)
     tokens = encoder(torch.randn(1, 4, 3, 32, 32))
     n = 64
@@ -279,8 +325,9 @@ def test_pruning_schedule_gives_ceil_qn_tokens_after_each_prune_layer():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    cfg = dict(SMALL, frames=2, visual_keep=0.5, prune_layers=[1], local_blocks=1, random_blocks=1,
-               block_size=4, seed=3)
+    cfg = dict(
+        SMALL, frames=2, visual_keep=0.5, prune_layers=[1], local_blocks=1, random_blocks=1, block_size=4, seed=3
+    )
     plain = VideoEncoder.from_config(cfg)
     ckpt = VideoEncoder.from_config(dict(cfg, grad_checkpointing=True))
     ckpt.load_state_dict(plain.state_dict())
@@ -293,29 +340,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_edge_sparse_encoder_with_full_coverage_equals_dense():
     dense = VideoEncoder.from_config(dict(SMALL, frames=2)).eval()
-    sparse = VideoEncoder.from_config(dict(SMALL, frames=2, local_blocks=1, random_blocks=0,
-                                           block_size=32)).eval()
+    sparse = VideoEncoder.from_config(dict(SMALL, frames=2, local_blocks=1, random_blocks=0, block_size=32)).eval()
     sparse.load_state_dict(dense.state_dict())
     video = torch.randn(2, 2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(sparse(video), dense(video), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg,match", [
-    (dict(image_size=30), "image_size 30 is not divisible by patch_size 8"),
-    (dict(local_blocks=2, random_blocks=1, block_size=4), "local_blocks .* odd"),
-    (dict(local_blocks=1, random_blocks=None, block_size=4), "all set"),
-    (dict(visual_keep=0.0, prune_layers=[1]), "visual_keep 0.0"),
-    (dict(visual_keep=1.5, prune_layers=[1]), "visual_keep 1.5"),
-    (dict(visual_keep=[0.5, 0.5], prune_layers=[1]), "2 entries"),
-    (dict(frames=3, tubelet_frames=2), "frames 3 is not divisible by tubelet_frames 2"),
-    (dict(depth_typo=3), "unknown video config key"),
-    (dict(pooling="avg"), r"video.pooling must be one of \('cls', 'mean'\), got 'avg'"),
-    (dict(fusion_norm="new"), "video.fusion_norm must be one of"),
-    (dict(prune_score="mean"), "video.prune_score must be one of .*'mean'"),
-    (dict(temporal_resize="linear"), "video.temporal_resize must be one of .*'linear'"),
-    (dict(layer_norm_eps=0), "video.layer_norm_eps must be a number in \\(0, 1\\), got 0"),
-])
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (dict(image_size=30), "image_size 30 is not divisible by patch_size 8"),
+        (dict(local_blocks=2, random_blocks=1, block_size=4), "local_blocks .* odd"),
+        (dict(local_blocks=1, random_blocks=None, block_size=4), "all set"),
+        (dict(visual_keep=0.0, prune_layers=[1]), "visual_keep 0.0"),
+        (dict(visual_keep=1.5, prune_layers=[1]), "visual_keep 1.5"),
+        (dict(visual_keep=[0.5, 0.5], prune_layers=[1]), "2 entries"),
+        (dict(frames=3, tubelet_frames=2), "frames 3 is not divisible by tubelet_frames 2"),
+        (dict(depth_typo=3), "unknown video config key"),
+        (dict(pooling="avg"), r"video.pooling must be one of \('cls', 'mean'\), got 'avg'"),
+        (dict(fusion_norm="new"), "video.fusion_norm must be one of"),
+        (dict(prune_score="mean"), "video.prune_score must be one of .*'mean'"),
+        (dict(temporal_resize="linear"), "video.temporal_resize must be one of .*'linear'"),
+        (dict(layer_norm_eps=0), "video.layer_norm_eps must be a number in \\(0, 1\\), got 0"),
+    ],
+)
 def test_bad_config_is_rejected_with_the_value(cfg, match):
     with pytest.raises(ValueError, match=match):
         VideoEncoder.from_config(dict(SMALL, **cfg))
@@ -341,8 +390,17 @@ def test_checkpoint_of_another_architecture_is_rejected():
 
 def _sparse_pair(kernel, **overrides):
     """Two float64 encoders with the same weights and layout seed: `kernel` and the reference."""
-    cfg = dict(SMALL, frames=2, visual_keep=0.5, prune_layers=[1], local_blocks=1, random_blocks=2,
-               block_size=5, seed=7, **overrides)  # 32 tokens: blocks of 5 with padding
+    cfg = dict(
+        SMALL,
+        frames=2,
+        visual_keep=0.5,
+        prune_layers=[1],
+        local_blocks=1,
+        random_blocks=2,
+        block_size=5,
+        seed=7,
+        **overrides,
+    )  # 32 tokens: blocks of 5 with padding
     fast = _perturbed(VideoEncoder.from_config(dict(cfg, attention_kernel=kernel)), seed=2).double()
     ref = VideoEncoder.from_config(dict(cfg, attention_kernel="reference")).double()
     ref.load_state_dict(fast.state_dict())

@@ -1,5 +1,6 @@
 """The Snakemake workflow for real: the demo DAG end to end at test size (tests/configs/test.yaml),
 what a config edit reruns, schema errors, the paper configuration's DAG, the profiles."""
+
 import json
 import re
 from pathlib import Path
@@ -110,8 +111,18 @@ def test_editing_io_settings_reruns_nothing(demo_run):
     cfg["pretrain"]["io"] = {"checkpoint_every": 7, "log_every": 3, "num_workers": 2}
     (demo_run / "configs/io.yaml").write_text(yaml.safe_dump(cfg))
     assert planned_jobs(demo_run, "configs/io.yaml") == set()
-    forced = snakemake(demo_run, "-n", "-p", "--cores", "1", "--configfile", "configs/io.yaml",
-                       "--forcerun", "results/pretrain/stage1/model.safetensors", "results/pretrain/stage1/model.safetensors").stdout
+    forced = snakemake(
+        demo_run,
+        "-n",
+        "-p",
+        "--cores",
+        "1",
+        "--configfile",
+        "configs/io.yaml",
+        "--forcerun",
+        "results/pretrain/stage1/model.safetensors",
+        "results/pretrain/stage1/model.safetensors",
+    ).stdout
     assert "--checkpoint-every 7 --keep-checkpoint True --log-every 3 --num-workers 2" in forced
 
 
@@ -129,9 +140,20 @@ def test_editing_one_stage_reruns_that_stage_and_its_downstream_only(demo_run):
 
 def test_an_appended_32_frame_stage_is_scheduled_without_code_changes(demo_run):
     cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
-    cfg["pretrain"]["curriculum"].append({
-        "name": "stage4", "init": "stage3", "frames": 32, "local_blocks": 1, "random_blocks": 1, "block_size": 16,
-        "visual_keep": 0.4, "multimodal_keep": 0.5, "epochs": 1, "lr": 0.0001})
+    cfg["pretrain"]["curriculum"].append(
+        {
+            "name": "stage4",
+            "init": "stage3",
+            "frames": 32,
+            "local_blocks": 1,
+            "random_blocks": 1,
+            "block_size": 16,
+            "visual_keep": 0.4,
+            "multimodal_keep": 0.5,
+            "epochs": 1,
+            "lr": 0.0001,
+        }
+    )
     (demo_run / "configs/longer.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(demo_run, "configs/longer.yaml")
     assert ("pretrain", "stage=stage4") in jobs
@@ -143,25 +165,49 @@ def test_adding_a_dataset_or_a_stage_reruns_only_its_own_jobs(demo_run):
     """A paragraph-retrieval dataset (64 tokens) joins the evaluation list and stage2 the retrieval
     finetuning list: only their jobs are planned, each with its own settings."""
     cfg = yaml.safe_load((demo_run / "tests/configs/test.yaml").read_text())
-    cfg["datasets"] = {"demo_didemo": {"videos": "resources/demo/downstream_videos.csv", "text_len": 64,
-                                       "annotations": "resources/demo/retrieval_test_didemo.json", "paragraph": True}}
+    cfg["datasets"] = {
+        "demo_didemo": {
+            "videos": "resources/demo/downstream_videos.csv",
+            "text_len": 64,
+            "annotations": "resources/demo/retrieval_test_didemo.json",
+            "paragraph": True,
+        }
+    }
     # tests/configs/test.yaml's own evaluation keys (the NLQ grounder's) stay: only the retrieval list changes
     cfg["evaluation"]["retrieval"] = {"datasets": ["demo_retrieval", {"name": "demo_didemo", "rerank_k": 4}]}
     cfg["finetune"]["retrieval"]["stages"] = ["stage3", "stage2"]
     (demo_run / "configs/added.yaml").write_text(yaml.safe_dump(cfg))
     assert planned_jobs(demo_run, "configs/added.yaml") == {
-        ("download", "dataset=demo_didemo, index=000, shards=001"), ("extract_frames", "dataset=demo_didemo, index=000, shards=001"),
+        ("download", "dataset=demo_didemo, index=000, shards=001"),
+        ("extract_frames", "dataset=demo_didemo, index=000, shards=001"),
         *{("eval_retrieval", f"dataset=demo_didemo, stage={s}") for s in ("stage1", "stage2", "stage3")},
-        ("plot_retrieval", "dataset=demo_didemo"), ("plot_probing", "dataset=demo_didemo"),
+        ("plot_retrieval", "dataset=demo_didemo"),
+        ("plot_probing", "dataset=demo_didemo"),
         ("finetune", "task=retrieval, dataset=demo_retrieval, stage=stage2"),
         ("eval_finetuned_retrieval", "dataset=demo_retrieval, stage=stage2"),
-        ("tables", "")}  # the results tables read every evaluation
-    shell = snakemake(demo_run, "-n", "-p", "--cores", "1", "--configfile", "configs/added.yaml",
-                      "--forcerun", "results/eval/retrieval/demo_retrieval/stage1.json",
-                      "results/eval/retrieval/demo_retrieval/stage1.json",
-                      "results/eval/retrieval/demo_didemo/stage1.json").stdout
-    settings = {m[2]: json.loads(m[1]) for m in re.finditer(r"--config-json '(\{.*?\})' --out results/eval/retrieval/"
-                                                             r"(\w+)/stage1.json", shell)}
+        ("tables", ""),
+    }  # the results tables read every evaluation
+    shell = snakemake(
+        demo_run,
+        "-n",
+        "-p",
+        "--cores",
+        "1",
+        "--configfile",
+        "configs/added.yaml",
+        "--forcerun",
+        "results/eval/retrieval/demo_retrieval/stage1.json",
+        "results/eval/retrieval/demo_retrieval/stage1.json",
+        "results/eval/retrieval/demo_didemo/stage1.json",
+    ).stdout
+    settings = {
+        m[2]: json.loads(m[1])
+        for m in re.finditer(
+            r"--config-json '(\{.*?\})' --out results/eval/retrieval/"
+            r"(\w+)/stage1.json",
+            shell,
+        )
+    }
     assert settings["demo_didemo"] == {"batch_size": 32, "paragraph": True, "rerank_k": 4, "text_len": 64}
     assert settings["demo_retrieval"] == {"batch_size": 32, "rerank_k": 8, "text_len": 32}
 
@@ -171,15 +217,20 @@ def test_evaluation_settings_rerun_the_evaluation_not_the_finetuning(demo_run):
     cfg["evaluation"]["qa"] = {"scoring": "singularity"}
     cfg["finetune"]["io"] = {"num_workers": 0, "checkpoint_every": 3, "log_every": 1}
     (demo_run / "configs/scoring.yaml").write_text(yaml.safe_dump(cfg))
-    assert planned_jobs(demo_run, "configs/scoring.yaml") == {("eval_qa", "dataset=demo_qa, stage=stage3"),
-                                                             ("tables", "")}  # the QA table reads it
+    assert planned_jobs(demo_run, "configs/scoring.yaml") == {
+        ("eval_qa", "dataset=demo_qa, stage=stage3"),
+        ("tables", ""),
+    }  # the QA table reads it
 
 
-@pytest.mark.parametrize("edit,message", [
-    ({"pretrain": {"gpu": 1}}, "Additional properties are not allowed \\('gpu' was unexpected\\)"),
-    ({"frames": {"short_side": "big"}}, "'big' is not of type 'integer'"),
-    ({"pretrain": {"curriculum": [{"name": "s1", "frames": 4, "learning_rate": 0.1}]}}, "learning_rate"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"pretrain": {"gpu": 1}}, "Additional properties are not allowed \\('gpu' was unexpected\\)"),
+        ({"frames": {"short_side": "big"}}, "'big' is not of type 'integer'"),
+        ({"pretrain": {"curriculum": [{"name": "s1", "frames": 4, "learning_rate": 0.1}]}}, "learning_rate"),
+    ],
+)
 def test_schema_errors_name_the_key(tmp_path, edit, message):
     workdir = copy_workflow(tmp_path)
     (workdir / "configs/bad.yaml").write_text(yaml.safe_dump(edit))
@@ -201,7 +252,8 @@ def test_paper_configuration_dry_run_shows_the_whole_dag(tmp_path):
     paper_inputs(workdir)
     jobs = planned_jobs(workdir, "configs/paper.yaml")
     assert {w for r, w in jobs if r == "pretrain"} == {
-        f"stage={s}" for s in ("stage1", "stage2", "stage3", "stage4", "egoclip", "egoclip_k5")}
+        f"stage={s}" for s in ("stage1", "stage2", "stage3", "stage4", "egoclip", "egoclip_k5")
+    }
     # WebVid is downloaded shard by shard; folder datasets are read in place (no download job)
     assert {w for r, w in jobs if r == "download"} == {f"dataset=webvid, index={i:03d}, shards=256" for i in range(256)}
     # msrvtt, didemo, charades, ssv2_label (8), ssv2_template (8), msrvtt_qa, anet_qa, agqa: finetuning datasets

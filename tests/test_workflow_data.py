@@ -2,6 +2,7 @@
 extract shard i -> shard i's videos dropped (download.keep_videos: false); folder datasets read in
 place; settings that change how a job runs rerun nothing; a missing video folder stops the dry
 run; the failure threshold holds per shard. One data-only run (~40 s) is shared by the module."""
+
 from __future__ import annotations
 
 import csv
@@ -16,20 +17,21 @@ import pytest
 import yaml
 
 from svitt.data.datasets import FrameStore, segment_indices
-from svitt.data.mp4 import write_mp4
 from svitt.data.download import shard_of
+from svitt.data.mp4 import write_mp4
 from tests.helpers.workflow import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
-RUN_SETTINGS = {"download": {"workers": 3, "timeout": 90, "retries": 5, "max_failed_fraction": 0.5},
-                "frames": {"workers": 1, "max_failed_fraction": 0.25}}
+RUN_SETTINGS = {
+    "download": {"workers": 3, "timeout": 90, "retries": 5, "max_failed_fraction": 0.5},
+    "frames": {"workers": 1, "max_failed_fraction": 0.25},
+}
 DOWNLOADED = ("webvid", "demo_retrieval")  # video lists (file:// URLs into the demo corpus)
 FOLDERS = ("egoclip", "egomcq", "ego_nlq")  # resources/demo/ego_videos, read in place
 
 
-def planned(workdir: Path, targets: list[str], *configfiles: str, commands: list | None = None
-            ) -> set[tuple[str, str]]:
+def planned(workdir: Path, targets: list[str], *configfiles: str, commands: list | None = None) -> set[tuple[str, str]]:
     """(rule, wildcards) of every job a dry run for `targets` would execute; their shell commands
     are appended to `commands` when given."""
     out = snakemake(workdir, "-n", "-p", *targets, "--cores", "4", "--configfile", *configfiles).stdout
@@ -46,8 +48,11 @@ def planned(workdir: Path, targets: list[str], *configfiles: str, commands: list
 
 def shard_targets(workdir: Path, names) -> list[str]:
     datasets = yaml.safe_load((workdir / "config.yaml").read_text())["datasets"]
-    return [f"resources/frames/{name}/shard-{i:03d}-of-{datasets[name].get('shards', 1):03d}.h5"
-            for name in names for i in range(datasets[name].get("shards", 1))]
+    return [
+        f"resources/frames/{name}/shard-{i:03d}-of-{datasets[name].get('shards', 1):03d}.h5"
+        for name in names
+        for i in range(datasets[name].get("shards", 1))
+    ]
 
 
 def write_overlay(workdir: Path, name: str, overlay: dict) -> str:
@@ -123,20 +128,25 @@ def test_run_settings_rerun_nothing(data_run):
     assert planned(workdir, targets, *configs, overlay) == set()
 
 
-@pytest.mark.parametrize("edit,extracted", [
-    # the size cap decides which videos a dataset holds: the video lists' downloads and extractions
-    ({"download": {"max_bytes": 99_999_999}}, DOWNLOADED),
-    # what is stored: every extraction that uses frames.frames (ego_nlq sets its own max_frames);
-    # the video lists are downloaded again first, their videos were dropped (keep_videos: false)
-    ({"frames": {"frames": 24}}, DOWNLOADED + ("egoclip", "egomcq")),
-])
+@pytest.mark.parametrize(
+    "edit,extracted",
+    [
+        # the size cap decides which videos a dataset holds: the video lists' downloads and extractions
+        ({"download": {"max_bytes": 99_999_999}}, DOWNLOADED),
+        # what is stored: every extraction that uses frames.frames (ego_nlq sets its own max_frames);
+        # the video lists are downloaded again first, their videos were dropped (keep_videos: false)
+        ({"frames": {"frames": 24}}, DOWNLOADED + ("egoclip", "egomcq")),
+    ],
+)
 def test_settings_that_define_the_data_rerun_it(data_run, edit, extracted):
     workdir, targets, configs = data_run
     overlay = write_overlay(workdir, "data_settings.yaml", edit)
     jobs = planned(workdir, targets, *configs, overlay)
     by_rule = {rule: {w.split(",")[0] for r, w in jobs if r == rule} for rule, _ in jobs}
-    assert by_rule == {"download": {f"dataset={n}" for n in DOWNLOADED},
-                       "extract_frames": {f"dataset={n}" for n in extracted}}
+    assert by_rule == {
+        "download": {f"dataset={n}" for n in DOWNLOADED},
+        "extract_frames": {f"dataset={n}" for n in extracted},
+    }
 
 
 def test_stored_frames_give_every_t16_segment_several_candidates(data_run):
@@ -212,12 +222,23 @@ def test_the_failure_threshold_holds_per_shard_and_other_shards_are_kept(tmp_pat
     rows = [(i, f"{video_server}/{'gone' if i in dead else 'video'}/{i}.mp4", f"clip {i}") for s in by_shard for i in s]
     with open(workdir / "web.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([("id", "url", "caption"), *rows])
-    web = {"datasets": {"web": {"videos": "web.csv", "annotations": "web.csv", "shards": 2}},
-           "download": {"max_failed_fraction": 0.3, "retries": 0}}
+    web = {
+        "datasets": {"web": {"videos": "web.csv", "annotations": "web.csv", "shards": 2}},
+        "download": {"max_failed_fraction": 0.3, "retries": 0},
+    }
     strict = write_overlay(workdir, "web.yaml", web)
     targets = [f"resources/frames/web/shard-{k:03d}-of-002.h5" for k in range(2)]
-    result = snakemake(workdir, *targets, "--cores", "2", "--keep-going", "--configfile", "tests/configs/test.yaml",
-                       strict, check=False)
+    result = snakemake(
+        workdir,
+        *targets,
+        "--cores",
+        "2",
+        "--keep-going",
+        "--configfile",
+        "tests/configs/test.yaml",
+        strict,
+        check=False,
+    )
     assert result.returncode != 0
     assert not (workdir / targets[0]).exists()
     assert set(FrameStore(workdir / targets[1]).shard_of) == set(by_shard[1])
@@ -229,7 +250,9 @@ def test_the_failure_threshold_holds_per_shard_and_other_shards_are_kept(tmp_pat
     configs = ("tests/configs/test.yaml", lenient)
     commands = []
     assert planned(workdir, targets, *configs, commands=commands) == {
-        ("download", "dataset=web, index=000, shards=002"), ("extract_frames", "dataset=web, index=000, shards=002")}
+        ("download", "dataset=web, index=000, shards=002"),
+        ("extract_frames", "dataset=web, index=000, shards=002"),
+    }
     download, extract = sorted(commands)  # the new values reach the scripts
     assert "--max-failed-fraction 0.5 --retries 5 --timeout 90 --workers 3" in download
     assert "--max-failed-fraction 0.25 --workers 1" in extract

@@ -11,6 +11,7 @@ uses), so shard i's download feeds shard i's extraction.
 Exit status: 0 when the failed fraction is at most --max-failed-fraction (failures are listed on
 stderr and in the manifest), 1 when it is above, 2 for unusable arguments or input files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,35 +20,59 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.data import download as dl  # noqa: E402
+from svitt.data import download as dl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv", action="append", required=True, metavar="FILE",
-                        help="video list (repeatable; rows are concatenated in order)")
+    parser.add_argument(
+        "--csv",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="video list (repeatable; rows are concatenated in order)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder the videos are written to")
     parser.add_argument("--manifest", required=True, type=Path, help="manifest CSV to write")
-    parser.add_argument("--workers", type=int, default=8,
-                        help="parallel downloads, or parallel checks of --local-dir files (default 8)")
+    parser.add_argument(
+        "--workers", type=int, default=8, help="parallel downloads, or parallel checks of --local-dir files (default 8)"
+    )
     parser.add_argument("--num-shards", type=int, default=1, help="split the video list into this many shards")
     parser.add_argument("--shard-index", type=int, default=0, help="which shard this call downloads")
-    parser.add_argument("--max-failed-fraction", type=float, default=0.05,
-                        help="fail the stage when more than this fraction of videos failed (default 0.05)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds for one attempt at one file, connect to last byte (default 120)")
+    parser.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=0.05,
+        help="fail the stage when more than this fraction of videos failed (default 0.05)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds for one attempt at one file, connect to last byte (default 120)",
+    )
     parser.add_argument("--retries", type=int, default=3, help="retries on 5xx/timeouts (default 3)")
-    parser.add_argument("--backoff", type=float, default=1.0,
-                        help="first retry delay in seconds, doubled per retry (default 1)")
+    parser.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled per retry (default 1)"
+    )
     parser.add_argument("--max-bytes", type=int, default=2 * 1024**3, help="size cap per file (default 2 GiB)")
-    parser.add_argument("--verify", choices=["sha256", "quick"], default="sha256",
-                        help="rerun check of files already on disk: sha256 (default) or quick "
-                             "(size and container structure)")
-    parser.add_argument("--local-dir", type=Path,
-                        help="videos already on disk: <dir>/<id>.mp4 or <dir>/<id>/<k>.mp4 chunks; nothing "
-                             "is downloaded or copied, the manifest points at these files")
-    parser.add_argument("--ego4d-cli", action="store_true",
-                        help="download with the official Ego4D CLI into --out (licence and AWS credentials needed)")
+    parser.add_argument(
+        "--verify",
+        choices=["sha256", "quick"],
+        default="sha256",
+        help="rerun check of files already on disk: sha256 (default) or quick (size and container structure)",
+    )
+    parser.add_argument(
+        "--local-dir",
+        type=Path,
+        help="videos already on disk: <dir>/<id>.mp4 or <dir>/<id>/<k>.mp4 chunks; nothing "
+        "is downloaded or copied, the manifest points at these files",
+    )
+    parser.add_argument(
+        "--ego4d-cli",
+        action="store_true",
+        help="download with the official Ego4D CLI into --out (licence and AWS credentials needed)",
+    )
     parser.add_argument("--ego4d-executable", default="ego4d", help="name or path of the Ego4D CLI")
     parser.add_argument("--ego4d-datasets", default="full_scale", help="Ego4D --datasets value")
     parser.add_argument("--ego4d-aws-profile", default=None, help="Ego4D --aws_profile_name value")
@@ -84,12 +109,25 @@ def main(argv=None) -> int:
         if args.local_dir:
             results = dl.register_local(items, args.local_dir, args.verify, progress, args.workers)
         elif args.ego4d_cli:
-            results = dl.run_ego4d_cli(items, args.out, args.ego4d_executable, args.ego4d_datasets,
-                                       args.ego4d_aws_profile, args.ego4d_version, args.verify, progress,
-                                       args.workers)
+            results = dl.run_ego4d_cli(
+                items,
+                args.out,
+                args.ego4d_executable,
+                args.ego4d_datasets,
+                args.ego4d_aws_profile,
+                args.ego4d_version,
+                args.verify,
+                progress,
+                args.workers,
+            )
         else:
-            options = dl.DownloadOptions(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                                         max_bytes=args.max_bytes, verify=args.verify)
+            options = dl.DownloadOptions(
+                timeout=args.timeout,
+                retries=args.retries,
+                backoff=args.backoff,
+                max_bytes=args.max_bytes,
+                verify=args.verify,
+            )
             previous = dl.previous_records(args.manifest)
             results = dl.download_all(items, args.out, options, args.workers, previous, progress)
     except (dl.InputError, dl.Ego4DCliMissing, RuntimeError) as exc:
@@ -107,11 +145,16 @@ def report(results, max_fraction: float, manifest: Path) -> int:
     for r in results:
         if r.status != "ok":
             print(f"  {r.status}: {r.id!r}: {r.reason}", file=sys.stderr)
-    summary = (f"download: {ok} ok, {failed} failed, {skipped} skipped of {len(results)} rows; "
-               f"failed fraction {fraction:.3f} (limit {max_fraction:g}); manifest {manifest}")
+    summary = (
+        f"download: {ok} ok, {failed} failed, {skipped} skipped of {len(results)} rows; "
+        f"failed fraction {fraction:.3f} (limit {max_fraction:g}); manifest {manifest}"
+    )
     if fraction > max_fraction:
-        print(f"{summary}\ndownload: error: {failed} of {attempted} videos failed, more than "
-              f"--max-failed-fraction {max_fraction:g}", file=sys.stderr)
+        print(
+            f"{summary}\ndownload: error: {failed} of {attempted} videos failed, more than "
+            f"--max-failed-fraction {max_fraction:g}",
+            file=sys.stderr,
+        )
         return 1
     print(summary, file=sys.stderr)
     return 0

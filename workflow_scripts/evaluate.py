@@ -14,6 +14,7 @@ rerank_k, scoring). `frames` evaluates the model at another clip length; a setti
 takes the model's training value (QA's question and answer lengths). The JSON written holds the
 metrics (percent) and the settings used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.evaluation import TASKS, task  # noqa: E402  (numpy only until a task is run)
+from svitt.evaluation import TASKS, task
 
 
 def parse_args(argv=None):
@@ -49,8 +50,13 @@ def main(argv=None) -> int:
     from svitt.evaluation.loading import load_for_evaluation
     from svitt.io import atomic_write_json
 
-    loaded = load_for_evaluation(args.model, args.device, frames=settings.get("frames"),
-                                 kind=getattr(module, "MODEL_KIND", "svitt"), tokenizer=args.tokenizer)
+    loaded = load_for_evaluation(
+        args.model,
+        args.device,
+        frames=settings.get("frames"),
+        kind=getattr(module, "MODEL_KIND", "svitt"),
+        tokenizer=args.tokenizer,
+    )
     model, info, device = loaded.model, loaded.info, loaded.device
     video = model.cfg["video"]
     data_cfg = loaded.data_config  # normalise as in training
@@ -60,8 +66,16 @@ def main(argv=None) -> int:
     files = {"answer_list": args.answer_list} if args.answer_list else {}
     dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform, settings, **files)
     result = module.run(model, dataset, collator, settings, device=device, progress=not args.no_progress)
-    result.update({"task": args.task, "model": str(args.model), "stage": info["name"],
-                   "frames": video["frames"], "settings": settings, **files})
+    result.update(
+        {
+            "task": args.task,
+            "model": str(args.model),
+            "stage": info["name"],
+            "frames": video["frames"],
+            "settings": settings,
+            **files,
+        }
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(json.dumps(result.get("metrics")))

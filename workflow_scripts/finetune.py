@@ -18,6 +18,7 @@ against the test split's: --overlap error stops naming them (the demo corpus, wh
 bug), --overlap warn prints their count (real data, where you decide).
 Resumes from OUT/checkpoint.pt like train.py; exit code 75 means preempted after saving: rerun.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.config import add_io_arguments  # noqa: E402
+from svitt.config import add_io_arguments
 
 MAX_LISTED = 50  # overlapping videos named in the error
 
@@ -40,13 +41,18 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", type=Path, help="job config (YAML)")
     src.add_argument("--config-json", help="job config as a JSON string (what the workflow passes)")
-    p.add_argument("--init", required=True, type=Path,
-                   help="the pretraining stage's model.safetensors (model.json beside it)")
+    p.add_argument(
+        "--init", required=True, type=Path, help="the pretraining stage's model.safetensors (model.json beside it)"
+    )
     p.add_argument("--shards", nargs="+", required=True, help="HDF5 frame shards with the train split's videos")
     p.add_argument("--annotations", required=True, help="the train split (JSON)")
     p.add_argument("--test-annotations", help="the test split, checked for videos shared with the train split")
-    p.add_argument("--overlap", choices=["error", "warn"], default="error",
-                   help="what a train/test video overlap gets (default: error)")
+    p.add_argument(
+        "--overlap",
+        choices=["error", "warn"],
+        default="error",
+        help="what a train/test video overlap gets (default: error)",
+    )
     p.add_argument("--tokenizer", required=True, help="folder with the BERT tokenizer (vocab.txt)")
     p.add_argument("--out", type=Path, required=True, help="job folder: checkpoint, metrics, model")
     add_io_arguments(p, "job")
@@ -63,13 +69,18 @@ def check_overlap(train: str, test: str, mode: str) -> None:
     if not shared:
         return
     if mode == "error":
-        listed = ", ".join(shared[:MAX_LISTED]) + (f", ... ({len(shared) - MAX_LISTED} more)"
-                                                    if len(shared) > MAX_LISTED else "")
-        raise ValueError(f"the finetuning split {train} and the test split {test} share {len(shared)} "
-                         f"video(s): {listed}")
+        listed = ", ".join(shared[:MAX_LISTED]) + (
+            f", ... ({len(shared) - MAX_LISTED} more)" if len(shared) > MAX_LISTED else ""
+        )
+        raise ValueError(
+            f"the finetuning split {train} and the test split {test} share {len(shared)} video(s): {listed}"
+        )
     if os.environ.get("RANK", "0") == "0":
-        print(f"warning: {len(shared)} of {len(annotation_videos(train))} videos of the finetuning split {train} "
-              f"are also in the test split {test}; results on it are not held out", file=sys.stderr)
+        print(
+            f"warning: {len(shared)} of {len(annotation_videos(train))} videos of the finetuning split {train} "
+            f"are also in the test split {test}; results on it are not held out",
+            file=sys.stderr,
+        )
 
 
 def main(argv=None) -> int:
@@ -90,6 +101,7 @@ def main(argv=None) -> int:
         return 2
     cfg = finetune_config(entry, json.loads(info_path.read_text())["model_config"])
     return run_cli(cfg, args, init=str(args.init))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ predictions_val.json in the Ego4D NLQ challenge format (what the official evalua
 reads). A query whose window lies outside its clip, or whose clip has no features, is left out
 and listed under "skipped" with the reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,11 +43,17 @@ def parse_args(argv=None):
     train.add_argument("--features", required=True, type=Path, help="per-video .pt folder with features.json")
     train.add_argument("--model", required=True, type=Path, help="SViTT model.safetensors: its text encoder")
     train.add_argument("--tokenizer", required=True)
-    train.add_argument("--config-json", default="{}", help="grounder settings (svitt.evaluation.grounding.GROUNDER_DEFAULTS)")
+    train.add_argument(
+        "--config-json", default="{}", help="grounder settings (svitt.evaluation.grounding.GROUNDER_DEFAULTS)"
+    )
     train.add_argument("--out-dir", required=True, type=Path)
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    train.add_argument("--threads", type=int, default=1,
-                       help="CPU threads (the grounder's matrices are small: more threads mostly wait)")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (the grounder's matrices are small: more threads mostly wait)",
+    )
     train.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -80,8 +88,15 @@ def train_and_evaluate(args, splits) -> int:
 
     torch.set_num_threads(args.threads)
     try:
-        run = ground_nlq(splits, args.features, args.model, args.tokenizer, json.loads(args.config_json),
-                         device=args.device, progress=not args.no_progress)
+        run = ground_nlq(
+            splits,
+            args.features,
+            args.model,
+            args.tokenizer,
+            json.loads(args.config_json),
+            device=args.device,
+            progress=not args.no_progress,
+        )
     except NothingToGround as error:
         raise SystemExit(f"ground: {error}") from None
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,8 +105,16 @@ def train_and_evaluate(args, splits) -> int:
     atomic_write_json(args.out_dir / "predictions_val.json", run.predictions)
     result = {**run.result, "predictions": str(args.out_dir / "predictions_val.json")}
     atomic_write_json(args.out, result)
-    print(json.dumps({"grounder": result["metrics"], "baseline": result["baseline"]["metrics"],
-                      "evaluated": result["evaluated"], "skipped": {k: len(v) for k, v in result["skipped"].items()}}))
+    print(
+        json.dumps(
+            {
+                "grounder": result["metrics"],
+                "baseline": result["baseline"]["metrics"],
+                "evaluated": result["evaluated"],
+                "skipped": {k: len(v) for k, v in result["skipped"].items()},
+            }
+        )
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ this project's defaults, docs/fidelity.md) and, under "released", the stored con
 tensors verified rather than copied and those the released model does not have.
 The mapping lives in svitt/models/released.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,14 @@ def main(argv=None) -> int:
         print(f"error: {args.checkpoint}: {error}", file=sys.stderr)
         return 1
     released = info["released"]
-    summary = {"out": str(args.out_dir), "kind": released["kind"], "epoch": released["epoch"],
-               "frames": info["frames"], "notes": released["notes"], "initialised": sorted(released["initialised"])}
+    summary = {
+        "out": str(args.out_dir),
+        "kind": released["kind"],
+        "epoch": released["epoch"],
+        "frames": info["frames"],
+        "notes": released["notes"],
+        "initialised": sorted(released["initialised"]),
+    }
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -21,6 +21,7 @@ which die of it.)
 SIGTERM, SIGUSR1 and SIGINT are passed on to the script; the script's exit code is returned (75
 when it stopped for the time limit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.training.devices import acquire, default_pool, gpu_ids, job_gpu_count  # noqa: E402
+from svitt.training.devices import acquire, default_pool, gpu_ids, job_gpu_count
 
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL, as svitt.training.loop: saved, run again to continue
 # torchrun's agent dies on SIGUSR1 by default (its workers would run on, orphaned): let it pass
@@ -46,15 +47,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, help="GPUs for this job, per node (the rule's gpus)")
     p.add_argument("--nodes", type=int, default=1, help="nodes of a Slurm job (srun + torchrun rendezvous)")
-    p.add_argument("--srun", action="store_true",
-                   help="start the ranks with srun + rendezvous even on one node (a multi-node check)")
+    p.add_argument(
+        "--srun",
+        action="store_true",
+        help="start the ranks with srun + rendezvous even on one node (a multi-node check)",
+    )
     p.add_argument("--threads", type=int, default=1, help="CPUs per node (the rule's threads; srun -c)")
     p.add_argument("--pool", help=f"folder of the machine's GPU pool (default: $SVITT_GPU_POOL or {default_pool({})})")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between tries while the GPUs are busy")
-    p.add_argument("--save-before", type=float,
-                   help="in a Slurm job: seconds before its time limit at which training is to save and stop")
-    p.add_argument("--count-gpus", action="store_true",
-                   help="print how many GPUs jobs started here may use, and exit (gpus: auto)")
+    p.add_argument(
+        "--save-before",
+        type=float,
+        help="in a Slurm job: seconds before its time limit at which training is to save and stop",
+    )
+    p.add_argument(
+        "--count-gpus", action="store_true", help="print how many GPUs jobs started here may use, and exit (gpus: auto)"
+    )
     p.add_argument("script", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
     args = p.parse_args(argv)
     if args.count_gpus:
@@ -72,8 +80,7 @@ def parse_args(argv=None):
 
 def command(script: list[str], gpus: int) -> list[str]:
     if gpus > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={gpus}", *script]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *script]
     return [sys.executable, *script]
 
 
@@ -88,11 +95,24 @@ def srun_command(script: list[str], nodes: int, procs: int, threads: int, job_id
     the allocation's first (where the batch script runs). torchrun then sets RANK, WORLD_SIZE and
     LOCAL_RANK of every worker (svitt.distributed.init_distributed reads them)."""
     endpoint = f"{socket.gethostname()}:{_free_port()}"
-    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
-            f"--cpus-per-task={threads}", "--kill-on-bad-exit=1",
-            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={procs}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id=svitt-{job_id}",
-            "--max-restarts=0", *script]
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={threads}",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={procs}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id=svitt-{job_id}",
+        "--max-restarts=0",
+        *script,
+    ]
 
 
 def parse_slurm_duration(text: str) -> float | None:
@@ -111,8 +131,7 @@ def parse_slurm_duration(text: str) -> float | None:
 
 def slurm_seconds_left(job_id: str) -> float | None:
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_slurm_duration(out.stdout) if out.returncode == 0 else None
@@ -144,8 +163,10 @@ class TimeLimit:
             return
         env["SVITT_STOP_AT"] = f"{self.stop_at:.0f}"
         work = self.stop_at - time.time()
-        log(f"Slurm job {self.job_id} ends in {work + self.save_before:.0f} s: training saves and stops "
-            f"{self.save_before:.0f} s before (at {time.strftime('%H:%M:%S', time.localtime(self.stop_at))})")
+        log(
+            f"Slurm job {self.job_id} ends in {work + self.save_before:.0f} s: training saves and stops "
+            f"{self.save_before:.0f} s before (at {time.strftime('%H:%M:%S', time.localtime(self.stop_at))})"
+        )
         if work < self.save_before:
             log(f"warning: that leaves {work:.0f} s of work per job; raise the rule's runtime or lower save_before")
 
@@ -154,8 +175,10 @@ class TimeLimit:
             return
         new = self._stop_time()
         if new is not None and new < self.stop_at - 1:
-            log(f"the Slurm time limit of job {self.job_id} was shortened: training stops at "
-                f"{time.strftime('%H:%M:%S', time.localtime(new))}")
+            log(
+                f"the Slurm time limit of job {self.job_id} was shortened: training stops at "
+                f"{time.strftime('%H:%M:%S', time.localtime(new))}"
+            )
             self.stop_at = new
         if self.stop_at < self.launch_stop_at - 1 and time.time() >= self.stop_at:
             log("asking the script to save and stop (SIGUSR1)")
@@ -187,8 +210,10 @@ def main(argv=None) -> int:
     job_id = env.get("SLURM_JOB_ID")
     multi = args.nodes > 1 or args.srun
     if multi and not job_id:
-        raise SystemExit(f"launch: --nodes {args.nodes} / --srun start ranks with srun and need a Slurm "
-                         f"job (SLURM_JOB_ID is not set); submit with --profile profiles/slurm")
+        raise SystemExit(
+            f"launch: --nodes {args.nodes} / --srun start ranks with srun and need a Slurm "
+            f"job (SLURM_JOB_ID is not set); submit with --profile profiles/slurm"
+        )
     lease = devices(args, env, slurm=job_id is not None)
     log(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<Slurm, per node>')!r}")
     limit = None

@@ -15,6 +15,7 @@ EgoVLP saves). Outputs:
             [N, D]) per video, feature_shapes.json {video_uid: N}, features.json (kind, fps, window,
             stride, features_per_second = fps / stride, dim, stage, model)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def shard_fps(paths) -> float:
         with h5py.File(path, "r") as handle:
             rates.add(float(handle.attrs.get("fps", 0.0)))
     if len(rates) != 1 or not next(iter(rates)) > 0:
-        raise ValueError(f"NLQ features need whole videos extracted at one fixed fps (extract_frames.py "
-                         f"--fps); the shards have fps {sorted(rates)}")
+        raise ValueError(
+            f"NLQ features need whole videos extracted at one fixed fps (extract_frames.py "
+            f"--fps); the shards have fps {sorted(rates)}"
+        )
     return rates.pop()
 
 
@@ -45,10 +48,15 @@ def check_fixed_rate(video_id: str, attrs: dict, fps: float) -> None:
     if abs(stored - expected) <= 1:
         return
     source_fps = float(attrs.get("source_fps", 0.0))
-    cause = (f"the video itself has {source_fps:g} fps: lower the dataset's fps to at most that"
-             if 0 < source_fps < fps else "raise the dataset's max_frames")
-    raise ValueError(f"video {video_id}: {stored} frames stored over {float(attrs['duration']):.1f} s, "
-                     f"not {fps:g} fps ({expected:.0f} frames): {cause}")
+    cause = (
+        f"the video itself has {source_fps:g} fps: lower the dataset's fps to at most that"
+        if 0 < source_fps < fps
+        else "raise the dataset's max_frames"
+    )
+    raise ValueError(
+        f"video {video_id}: {stored} frames stored over {float(attrs['duration']):.1f} s, "
+        f"not {fps:g} fps ({expected:.0f} frames): {cause}"
+    )
 
 
 def main(argv=None) -> int:
@@ -61,8 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--pt-dir", type=Path, help="also write {video_uid}.pt per video here (VSLNet layout)")
     p.add_argument("--window", type=int, default=4, help="frames per clip (the model runs at this length)")
     p.add_argument("--stride", type=int, default=4)
-    p.add_argument("--kind", default="cls", choices=FEATURE_KINDS,
-                   help="cls: video [CLS] after the final norm; projected: its vision projection (EgoVLP)")
+    p.add_argument(
+        "--kind",
+        default="cls",
+        choices=FEATURE_KINDS,
+        help="cls: video [CLS] after the final norm; projected: its vision projection (EgoVLP)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
@@ -83,24 +95,46 @@ def main(argv=None) -> int:
     ids = sorted(store.shard_of)
     for video_id in ids:
         check_fixed_rate(video_id, store.attrs(video_id), fps)
-    meta = {"model": str(args.model), "stage": info["name"], "kind": args.kind, "fps": fps, "window": args.window,
-            "stride": args.stride, "features_per_second": fps / args.stride}
+    meta = {
+        "model": str(args.model),
+        "stage": info["name"],
+        "kind": args.kind,
+        "fps": fps,
+        "window": args.window,
+        "stride": args.stride,
+        "features_per_second": fps / args.stride,
+    }
     writer = VideoFeatureWriter(args.pt_dir, meta) if args.pt_dir else None
     with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as out:
         out.attrs.update(meta)
-        for video_id, feats, starts in extract_window_features(model, store, ids, transform, args.window,
-                                                               args.stride, args.batch_size, device,
-                                                               not args.no_progress, kind=args.kind):
+        for video_id, feats, starts in extract_window_features(
+            model,
+            store,
+            ids,
+            transform,
+            args.window,
+            args.stride,
+            args.batch_size,
+            device,
+            not args.no_progress,
+            kind=args.kind,
+        ):
             timestamps = store.attrs(video_id)["timestamps"]
             ds = out.create_dataset(video_id, data=feats.numpy())
-            ds.attrs.update(window=args.window, stride=args.stride, start_frames=starts.numpy(),
-                            start_seconds=timestamps[starts.numpy()])
+            ds.attrs.update(
+                window=args.window,
+                stride=args.stride,
+                start_frames=starts.numpy(),
+                start_seconds=timestamps[starts.numpy()],
+            )
             if writer:
                 writer.add(video_id, feats)
     if writer:
         writer.close()
-    print(f"nlq_features: {len(ids)} videos ({args.kind}, {fps / args.stride:g} features/s) -> {args.out}"
-          + (f" and {args.pt_dir}/" if args.pt_dir else ""))
+    print(
+        f"nlq_features: {len(ids)} videos ({args.kind}, {fps / args.stride:g} features/s) -> {args.out}"
+        + (f" and {args.pt_dir}/" if args.pt_dir else "")
+    )
     return 0
 
 

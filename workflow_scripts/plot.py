@@ -13,6 +13,7 @@
 
 NAME=PATH may repeat a NAME (one file per seed): the figure shows the mean and each value.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,20 @@ def main(argv=None) -> int:
     p.add_argument("figure", choices=FIGURES)
     p.add_argument("inputs", nargs="+", metavar="NAME=PATH")
     p.add_argument("--out", required=True)
-    p.add_argument("--task", default="retrieval", help="probing: retrieval, egomcq, or any task whose results "
-                                                       "have numeric `metrics` (one panel each, e.g. qa)")
+    p.add_argument(
+        "--task",
+        default="retrieval",
+        help="probing: retrieval, egomcq, or any task whose results have numeric `metrics` (one panel each, e.g. qa)",
+    )
     p.add_argument("--late", nargs="*", default=[], metavar="NAME=PATH", help="control: the late-fusion results")
     p.add_argument("--kind", default="edge", choices=["edge", "keep"], help="sweep: which grid")
-    p.add_argument("--reference", nargs="*", default=[], metavar="STAGE=PATH",
-                   help="sweep: evaluation of the unmodified checkpoints")
+    p.add_argument(
+        "--reference",
+        nargs="*",
+        default=[],
+        metavar="STAGE=PATH",
+        help="sweep: evaluation of the unmodified checkpoints",
+    )
     args = p.parse_args(argv)
     from svitt.analysis import plots
 
@@ -60,9 +69,13 @@ def main(argv=None) -> int:
         [[report]] = inputs.values()
         plots.plot_efficiency(report, args.out)
     else:
-        draw = {"training": plots.plot_training_curves, "retrieval": plots.plot_retrieval,
-                "egomcq": plots.plot_egomcq, "sparsity": plots.plot_sparsity,
-                "ablation": plots.plot_ablation}[args.figure]
+        draw = {
+            "training": plots.plot_training_curves,
+            "retrieval": plots.plot_retrieval,
+            "egomcq": plots.plot_egomcq,
+            "sparsity": plots.plot_sparsity,
+            "ablation": plots.plot_ablation,
+        }[args.figure]
         draw(inputs, args.out)
     return 0
 

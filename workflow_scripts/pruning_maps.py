@@ -12,6 +12,7 @@ of the caption (text-CLS cross-attention of the fusion layers, eq. 12-13). --vis
 --multimodal-keep override the checkpoint's keep rates (Figure 8 uses q_v = 0.6, q_m = 0.1).
 The JSON lists the kept token positions (p = t' H' W' + h W' + w) at each step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,11 @@ def kept_positions(model, clips, input_ids, attention_mask) -> list[dict]:
     if encoder.cfg["temporal"] != "joint":
         raise ValueError("pruning maps need joint space-time attention (video.temporal = joint)")
     after_layers = []
-    hooks = [block.register_forward_hook(lambda module, inputs, output: after_layers.append(output[1]))
-             for block in encoder.blocks if block.keep_rate < 1]
+    hooks = [
+        block.register_forward_hook(lambda module, inputs, output: after_layers.append(output[1]))
+        for block in encoder.blocks
+        if block.keep_rate < 1
+    ]
     try:
         with torch.no_grad():
             hidden, pos = encoder(clips, return_positions=True)
@@ -66,8 +70,13 @@ def kept_positions(model, clips, input_ids, attention_mask) -> list[dict]:
             hook.remove()
     pos = pos.expand(clips.shape[0], -1)
     selected = torch.gather(pos, 1, kept)
-    return [{"visual": [sorted(layer.expand(clips.shape[0], -1)[b].tolist()) for layer in after_layers],
-             "text": sorted(selected[b].tolist())} for b in range(clips.shape[0])]
+    return [
+        {
+            "visual": [sorted(layer.expand(clips.shape[0], -1)[b].tolist()) for layer in after_layers],
+            "text": sorted(selected[b].tolist()),
+        }
+        for b in range(clips.shape[0])
+    ]
 
 
 def load_video(path: Path, frames: int, transform):
@@ -121,14 +130,30 @@ def main(argv=None) -> int:
     grid = tuple(model.video_encoder.grid)
     layers = [i + 1 for i, block in enumerate(model.video_encoder.blocks) if block.keep_rate < 1]
     pixels = (batch * torch.tensor(std).view(1, 1, 3, 1, 1) + torch.tensor(mean).view(1, 1, 3, 1, 1)).clamp(0, 1)
-    plots.plot_pruning_maps(pixels.permute(0, 1, 3, 4, 2).numpy(), maps, captions, names, grid,
-                            video_cfg["tubelet_frames"], video_cfg["patch_size"], layers,
-                            {"q_v": video_cfg["visual_keep"], "q_m": model.cfg["text"]["multimodal_keep"],
-                             "stage": info["name"]}, args.out_figure)
-    atomic_write_json(args.out_json, {
-        "model": str(args.model), "stage": info["name"], "grid": list(grid), "prune_layers": layers,
-        "visual_keep": video_cfg["visual_keep"], "multimodal_keep": model.cfg["text"]["multimodal_keep"],
-        "clips": [{"name": n, "caption": c, **m} for n, c, m in zip(names, captions, maps)]})
+    plots.plot_pruning_maps(
+        pixels.permute(0, 1, 3, 4, 2).numpy(),
+        maps,
+        captions,
+        names,
+        grid,
+        video_cfg["tubelet_frames"],
+        video_cfg["patch_size"],
+        layers,
+        {"q_v": video_cfg["visual_keep"], "q_m": model.cfg["text"]["multimodal_keep"], "stage": info["name"]},
+        args.out_figure,
+    )
+    atomic_write_json(
+        args.out_json,
+        {
+            "model": str(args.model),
+            "stage": info["name"],
+            "grid": list(grid),
+            "prune_layers": layers,
+            "visual_keep": video_cfg["visual_keep"],
+            "multimodal_keep": model.cfg["text"]["multimodal_keep"],
+            "clips": [{"name": n, "caption": c, **m} for n, c, m in zip(names, captions, maps)],
+        },
+    )
     print(json.dumps({"clips": names, "kept_after_text": [len(m["text"]) for m in maps]}))
     return 0
 

@@ -11,6 +11,7 @@ DAG's results/tables/<table>.md), written one after the other: `make readme-temp
 retrieval and twins tables of `make demo-temporal` (demo_temporal/results/tables/) into
 demo-temporal-results.
 """
+
 from __future__ import annotations
 
 import argparse

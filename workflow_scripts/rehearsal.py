@@ -19,6 +19,7 @@ linked there, never copied):
 Exit status 0 when every job ran and the counts agree, 1 otherwise (the Snakemake log says which
 job failed: .snakemake/log/ in the working folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # svitt from this repository
 
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "configs", "rules", "schemas", "workflow_scripts", "svitt", "profiles",
-                  "envs", "report", "tests/configs")
+WORKFLOW_FILES = (
+    "Snakefile",
+    "config.yaml",
+    "configs",
+    "rules",
+    "schemas",
+    "workflow_scripts",
+    "svitt",
+    "profiles",
+    "envs",
+    "report",
+    "tests/configs",
+)
 TARGETS = ("all", "paper_figures")
 SHARDED_RULES = ("download", "extract_frames")  # their counts follow the overlay's shards
 OVERLAYS = {"full": ("configs/rehearsal.yaml",), "ci": ("configs/rehearsal.yaml", "tests/configs/rehearsal_ci.yaml")}
@@ -101,14 +113,27 @@ def write_weights(data: Path, size: str, texts: list[str], seed: int) -> None:
 
     published.write_bert_folder(data / "bert-base-uncased", texts, weights=False)  # the tokenizer
     text = TEXT_PRESETS["tiny"]
-    published.write_bert_folder(data / "bert_tiny", texts, seed=seed, hidden_size=text["width"], num_hidden_layers=12,
-                                num_attention_heads=text["heads"], intermediate_size=text["intermediate_size"],
-                                max_position_embeddings=text["max_position_embeddings"])
+    published.write_bert_folder(
+        data / "bert_tiny",
+        texts,
+        seed=seed,
+        hidden_size=text["width"],
+        num_hidden_layers=12,
+        num_attention_heads=text["heads"],
+        intermediate_size=text["intermediate_size"],
+        max_position_embeddings=text["max_position_embeddings"],
+    )
     video = VIDEO_PRESETS["tiny"]
-    published.write_hf_beit(data / "weights/beit_tiny_hf", seed=seed, image_size=video["image_size"],
-                            patch_size=video["patch_size"], num_hidden_layers=12, hidden_size=video["width"],
-                            num_attention_heads=video["heads"],
-                            intermediate_size=int(video["width"] * video["mlp_ratio"]))
+    published.write_hf_beit(
+        data / "weights/beit_tiny_hf",
+        seed=seed,
+        image_size=video["image_size"],
+        patch_size=video["patch_size"],
+        num_hidden_layers=12,
+        hidden_size=video["width"],
+        num_attention_heads=video["heads"],
+        intermediate_size=int(video["width"] * video["mlp_ratio"]),
+    )
 
 
 def weight_paths(workdir: Path, size: str) -> list[str]:
@@ -143,8 +168,10 @@ def serve(folder: Path, port: int) -> http.server.ThreadingHTTPServer:
     try:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     except OSError as error:
-        raise SystemExit(f"rehearsal: cannot serve WebVid's URLs on 127.0.0.1:{port} ({error}); the URLs in "
-                         "data/webvid/results_2M_train.csv name that port: free it, or pass --port to rewrite them")
+        raise SystemExit(
+            f"rehearsal: cannot serve WebVid's URLs on 127.0.0.1:{port} ({error}); the URLs in "
+            "data/webvid/results_2M_train.csv name that port: free it, or pass --port to rewrite them"
+        )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -154,16 +181,18 @@ def serve(folder: Path, port: int) -> http.server.ThreadingHTTPServer:
 # ----------------------------------------------------------------------------------------------
 def snakemake(workdir: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env, text=True,
-                          capture_output=capture)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env, text=True, capture_output=capture
+    )
 
 
 def planned_jobs(workdir: Path, configfiles: list[str]) -> dict[str, int]:
     """Jobs per rule of `all` and `paper_figures` from scratch (--forceall: whatever exists)."""
     result = snakemake(workdir, *TARGETS, "-n", "--forceall", "--quiet", "rules", "--configfile", *configfiles)
     if result.returncode:
-        raise SystemExit(f"rehearsal: planning with {configfiles} failed:\n{result.stdout[-3000:]}\n"
-                         f"{result.stderr[-3000:]}")
+        raise SystemExit(
+            f"rehearsal: planning with {configfiles} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return job_counts(result.stdout + result.stderr)
 
 
@@ -188,8 +217,11 @@ def finished_jobs(log: str) -> dict[str, int]:
 def compare(paper: dict[str, int], rehearsal: dict[str, int]) -> list[str]:
     """Rules whose job count differs between the paper's plan and the rehearsal's (shards aside)."""
     rules = sorted((set(paper) | set(rehearsal)) - set(SHARDED_RULES))
-    return [f"{r}: paper {paper.get(r, 0)}, rehearsal {rehearsal.get(r, 0)}" for r in rules
-            if paper.get(r, 0) != rehearsal.get(r, 0)]
+    return [
+        f"{r}: paper {paper.get(r, 0)}, rehearsal {rehearsal.get(r, 0)}"
+        for r in rules
+        if paper.get(r, 0) != rehearsal.get(r, 0)
+    ]
 
 
 def main(argv=None) -> int:
@@ -204,8 +236,9 @@ def main(argv=None) -> int:
     differences = compare(paper_plan, plan)
     server = serve(workdir / "webvid_server", record["port"])
     try:
-        run = snakemake(workdir, "--cores", str(args.cores), *TARGETS, "--configfile", *configfiles,
-                        *args.snakemake_args.split())
+        run = snakemake(
+            workdir, "--cores", str(args.cores), *TARGETS, "--configfile", *configfiles, *args.snakemake_args.split()
+        )
     finally:
         server.shutdown()
     log = run.stdout + run.stderr
@@ -214,17 +247,28 @@ def main(argv=None) -> int:
     left = snakemake(workdir, *TARGETS, "-n", "--configfile", *configfiles)
     complete = left.returncode == 0 and "Nothing to be done" in left.stdout + left.stderr
     report = snakemake(workdir, *TARGETS, "--report", "results/report.html", "--configfile", *configfiles)
-    summary = {"size": args.size, "wall_s": round(time.time() - started, 1), "cores": args.cores,
-               "snakemake_exit": run.returncode, "complete": complete, "report": report.returncode == 0,
-               "planned_paper": paper_plan, "planned_rehearsal": plan, "executed": executed,
-               "count_differences": differences, "data": record}
+    summary = {
+        "size": args.size,
+        "wall_s": round(time.time() - started, 1),
+        "cores": args.cores,
+        "snakemake_exit": run.returncode,
+        "complete": complete,
+        "report": report.returncode == 0,
+        "planned_paper": paper_plan,
+        "planned_rehearsal": plan,
+        "executed": executed,
+        "count_differences": differences,
+        "data": record,
+    }
     (workdir / "results").mkdir(exist_ok=True)
     (workdir / "results/rehearsal.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     ok = run.returncode == 0 and complete and not differences and summary["report"]
-    print(f"rehearsal ({args.size}): {'passed' if ok else 'FAILED'} in {summary['wall_s']:.0f} s; "
-          f"{sum(executed.values())} jobs run of {sum(plan.values())} planned; "
-          f"{'counts as the paper' if not differences else 'count differences: ' + '; '.join(differences)}; "
-          f"report {workdir / 'results/report.html'}; summary {workdir / 'results/rehearsal.json'}")
+    print(
+        f"rehearsal ({args.size}): {'passed' if ok else 'FAILED'} in {summary['wall_s']:.0f} s; "
+        f"{sum(executed.values())} jobs run of {sum(plan.values())} planned; "
+        f"{'counts as the paper' if not differences else 'count differences: ' + '; '.join(differences)}; "
+        f"report {workdir / 'results/report.html'}; summary {workdir / 'results/rehearsal.json'}"
+    )
     if run.returncode:
         print(log[-6000:], file=sys.stderr)
     return 0 if ok else 1

@@ -13,6 +13,7 @@ of one video-text pair at this point. A point the sparse kernel cannot run (K_l 
 the clip's token count, a keep rate outside (0, 1]) writes a JSON with valid: false and the reason
 instead, and exits 0, so the other points of the grid still run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.evaluation.loading import read_model_info  # noqa: E402  (no torch before the point is checked)
-from svitt.io import atomic_write_json  # noqa: E402
+from svitt.evaluation.loading import read_model_info
+from svitt.io import atomic_write_json
 
 METRIC = "t2v_mean"  # of the contrastive scores, as the paper's Figures 4 and 5 (mean recall)
 
@@ -48,8 +49,11 @@ def parse_args(argv=None):
 
 
 def point_overrides(args) -> dict:
-    video = {k: getattr(args, k) for k in ("local_blocks", "random_blocks", "block_size", "visual_keep")
-             if getattr(args, k) is not None}
+    video = {
+        k: getattr(args, k)
+        for k in ("local_blocks", "random_blocks", "block_size", "visual_keep")
+        if getattr(args, k) is not None
+    }
     text = {"multimodal_keep": args.multimodal_keep} if args.multimodal_keep is not None else {}
     return {"video": video, "text": text}
 
@@ -81,11 +85,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     info = read_model_info(args.model)
     overrides = point_overrides(args)
-    record = {"point": args.point, "stage": info["name"], "model": str(args.model), "frames": info["frames"],
-              "settings": {**{k: info["model_config"]["video"][k] for k in
-                              ("local_blocks", "random_blocks", "block_size", "visual_keep")},
-                           "multimodal_keep": info["model_config"]["text"]["multimodal_keep"],
-                           **overrides["video"], **overrides["text"]}}
+    record = {
+        "point": args.point,
+        "stage": info["name"],
+        "model": str(args.model),
+        "frames": info["frames"],
+        "settings": {
+            **{
+                k: info["model_config"]["video"][k]
+                for k in ("local_blocks", "random_blocks", "block_size", "visual_keep")
+            },
+            "multimodal_keep": info["model_config"]["text"]["multimodal_keep"],
+            **overrides["video"],
+            **overrides["text"],
+        },
+    }
     reason = why_not(overrides, info["model_config"])
     if reason:
         atomic_write_json(args.out, {**record, "valid": False, "reason": reason})
@@ -99,8 +113,11 @@ def main(argv=None) -> int:
     from svitt.evaluation.probing import reset_layouts
 
     module = task("retrieval")
-    settings = {k: v for k, v in {**module.SETTINGS, **json.loads(args.config_json)}.items()
-                if k not in ("frame_orders", "shuffle_seed")}  # one pass, frames as sampled
+    settings = {
+        k: v
+        for k, v in {**module.SETTINGS, **json.loads(args.config_json)}.items()
+        if k not in ("frame_orders", "shuffle_seed")
+    }  # one pass, frames as sampled
     loaded = load_for_evaluation(args.model, args.device, overrides=overrides, tokenizer=args.tokenizer)
     model, info, device = loaded.model, loaded.info, loaded.device
     video = model.cfg["video"]
@@ -108,15 +125,33 @@ def main(argv=None) -> int:
     collator = PairCollator(loaded.tokenizer, settings["text_len"])
     dataset = module.build_dataset(args.shards, args.annotations, video["frames"], transform)
     reset_layouts(model)
-    result = module.evaluate_retrieval(model, dataset, collator, batch_size=settings["batch_size"],
-                                       rerank_k=settings["rerank_k"], device=device, progress=not args.no_progress)
+    result = module.evaluate_retrieval(
+        model,
+        dataset,
+        collator,
+        batch_size=settings["batch_size"],
+        rerank_k=settings["rerank_k"],
+        device=device,
+        progress=not args.no_progress,
+    )
     counts = efficiency.edges(model.cfg, settings["text_len"])
     flops = efficiency.inference_flops(model.to(device).eval(), settings["text_len"])
-    record.update({"valid": True, **{k: result[k] for k in ("metrics", "metrics_vtm", "twins", "twins_vtm",
-                                                            "num_videos", "chance_r1") if k in result},
-                   "metric": {"name": METRIC, "value": result["metrics"][METRIC]},
-                   "edges": counts["edges"], "sparsity": counts["sparsity"], "gflops": flops["total"] / 1e9,
-                   "gflops_video": flops["video"] / 1e9, "eval_settings": settings})
+    record.update(
+        {
+            "valid": True,
+            **{
+                k: result[k]
+                for k in ("metrics", "metrics_vtm", "twins", "twins_vtm", "num_videos", "chance_r1")
+                if k in result
+            },
+            "metric": {"name": METRIC, "value": result["metrics"][METRIC]},
+            "edges": counts["edges"],
+            "sparsity": counts["sparsity"],
+            "gflops": flops["total"] / 1e9,
+            "gflops_video": flops["video"] / 1e9,
+            "eval_settings": settings,
+        }
+    )
     atomic_write_json(args.out, record)
     print(json.dumps({k: record[k] for k in ("point", "metric", "edges", "sparsity", "gflops")}))
     return 0

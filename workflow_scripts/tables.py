@@ -13,6 +13,7 @@ NAME=PATH may repeat a NAME (one file per seed): cells show the mean and each va
 qa_<dataset>, probing_qa_<dataset>, egomcq, probing_egomcq, efficiency (each when its results are given;
 the probing tables when the results hold more than one frame order).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,12 @@ def main(argv=None) -> int:
     egomcq = named(args.egomcq) if args.egomcq else None
     # The tables to build, decided by the one function the rule's outputs come from too
     # (svitt.workflow.analysis.table_names), here from what the result files hold.
-    names = table_names({d: tables.probed(r) for d, r in retrieval.items()},
-                        {d: tables.probed(r) for d, r in qa.items()},
-                        None if egomcq is None else tables.probed(egomcq), efficiency=bool(args.efficiency))
+    names = table_names(
+        {d: tables.probed(r) for d, r in retrieval.items()},
+        {d: tables.probed(r) for d, r in qa.items()},
+        None if egomcq is None else tables.probed(egomcq),
+        efficiency=bool(args.efficiency),
+    )
     builders = {}
     for dataset, results in retrieval.items():
         builders[f"retrieval_{dataset}"] = lambda r=results, d=dataset: tables.retrieval_table(r, d)

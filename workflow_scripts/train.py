@@ -9,6 +9,7 @@ Multi-GPU: torchrun --nproc_per_node N workflow_scripts/train.py ...
 Resumes from OUT/checkpoint.pt when one written for the same config exists. Exit code 75 means
 the run was preempted (SIGTERM/SIGUSR1) after saving: run the same command again to continue.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # svitt from this repository
 
-from svitt.config import add_io_arguments  # noqa: E402
+from svitt.config import add_io_arguments
 
 
 def parse_args(argv=None):
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     from svitt.training.loop import run_cli
 
     return run_cli(cfg, args, init=args.init)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ It reports
 - `cosine`: the mean cosine of the time-reversed and event-order twins' embeddings, video side
   and text side (1 = the encoder cannot tell them apart).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,33 +73,46 @@ def main(argv=None) -> int:
     dataset = retrieval.build_dataset(args.shards, str(args.annotations), model.cfg["video"]["frames"], transform)
     items = json.loads(args.annotations.read_text())
     if len(items) != len(dataset.texts) or any("family" not in item for item in items):
-        raise ValueError(f"{args.annotations}: expected the demo's retrieval annotations (one caption "
-                         "per clip, each with a family)")
+        raise ValueError(
+            f"{args.annotations}: expected the demo's retrieval annotations (one caption per clip, each with a family)"
+        )
     with torch.no_grad():
         video_emb, video_tokens = embed_videos(model, dataset, 32, 0, "cpu", keep_tokens=True, progress=False)
-        text_emb, text_hidden, text_mask = embed_texts(model, PairCollator(loaded.tokenizer, 32),
-                                                       dataset.texts, device="cpu")
+        text_emb, text_hidden, text_mask = embed_texts(
+            model, PairCollator(loaded.tokenizer, 32), dataset.texts, device="cpu"
+        )
         n = len(items)
-        vtm = vtm_scores(model, text_hidden, text_mask, video_tokens, [(i, j) for i in range(n) for j in range(n)],
-                         device="cpu").view(n, n)
+        vtm = vtm_scores(
+            model, text_hidden, text_mask, video_tokens, [(i, j) for i in range(n) for j in range(n)], device="cpu"
+        ).view(n, n)
     sim = text_emb @ video_emb.T
     groups = clip_groups(items)
     temperature = model.temperature().detach()
     hard = torch.softmax((sim / temperature).masked_fill(groups == 0, float("-inf")), dim=1)
-    result = {"model": str(args.model), "stage": info["name"], "temperature": float(temperature),
-              "negative_mass": {name: float(hard[groups == g].sum() / n) for g, name in GROUPS.items()},
-              "share_of_clips": {name: float((groups == g).sum() / (n * (n - 1))) for g, name in GROUPS.items()}}
+    result = {
+        "model": str(args.model),
+        "stage": info["name"],
+        "temperature": float(temperature),
+        "negative_mass": {name: float(hard[groups == g].sum() / n) for g, name in GROUPS.items()},
+        "share_of_clips": {name: float((groups == g).sum() / (n * (n - 1))) for g, name in GROUPS.items()},
+    }
     for head, scores in (("itc", sim), ("vtm", vtm)):
         above = scores.diagonal()[:, None] > scores
-        result[f"pairwise_acc_{head}"] = {name: 100 * float(above[groups == g].float().mean())
-                                          if (groups == g).any() else None  # no clip in the group
-                                          for g, name in GROUPS.items()}
+        result[f"pairwise_acc_{head}"] = {
+            name: 100 * float(above[groups == g].float().mean())
+            if (groups == g).any()
+            else None  # no clip in the group
+            for g, name in GROUPS.items()
+        }
     index = {item["video"]: i for i, item in enumerate(items)}
-    twins = {kind: [(i, index[item[key]]) for i, item in enumerate(items)]
-             for kind, key in (("time_reversed", "reverse_twin"), ("event_order", "order_twin"))}
-    result["cosine"] = {side: {kind: float(torch.stack([emb[i] @ emb[j] for i, j in pairs]).mean())
-                               for kind, pairs in twins.items()}
-                        for side, emb in (("video", video_emb), ("text", text_emb))}
+    twins = {
+        kind: [(i, index[item[key]]) for i, item in enumerate(items)]
+        for kind, key in (("time_reversed", "reverse_twin"), ("event_order", "order_twin"))
+    }
+    result["cosine"] = {
+        side: {kind: float(torch.stack([emb[i] @ emb[j] for i, j in pairs]).mean()) for kind, pairs in twins.items()}
+        for side, emb in (("video", video_emb), ("text", text_emb))
+    }
     atomic_write_json(args.out, result)
     print(json.dumps(result))
     return 0

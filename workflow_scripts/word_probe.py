@@ -18,6 +18,7 @@ the fusion layers, picks one word of the group; accuracy is reported per group a
   the direction from the clip scores below chance here: the twin moves the other way).
 Chance is 100 / group size. `own` near `other` means the word is guessed from the text alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--shards", nargs="+", required=True)
     p.add_argument("--annotations", required=True, type=Path, help="a retrieval annotation list (video, caption)")
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--groups", required=True, help='JSON {group: [word, ...]}, each word one token')
+    p.add_argument("--groups", required=True, help="JSON {group: [word, ...]}, each word one token")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", required=True, type=Path)
@@ -49,8 +50,9 @@ def group_token_ids(tokenizer, groups: dict[str, list[str]]) -> dict[str, list[i
         for word in words:
             pieces = tokenizer.tokenize(word)
             if len(pieces) != 1 or tokenizer.convert_tokens_to_ids(pieces[0]) == tokenizer.unk_token_id:
-                raise ValueError(f"--groups: {word!r} of group {name!r} is not one token of the vocabulary "
-                                 f"(tokenized as {pieces})")
+                raise ValueError(
+                    f"--groups: {word!r} of group {name!r} is not one token of the vocabulary (tokenized as {pieces})"
+                )
             ids.append(tokenizer.convert_tokens_to_ids(pieces[0]))
         out[name] = ids
     return out
@@ -95,8 +97,11 @@ def summarise(counts: dict, group_ids: dict) -> dict:
         for video, by_occurrence in by_video.items():
             correct = sum(c for c, _ in by_occurrence.values())
             total = sum(n for _, n in by_occurrence.values())
-            out[name][video] = {"all": 100.0 * correct / total if total else None, "count": total,
-                                **{f"occurrence_{k + 1}": 100.0 * c / n for k, (c, n) in sorted(by_occurrence.items())}}
+            out[name][video] = {
+                "all": 100.0 * correct / total if total else None,
+                "count": total,
+                **{f"occurrence_{k + 1}": 100.0 * c / n for k, (c, n) in sorted(by_occurrence.items())},
+            }
     return out
 
 
@@ -127,10 +132,21 @@ def main(argv=None) -> int:
     if all(item.get("reverse_twin") in index for item in items):
         videos["reverse_twin"] = tokens[torch.tensor([index[item["reverse_twin"]] for item in items])]
     text = PairCollator(tokenizer, args.text_len).tokenize([item["caption"] for item in items])
-    counts = masked_word_accuracy(model, text["input_ids"], text["attention_mask"], videos, group_ids,
-                                  tokenizer.convert_tokens_to_ids(tokenizer.mask_token))
-    result = {"model": str(args.model), "stage": info["name"], "annotations": str(args.annotations),
-              "groups": groups, "accuracy": summarise(counts, group_ids)}
+    counts = masked_word_accuracy(
+        model,
+        text["input_ids"],
+        text["attention_mask"],
+        videos,
+        group_ids,
+        tokenizer.convert_tokens_to_ids(tokenizer.mask_token),
+    )
+    result = {
+        "model": str(args.model),
+        "stage": info["name"],
+        "annotations": str(args.annotations),
+        "groups": groups,
+        "accuracy": summarise(counts, group_ids),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     for name, row in result["accuracy"].items():

@@ -12,6 +12,7 @@ inference FLOPs and training memory per clip, at any size and without a GPU.
   batch 2 minus peak at batch 1, so weights, gradients and optimiser state cancel. On CUDA it is
   measured instead: torch.cuda.max_memory_allocated around the real SViTT.forward + backward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,31 +39,53 @@ PAPER_BLOCKS = (1, 3, 56)  # (K_l, K_r, G) of Tables 2 and 7
 PAPER_VISUAL_KEEP = {4: 0.7, 8: 0.6, 16: 0.5}  # q_v per clip length (Table 7)
 PAPER_MULTIMODAL_KEEP = 0.1  # q_m (Table 7)
 # Published numbers the full-size table is checked against.
-TABLE7 = {4: {"edges_m": 1.48, "sparsity": 0.80}, 8: {"edges_m": 2.60, "sparsity": 0.91},
-          16: {"edges_m": 4.61, "sparsity": 0.96}}  # hybrid, (1, 3, 56), q_m = 0.1
+TABLE7 = {
+    4: {"edges_m": 1.48, "sparsity": 0.80},
+    8: {"edges_m": 2.60, "sparsity": 0.91},
+    16: {"edges_m": 4.61, "sparsity": 0.96},
+}  # hybrid, (1, 3, 56), q_m = 0.1
 TABLE2 = {  # (frames, mode): (inference GFLOPs, training memory GB per sample)
-    (4, "dense"): (139.9, 0.96), (4, "edge"): (135.9, 0.80), (4, "node"): (95.8, 0.61), (4, "hybrid"): (93.9, 0.54),
-    (8, "dense"): (291.3, 3.14), (8, "edge"): (271.8, 1.57), (8, "node"): (197.6, 1.77), (8, "hybrid"): (166.4, 0.92),
-    (16, "dense"): (627.8, 10.66), (16, "edge"): (543.6, 3.02), (16, "node"): (370.9, 4.39),
-    (16, "hybrid"): (296.2, 1.57)}
+    (4, "dense"): (139.9, 0.96),
+    (4, "edge"): (135.9, 0.80),
+    (4, "node"): (95.8, 0.61),
+    (4, "hybrid"): (93.9, 0.54),
+    (8, "dense"): (291.3, 3.14),
+    (8, "edge"): (271.8, 1.57),
+    (8, "node"): (197.6, 1.77),
+    (8, "hybrid"): (166.4, 0.92),
+    (16, "dense"): (627.8, 10.66),
+    (16, "edge"): (543.6, 3.02),
+    (16, "node"): (370.9, 4.39),
+    (16, "hybrid"): (296.2, 1.57),
+}
 
 
-def mode_overrides(mode: str, frames: int, blocks=PAPER_BLOCKS, visual_keep=None,
-                   multimodal_keep: float = PAPER_MULTIMODAL_KEEP) -> dict:
+def mode_overrides(
+    mode: str, frames: int, blocks=PAPER_BLOCKS, visual_keep=None, multimodal_keep: float = PAPER_MULTIMODAL_KEEP
+) -> dict:
     """{"video": {...}, "text": {...}} of one sparsity mode at clip length `frames`: edge sparsity
     with `blocks` (K_l, K_r, G), node sparsity with q_v (Table 7's for this T by default) and q_m."""
     if mode not in MODES:
         raise ValueError(f"sparsity mode must be one of {MODES}, got {mode!r}")
     if visual_keep is None:
         if frames not in PAPER_VISUAL_KEEP:
-            raise ValueError(f"no published visual keep rate for {frames} frames "
-                             f"(have {sorted(PAPER_VISUAL_KEEP)}); pass visual_keep")
+            raise ValueError(
+                f"no published visual keep rate for {frames} frames "
+                f"(have {sorted(PAPER_VISUAL_KEEP)}); pass visual_keep"
+            )
         visual_keep = PAPER_VISUAL_KEEP[frames]
     edge, node = mode in ("edge", "hybrid"), mode in ("node", "hybrid")
     k_l, k_r, g = blocks if edge else (None, None, None)
-    return {"video": {"frames": frames, "local_blocks": k_l, "random_blocks": k_r, "block_size": g,
-                      "visual_keep": visual_keep if node else 1.0},
-            "text": {"multimodal_keep": multimodal_keep if node else 1.0}}
+    return {
+        "video": {
+            "frames": frames,
+            "local_blocks": k_l,
+            "random_blocks": k_r,
+            "block_size": g,
+            "visual_keep": visual_keep if node else 1.0,
+        },
+        "text": {"multimodal_keep": multimodal_keep if node else 1.0},
+    }
 
 
 def with_overrides(model_cfg: dict, overrides: dict) -> dict:
@@ -81,17 +104,27 @@ def edges(model_cfg: dict, text_len: int = 32, count_multimodal_pruning: bool = 
     cfg = resolve_model_config(with_overrides(model_cfg, {}))
     video, text = cfg["video"], cfg["text"]
     if video["temporal"] != "joint":
-        raise ValueError(f"edge accounting (eq. 17-19) is defined for joint attention over the clip, "
-                         f"not video.temporal={video['temporal']!r}")
+        raise ValueError(
+            f"edge accounting (eq. 17-19) is defined for joint attention over the clip, "
+            f"not video.temporal={video['temporal']!r}"
+        )
     sparse = video["block_size"] is not None
     return edge_count(
-        frames=video["frames"], local_blocks=video["local_blocks"] if sparse else None,
+        frames=video["frames"],
+        local_blocks=video["local_blocks"] if sparse else None,
         random_blocks=video["random_blocks"] if sparse else None,
-        block_size=video["block_size"] if sparse else None, visual_keep=video["visual_keep"],
-        multimodal_keep=text["multimodal_keep"], text_len=text_len, image_size=video["image_size"],
-        patch_size=video["patch_size"], depth=video["depth"], fusion_layers=text["fusion_layers"],
-        prune_layers=tuple(video["prune_layers"]), tubelet_frames=video["tubelet_frames"],
-        count_multimodal_pruning=count_multimodal_pruning)
+        block_size=video["block_size"] if sparse else None,
+        visual_keep=video["visual_keep"],
+        multimodal_keep=text["multimodal_keep"],
+        text_len=text_len,
+        image_size=video["image_size"],
+        patch_size=video["patch_size"],
+        depth=video["depth"],
+        fusion_layers=text["fusion_layers"],
+        prune_layers=tuple(video["prune_layers"]),
+        tubelet_frames=video["tubelet_frames"],
+        count_multimodal_pruning=count_multimodal_pruning,
+    )
 
 
 def paper_size(model_cfg: dict) -> bool:
@@ -100,8 +133,13 @@ def paper_size(model_cfg: dict) -> bool:
 
     cfg = resolve_model_config(with_overrides(model_cfg, {}))
     video, text = cfg["video"], cfg["text"]
-    return ((video["image_size"], video["patch_size"], video["depth"], video["width"], video["tubelet_frames"])
-            == (224, 16, 12, 768, 1) and (text["width"], text["depth"], text["fusion_layers"]) == (768, 12, 3))
+    return (video["image_size"], video["patch_size"], video["depth"], video["width"], video["tubelet_frames"]) == (
+        224,
+        16,
+        12,
+        768,
+        1,
+    ) and (text["width"], text["depth"], text["fusion_layers"]) == (768, 12, 3)
 
 
 def model_name(model_cfg: dict) -> str:
@@ -124,8 +162,9 @@ def meta_model(model_cfg: dict):
 
 def _pair_inputs(model, batch: int, text_len: int, device):
     video = model.video_encoder.cfg
-    clip = torch.zeros(batch, video["frames"], video["in_chans"], video["image_size"], video["image_size"],
-                       device=device)
+    clip = torch.zeros(
+        batch, video["frames"], video["in_chans"], video["image_size"], video["image_size"], device=device
+    )
     ids = torch.ones(batch, text_len, dtype=torch.long, device=device)
     return clip, ids, torch.ones_like(ids)
 
@@ -270,10 +309,17 @@ def cost_row(model_cfg: dict, text_len: int = 32, memory: str | None = "meta") -
     counts = edges(model_cfg, text_len)
     table7 = edges(model_cfg, text_len, count_multimodal_pruning=False)
     flops = inference_flops(meta_model(model_cfg), text_len)
-    row = {"edges": counts["edges"], "edges_m": counts["edges"] / 1e6, "sparsity": counts["sparsity"],
-           "edges_m_table7": table7["edges"] / 1e6, "sparsity_table7": table7["sparsity"],
-           "gflops": flops["total"] / 1e9, "gflops_video": flops["video"] / 1e9,
-           "gflops_text": flops["text"] / 1e9, "gflops_fusion": flops["fusion"] / 1e9}
+    row = {
+        "edges": counts["edges"],
+        "edges_m": counts["edges"] / 1e6,
+        "sparsity": counts["sparsity"],
+        "edges_m_table7": table7["edges"] / 1e6,
+        "sparsity_table7": table7["sparsity"],
+        "gflops": flops["total"] / 1e9,
+        "gflops_video": flops["video"] / 1e9,
+        "gflops_text": flops["text"] / 1e9,
+        "gflops_fusion": flops["fusion"] / 1e9,
+    }
     if memory:
         mem = training_memory_per_clip(model_cfg, text_len, memory)
         row.update({"memory_gb": mem["bytes"] / 1e9, "memory_method": mem["method"]})
@@ -294,18 +340,35 @@ def paper_checks(rows: list[dict]) -> list[dict]:
             if key + "_table7" not in row:
                 continue
             got = round(row[key + "_table7"], 2)
-            checks.append({"check": f"Table 7 {name} at T={frames} (Table 7's count: q_m prunes no "
-                                    f"multimodal edge)", "expected": paper[key], "got": got,
-                           "ok": got == paper[key]})
+            checks.append(
+                {
+                    "check": f"Table 7 {name} at T={frames} (Table 7's count: q_m prunes no multimodal edge)",
+                    "expected": paper[key],
+                    "got": got,
+                    "ok": got == paper[key],
+                }
+            )
     hybrid16, dense8 = by.get((16, "hybrid")), by.get((8, "dense"))
     if hybrid16 and dense8:
         ratio = hybrid16["gflops"] / dense8["gflops"]
-        checks.append({"check": "Table 2: inference GFLOPs of hybrid T=16 / dense T=8 (paper 296.2 / 291.3 = "
-                                "1.02, 'similar computation')", "expected": "at most 1.1",
-                       "got": round(ratio, 2), "ok": ratio <= 1.1})
+        checks.append(
+            {
+                "check": "Table 2: inference GFLOPs of hybrid T=16 / dense T=8 (paper 296.2 / 291.3 = "
+                "1.02, 'similar computation')",
+                "expected": "at most 1.1",
+                "got": round(ratio, 2),
+                "ok": ratio <= 1.1,
+            }
+        )
         if "memory_gb" in hybrid16 and "memory_gb" in dense8:
             ratio = hybrid16["memory_gb"] / dense8["memory_gb"]
-            checks.append({"check": "Table 2: training memory per clip of hybrid T=16 / dense T=8 (paper "
-                                    "1.57 / 3.14 = 0.50, 'only half')", "expected": "at most 0.6",
-                           "got": round(ratio, 2), "ok": ratio <= 0.6})
+            checks.append(
+                {
+                    "check": "Table 2: training memory per clip of hybrid T=16 / dense T=8 (paper "
+                    "1.57 / 3.14 = 0.50, 'only half')",
+                    "expected": "at most 0.6",
+                    "got": round(ratio, 2),
+                    "ok": ratio <= 0.6,
+                }
+            )
     return checks

@@ -4,6 +4,7 @@ Every figure takes {name: [result file, ...]}: one file per seed of the same mod
 mean over the files and a dot per file, so a figure of two seeds shows both values. A missing
 file is an error that names it; nothing is drawn from no data.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from svitt.io import atomic_path  # noqa: E402
-from svitt.models.objectives import OBJECTIVE_TABLE  # noqa: E402
-from svitt.analysis.results import ORDERS, as_runs, load_runs, mean, pick, read_json, read_jsonl  # noqa: E402
+from svitt.analysis.results import ORDERS, as_runs, load_runs, mean, pick, read_json, read_jsonl
+from svitt.io import atomic_path
+from svitt.models.objectives import OBJECTIVE_TABLE
 
 # The total first, then every objective in the registry's order (a new one gets its panel).
 LOSS_NAMES = {"loss": "total loss", **{o.name: o.label for o in OBJECTIVE_TABLE}}
@@ -30,8 +31,17 @@ def _save(fig, out: str | Path):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _grouped_bars(ax, names: list[str], series: dict[str, list[list[float]]], chance: float | None, ylabel: str,
-                  title: str, rotation: float = 0, chance_label: str | None = None, ymax: float = 100):
+def _grouped_bars(
+    ax,
+    names: list[str],
+    series: dict[str, list[list[float]]],
+    chance: float | None,
+    ylabel: str,
+    title: str,
+    rotation: float = 0,
+    chance_label: str | None = None,
+    ymax: float = 100,
+):
     """Bars of the mean of each name's values (one list per name, one value per seed) with a dot
     per value, one bar per series side by side, and the chance level.
 
@@ -42,8 +52,7 @@ def _grouped_bars(ax, names: list[str], series: dict[str, list[list[float]]], ch
         bars = ax.bar(xs, [mean(v) for v in per_name], width, label=label)
         for x, values in zip(xs, per_name):
             if len(values) > 1:
-                ax.plot([x] * len(values), values, "o", ms=3, color="k", mfc=bars.patches[0].get_facecolor(),
-                        zorder=3)
+                ax.plot([x] * len(values), values, "o", ms=3, color="k", mfc=bars.patches[0].get_facecolor(), zorder=3)
     handles = 0
     if chance is not None:
         ax.axhline(chance, color="k", ls=":", lw=1, label=chance_label or f"chance ({chance:g}%)")
@@ -53,8 +62,9 @@ def _grouped_bars(ax, names: list[str], series: dict[str, list[list[float]]], ch
     ax.set_xticks(range(len(names)), names, rotation=rotation, ha="right" if rotation else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper center", ncol=len(series) + handles, frameon=False, columnspacing=1.0,
-              handlelength=1.5)
+    ax.legend(
+        fontsize=7, loc="upper center", ncol=len(series) + handles, frameon=False, columnspacing=1.0, handlelength=1.5
+    )
 
 
 def _seeds_note(runs: dict[str, list]) -> str:
@@ -73,8 +83,9 @@ def plot_training_curves(metrics: dict, out: str | Path):
     keys = sorted({k for rs in runs.values() for r in rs for row in r for k in row} & set(order), key=order.index)
     if not keys:
         raise ValueError(f"no loss columns in {[str(p) for ps in as_runs(metrics).values() for p in ps]}")
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys) + 1.2, 3.3), squeeze=False, sharex=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(3.3 * len(keys) + 1.2, 3.3), squeeze=False, sharex=True, layout="constrained"
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     seeds = max(len(v) for v in runs.values())
     offsets = [0] * seeds
@@ -115,17 +126,35 @@ def plot_retrieval(results: dict, out: str | Path):
     names = list(runs)
     fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(names) + 6), 3.8), layout="constrained")
     chance = next(iter(runs.values()))[0]["chance_r1"]
-    _grouped_bars(ax_r, names, {f"R@{k}": [[pick(r, f"metrics.t2v_r{k}") for r in runs[n]] for n in names]
-                                for k in (1, 5, 10)},
-                  chance=chance, ylabel="text-to-video recall (%)", title="Zero-shot retrieval (test split)",
-                  rotation=20, chance_label="chance R@1")
-    twins = {f"{label}": [[pick(r, f"twins.{kind}") for r in runs[n]] for n in names]
-             for kind, label in TWIN_KINDS.items() if any(kind in r.get("twins", {}) for rs in runs.values() for r in rs)}
-    if any(pick(r, "twins_exact_reversal.itc") == pick(r, "twins_exact_reversal.itc") for rs in runs.values() for r in rs):
+    _grouped_bars(
+        ax_r,
+        names,
+        {f"R@{k}": [[pick(r, f"metrics.t2v_r{k}") for r in runs[n]] for n in names] for k in (1, 5, 10)},
+        chance=chance,
+        ylabel="text-to-video recall (%)",
+        title="Zero-shot retrieval (test split)",
+        rotation=20,
+        chance_label="chance R@1",
+    )
+    twins = {
+        f"{label}": [[pick(r, f"twins.{kind}") for r in runs[n]] for n in names]
+        for kind, label in TWIN_KINDS.items()
+        if any(kind in r.get("twins", {}) for rs in runs.values() for r in rs)
+    }
+    if any(
+        pick(r, "twins_exact_reversal.itc") == pick(r, "twins_exact_reversal.itc") for rs in runs.values() for r in rs
+    ):
         twins["exact reversal of the clip"] = [[pick(r, "twins_exact_reversal.itc") for r in runs[n]] for n in names]
     if twins:
-        _grouped_bars(ax_t, names, twins, chance=50, ylabel="caption chosen correctly (%)",
-                      title="Temporal twins: own caption vs twin's", rotation=20)
+        _grouped_bars(
+            ax_t,
+            names,
+            twins,
+            chance=50,
+            ylabel="caption chosen correctly (%)",
+            title="Temporal twins: own caption vs twin's",
+            rotation=20,
+        )
     else:
         ax_t.text(0.5, 0.5, "no temporal twins in this dataset", ha="center", va="center", transform=ax_t.transAxes)
         ax_t.set_axis_off()
@@ -138,9 +167,17 @@ def plot_egomcq(results: dict, out: str | Path):
     runs = load_runs(results)
     names = list(runs)
     fig, ax = plt.subplots(figsize=(4 + len(names), 3.6), layout="constrained")
-    _grouped_bars(ax, names, {f"{kind}-video": [[pick(r, f"metrics.{kind}") for r in runs[n]] for n in names]
-                              for kind in ("inter", "intra")},
-                  chance=20, ylabel="accuracy (%)", title=f"EgoMCQ ({_seeds_note(runs)})")
+    _grouped_bars(
+        ax,
+        names,
+        {
+            f"{kind}-video": [[pick(r, f"metrics.{kind}") for r in runs[n]] for n in names]
+            for kind in ("inter", "intra")
+        },
+        chance=20,
+        ylabel="accuracy (%)",
+        title=f"EgoMCQ ({_seeds_note(runs)})",
+    )
     _save(fig, out)
 
 
@@ -161,11 +198,15 @@ def plot_sparsity(models: dict, out: str | Path):
 
 
 PROBING_PANELS = {  # per task: (key under a frame order's results, panel title, chance)
-    "retrieval": [("metrics.t2v_mean", "retrieval: mean of R@1/5/10 (%)", None),
-                  ("twins.time_reversed", "time-reversed twins (%)", 50),
-                  ("twins.event_order", "event-order twins (%)", 50)],
-    "egomcq": [("metrics.inter", "EgoMCQ inter-video accuracy (%)", 20),
-               ("metrics.intra", "EgoMCQ intra-video accuracy (%)", 20)],
+    "retrieval": [
+        ("metrics.t2v_mean", "retrieval: mean of R@1/5/10 (%)", None),
+        ("twins.time_reversed", "time-reversed twins (%)", 50),
+        ("twins.event_order", "event-order twins (%)", 50),
+    ],
+    "egomcq": [
+        ("metrics.inter", "EgoMCQ inter-video accuracy (%)", 20),
+        ("metrics.intra", "EgoMCQ intra-video accuracy (%)", 20),
+    ],
 }
 
 
@@ -180,24 +221,36 @@ def plot_probing(results: dict, out: str | Path, task: str = "retrieval"):
     and reversed order; the text above each group is normal minus shuffled (the paper's Delta)."""
     runs = load_runs(results)
     names = list(runs)
-    panels = [p for p in PROBING_PANELS.get(task) or _metric_panels(runs)
-              if any(not math.isnan(pick(r, f"frame_orders.normal.{p[0]}")) for rs in runs.values() for r in rs)]
+    panels = [
+        p
+        for p in PROBING_PANELS.get(task) or _metric_panels(runs)
+        if any(not math.isnan(pick(r, f"frame_orders.normal.{p[0]}")) for rs in runs.values() for r in rs)
+    ]
     if not panels or not all("frame_orders" in r for rs in runs.values() for r in rs):
-        raise ValueError(f"the results {[str(p) for ps in as_runs(results).values() for p in ps]} hold no "
-                         "frame_orders (evaluate with evaluation.<task>.frame_orders)")
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2, 1.3 * len(names) + 2) * len(panels), 3.8),
-                             squeeze=False, layout="constrained")
+        raise ValueError(
+            f"the results {[str(p) for ps in as_runs(results).values() for p in ps]} hold no "
+            "frame_orders (evaluate with evaluation.<task>.frame_orders)"
+        )
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(max(4.2, 1.3 * len(names) + 2) * len(panels), 3.8), squeeze=False, layout="constrained"
+    )
     for ax, (key, title, chance) in zip(axes[0], panels):
-        series = {order: [[pick(r, f"frame_orders.{order}.{key}") for r in runs[n]] for n in names]
-                  for order in ORDERS if any(order in r["frame_orders"] for rs in runs.values() for r in rs)}
+        series = {
+            order: [[pick(r, f"frame_orders.{order}.{key}") for r in runs[n]] for n in names]
+            for order in ORDERS
+            if any(order in r["frame_orders"] for rs in runs.values() for r in rs)
+        }
         _grouped_bars(ax, names, series, chance=chance, ylabel=title, title=title.split(" (")[0], rotation=20)
         if "shuffled" in series:
             for j, n in enumerate(names):
-                delta = mean([pick(r, f"frame_orders.normal.{key}") - pick(r, f"frame_orders.shuffled.{key}")
-                              for r in runs[n]])
+                delta = mean(
+                    [pick(r, f"frame_orders.normal.{key}") - pick(r, f"frame_orders.shuffled.{key}") for r in runs[n]]
+                )
                 ax.text(j, 101, f"Δ {delta:+.1f}", ha="center", va="bottom", fontsize=7)
-    fig.suptitle(f"Temporal probing: frames in normal / shuffled / reversed order ({_seeds_note(runs)}; "
-                 "Δ = normal − shuffled)", fontsize=10)
+    fig.suptitle(
+        f"Temporal probing: frames in normal / shuffled / reversed order ({_seeds_note(runs)}; Δ = normal − shuffled)",
+        fontsize=10,
+    )
     _save(fig, out)
 
 
@@ -209,20 +262,31 @@ def plot_control(joint: dict, late: dict, out: str | Path):
     missing = [n for n in names if n not in late_runs]
     if missing:
         raise ValueError(f"stages {missing} have no late-fusion control results (have {sorted(late_runs)})")
-    panels = [("metrics.t2v_mean", "retrieval: mean of R@1/5/10 (%)", None),
-              ("twins_exact_reversal.itc", "time-reversed twins, exact reversal (%)", 50),
-              ("twins.event_order", "event-order twins (%)", 50)]
+    panels = [
+        ("metrics.t2v_mean", "retrieval: mean of R@1/5/10 (%)", None),
+        ("twins_exact_reversal.itc", "time-reversed twins, exact reversal (%)", 50),
+        ("twins.event_order", "event-order twins (%)", 50),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), layout="constrained")
     for ax, (key, title, chance) in zip(axes, panels):
-        _grouped_bars(ax, names, {"SViTT (joint space-time)": [[pick(r, key) for r in joint_runs[n]] for n in names],
-                                  "late-fusion control": [[pick(r, key) for r in late_runs[n]] for n in names]},
-                      chance=chance, ylabel=title, title=title.split(" (")[0])
+        _grouped_bars(
+            ax,
+            names,
+            {
+                "SViTT (joint space-time)": [[pick(r, key) for r in joint_runs[n]] for n in names],
+                "late-fusion control": [[pick(r, key) for r in late_runs[n]] for n in names],
+            },
+            chance=chance,
+            ylabel=title,
+            title=title.split(" (")[0],
+        )
     fig.suptitle(f"Curriculum vs its order-blind control ({_seeds_note(joint_runs)})", fontsize=10)
     _save(fig, out)
 
 
-def plot_sweep(points: dict, out: str | Path, kind: str, reference: dict | None = None,
-               metric: str = "metrics.t2v_mean"):
+def plot_sweep(
+    points: dict, out: str | Path, kind: str, reference: dict | None = None, metric: str = "metrics.t2v_mean"
+):
     """Test-time sparsity sweeps of one or more checkpoints (SViTT Figures 4, 5, 7).
 
     points: {"<stage>/<point name>": sweep point JSON or [one per seed]}; kind "edge" (K_l, K_r, G
@@ -242,14 +306,23 @@ def plot_sweep(points: dict, out: str | Path, kind: str, reference: dict | None 
         for x, v in zip(xs, values):
             if len(v) > 1:
                 ax.plot([x] * len(v), v, "o", ms=3, color="k")
-        ticks = [f"{valid[n][0]['stage']}\n({valid[n][0]['settings']['local_blocks']}, "
-                 f"{valid[n][0]['settings']['random_blocks']}, {valid[n][0]['settings']['block_size']})" for n in names]
+        ticks = [
+            f"{valid[n][0]['stage']}\n({valid[n][0]['settings']['local_blocks']}, "
+            f"{valid[n][0]['settings']['random_blocks']}, {valid[n][0]['settings']['block_size']})"
+            for n in names
+        ]
         ax.set_xticks(list(xs), ticks, fontsize=8)
         ax.set_xlim(-0.7, max(len(names), 2) - 0.3)
         ax.set_xlabel("attention blocks (K_l, K_r, G), ordered by edge count")
         ax2 = ax.twinx()
-        ax2.plot(list(xs), [valid[n][0]["edges"] / 1e3 for n in names], "s--", color="tab:red", ms=4,
-                 label="attention edges (right axis)")
+        ax2.plot(
+            list(xs),
+            [valid[n][0]["edges"] / 1e3 for n in names],
+            "s--",
+            color="tab:red",
+            ms=4,
+            label="attention edges (right axis)",
+        )
         ax2.set_ylabel("attention edges (thousands)", color="tab:red")
         ax2.set_ylim(0, max([valid[n][0]["edges"] / 1e3 for n in names] + [1]) * 1.25)
         ax2.legend(fontsize=7, loc="upper right", frameon=False)
@@ -262,24 +335,41 @@ def plot_sweep(points: dict, out: str | Path, kind: str, reference: dict | None 
                     by_qm.setdefault(rs[0]["settings"]["multimodal_keep"], []).append(rs)
             for q_m, group in sorted(by_qm.items()):
                 group.sort(key=lambda rs: rs[0]["settings"]["visual_keep"])
-                ax.plot([rs[0]["settings"]["visual_keep"] for rs in group], [mean([pick(r, metric) for r in rs])
-                        for rs in group], "o-", label=f"{stage} (T={group[0][0]['frames']}), q_m={q_m:g}")
+                ax.plot(
+                    [rs[0]["settings"]["visual_keep"] for rs in group],
+                    [mean([pick(r, metric) for r in rs]) for rs in group],
+                    "o-",
+                    label=f"{stage} (T={group[0][0]['frames']}), q_m={q_m:g}",
+                )
         ax.set_xlabel("visual keep rate q_v (per pruning layer)")
         ax.set_xlim(1.05, 0.0)  # sparser to the right, as in the paper
         title = "Node sparsity at test time (Figures 5 and 7)"
     for stage, paths in (reference or {}).items():
         value = mean([pick(read_json(p), metric) for p in ([paths] if isinstance(paths, (str, Path)) else paths)])
         ax.axhline(value, color="0.4", ls=":", lw=1)
-        ax.annotate(f"{stage} as trained", (1.0, value), xycoords=("axes fraction", "data"), ha="right",
-                    va="bottom", fontsize=7, color="0.3")
+        ax.annotate(
+            f"{stage} as trained",
+            (1.0, value),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.3",
+        )
     ax.set_ylim(0, 118)
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel(label)
     ax.legend(fontsize=7, loc="upper left", frameon=False, ncol=2)
     if invalid:
-        ax.text(0.0, -0.28 if kind == "edge" else -0.18, "not run: " + "; ".join(
-            f"{r['stage']}/{r['point']}: {r['reason']}" for _, r in invalid), transform=ax.transAxes, fontsize=7,
-            va="top", wrap=True)
+        ax.text(
+            0.0,
+            -0.28 if kind == "edge" else -0.18,
+            "not run: " + "; ".join(f"{r['stage']}/{r['point']}: {r['reason']}" for _, r in invalid),
+            transform=ax.transAxes,
+            fontsize=7,
+            va="top",
+            wrap=True,
+        )
     ax.set_title(title)
     _save(fig, out)
 
@@ -294,11 +384,18 @@ def plot_ablation(entries: dict, out: str | Path, metric: str = "metrics.t2v_mea
     if bad:
         raise ValueError(f"ablation entries must be named '<T>:single' or '<T>:expansion', got {bad}")
     names = [f"T = {t}" for t in frames]
-    series = {label: [[pick(r, metric) for r in runs.get(f"{t}:{kind}", [])] for t in frames]
-              for kind, label in kinds.items()}
+    series = {
+        label: [[pick(r, metric) for r in runs.get(f"{t}:{kind}", [])] for t in frames] for kind, label in kinds.items()
+    }
     fig, ax = plt.subplots(figsize=(2 + 1.8 * len(frames), 3.8), layout="constrained")
-    _grouped_bars(ax, names, series, chance=None, ylabel="text-to-video mean recall (%)",
-                  title=f"Temporal sparse expansion (Table 3; {_seeds_note(runs)})")
+    _grouped_bars(
+        ax,
+        names,
+        series,
+        chance=None,
+        ylabel="text-to-video mean recall (%)",
+        title=f"Temporal sparse expansion (Table 3; {_seeds_note(runs)})",
+    )
     ax.set_xlabel("clip length T (frames)")
     _save(fig, out)
 
@@ -312,8 +409,13 @@ def plot_table(columns: list[str], rows: list[list], out: str | Path, title: str
     fig = plt.figure(figsize=(max(6.0, 0.09 * sum(widths) + 0.25 * len(columns)), height))
     ax = fig.add_axes((0.01, (notes_h + 0.1) / height, 0.98, table_h / height))
     ax.set_axis_off()
-    table = ax.table(cellText=[[str(c) for c in row] for row in rows], colLabels=columns, cellLoc="center",
-                     colWidths=[w / sum(widths) for w in widths], bbox=(0, 0, 1, 1))
+    table = ax.table(
+        cellText=[[str(c) for c in row] for row in rows],
+        colLabels=columns,
+        cellLoc="center",
+        colWidths=[w / sum(widths) for w in widths],
+        bbox=(0, 0, 1, 1),
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     for (r, _), cell in table.get_celld().items():
@@ -322,8 +424,9 @@ def plot_table(columns: list[str], rows: list[list], out: str | Path, title: str
             cell.set_text_props(weight="bold")
     fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=10)
     for i, note in enumerate(notes):
-        fig.text(0.01, (notes_h - note_h * (i + 0.5)) / height + 0.02 / height, note, fontsize=7, ha="left",
-                 va="center")
+        fig.text(
+            0.01, (notes_h - note_h * (i + 0.5)) / height + 0.02 / height, note, fontsize=7, ha="left", va="center"
+        )
     _save(fig, out)
 
 
@@ -344,8 +447,19 @@ def kept_mask(positions: list[int], grid: tuple[int, int, int]):
     return mask.reshape(grid)
 
 
-def plot_pruning_maps(frames, maps: list[dict], captions: list[str], names: list[str], grid, tubelet: int,
-                      patch: int, layers: list[int], info: dict, out: str | Path, max_columns: int = 8):
+def plot_pruning_maps(
+    frames,
+    maps: list[dict],
+    captions: list[str],
+    names: list[str],
+    grid,
+    tubelet: int,
+    patch: int,
+    layers: list[int],
+    info: dict,
+    out: str | Path,
+    max_columns: int = 8,
+):
     """Figures 6 and 8: per clip, its frames, the patches kept after each visual pruning layer
     (pruned ones greyed out) and the text-guided selection for its caption.
 
@@ -363,8 +477,10 @@ def plot_pruning_maps(frames, maps: list[dict], captions: list[str], names: list
     subfigs = np.atleast_1d(fig.subfigures(len(maps), 1))
     for sub, clip, m, caption, name in zip(subfigs, frames, maps, captions, names):
         steps = [("frames", np.ones(grid, dtype=bool))]
-        steps += [(f"after layer {layer}\n{len(kept)}/{total} kept", kept_mask(kept, grid))
-                  for layer, kept in zip(layers, m["visual"])]
+        steps += [
+            (f"after layer {layer}\n{len(kept)}/{total} kept", kept_mask(kept, grid))
+            for layer, kept in zip(layers, m["visual"])
+        ]
         steps.append((f"text-guided\n{len(m['text'])}/{total} kept", kept_mask(m["text"], grid)))
         axes = sub.subplots(rows, len(columns), squeeze=False)
         for r, (label, mask) in enumerate(steps):
@@ -381,6 +497,7 @@ def plot_pruning_maps(frames, maps: list[dict], captions: list[str], names: list
                     span = f"{t * tubelet}-{t * tubelet + tubelet - 1}" if tubelet > 1 else f"{t}"
                     ax.set_title(f"frames {span}" if tubelet > 1 else f"frame {span}", fontsize=7)
         sub.suptitle(f'{name}: "{caption}"', fontsize=8)
-    fig.suptitle(f"Pruning maps of {info['stage']} (q_v = {info['q_v']}, q_m = {info['q_m']}); grey: pruned "
-                 "patches", fontsize=9)
+    fig.suptitle(
+        f"Pruning maps of {info['stage']} (q_v = {info['q_v']}, q_m = {info['q_m']}); grey: pruned patches", fontsize=9
+    )
     _save(fig, out)

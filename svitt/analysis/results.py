@@ -2,6 +2,7 @@
 
 Results come as {name: path or [paths]}: one file per seed of the same model.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def as_runs(results: dict) -> dict[str, list[Path]]:
     """{name: path | [paths]} -> {name: [paths]}; at least one name with one file."""
-    runs = {name: [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-            for name, paths in results.items()}
+    runs = {
+        name: [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        for name, paths in results.items()
+    }
     if not runs or not all(runs.values()):
         raise ValueError(f"no result files to plot (got {results!r})")
     return runs

@@ -12,6 +12,7 @@ torch); with an int seed every item's randomness is a function of (seed, epoch, 
 epoch replays exactly (call `set_epoch` before each epoch; persistent workers keep the epoch they
 were started with).
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,6 +21,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
+
 import h5py
 import numpy as np
 import torch
@@ -84,8 +86,10 @@ class FrameStore:
         for number, path in enumerate(self.paths):
             with h5py.File(path, "r") as handle:
                 if handle.attrs.get("format") != FORMAT:
-                    raise ValueError(f"{path} is not a frame shard (format attribute "
-                                     f"{handle.attrs.get('format')!r}, expected {FORMAT!r})")
+                    raise ValueError(
+                        f"{path} is not a frame shard (format attribute "
+                        f"{handle.attrs.get('format')!r}, expected {FORMAT!r})"
+                    )
                 for key in handle.keys():
                     self.shard_of.setdefault(h5_id(key), number)
         self._files: dict[int, h5py.File] = {}
@@ -165,8 +169,10 @@ class ClipDataset(Dataset):
 
     def _require(self, count: int, what: str, source) -> None:
         if count == 0:
-            raise EmptyDatasetError(f"no {what} of {source} has frames in {[str(p) for p in self.store.paths]} "
-                                    f"({len(self.missing)} ids missing, e.g. {self.missing[:3]})")
+            raise EmptyDatasetError(
+                f"no {what} of {source} has frames in {[str(p) for p in self.store.paths]} "
+                f"({len(self.missing)} ids missing, e.g. {self.missing[:3]})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,8 +182,10 @@ def read_caption_table(path: str | Path, group_column: str | None = "family", pa
     """Rows {id, caption, group} of a WebVid CSV, a generic id,...,caption CSV or a retrieval list
     (svitt.data.formats.read_pairs: one row per sentence of a caption list, or with `paragraph` one
     row of the sentences joined by spaces; one row per video of a video list)."""
-    return [{"id": row.id, "caption": row.caption, "group": row.group}
-            for row in formats.read_pairs(path, group_column, paragraph)]
+    return [
+        {"id": row.id, "caption": row.caption, "group": row.group}
+        for row in formats.read_pairs(path, group_column, paragraph)
+    ]
 
 
 def annotation_videos(path: str | Path) -> set[str]:
@@ -197,8 +205,18 @@ class VideoTextDataset(ClipDataset):
     `paragraph`: a JSON caption list is one text (read_caption_table).
     """
 
-    def __init__(self, shards, annotations, num_frames: int, transform=None, *, train: bool = True,
-                 seed: int | None = None, group_column: str | None = "family", paragraph: bool = False):
+    def __init__(
+        self,
+        shards,
+        annotations,
+        num_frames: int,
+        transform=None,
+        *,
+        train: bool = True,
+        seed: int | None = None,
+        group_column: str | None = "family",
+        paragraph: bool = False,
+    ):
         super().__init__(shards, num_frames, transform, train, seed)
         self.rows = []
         for row in read_caption_table(annotations, group_column, paragraph):
@@ -305,8 +323,17 @@ class QADataset(ClipDataset):
 
     KEYS = ("video", "question", "answer")
 
-    def __init__(self, shards, annotation, num_frames: int, transform=None, *, answer_list=None,
-                 train: bool = False, seed: int | None = None):
+    def __init__(
+        self,
+        shards,
+        annotation,
+        num_frames: int,
+        transform=None,
+        *,
+        answer_list=None,
+        train: bool = False,
+        seed: int | None = None,
+    ):
         super().__init__(shards, num_frames, transform, train, seed)
         items = formats.read_qa(annotation)
         if isinstance(answer_list, (str, os.PathLike)):
@@ -317,8 +344,14 @@ class QADataset(ClipDataset):
         for item in items:
             video_id = _resolve_id(self.store, str(item["video"]))
             if video_id in self.store:
-                self.items.append({**item, "video": video_id, "answer": str(item["answer"]),
-                                   "type": str(item["type"]) if item.get("type") is not None else ""})
+                self.items.append(
+                    {
+                        **item,
+                        "video": video_id,
+                        "answer": str(item["answer"]),
+                        "type": str(item["type"]) if item.get("type") is not None else "",
+                    }
+                )
             else:
                 self.missing.append(video_id)
         self._require(len(self.items), "question", annotation)
@@ -338,9 +371,15 @@ class QADataset(ClipDataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         video = self.load_clip(item["video"], self._rng(index) if self.train else None)
-        return {"video": video, "question": item["question"], "answer": item["answer"],
-                "answer_index": self.answer_index.get(item["answer"], -1), "type": item["type"],
-                "video_id": item["video"], "index": index}
+        return {
+            "video": video,
+            "question": item["question"],
+            "answer": item["answer"],
+            "answer_index": self.answer_index.get(item["answer"], -1),
+            "type": item["type"],
+            "video_id": item["video"],
+            "index": index,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,8 +394,9 @@ def parse_tags(text: str, size: int, what: str, where: str) -> list[int]:
         raise ValueError(f"{where}: {what} {text!r} is not a list of indices like '[3, 17]'") from None
     bad = [t for t in tags if not 0 <= t < size]
     if bad:
-        raise ValueError(f"{where}: {what} {bad} outside [0, {size}); set num_{what.split('_')[-1]}s "
-                         "to the taxonomy size")
+        raise ValueError(
+            f"{where}: {what} {bad} outside [0, {size}); set num_{what.split('_')[-1]}s to the taxonomy size"
+        )
     return tags
 
 
@@ -389,9 +429,20 @@ class EgoClipDataset(ClipDataset):
     identical to the positive carries no signal.)
     """
 
-    def __init__(self, shards, egoclip_csv, num_frames: int, transform=None, *, num_nouns: int = 582,
-                 num_verbs: int = 118, negatives: bool = True, bucket_seconds: float = 60.0,
-                 train: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        shards,
+        egoclip_csv,
+        num_frames: int,
+        transform=None,
+        *,
+        num_nouns: int = 582,
+        num_verbs: int = 118,
+        negatives: bool = True,
+        bucket_seconds: float = 60.0,
+        train: bool = True,
+        seed: int | None = None,
+    ):
         super().__init__(shards, num_frames, transform, train, seed)
         self.num_nouns, self.num_verbs, self.negatives = num_nouns, num_verbs, negatives
         self.rows = []
@@ -401,13 +452,18 @@ class EgoClipDataset(ClipDataset):
                 self.missing.append(key)
                 continue
             where = f"{egoclip_csv} line {row['_line']}"
-            self.rows.append({
-                "key": key, "uid": row["video_uid"], "text": row["clip_text"],
-                "time": float(row["narration_time"]), "start": float(row["clip_start"]),
-                "end": float(row["clip_end"]),
-                "nouns": parse_tags(row["tag_noun"], num_nouns, "tag_noun", where),
-                "verbs": parse_tags(row["tag_verb"], num_verbs, "tag_verb", where),
-            })
+            self.rows.append(
+                {
+                    "key": key,
+                    "uid": row["video_uid"],
+                    "text": row["clip_text"],
+                    "time": float(row["narration_time"]),
+                    "start": float(row["clip_start"]),
+                    "end": float(row["clip_end"]),
+                    "nouns": parse_tags(row["tag_noun"], num_nouns, "tag_noun", where),
+                    "verbs": parse_tags(row["tag_verb"], num_verbs, "tag_verb", where),
+                }
+            )
         self._require(len(self.rows), "clip", egoclip_csv)
         self.buckets: dict[tuple[str, int], list[int]] = defaultdict(list)
         self.by_video: dict[str, list[int]] = defaultdict(list)
@@ -437,13 +493,21 @@ class EgoClipDataset(ClipDataset):
 
     def _clip(self, index: int, rng) -> dict:
         row = self.rows[index]
-        return {"video": self.load_clip(row["key"], rng), "caption": row["text"],
-                "nouns": multi_hot(row["nouns"], self.num_nouns), "verbs": multi_hot(row["verbs"], self.num_verbs)}
+        return {
+            "video": self.load_clip(row["key"], rng),
+            "caption": row["text"],
+            "nouns": multi_hot(row["nouns"], self.num_nouns),
+            "verbs": multi_hot(row["verbs"], self.num_verbs),
+        }
 
     def __getitem__(self, index: int) -> dict:
         rng = self._rng(index)
-        item = {**self._clip(index, rng), "video_id": self.rows[index]["uid"], "clip_id": self.rows[index]["key"],
-                "index": index}
+        item = {
+            **self._clip(index, rng),
+            "video_id": self.rows[index]["uid"],
+            "clip_id": self.rows[index]["key"],
+            "index": index,
+        }
         if self.negatives:
             neg, source = self.negative_index(index, rng)
             negative = self._clip(neg, rng)
@@ -467,14 +531,23 @@ class EgoMCQDataset(ClipDataset):
         for qid in sorted(questions, key=formats.egomcq_order):
             q = questions[qid]
             choice_ids = sorted(q["choices"], key=formats.egomcq_order)
-            keys = [clip_key(q["choices"][c]["video_uid"], q["choices"][c]["clip_start"],
-                             q["choices"][c]["clip_end"]) for c in choice_ids]
+            keys = [
+                clip_key(q["choices"][c]["video_uid"], q["choices"][c]["clip_start"], q["choices"][c]["clip_end"])
+                for c in choice_ids
+            ]
             absent = [k for k in keys if k not in self.store]
             if absent:
                 self.missing += absent
                 continue
-            self.questions.append({"id": qid, "query": q["query"]["clip_text"], "keys": keys,
-                                   "answer": int(q["answer"]), "type": int(q["types"])})
+            self.questions.append(
+                {
+                    "id": qid,
+                    "query": q["query"]["clip_text"],
+                    "keys": keys,
+                    "answer": int(q["answer"]),
+                    "type": int(q["types"]),
+                }
+            )
         self._require(len(self.questions), "question", egomcq_json)
 
     def __len__(self) -> int:
@@ -483,5 +556,11 @@ class EgoMCQDataset(ClipDataset):
     def __getitem__(self, index: int) -> dict:
         q = self.questions[index]
         choices = torch.stack([self.load_clip(k, None) for k in q["keys"]])
-        return {"query": q["query"], "choices": choices, "answer": q["answer"], "type": q["type"],
-                "question_id": q["id"], "index": index}
+        return {
+            "query": q["query"],
+            "choices": choices,
+            "answer": q["answer"],
+            "type": q["type"],
+            "question_id": q["id"],
+            "index": index,
+        }

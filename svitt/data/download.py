@@ -13,6 +13,7 @@ What it guarantees (issue 4, section 1):
 - a rerun verifies what is on disk (sha256 against the previous manifest, or the container
   structure) and downloads only what is missing or broken.
 """
+
 from __future__ import annotations
 
 import csv
@@ -151,8 +152,7 @@ def _check_mp4_boxes(path: Path, size: int) -> None:
                 raise VideoCheckError(f"corrupt MP4: box {name!r} at offset {offset} has size {box_size}")
             if offset + box_size > size:
                 raise VideoCheckError(
-                    f"truncated MP4: box {name!r} at offset {offset} needs {box_size} bytes, "
-                    f"file has {size - offset}"
+                    f"truncated MP4: box {name!r} at offset {offset} needs {box_size} bytes, file has {size - offset}"
                 )
             names.append(name)
             offset += box_size
@@ -231,8 +231,9 @@ def fetch_to_part(url: str, part: Path, opts: DownloadOptions, on_bytes=lambda n
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         shown = scheme or "none"
-        raise FetchError(f"scheme '{shown}' not allowed in {url!r} (allowed: {', '.join(ALLOWED_SCHEMES)})",
-                         retryable=False)
+        raise FetchError(
+            f"scheme '{shown}' not allowed in {url!r} (allowed: {', '.join(ALLOWED_SCHEMES)})", retryable=False
+        )
     if scheme == "file":
         _copy_file_url(url, part, opts, on_bytes)
     else:
@@ -290,15 +291,15 @@ def _http_fetch(url: str, part: Path, opts: DownloadOptions, on_bytes) -> None:
 
 def _timeout_error(opts: DownloadOptions, part: Path) -> FetchError:
     have = part.stat().st_size if part.exists() else 0
-    return FetchError(f"timeout: no complete response within {opts.timeout:g} s ({have} bytes on disk)",
-                      retryable=True)
+    return FetchError(f"timeout: no complete response within {opts.timeout:g} s ({have} bytes on disk)", retryable=True)
 
 
 def _open(url: str, have: int, watchdog: _Watchdog, opts: DownloadOptions):
     parts = urlsplit(url)
     if parts.scheme == "https":
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=opts.timeout,
-                                           context=ssl.create_default_context())
+        conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=opts.timeout, context=ssl.create_default_context()
+        )
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=opts.timeout)
     watchdog.watch(None)  # a connect is bounded by the socket timeout (= the deadline)
@@ -321,8 +322,11 @@ def _redirect_target(url: str, response) -> str:
     target = urljoin(url, location)
     scheme = urlsplit(target).scheme.lower()
     if scheme not in REDIRECT_SCHEMES:
-        raise FetchError(f"redirect to disallowed scheme '{scheme}' ({target}); redirects may only go to "
-                         f"{', '.join(REDIRECT_SCHEMES)}", retryable=False)
+        raise FetchError(
+            f"redirect to disallowed scheme '{scheme}' ({target}); redirects may only go to "
+            f"{', '.join(REDIRECT_SCHEMES)}",
+            retryable=False,
+        )
     return target
 
 
@@ -334,8 +338,10 @@ def _start_offset(response, have: int, part: Path) -> int:
         if match and int(match.group(1)) == have:
             return have
         part.unlink(missing_ok=True)
-        raise FetchError(f"server answered the resume from byte {have} with Content-Range "
-                         f"{response.getheader('Content-Range')!r}", retryable=True)
+        raise FetchError(
+            f"server answered the resume from byte {have} with Content-Range {response.getheader('Content-Range')!r}",
+            retryable=True,
+        )
     if status == 416:
         part.unlink(missing_ok=True)
         raise FetchError(f"server rejected resume from byte {have} (HTTP 416)", retryable=True)
@@ -364,8 +370,9 @@ def _stream_body(response, part: Path, offset: int, opts, watchdog: _Watchdog, o
             if total > opts.max_bytes:
                 handle.close()
                 part.unlink(missing_ok=True)
-                raise FetchError(f"size exceeds --max-bytes {opts.max_bytes} (stopped at {total} bytes)",
-                                 retryable=False)
+                raise FetchError(
+                    f"size exceeds --max-bytes {opts.max_bytes} (stopped at {total} bytes)", retryable=False
+                )
             handle.write(block)
             on_bytes(len(block))
     if watchdog.fired:
@@ -389,9 +396,14 @@ class DownloadResult:
     extra: dict = field(default_factory=dict)
 
 
-def download_one(item: VideoItem, out_dir: Path, opts: DownloadOptions,
-                 previous: dict[str, dict] | None = None, on_bytes=lambda n: None,
-                 sleep=time.sleep) -> DownloadResult:
+def download_one(
+    item: VideoItem,
+    out_dir: Path,
+    opts: DownloadOptions,
+    previous: dict[str, dict] | None = None,
+    on_bytes=lambda n: None,
+    sleep=time.sleep,
+) -> DownloadResult:
     """Download one item into `out_dir`; never raises for per-file problems."""
     if not item.id:
         return DownloadResult(item.id, "failed", f"empty id in input row {item.row + 1}")
@@ -399,9 +411,11 @@ def download_one(item: VideoItem, out_dir: Path, opts: DownloadOptions,
         return DownloadResult(item.id, "failed", "no URL in the input row")
     scheme = urlsplit(item.url).scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
-        return DownloadResult(item.id, "failed",
-                              f"scheme '{scheme or 'none'}' not allowed in {item.url!r} "
-                              f"(allowed: {', '.join(ALLOWED_SCHEMES)})")
+        return DownloadResult(
+            item.id,
+            "failed",
+            f"scheme '{scheme or 'none'}' not allowed in {item.url!r} (allowed: {', '.join(ALLOWED_SCHEMES)})",
+        )
     final = out_dir / (safe_filename(item.id) + url_extension(item.url))
     if final.resolve().parent != out_dir.resolve():  # defence in depth after sanitising
         return DownloadResult(item.id, "failed", f"id {item.id!r} would write outside {out_dir}")
@@ -445,8 +459,7 @@ def verify_existing(path: Path, record: dict | None, mode: str):
     except VideoCheckError as exc:
         return f"file on disk is broken ({exc})"
     if mode == "quick":
-        return DownloadResult("", "ok", "already present (size and structure verified)", size,
-                              known_sha or "", path)
+        return DownloadResult("", "ok", "already present (size and structure verified)", size, known_sha or "", path)
     digest = sha256_file(path)
     if known_sha and digest != known_sha:
         return "on-disk sha256 differs from manifest"
@@ -484,14 +497,21 @@ def mark_duplicates(items: list[VideoItem]) -> dict[int, DownloadResult]:
     for position, item in enumerate(items):
         if item.id and item.id in first_row:
             skipped[position] = DownloadResult(
-                item.id, "skipped", f"duplicate id (first seen in input row {first_row[item.id] + 1})")
+                item.id, "skipped", f"duplicate id (first seen in input row {first_row[item.id] + 1})"
+            )
         else:
             first_row.setdefault(item.id, item.row)
     return skipped
 
 
-def download_all(items: list[VideoItem], out_dir: str | Path, opts: DownloadOptions, workers: int = 4,
-                 previous: dict[str, dict] | None = None, progress: bool = True) -> list[DownloadResult]:
+def download_all(
+    items: list[VideoItem],
+    out_dir: str | Path,
+    opts: DownloadOptions,
+    workers: int = 4,
+    previous: dict[str, dict] | None = None,
+    progress: bool = True,
+) -> list[DownloadResult]:
     """Download all items in parallel; one result per item, in input order."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -522,9 +542,21 @@ def write_manifest(path: str | Path, results: list[DownloadResult]) -> None:
     """Write the manifest atomically; `path` column relative to the manifest's folder."""
     path = Path(path)
     folder = path.parent.resolve()
-    atomic_write_csv(path, MANIFEST_COLUMNS, (
-        [r.id, r.status, r.reason, "" if r.bytes is None else r.bytes, r.sha256,
-         os.path.relpath(r.path, folder) if r.path else ""] for r in results))
+    atomic_write_csv(
+        path,
+        MANIFEST_COLUMNS,
+        (
+            [
+                r.id,
+                r.status,
+                r.reason,
+                "" if r.bytes is None else r.bytes,
+                r.sha256,
+                os.path.relpath(r.path, folder) if r.path else "",
+            ]
+            for r in results
+        ),
+    )
 
 
 def read_manifest(path: str | Path) -> list[dict]:
@@ -533,8 +565,9 @@ def read_manifest(path: str | Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames != MANIFEST_COLUMNS:
-            raise InputError(f"{path}: header {reader.fieldnames} is not a download manifest "
-                             f"(expected {','.join(MANIFEST_COLUMNS)})")
+            raise InputError(
+                f"{path}: header {reader.fieldnames} is not a download manifest (expected {','.join(MANIFEST_COLUMNS)})"
+            )
         rows = list(reader)
     for row in rows:
         row["path"] = str((path.parent / row["path"]).resolve()) if row["path"] else ""
@@ -634,8 +667,9 @@ def list_chunks(chunk_dir: Path) -> list[Path]:
     return sorted(chunks, key=lambda p: int(p.stem))
 
 
-def register_local(items: list[VideoItem], folder: str | Path, verify: str = "sha256",
-                   progress: bool = True, workers: int = 4) -> list[DownloadResult]:
+def register_local(
+    items: list[VideoItem], folder: str | Path, verify: str = "sha256", progress: bool = True, workers: int = 4
+) -> list[DownloadResult]:
     """Manifest results for videos already on disk in `folder` (no copy is made); the files are
     checked (and hashed with verify="sha256") by `workers` threads (hashlib releases the GIL)."""
     folder = Path(folder)
@@ -647,8 +681,9 @@ def register_local(items: list[VideoItem], folder: str | Path, verify: str = "sh
     todo = [i for i, r in enumerate(results) if r is None]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         checked = pool.map(lambda i: _register_one(items[i], folder, verify), todo)
-        for index, result in zip(todo, tqdm(checked, total=len(todo), desc="verify local videos", unit="file",
-                                            disable=not progress)):
+        for index, result in zip(
+            todo, tqdm(checked, total=len(todo), desc="verify local videos", unit="file", disable=not progress)
+        ):
             results[index] = result
     return results  # type: ignore[return-value]
 
@@ -674,12 +709,25 @@ def _register_one(item: VideoItem, folder: Path, verify: str) -> DownloadResult:
     return DownloadResult(item.id, "ok", reason, size, sha, found)
 
 
-def ego4d_command(uid_file: str | Path, out_dir: str | Path, executable: str = "ego4d",
-                  datasets: str = "full_scale", aws_profile: str | None = None,
-                  version: str | None = None) -> list[str]:
+def ego4d_command(
+    uid_file: str | Path,
+    out_dir: str | Path,
+    executable: str = "ego4d",
+    datasets: str = "full_scale",
+    aws_profile: str | None = None,
+    version: str | None = None,
+) -> list[str]:
     """The official Ego4D CLI call that downloads the listed video uids (licence required)."""
-    command = [executable, "--output_directory", str(out_dir), "--datasets", datasets,
-               "--video_uid_file", str(uid_file), "--yes"]
+    command = [
+        executable,
+        "--output_directory",
+        str(out_dir),
+        "--datasets",
+        datasets,
+        "--video_uid_file",
+        str(uid_file),
+        "--yes",
+    ]
     if aws_profile:
         command += ["--aws_profile_name", aws_profile]
     if version:
@@ -691,17 +739,25 @@ class Ego4DCliMissing(RuntimeError):
     pass
 
 
-def run_ego4d_cli(items: list[VideoItem], out_dir: str | Path, executable: str = "ego4d",
-                  datasets: str = "full_scale", aws_profile: str | None = None,
-                  version: str | None = None, verify: str = "sha256",
-                  progress: bool = True, workers: int = 4) -> list[DownloadResult]:
+def run_ego4d_cli(
+    items: list[VideoItem],
+    out_dir: str | Path,
+    executable: str = "ego4d",
+    datasets: str = "full_scale",
+    aws_profile: str | None = None,
+    version: str | None = None,
+    verify: str = "sha256",
+    progress: bool = True,
+    workers: int = 4,
+) -> list[DownloadResult]:
     """Call the Ego4D CLI for the items' uids, then register what it wrote (one row per uid)."""
     resolved = shutil.which(executable)
     if resolved is None:
         raise Ego4DCliMissing(
             f"Ego4D CLI {executable!r} not found on PATH. Ego4D videos need a signed licence and the "
             "official CLI (`pip install ego4d`, AWS credentials from the licence e-mail); or pass "
-            "--local-dir with a folder that already holds <video_uid>.mp4 files")
+            "--local-dir with a folder that already holds <video_uid>.mp4 files"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     uid_file = out_dir / "video_uids.txt"

@@ -23,6 +23,7 @@ Layouts (LAYOUTS; docs/data.md gives where each comes from):
 `sniff(path)` names a file's layout from its header or its first entry (never the whole file: the
 workflow sniffs every annotation file each time it starts, and AGQA's or WebVid's lists are large).
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,15 @@ LAYOUTS = {
     "nlq_json": "Ego4D NLQ JSON {videos: [{video_uid, clips: [...]}]} (v1 or v2)",
 }
 # Layouts that name videos (what a folder dataset extracts, what download.py reads).
-VIDEO_LIST_LAYOUTS = ("webvid_csv", "generic_csv", "retrieval_json", "qa_json", "egoclip_tsv", "egomcq_json",
-                      "uid_table")
+VIDEO_LIST_LAYOUTS = (
+    "webvid_csv",
+    "generic_csv",
+    "retrieval_json",
+    "qa_json",
+    "egoclip_tsv",
+    "egomcq_json",
+    "uid_table",
+)
 CAPTION_LAYOUTS = ("webvid_csv", "generic_csv", "retrieval_json")  # video-text pairs for training
 EGOCLIP_COLUMNS = ("video_uid", "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
 # Containers of the published videos (DiDeMo's Flickr originals come in most of them).
@@ -112,8 +120,11 @@ def _sniff_table(path: Path) -> str:
         return "webvid_csv"
     if "id" in names and names & {"url", "caption"}:
         return "generic_csv"
-    raise UnknownLayout(path, f"a table with the unrecognised header {header}",
-                        ("webvid_csv", "generic_csv", "egoclip_tsv", "uid_table"))
+    raise UnknownLayout(
+        path,
+        f"a table with the unrecognised header {header}",
+        ("webvid_csv", "generic_csv", "egoclip_tsv", "uid_table"),
+    )
 
 
 def _sniff_json(path: Path) -> str:
@@ -241,8 +252,15 @@ def _read_url_table(path: Path, layout: str) -> list[VideoRef]:
     for i, row in enumerate(_read_table(path)):
         video_id = (row.get(id_col) or "").strip()
         page_dir = (row.get("page_dir") or "").strip() if layout == "webvid_csv" else ""
-        refs.append(VideoRef(i, video_id, (row.get(url_col) or "").strip() or None, row.get(cap_col) or "",
-                             f"{page_dir}/{video_id}.mp4" if page_dir else None))
+        refs.append(
+            VideoRef(
+                i,
+                video_id,
+                (row.get(url_col) or "").strip() or None,
+                row.get(cap_col) or "",
+                f"{page_dir}/{video_id}.mp4" if page_dir else None,
+            )
+        )
     return refs
 
 
@@ -271,20 +289,25 @@ def _read_json_list(path: Path, required: tuple[str, ...] = ("video",)) -> list[
     with open(path, encoding="utf-8") as handle:
         items = json.load(handle)
     if not isinstance(items, list):
-        raise InputError(f"{path}: expected a JSON list of entries with keys {list(required)}, got a "
-                         f"{type(items).__name__}")
+        raise InputError(
+            f"{path}: expected a JSON list of entries with keys {list(required)}, got a {type(items).__name__}"
+        )
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise InputError(f"{path}: entry {index} is a {type(item).__name__}, expected an object with keys "
-                             f"{list(required)}")
+            raise InputError(
+                f"{path}: entry {index} is a {type(item).__name__}, expected an object with keys {list(required)}"
+            )
         missing = [key for key in required if key not in item]
         if missing:
-            raise InputError(f"{path}: entry {index} has no '{missing[0]}' key (has {sorted(item)}; every entry "
-                             f"needs {list(required)})")
+            raise InputError(
+                f"{path}: entry {index} has no '{missing[0]}' key (has {sorted(item)}; every entry "
+                f"needs {list(required)})"
+            )
         for key in ("video", "caption"):
             if key in required and not all(isinstance(v, str) and v for v in _as_list(item[key])):
-                raise InputError(f"{path}: entry {index}: '{key}' must be a string or a list of strings, got "
-                                 f"{item[key]!r}")
+                raise InputError(
+                    f"{path}: entry {index}: '{key}' must be a string or a list of strings, got {item[key]!r}"
+                )
     return items
 
 
@@ -309,8 +332,10 @@ def read_retrieval(path: str | Path, paragraph: bool = False) -> list[RetrievalE
         if paragraph:
             texts = [" ".join(texts)]
         if len(videos) > 1 and len(texts) > 1:
-            raise InputError(f"{path}: entry {index} lists {len(videos)} videos and {len(texts)} captions; an "
-                             "entry has several ground-truth videos (one caption) or several captions (one video)")
+            raise InputError(
+                f"{path}: entry {index} lists {len(videos)} videos and {len(texts)} captions; an "
+                "entry has several ground-truth videos (one caption) or several captions (one video)"
+            )
         entries.append(RetrievalEntry(videos, texts, {k: v for k, v in item.items() if k not in ("video", "caption")}))
     return entries
 
@@ -331,14 +356,19 @@ def read_pairs(path: str | Path, group_column: str | None = None, paragraph: boo
     path = Path(path)
     layout = check_layout(path, CAPTION_LAYOUTS, "video-text pairs")
     if layout == "retrieval_json":
-        return [CaptionRow(video, text, entry.extra.get(group_column or ""))
-                for entry in read_retrieval(path, paragraph) for video in entry.videos for text in entry.texts]
+        return [
+            CaptionRow(video, text, entry.extra.get(group_column or ""))
+            for entry in read_retrieval(path, paragraph)
+            for video in entry.videos
+            for text in entry.texts
+        ]
     id_col, cap_col = ("videoid", "name") if layout == "webvid_csv" else ("id", "caption")
     rows = _read_table(path)
     if rows and cap_col not in rows[0]:
         raise InputError(f"{path}: a {LAYOUTS[layout]} without its caption column {cap_col!r}")
-    return [CaptionRow(row[id_col].strip(), row[cap_col], row.get(group_column) if group_column else None)
-            for row in rows]
+    return [
+        CaptionRow(row[id_col].strip(), row[cap_col], row.get(group_column) if group_column else None) for row in rows
+    ]
 
 
 def read_qa(path: str | Path) -> list[dict]:
@@ -347,8 +377,10 @@ def read_qa(path: str | Path) -> list[dict]:
     items = _read_json_list(Path(path), ("video", "question", "answer"))
     for index, item in enumerate(items):
         if isinstance(item["answer"], (list, dict)):
-            raise InputError(f"{path}: entry {index} has an answer list {item['answer']!r}; the video QA "
-                             "layout has one answer string per question")
+            raise InputError(
+                f"{path}: entry {index} has an answer list {item['answer']!r}; the video QA "
+                "layout has one answer string per question"
+            )
         if isinstance(item["video"], list):
             raise InputError(f"{path}: entry {index} lists several videos {item['video']!r}; a question has one")
     return items
@@ -419,10 +451,15 @@ USES = {
     "pretraining": [("annotations", CAPTION_LAYOUTS, "pretraining pairs")],
     "egoclip": [("annotations", ("egoclip_tsv",), "EgoClip pretraining clips")],
     "retrieval": [("annotations", ("retrieval_json",), "a retrieval test split")],
-    "retrieval_finetuning": [("annotations", ("retrieval_json",), "a retrieval test split"),
-                             ("train_annotations", CAPTION_LAYOUTS, "a retrieval finetuning split")],
-    "qa": [("annotations", ("qa_json",), "a QA test split"), ("train_annotations", ("qa_json",), "a QA training split"),
-           ("answer_list", ("answer_list",), "a QA answer list")],
+    "retrieval_finetuning": [
+        ("annotations", ("retrieval_json",), "a retrieval test split"),
+        ("train_annotations", CAPTION_LAYOUTS, "a retrieval finetuning split"),
+    ],
+    "qa": [
+        ("annotations", ("qa_json",), "a QA test split"),
+        ("train_annotations", ("qa_json",), "a QA training split"),
+        ("answer_list", ("answer_list",), "a QA answer list"),
+    ],
     "egomcq": [("annotations", ("egomcq_json",), "EgoMCQ questions")],
     "videos": [("videos", VIDEO_LIST_LAYOUTS, "a video list to download")],
     "folder": [("annotations", VIDEO_LIST_LAYOUTS, "the list of videos to extract")],

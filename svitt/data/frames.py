@@ -12,13 +12,14 @@ clip_end) for clips; EgoVLP-style chunked videos (`<uid>/<k>.mp4`) are read as o
 clip that crosses a chunk boundary takes frames from both chunks. decord reads; PyAV opens every
 file first (clear reasons for corrupt / audio-only input) and reads when decord cannot.
 """
+
 from __future__ import annotations
 
+import functools
 import io
 import math
-import re
-import functools
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from svitt.data import formats
-from svitt.data.download import (VIDEO_EXTENSIONS, VideoCheckError, find_local_video, list_chunks, not_found_reason,
-                                 read_manifest, sniff_video)
+from svitt.data.download import (
+    VIDEO_EXTENSIONS,
+    VideoCheckError,
+    find_local_video,
+    list_chunks,
+    not_found_reason,
+    read_manifest,
+    sniff_video,
+)
 from svitt.io import atomic_path, atomic_write_csv
 
 FORMAT = "svitt-frames"
@@ -124,8 +132,11 @@ class VideoSource:
             with av.open(str(path)) as container:
                 if not container.streams.video:
                     kinds = [s.type for s in container.streams]
-                    what = f"audio-only: {kinds.count('audio')} audio stream(s)" if "audio" in kinds else \
-                        f"streams: {kinds or 'none'}"
+                    what = (
+                        f"audio-only: {kinds.count('audio')} audio stream(s)"
+                        if "audio" in kinds
+                        else f"streams: {kinds or 'none'}"
+                    )
                     raise VideoError(f"{path.name}: no video stream ({what})")
                 stream = container.streams.video[0]
                 rate = stream.average_rate or stream.guessed_rate
@@ -175,8 +186,9 @@ class VideoSource:
             try:
                 frames = _read_pyav(part.path, local)
             except Exception as exc:
-                raise VideoError(f"{part.path.name}: undecodable (decord: {_short(decord_error)}; "
-                                 f"PyAV: {_short(exc)})") from None
+                raise VideoError(
+                    f"{part.path.name}: undecodable (decord: {_short(decord_error)}; PyAV: {_short(exc)})"
+                ) from None
             self.decoder = "pyav"
             return frames
 
@@ -292,20 +304,40 @@ def _run_job(job: VideoJob, cfg: ExtractConfig) -> list[Extracted]:
         video = VideoSource(job.source)
     except VideoError as exc:
         return [Extracted(k, None, {}, str(exc)) for k in keys]
-    base = {"source": str(job.source), "source_fps": video.fps, "source_num_frames": video.num_frames,
-            "duration": video.duration, "source_stamp": source_stamp(job.source)}
+    base = {
+        "source": str(job.source),
+        "source_fps": video.fps,
+        "source_num_frames": video.num_frames,
+        "duration": video.duration,
+        "source_stamp": source_stamp(job.source),
+    }
     if job.clips is None:
         spans = [(job.id, np.arange(video.num_frames), video.duration, {})]
     else:
         spans = []
         for clip in job.clips:
             if clip.start >= video.duration or clip.end <= 0 or clip.end < clip.start:
-                spans.append((clip.key, None, 0.0, {"reason": f"clip [{clip.start:g}, {clip.end:g}] s lies "
-                                                              f"outside the video (0 to {video.duration:.3f} s)"}))
+                spans.append(
+                    (
+                        clip.key,
+                        None,
+                        0.0,
+                        {
+                            "reason": f"clip [{clip.start:g}, {clip.end:g}] s lies "
+                            f"outside the video (0 to {video.duration:.3f} s)"
+                        },
+                    )
+                )
                 continue
             available = span_indices(video.fps, video.num_frames, clip.start, clip.end)
-            spans.append((clip.key, available, clip.end - clip.start,
-                          {**clip.attrs, "clip_start": clip.start, "clip_end": clip.end}))
+            spans.append(
+                (
+                    clip.key,
+                    available,
+                    clip.end - clip.start,
+                    {**clip.attrs, "clip_start": clip.start, "clip_end": clip.end},
+                )
+            )
     plan = []
     for key, available, seconds, extra in spans:
         if available is None:
@@ -324,8 +356,16 @@ def _run_job(job: VideoJob, cfg: ExtractConfig) -> list[Extracted]:
             results.append(Extracted(key, None, {}, extra["reason"]))
             continue
         jpegs, (height, width) = encode_jpegs(np.stack([decoded[i] for i in chosen.tolist()]), cfg)
-        attrs = {**base, **extra, "id": key, "decoder": video.decoder, "frame_indices": chosen,
-                 "timestamps": chosen / video.fps, "height": height, "width": width}
+        attrs = {
+            **base,
+            **extra,
+            "id": key,
+            "decoder": video.decoder,
+            "frame_indices": chosen,
+            "timestamps": chosen / video.fps,
+            "height": height,
+            "width": width,
+        }
         results.append(Extracted(key, jpegs, attrs))
     return results
 
@@ -371,12 +411,14 @@ def _add_clip(clips: dict[str, list[Clip]], row: dict) -> None:
     its id keeps the published numbers."""
     uid = str(row["video_uid"]).strip()
     start, end = max(float(row["clip_start"]), 0.0), max(float(row["clip_end"]), 0.0)
-    clips.setdefault(uid, []).append(Clip(clip_key(uid, row["clip_start"], row["clip_end"]), start, end,
-                                          {"video_uid": uid}))
+    clips.setdefault(uid, []).append(
+        Clip(clip_key(uid, row["clip_start"], row["clip_end"]), start, end, {"video_uid": uid})
+    )
 
 
-def build_jobs(sources: dict[str, Path], clips: dict[str, list[Clip]] | None = None
-               ) -> tuple[list[VideoJob], list[tuple[str, str]]]:
+def build_jobs(
+    sources: dict[str, Path], clips: dict[str, list[Clip]] | None = None
+) -> tuple[list[VideoJob], list[tuple[str, str]]]:
     """Jobs for whole videos, or for the clips of each video; plus (id, reason) of clips whose
     video is missing from the sources."""
     if clips is None:
@@ -436,8 +478,14 @@ SHARD_SETTINGS = ("format", "version", "frames", "fps", "short_side", "jpeg_qual
 
 
 def shard_settings(cfg: ExtractConfig) -> dict:
-    return {"format": FORMAT, "version": VERSION, "frames": cfg.frames, "fps": cfg.fps or 0.0,
-            "short_side": cfg.short_side, "jpeg_quality": cfg.jpeg_quality}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "frames": cfg.frames,
+        "fps": cfg.fps or 0.0,
+        "short_side": cfg.short_side,
+        "jpeg_quality": cfg.jpeg_quality,
+    }
 
 
 def partial_path(shard: str | Path) -> Path:
@@ -484,8 +532,14 @@ def _same(stored, value) -> bool:
     return stored == value or (isinstance(stored, bytes) and stored.decode() == value)
 
 
-def extract_to_shard(jobs: list[VideoJob], out: str | Path, cfg: ExtractConfig, workers: int = 1,
-                     progress: bool = True, reuse: str | Path | None = None) -> tuple[int, list[tuple[str, str]]]:
+def extract_to_shard(
+    jobs: list[VideoJob],
+    out: str | Path,
+    cfg: ExtractConfig,
+    workers: int = 1,
+    progress: bool = True,
+    reuse: str | Path | None = None,
+) -> tuple[int, list[tuple[str, str]]]:
     """Write one HDF5 shard atomically; returns (items written, [(id, reason) of failures]).
 
     reuse: a partial shard a failed run kept (partial_path); its items whose source is unchanged are

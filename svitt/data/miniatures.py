@@ -20,6 +20,7 @@ awkward cases of the real releases on purpose:
 Videos are small synthetic clips (a coloured square moving over a gradient). Deterministic from
 the seed. Weights are written by svitt.models.published (random values in the published layouts).
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,15 +34,36 @@ import numpy as np
 from svitt.data.mp4 import write_mp4
 
 WORDS = ("a person", "a dog", "a red ball", "a blue car", "a woman", "a man", "the camera", "a child")
-ACTIONS = ("walks left", "runs right", "jumps", "turns around", "picks up a cup", "opens a door",
-           "moves up", "falls down")
-SSV2_LABELS = ("spinning cube that quickly stops spinning", "pushing pen from left to right",
-               "putting cup onto table")
-SSV2_TEMPLATES = ("Spinning [something] that quickly stops spinning", "Pushing [something] from left to right",
-                  "Putting [something] onto [something]")
+ACTIONS = (
+    "walks left",
+    "runs right",
+    "jumps",
+    "turns around",
+    "picks up a cup",
+    "opens a door",
+    "moves up",
+    "falls down",
+)
+SSV2_LABELS = ("spinning cube that quickly stops spinning", "pushing pen from left to right", "putting cup onto table")
+SSV2_TEMPLATES = (
+    "Spinning [something] that quickly stops spinning",
+    "Pushing [something] from left to right",
+    "Putting [something] onto [something]",
+)
 QA_ANSWERS = ("dog", "car", "ball", "cup", "door")
-EGOCLIP_COLUMNS = ["clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind", "narration_time",
-                   "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"]
+EGOCLIP_COLUMNS = [
+    "clip_idx",
+    "video_uid",
+    "video_dur",
+    "narration_source",
+    "narration_ind",
+    "narration_time",
+    "clip_start",
+    "clip_end",
+    "clip_text",
+    "tag_verb",
+    "tag_noun",
+]
 FRAME_SIZE = (48, 64)  # H, W of every video (even: H.264 / VP9 with yuv420p)
 
 
@@ -68,7 +90,7 @@ def synthetic_frames(rng: np.random.Generator, count: int, size=FRAME_SIZE) -> n
     start, step = rng.integers(0, [h - 12, w - 12]), rng.integers(-2, 3, 2)
     for t in range(count):
         y, x = np.clip(start + t * step, 0, [h - 12, w - 12])
-        frames[t, y:y + 12, x:x + 12] = colour
+        frames[t, y : y + 12, x : x + 12] = colour
     return frames
 
 
@@ -99,8 +121,10 @@ def write_video(path: Path, rng: np.random.Generator, frames: int = 32, fps: int
 # ----------------------------------------------------------------------------------------------
 def didemo_id(rng) -> str:
     """A Flickr-style DiDeMo video name: '<owner>@N<nn>_<photo id>_<secret>.mp4'."""
-    return (f"{rng.integers(10**7, 10**8)}@N{rng.integers(0, 100):02d}_{rng.integers(10**9, 10**10)}_"
-            f"{rng.integers(0, 16**10):010x}.mp4")
+    return (
+        f"{rng.integers(10**7, 10**8)}@N{rng.integers(0, 100):02d}_{rng.integers(10**9, 10**10)}_"
+        f"{rng.integers(0, 16**10):010x}.mp4"
+    )
 
 
 def charades_id(rng) -> str:
@@ -151,8 +175,16 @@ def write_webvid(root: Path, rng, count: int, base_url: str, videos: bool) -> li
     return texts
 
 
-def write_retrieval(root: Path, rng, name: str, folder: str, ids: list[str], captions_per_video: int,
-                    videos: bool, paragraph: bool = False) -> list[str]:
+def write_retrieval(
+    root: Path,
+    rng,
+    name: str,
+    folder: str,
+    ids: list[str],
+    captions_per_video: int,
+    videos: bool,
+    paragraph: bool = False,
+) -> list[str]:
     """Singularity's retrieval list over `ids` in root/data/<folder>/videos: one caption (string),
     several (a list: several texts of one video), or a DiDeMo paragraph (a list of sentences)."""
     entries, texts = [], []
@@ -178,11 +210,17 @@ def write_ssv2(root: Path, rng, per_split: int, videos: bool) -> list[str]:
     val_labels = [k % 2 for k in range(len(val_ids))]  # two captions, each with several videos
     texts = []
     for kind, names in (("label", SSV2_LABELS), ("template", SSV2_TEMPLATES)):
-        _json(root / f"data/anno/ssv2_ret_{kind}_train.json",
-              [{"video": v, "caption": names[k]} for v, k in zip(train_ids, labels)])
-        _json(root / f"data/anno/ssv2_ret_{kind}_val_small.json",
-              [{"video": [v for v, k in zip(val_ids, val_labels) if k == label], "caption": names[label]}
-               for label in sorted(set(val_labels))])
+        _json(
+            root / f"data/anno/ssv2_ret_{kind}_train.json",
+            [{"video": v, "caption": names[k]} for v, k in zip(train_ids, labels)],
+        )
+        _json(
+            root / f"data/anno/ssv2_ret_{kind}_val_small.json",
+            [
+                {"video": [v for v, k in zip(val_ids, val_labels) if k == label], "caption": names[label]}
+                for label in sorted(set(val_labels))
+            ],
+        )
         texts += list(names)
     if videos:
         for video_id in dict.fromkeys(train_ids + val_ids):
@@ -199,8 +237,7 @@ def write_qa(root: Path, rng, name: str, ids_train: list[str], ids_test: list[st
         for k, video_id in enumerate(ids):
             answer = str(rng.choice(QA_ANSWERS))
             question = f"what is {rng.choice(ACTIONS)} in the video ?"
-            entries.append({"video": video_id, "question": question, "answer": answer,
-                            "question_id": f"{split}_{k}"})
+            entries.append({"video": video_id, "question": question, "answer": answer, "question_id": f"{split}_{k}"})
             texts.append(question)
         _json(root / f"data/anno/{name}_{split}{suffix}.json", entries)
     _json(root / f"data/anno/{name}_answer_list.json", list(QA_ANSWERS))
@@ -221,9 +258,21 @@ def write_ego4d(root: Path, rng, count: int, videos: bool) -> list[str]:
         for n in range(6):
             time = 0.3 + 3.0 * n  # the first clip starts before the video: EgoClip has negative starts
             text = f"#C C {rng.choice(['picks', 'drops', 'opens', 'holds'])} the {rng.choice(['cup', 'door', 'knife'])}"
-            rows.append([len(rows), uid, duration, "narration_pass_1", n, round(time, 3), round(time - 1.0, 3),
-                         round(time + 1.0, 3), text, f"[{int(rng.integers(0, 118))}]",
-                         f"[{int(rng.integers(0, 582))}, {int(rng.integers(0, 582))}]"])
+            rows.append(
+                [
+                    len(rows),
+                    uid,
+                    duration,
+                    "narration_pass_1",
+                    n,
+                    round(time, 3),
+                    round(time - 1.0, 3),
+                    round(time + 1.0, 3),
+                    text,
+                    f"[{int(rng.integers(0, 118))}]",
+                    f"[{int(rng.integers(0, 582))}, {int(rng.integers(0, 582))}]",
+                ]
+            )
             texts.append(text)
     _table(root / "data/ego4d/egoclip.csv", EGOCLIP_COLUMNS, rows, delimiter="\t")
     clip = lambda row: dict(zip(EGOCLIP_COLUMNS, row))  # noqa: E731
@@ -237,8 +286,12 @@ def write_ego4d(root: Path, rng, count: int, videos: bool) -> list[str]:
             others = [r for r in by_video[0] if r is not query][:4]
         answer = q + 1
         choices = others[:answer] + [query] + others[answer:]
-        questions[str(q)] = {"query": clip(query), "choices": {str(i): clip(c) for i, c in enumerate(choices)},
-                             "answer": answer, "types": kind}
+        questions[str(q)] = {
+            "query": clip(query),
+            "choices": {str(i): clip(c) for i, c in enumerate(choices)},
+            "answer": answer,
+            "types": kind,
+        }
     _json(root / "data/ego4d/egomcq.json", questions)
     texts += _write_nlq(root / "data/ego4d/nlq_train.json", rng, uids[:2], "v1", duration, with_empty=True)
     texts += _write_nlq(root / "data/ego4d/nlq_val.json", rng, uids[2:], "2.0", duration)
@@ -256,32 +309,51 @@ def _write_nlq(path: Path, rng, uids: list[str], version: str, duration: float, 
             for q in range(3):
                 s = float(rng.uniform(0, 7))
                 query = f"where did i put the {rng.choice(['cup', 'knife', 'phone'])} ?"
-                entry = {"clip_start_sec": round(s, 3), "clip_end_sec": round(s + 2.0, 3),
-                         "video_start_sec": round(start + s, 3), "video_end_sec": round(start + s + 2.0, 3),
-                         "video_start_frame": int((start + s) * 30), "video_end_frame": int((start + s + 2) * 30),
-                         "template": "Objects: Where is object X?", "query": query, "slot_x": "cup",
-                         "verb_x": "put", "raw_tags": ["Objects: Where is object X?", query, "cup", "put"]}
+                entry = {
+                    "clip_start_sec": round(s, 3),
+                    "clip_end_sec": round(s + 2.0, 3),
+                    "video_start_sec": round(start + s, 3),
+                    "video_end_sec": round(start + s + 2.0, 3),
+                    "video_start_frame": int((start + s) * 30),
+                    "video_end_frame": int((start + s + 2) * 30),
+                    "template": "Objects: Where is object X?",
+                    "query": query,
+                    "slot_x": "cup",
+                    "verb_x": "put",
+                    "raw_tags": ["Objects: Where is object X?", query, "cup", "put"],
+                }
                 if with_empty and c == 0 and q == 2:
                     entry["query"] = None  # Ego4D has queries without text; readers skip them
                 else:
                     texts.append(query)
                 queries.append(entry)
-            clips.append({"clip_uid": _uuid(rng),
-                          "video_start_sec": start - (4e-7 if version != "v1" else 0.0),
-                          "video_end_sec": start + duration / 2, "video_start_frame": int(start * 30),
-                          "video_end_frame": int((start + duration / 2) * 30), "clip_start_sec": 0,
-                          "clip_end_sec": duration / 2, "source_clip_uid": uid,
-                          "annotations": [{"language_queries": queries, "annotation_uid": _uuid(rng)}]})
+            clips.append(
+                {
+                    "clip_uid": _uuid(rng),
+                    "video_start_sec": start - (4e-7 if version != "v1" else 0.0),
+                    "video_end_sec": start + duration / 2,
+                    "video_start_frame": int(start * 30),
+                    "video_end_frame": int((start + duration / 2) * 30),
+                    "clip_start_sec": 0,
+                    "clip_end_sec": duration / 2,
+                    "source_clip_uid": uid,
+                    "annotations": [{"language_queries": queries, "annotation_uid": _uuid(rng)}],
+                }
+            )
         videos.append({"video_uid": uid, "clips": clips, "split": "train" if version == "v1" else "val"})
-    header = {"version": version, "date": "211209" if version == "v1" else "230105",
-              "description": f"NLQ Annotations ({'train' if version == 'v1' else 'val'})"}
+    header = {
+        "version": version,
+        "date": "211209" if version == "v1" else "230105",
+        "description": f"NLQ Annotations ({'train' if version == 'v1' else 'val'})",
+    }
     header["manifest" if version == "v1" else "metadata"] = "s3://ego4d-consortium-sharing/public/manifest.csv"
     _json(path, {**header, "videos": videos})
     return texts
 
 
-def make_miniatures(root: str | Path, base_url: str, seed: int = 0, sizes: MiniatureSizes = MiniatureSizes(),
-                    videos: bool = True) -> list[str]:
+def make_miniatures(
+    root: str | Path, base_url: str, seed: int = 0, sizes: MiniatureSizes = MiniatureSizes(), videos: bool = True
+) -> list[str]:
     """Every dataset of configs/paper.yaml under root/data (and WebVid's served files under
     root/webvid_server); returns every text written (for the tokenizer's vocabulary).
     videos=False writes the annotation files only (enough for a dry run)."""
@@ -293,10 +365,12 @@ def make_miniatures(root: str | Path, base_url: str, seed: int = 0, sizes: Minia
     msrvtt_train = [f"video{i}.mp4" for i in range(n)]
     texts += write_retrieval(root, rng, "msrvtt_ret_test1k", "msrvtt", msrvtt_test, 1, videos)
     texts += write_retrieval(root, rng, "msrvtt_ret_train9k", "msrvtt", msrvtt_train, 2, videos)
-    texts += write_retrieval(root, rng, "didemo_ret_test", "didemo", [didemo_id(rng) for _ in range(n)], 3, videos,
-                             paragraph=True)
-    texts += write_retrieval(root, rng, "didemo_ret_train", "didemo", [didemo_id(rng) for _ in range(n)], 3, videos,
-                             paragraph=True)
+    texts += write_retrieval(
+        root, rng, "didemo_ret_test", "didemo", [didemo_id(rng) for _ in range(n)], 3, videos, paragraph=True
+    )
+    texts += write_retrieval(
+        root, rng, "didemo_ret_train", "didemo", [didemo_id(rng) for _ in range(n)], 3, videos, paragraph=True
+    )
     charades_test = [f"{charades_id(rng)}.mp4" for _ in range(n)]
     charades_train = [f"{charades_id(rng)}.mp4" for _ in range(n)]
     texts += write_retrieval(root, rng, "charades-script_test", "charades", charades_test, 1, videos)

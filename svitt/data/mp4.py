@@ -1,5 +1,6 @@
 """Writing frames as H.264 mp4, deterministically: the demo corpus, the miniatures, tests and
 benchmarks write their videos with it."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -10,6 +10,7 @@ in its annotation's language_queries, as the official evaluation keys prediction
 (clip_uid, annotation_uid, query_idx). Queries without text are skipped, as VSLNet's and
 GroundNLQ's preparation scripts do, but counted (NLQSplit.skipped).
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,8 +52,7 @@ class NLQQuery:
         if self.end < self.start:
             return f"window [{self.start:g}, {self.end:g}] s ends before it starts"
         if self.start >= self.clip.duration or self.end <= 0:
-            return (f"window [{self.start:g}, {self.end:g}] s lies outside its clip "
-                    f"(0 to {self.clip.duration:.3f} s)")
+            return f"window [{self.start:g}, {self.end:g}] s lies outside its clip (0 to {self.clip.duration:.3f} s)"
         return None
 
     def sticks_out(self) -> bool:
@@ -76,8 +76,7 @@ class NLQSplit:
 def _get(obj, key: str, where: str, path):
     if not isinstance(obj, dict) or key not in obj:
         found = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}: {where} has no {key!r} (found {found}); expected the Ego4D NLQ "
-                         f"layout {LAYOUT}")
+        raise ValueError(f"{path}: {where} has no {key!r} (found {found}); expected the Ego4D NLQ layout {LAYOUT}")
     return obj[key]
 
 
@@ -110,12 +109,17 @@ def read_nlq(path: str | Path) -> NLQSplit:
         video_uid = str(_get(video, "video_uid", f"videos[{v}]", path))
         for c, clip_datum in enumerate(_list(video, "clips", f"videos[{v}]", path)):
             where = f"videos[{v}].clips[{c}]"
-            clip = NLQClip(str(_get(clip_datum, "clip_uid", where, path)), video_uid,
-                           _seconds(clip_datum, "video_start_sec", where, path),
-                           _seconds(clip_datum, "video_end_sec", where, path))
+            clip = NLQClip(
+                str(_get(clip_datum, "clip_uid", where, path)),
+                video_uid,
+                _seconds(clip_datum, "video_start_sec", where, path),
+                _seconds(clip_datum, "video_end_sec", where, path),
+            )
             if clip.duration <= 0:
-                raise ValueError(f"{path}: {where} (clip {clip.clip_uid}) spans [{clip.video_start_sec:g}, "
-                                 f"{clip.video_end_sec:g}] s of its video; expected video_end_sec > video_start_sec")
+                raise ValueError(
+                    f"{path}: {where} (clip {clip.clip_uid}) spans [{clip.video_start_sec:g}, "
+                    f"{clip.video_end_sec:g}] s of its video; expected video_end_sec > video_start_sec"
+                )
             clips[clip.clip_uid] = clip
             for a, ann in enumerate(_list(clip_datum, "annotations", where, path)):
                 ann_where = f"{where}.annotations[{a}]"
@@ -123,12 +127,25 @@ def read_nlq(path: str | Path) -> NLQSplit:
                 for i, datum in enumerate(_list(ann, "language_queries", ann_where, path)):
                     q_where = f"{ann_where}.language_queries[{i}]"
                     if not isinstance(datum, dict) or not datum.get("query"):
-                        skipped.append({"clip_uid": clip.clip_uid, "annotation_uid": annotation_uid,
-                                        "query_idx": i, "reason": "no query text"})
+                        skipped.append(
+                            {
+                                "clip_uid": clip.clip_uid,
+                                "annotation_uid": annotation_uid,
+                                "query_idx": i,
+                                "reason": "no query text",
+                            }
+                        )
                         continue
-                    queries.append(NLQQuery(clip, annotation_uid, i, str(datum["query"]),
-                                            _seconds(datum, "clip_start_sec", q_where, path),
-                                            _seconds(datum, "clip_end_sec", q_where, path)))
+                    queries.append(
+                        NLQQuery(
+                            clip,
+                            annotation_uid,
+                            i,
+                            str(datum["query"]),
+                            _seconds(datum, "clip_start_sec", q_where, path),
+                            _seconds(datum, "clip_end_sec", q_where, path),
+                        )
+                    )
     return NLQSplit(str(path), str(data.get("version", "")), clips, queries, skipped)
 
 

@@ -5,6 +5,7 @@ EgoClip nouns [B, num_nouns] / verbs [B, num_verbs]; EgoClip's scene-aware negat
 to the batch (B anchors + B negatives), as EgoVLP does. QA batches: the question as input_ids /
 attention_mask [B, Lq] and the answer as answer_ids / answer_mask [B, La] ([CLS] answer [SEP]).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,14 +35,18 @@ class PairCollator:
         self.tokenizer, self.text_len = tokenizer, text_len
 
     def tokenize(self, texts: list[str]) -> dict:
-        tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.text_len,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.text_len, return_tensors="pt"
+        )
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     def __call__(self, items: list[dict]) -> dict:
         prefixes = [""] + (["neg_"] if "neg_video" in items[0] else [])
-        rows = [(it[p + "video"], it[p + "caption"], it.get(p + "nouns"), it.get(p + "verbs"))
-                for p in prefixes for it in items]
+        rows = [
+            (it[p + "video"], it[p + "caption"], it.get(p + "nouns"), it.get(p + "verbs"))
+            for p in prefixes
+            for it in items
+        ]
         batch = {"video": torch.stack([r[0] for r in rows]), **self.tokenize([r[1] for r in rows])}
         if rows[0][2] is not None:
             batch["nouns"] = torch.stack([r[2] for r in rows])
@@ -58,14 +63,17 @@ class QACollator:
         self.questions = PairCollator(tokenizer, text_len)
 
     def tokenize_answers(self, answers: list[str]) -> dict:
-        tokens = self.tokenizer(answers, padding="longest", truncation=True, max_length=self.answer_len,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            answers, padding="longest", truncation=True, max_length=self.answer_len, return_tensors="pt"
+        )
         return {"answer_ids": tokens["input_ids"], "answer_mask": tokens["attention_mask"]}
 
     def __call__(self, items: list[dict]) -> dict:
-        batch = {"video": torch.stack([it["video"] for it in items]),
-                 **self.questions.tokenize([it["question"] for it in items]),
-                 **self.tokenize_answers([it["answer"] for it in items])}
+        batch = {
+            "video": torch.stack([it["video"] for it in items]),
+            **self.questions.tokenize([it["question"] for it in items]),
+            **self.tokenize_answers([it["answer"] for it in items]),
+        }
         batch["answer"] = [it["answer"] for it in items]
         batch["type"] = [it.get("type", "") for it in items]
         return batch
@@ -92,44 +100,87 @@ class TrainLoader:
         # Its own generator: an iterator draws its base seed from it, and from torch's global RNG
         # (which MLM masking uses) otherwise, so a run resumed mid-epoch would drift from the
         # uninterrupted one by that one extra draw.
-        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          generator=torch.Generator().manual_seed(epoch))
+        return DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(epoch),
+        )
 
 
 def build_train_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, world: int) -> TrainLoader:
     """The stage's training data: `cfg` is a resolved stage config, `data` a svitt.training.tasks.TrainData."""
     dcfg, video = cfg["data"], cfg["model"]["video"]
-    transform = TrainTransform(size=video["image_size"], scale=tuple(dcfg["scale"]), flip=dcfg["flip"],
-                               mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
+    transform = TrainTransform(
+        size=video["image_size"],
+        scale=tuple(dcfg["scale"]),
+        flip=dcfg["flip"],
+        mean=tuple(dcfg["mean"]),
+        std=tuple(dcfg["std"]),
+    )
     if dcfg["kind"] == "egoclip":
-        dataset = EgoClipDataset(data.shards, data.annotations, video["frames"], transform,
-                                 num_nouns=dcfg["num_nouns"], num_verbs=dcfg["num_verbs"],
-                                 train=True, seed=cfg["seed"])
+        dataset = EgoClipDataset(
+            data.shards,
+            data.annotations,
+            video["frames"],
+            transform,
+            num_nouns=dcfg["num_nouns"],
+            num_verbs=dcfg["num_verbs"],
+            train=True,
+            seed=cfg["seed"],
+        )
         groups = [None] * len(dataset)
     else:
-        dataset = VideoTextDataset(data.shards, data.annotations, video["frames"], transform,
-                                   train=True, seed=cfg["seed"], paragraph=dcfg["paragraph"])
+        dataset = VideoTextDataset(
+            data.shards,
+            data.annotations,
+            video["frames"],
+            transform,
+            train=True,
+            seed=cfg["seed"],
+            paragraph=dcfg["paragraph"],
+        )
         groups = dataset.groups if dcfg["twin_batches"] else [None] * len(dataset)
     if len(dataset) < batch_size * world:
-        raise ValueError(f"{len(dataset)} training clips in {data.annotations} cannot fill one batch "
-                         f"of {batch_size} on each of {world} rank(s)")
-    sampler = TwinBatchSampler(groups, batch_size, rank=rank, world_size=world, seed=cfg["seed"],
-                               drop_last=True)
-    return TrainLoader(dataset, sampler, PairCollator(tokenizer, dcfg["text_len"]),
-                       dcfg["num_workers"], pin_memory=torch.cuda.is_available())
+        raise ValueError(
+            f"{len(dataset)} training clips in {data.annotations} cannot fill one batch "
+            f"of {batch_size} on each of {world} rank(s)"
+        )
+    sampler = TwinBatchSampler(groups, batch_size, rank=rank, world_size=world, seed=cfg["seed"], drop_last=True)
+    return TrainLoader(
+        dataset,
+        sampler,
+        PairCollator(tokenizer, dcfg["text_len"]),
+        dcfg["num_workers"],
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def build_qa_loader(cfg: dict, data, tokenizer, batch_size: int, rank: int, world: int) -> TrainLoader:
     """A QA finetuning split (`data.annotations`, Singularity's QA layout) as training batches."""
     dcfg, video = cfg["data"], cfg["model"]["video"]
-    transform = TrainTransform(size=video["image_size"], scale=tuple(dcfg["scale"]), flip=dcfg["flip"],
-                               mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
+    transform = TrainTransform(
+        size=video["image_size"],
+        scale=tuple(dcfg["scale"]),
+        flip=dcfg["flip"],
+        mean=tuple(dcfg["mean"]),
+        std=tuple(dcfg["std"]),
+    )
     dataset = QADataset(data.shards, data.annotations, video["frames"], transform, train=True, seed=cfg["seed"])
     if len(dataset) < batch_size * world:
-        raise ValueError(f"{len(dataset)} training questions in {data.annotations} cannot fill one batch "
-                         f"of {batch_size} on each of {world} rank(s)")
-    sampler = TwinBatchSampler([None] * len(dataset), batch_size, rank=rank, world_size=world, seed=cfg["seed"],
-                               drop_last=True)
-    return TrainLoader(dataset, sampler, QACollator(tokenizer, dcfg["text_len"], dcfg["answer_len"]),
-                       dcfg["num_workers"], pin_memory=torch.cuda.is_available())
+        raise ValueError(
+            f"{len(dataset)} training questions in {data.annotations} cannot fill one batch "
+            f"of {batch_size} on each of {world} rank(s)"
+        )
+    sampler = TwinBatchSampler(
+        [None] * len(dataset), batch_size, rank=rank, world_size=world, seed=cfg["seed"], drop_last=True
+    )
+    return TrainLoader(
+        dataset,
+        sampler,
+        QACollator(tokenizer, dcfg["text_len"], dcfg["answer_len"]),
+        dcfg["num_workers"],
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -4,6 +4,7 @@ Twins only teach temporal order when they meet as negatives of each other in the
 loss, i.e. in the same batch (issue 4: with 2-frame tubelets and twins in one batch, reversed-twin
 accuracy rose to 83-95%; without, it stayed at 50%).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,17 @@ class TwinBatchSampler(Sampler[list[int]]):
     indices from the start of the epoch.
     """
 
-    def __init__(self, groups: Sequence[Hashable | None], batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True):
+    def __init__(
+        self,
+        groups: Sequence[Hashable | None],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -44,8 +54,10 @@ class TwinBatchSampler(Sampler[list[int]]):
         self.groups = self._group_lists(groups)
         self.num_items = len(groups)
         if drop_last and self.num_items // batch_size < world_size:
-            raise ValueError(f"{self.num_items} items make {self.num_items // batch_size} full batches of "
-                             f"{batch_size}, fewer than world_size {world_size}")
+            raise ValueError(
+                f"{self.num_items} items make {self.num_items // batch_size} full batches of "
+                f"{batch_size}, fewer than world_size {world_size}"
+            )
 
     @staticmethod
     def _group_lists(groups) -> list[list[int]]:
@@ -96,7 +108,7 @@ class TwinBatchSampler(Sampler[list[int]]):
         return batches + [batches[k % len(batches)] for k in range(extra)]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.global_batches()[self.rank::self.world_size]
+        yield from self.global_batches()[self.rank :: self.world_size]
 
     def __len__(self) -> int:
         full, partial = divmod(self.num_items, self.batch_size)

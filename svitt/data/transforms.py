@@ -4,6 +4,7 @@ Input: uint8 video [T, 3, H, W] as stored (decoded JPEGs); output: float32 [T, 3
 normalised with (x / 255 - mean) / std. Randomness comes from the numpy Generator the dataset
 passes in, so a clip's augmentation is reproducible from (seed, epoch, index).
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,7 @@ def _resize(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bilinear, antialiased; uint8 in, uint8 out (torch's uint8 kernel is ~2.5x the float one)."""
     if video.shape[-2:] == (height, width):
         return video
-    return F.interpolate(video.contiguous(), size=(height, width), mode="bilinear", align_corners=False,
-                         antialias=True)
+    return F.interpolate(video.contiguous(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
 def random_resized_crop_params(height: int, width: int, scale, ratio, rng: np.random.Generator):
@@ -76,8 +76,9 @@ def random_resized_crop_params(height: int, width: int, scale, ratio, rng: np.ra
 class TrainTransform:
     """Random-resized crop (scale 0.5-1 by default) + optional horizontal flip, per clip."""
 
-    def __init__(self, size: int = 224, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
-                 mean=BEIT_MEAN, std=BEIT_STD):
+    def __init__(
+        self, size: int = 224, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, mean=BEIT_MEAN, std=BEIT_STD
+    ):
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
@@ -86,14 +87,16 @@ class TrainTransform:
     def __call__(self, video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """video uint8 [T, 3, H, W] -> float32 [T, 3, size, size]."""
         top, left, h, w = random_resized_crop_params(video.shape[-2], video.shape[-1], self.scale, self.ratio, rng)
-        out = _resize(video[..., top:top + h, left:left + w], self.size, self.size)
+        out = _resize(video[..., top : top + h, left : left + w], self.size, self.size)
         if self.flip and rng.random() < 0.5:  # the demo turns this off: its captions say left/right
             out = out.flip(-1)
         return normalize(out, self.mean, self.std)
 
     def __repr__(self) -> str:
-        return (f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}, "
-                f"mean={self.mean}, std={self.std})")
+        return (
+            f"TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip}, "
+            f"mean={self.mean}, std={self.std})"
+        )
 
 
 class EvalTransform:
@@ -109,7 +112,7 @@ class EvalTransform:
         new_h, new_w = max(self.size, int(round(height * scale))), max(self.size, int(round(width * scale)))
         resized = _resize(video, new_h, new_w)
         top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
-        return normalize(resized[..., top:top + self.size, left:left + self.size], self.mean, self.std)
+        return normalize(resized[..., top : top + self.size, left : left + self.size], self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"EvalTransform(size={self.size}, mean={self.mean}, std={self.std})"

@@ -15,31 +15,71 @@
 Public names are re-exported here; the torch-backed ones are imported on first use, so
 `from svitt.evaluation import retrieval_metrics` needs numpy only.
 """
+
 from __future__ import annotations
 
 import importlib
 
-from svitt.evaluation.metrics import (EGOMCQ_TYPES, NLQ_IOUS, NLQ_KS, RECALL_KS, RERANK_CONVENTIONS,
-                                      TWIN_NAMES, egomcq_accuracy, fused_rerank_scores, nlq_metric_names,
-                                      nlq_recall, qa_accuracy, rerank_candidates, rerank_metrics,
-                                      retrieval_metrics, temporal_iou, twin_accuracy)
+from svitt.evaluation.metrics import (
+    EGOMCQ_TYPES,
+    NLQ_IOUS,
+    NLQ_KS,
+    RECALL_KS,
+    RERANK_CONVENTIONS,
+    TWIN_NAMES,
+    egomcq_accuracy,
+    fused_rerank_scores,
+    nlq_metric_names,
+    nlq_recall,
+    qa_accuracy,
+    rerank_candidates,
+    rerank_metrics,
+    retrieval_metrics,
+    temporal_iou,
+    twin_accuracy,
+)
 
 _LAZY = {
-    "video_loader": "encode", "embed_videos": "encode", "embed_texts": "encode", "vtm_scores": "encode",
+    "video_loader": "encode",
+    "embed_videos": "encode",
+    "embed_texts": "encode",
+    "vtm_scores": "encode",
     "evaluate_retrieval": "retrieval",
     "evaluate_egomcq": "egomcq",
     "evaluate_qa": "qa",
-    "window_starts": "nlq", "extract_window_features": "nlq", "ground_nlq": "nlq",
-    "load_for_evaluation": "loading", "pick_device": "loading", "read_model_info": "loading",
-    "GROUNDERS": "grounding", "build_grounder": "grounding",
+    "window_starts": "nlq",
+    "extract_window_features": "nlq",
+    "ground_nlq": "nlq",
+    "load_for_evaluation": "loading",
+    "pick_device": "loading",
+    "read_model_info": "loading",
+    "GROUNDERS": "grounding",
+    "build_grounder": "grounding",
 }
 
 TASKS = ("retrieval", "egomcq", "qa")  # modules with SETTINGS, build_dataset(...) and run(...)
 
-__all__ = ["TASKS", "task", "EGOMCQ_TYPES", "NLQ_IOUS", "NLQ_KS", "RECALL_KS", "RERANK_CONVENTIONS",
-           "TWIN_NAMES", "egomcq_accuracy", "fused_rerank_scores", "nlq_metric_names", "nlq_recall",
-           "qa_accuracy", "rerank_candidates", "rerank_metrics", "retrieval_metrics", "temporal_iou",
-           "twin_accuracy", *_LAZY]
+__all__ = [
+    "TASKS",
+    "task",
+    "EGOMCQ_TYPES",
+    "NLQ_IOUS",
+    "NLQ_KS",
+    "RECALL_KS",
+    "RERANK_CONVENTIONS",
+    "TWIN_NAMES",
+    "egomcq_accuracy",
+    "fused_rerank_scores",
+    "nlq_metric_names",
+    "nlq_recall",
+    "qa_accuracy",
+    "rerank_candidates",
+    "rerank_metrics",
+    "retrieval_metrics",
+    "temporal_iou",
+    "twin_accuracy",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str):

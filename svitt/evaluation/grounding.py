@@ -24,6 +24,7 @@ The grounding models are registered in GROUNDERS, keyed by evaluation.nlq.ground
 ("span": SpanGrounder, the default); the task that trains and evaluates one is
 svitt.evaluation.nlq.ground_nlq. docs/nlq.md, "Adding a grounding model".
 """
+
 from __future__ import annotations
 
 import math
@@ -75,6 +76,7 @@ def resolve_grounder_config(cfg: dict | None) -> dict:
 @dataclass
 class GroundingItem:
     """One query over the features of its clip."""
+
     video: torch.Tensor  # [n, Dv] features covering the clip
     text: torch.Tensor  # [L, Dt] query token states (padding removed)
     offset: float  # clip time (s) where feature 0 starts (svitt.evaluation.nlq.clip_feature_span)
@@ -137,8 +139,10 @@ def _clip_features(feats, uid: str, clip, rate: float):
         return f"no features for video {uid} (clip {clip.clip_uid})"
     first, stop, offset = clip_feature_span(clip.video_start_sec, clip.video_end_sec, rate, feats.shape[0])
     if stop <= first:
-        return (f"video {uid} has {feats.shape[0]} features ({feats.shape[0] / rate:.1f} s), none inside clip "
-                f"{clip.clip_uid} [{clip.video_start_sec:g}, {clip.video_end_sec:g}] s")
+        return (
+            f"video {uid} has {feats.shape[0]} features ({feats.shape[0] / rate:.1f} s), none inside clip "
+            f"{clip.clip_uid} [{clip.video_start_sec:g}, {clip.video_end_sec:g}] s"
+        )
     return feats[first:stop].clone(), offset
 
 
@@ -151,11 +155,17 @@ def collate(items: list[GroundingItem]) -> dict:
     video_mask = torch.zeros(len(items), n, dtype=torch.bool)
     text_mask = torch.zeros(len(items), length, dtype=torch.bool)
     for b, item in enumerate(items):
-        video[b, :item.video.shape[0]], video_mask[b, :item.video.shape[0]] = item.video, True
-        text[b, :item.text.shape[0]], text_mask[b, :item.text.shape[0]] = item.text, True
+        video[b, : item.video.shape[0]], video_mask[b, : item.video.shape[0]] = item.video, True
+        text[b, : item.text.shape[0]], text_mask[b, : item.text.shape[0]] = item.text, True
     labels = torch.tensor([item.labels for item in items])
-    return {"video": video, "video_mask": video_mask, "text": text, "text_mask": text_mask,
-            "start": labels[:, 0], "end": labels[:, 1]}
+    return {
+        "video": video,
+        "video_mask": video_mask,
+        "text": text,
+        "text_mask": text_mask,
+        "start": labels[:, 0],
+        "end": labels[:, 1],
+    }
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -164,13 +174,14 @@ def sinusoid_positions(length: int, dim: int, device=None) -> torch.Tensor:
     position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
     freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     out = torch.zeros(length, dim, device=device)
-    out[:, 0::2], out[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq[:dim // 2])
+    out[:, 0::2], out[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq[: dim // 2])
     return out
 
 
 def _layer(dim: int, heads: int, dropout: float) -> nn.TransformerEncoderLayer:
-    return nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout,
-                                      batch_first=True, norm_first=True)
+    return nn.TransformerEncoderLayer(
+        dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True, norm_first=True
+    )
 
 
 class ContextQueryAttention(nn.Module):
@@ -226,9 +237,9 @@ class SpanGrounder(nn.Module):
         count, total, squares = 0, 0.0, 0.0
         for clip in {id(item.video): item.video for item in items}.values():  # each clip once
             feats = clip.double()
-            count, total, squares = count + feats.shape[0], total + feats.sum(0), squares + (feats ** 2).sum(0)
+            count, total, squares = count + feats.shape[0], total + feats.sum(0), squares + (feats**2).sum(0)
         mean = total / count
-        var = (squares - count * mean ** 2) / max(1, count - 1)
+        var = (squares - count * mean**2) / max(1, count - 1)
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(var.clamp_min(0).sqrt().clamp_min(1e-6))
 
@@ -268,8 +279,9 @@ GROUNDERS: dict[str, type[nn.Module]] = {"span": SpanGrounder}
 def grounder_class(name: str) -> type[nn.Module]:
     """The grounding model registered under `name` (GROUNDERS)."""
     if not isinstance(name, str) or name not in GROUNDERS:
-        raise ValueError(f"evaluation.nlq.grounder.model {name!r} is not a known grounding model; "
-                         f"known: {sorted(GROUNDERS)}")
+        raise ValueError(
+            f"evaluation.nlq.grounder.model {name!r} is not a known grounding model; known: {sorted(GROUNDERS)}"
+        )
     return GROUNDERS[name]
 
 
@@ -296,8 +308,9 @@ def _span_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
     return max(0, inter) / (max(a[1], b[1]) - min(a[0], b[0]) + 1)
 
 
-def top_spans(start_logits, end_logits, k: int = 5, nms_iou: float | None = None,
-              candidates: int = 100) -> list[list[tuple[int, int]]]:
+def top_spans(
+    start_logits, end_logits, k: int = 5, nms_iou: float | None = None, candidates: int = 100
+) -> list[list[tuple[int, int]]]:
     """Per row, the k (start, end) feature spans (start <= end, no padding) with the highest
     start x end probability, best first: VSLNet's Ego4D decoding. [B, N] logits, padding at _NEG.
 
@@ -330,8 +343,9 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_grounder(model: nn.Module, items: list[GroundingItem], settings: dict, device="cpu",
-                   progress: bool = True, on_epoch=None) -> list[dict]:
+def train_grounder(
+    model: nn.Module, items: list[GroundingItem], settings: dict, device="cpu", progress: bool = True, on_epoch=None
+) -> list[dict]:
     """AdamW over shuffled batches for settings["epochs"] epochs (seeded), after fixing the
     feature standardisation from `items`. on_epoch(epoch) may return held-out metrics for that
     epoch's row. Returns one row per epoch (mean losses)."""
@@ -347,10 +361,13 @@ def train_grounder(model: nn.Module, items: list[GroundingItem], settings: dict,
         order = torch.randperm(len(items), generator=generator).tolist()
         sums = {}
         for first in range(0, len(order), settings["batch_size"]):
-            batch = _to_device(collate([items[i] for i in order[first:first + settings["batch_size"]]]), device)
+            batch = _to_device(collate([items[i] for i in order[first : first + settings["batch_size"]]]), device)
             set_lr(optimizer, cosine_lr(step, total, per_epoch, settings["lr"]))
-            losses = grounding_loss(model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"]),
-                                    batch, settings["highlight_weight"])
+            losses = grounding_loss(
+                model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"]),
+                batch,
+                settings["highlight_weight"],
+            )
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -365,14 +382,20 @@ def train_grounder(model: nn.Module, items: list[GroundingItem], settings: dict,
     return rows
 
 
-def predict_windows(model: nn.Module, items: list[GroundingItem], k: int = 5, nms_iou: float | None = None,
-                    batch_size: int = 64, device="cpu") -> list[list[list[float]]]:
+def predict_windows(
+    model: nn.Module,
+    items: list[GroundingItem],
+    k: int = 5,
+    nms_iou: float | None = None,
+    batch_size: int = 64,
+    device="cpu",
+) -> list[list[list[float]]]:
     """Per item its top-k windows [[start, end], ...] in clip seconds, best first (top_spans)."""
     model.to(device).eval()
     out = []
     with torch.no_grad():
         for first in range(0, len(items), batch_size):
-            chunk = items[first:first + batch_size]
+            chunk = items[first : first + batch_size]
             batch = _to_device(collate(chunk), device)
             logits = model(batch["video"], batch["video_mask"], batch["text"], batch["text_mask"])
             for item, spans in zip(chunk, top_spans(logits["start"], logits["end"], k, nms_iou)):

@@ -20,6 +20,7 @@ pruning_maps.py, word_probe.py, vtm_negatives.py) calls `load_for_evaluation`:
 
 Importing this module does not import torch (sweep.py checks a point from model.json first).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def weights_path(model: str | Path) -> Path:
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: expected an exported model ({WEIGHTS_NAME} with "
-                                f"{INFO_NAME} beside it, as the training loop writes)")
+        raise FileNotFoundError(
+            f"{path} does not exist: expected an exported model ({WEIGHTS_NAME} with "
+            f"{INFO_NAME} beside it, as the training loop writes)"
+        )
     return path
 
 
@@ -77,6 +80,7 @@ def read_model_info(model: str | Path) -> dict:
 @dataclass
 class LoadedModel:
     """A model ready to evaluate: in eval mode, on `device`."""
+
     model: Any  # SViTT or VideoQA
     info: dict  # its model.json: name, frames, model_config, train_config, ...
     device: Any  # torch.device
@@ -134,8 +138,10 @@ def _load_qa(weights: Path, frames, overrides):
     if train_cfg.get("task") != "qa":
         raise ValueError(f"{weights} is a {train_cfg.get('task', 'pairs')!r} model, not a finetuned QA model")
     if frames is not None and frames != info["model_config"]["video"]["frames"]:
-        raise ValueError(f"{weights} was finetuned with {info['model_config']['video']['frames']} frames; "
-                         f"evaluating it with {frames} is not supported")
+        raise ValueError(
+            f"{weights} was finetuned with {info['model_config']['video']['frames']} frames; "
+            f"evaluating it with {frames} is not supported"
+        )
     if overrides:
         raise ValueError(f"{weights}: config overrides are not supported for a finetuned QA model")
     model = VideoQA(info["model_config"], train_cfg["decoder_layers"])
@@ -146,8 +152,7 @@ def _load_qa(weights: Path, frames, overrides):
 _LOADERS = {"svitt": _load_svitt, "qa": _load_qa}
 
 
-def load_model(model: str | Path, frames: int | None = None, overrides: dict | None = None,
-               kind: str = "svitt"):
+def load_model(model: str | Path, frames: int | None = None, overrides: dict | None = None, kind: str = "svitt"):
     """(model in eval mode on the CPU, its model.json) of an exported model; see load_for_evaluation."""
     if kind not in _LOADERS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
@@ -162,9 +167,15 @@ def load_model(model: str | Path, frames: int | None = None, overrides: dict | N
         raise ValueError(f"the weights of {weights} do not fit the model its {INFO_NAME} describes: {error}") from None
 
 
-def load_for_evaluation(model: str | Path, device: str = "auto", *, frames: int | None = None,
-                        overrides: dict | None = None, kind: str = "svitt",
-                        tokenizer: str | Path | None = None) -> LoadedModel:
+def load_for_evaluation(
+    model: str | Path,
+    device: str = "auto",
+    *,
+    frames: int | None = None,
+    overrides: dict | None = None,
+    kind: str = "svitt",
+    tokenizer: str | Path | None = None,
+) -> LoadedModel:
     """An exported model ready to evaluate (module docstring): built and loaded on the CPU, in
     eval mode, moved to the device `device` picks (pick_device).
 

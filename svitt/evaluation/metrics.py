@@ -72,8 +72,9 @@ def ground_truth_matrix(text_to_video, num_texts: int, num_videos: int) -> np.nd
                 raise ValueError(f"text_to_video[{i}] is empty; every text needs a ground-truth video")
             is_gt[i, idx] = True
     else:
-        gt_video = _check_index_vector(_to_numpy(text_to_video, "text_to_video"), "text_to_video", num_texts,
-                                       num_videos)
+        gt_video = _check_index_vector(
+            _to_numpy(text_to_video, "text_to_video"), "text_to_video", num_texts, num_videos
+        )
         is_gt[np.arange(num_texts), gt_video] = True
     without_text = np.flatnonzero(~is_gt.any(axis=0))
     if without_text.size:
@@ -113,10 +114,10 @@ def retrieval_metrics(sim, text_to_video) -> dict[str, float]:
 
 RERANK_CONVENTIONS = {
     "candidates": "each text's top-k videos and each video's top-k texts by the contrastive score "
-                  "(stable order: on equal scores the lower index first), as Singularity's evaluation()",
+    "(stable order: on equal scores the lower index first), as Singularity's evaluation()",
     "below_top_k": "items outside a query's top-k rank below every re-ranked item, in contrastive-score "
-                   "order (Singularity scores them -100 and breaks the ties by argsort order; both agree "
-                   "for R@K with K <= k)",
+    "order (Singularity scores them -100 and breaks the ties by argsort order; both agree "
+    "for R@K with K <= k)",
     "ties": "a ground truth ranks below every wrong item scoring the same or higher",
 }
 
@@ -128,8 +129,8 @@ def rerank_candidates(itc_sim, k: int):
     sim = _to_numpy(itc_sim, "itc_sim").astype(np.float64)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    t2v = np.argsort(-sim, axis=1, kind="stable")[:, :min(k, sim.shape[1])]
-    v2t = np.argsort(-sim.T, axis=1, kind="stable")[:, :min(k, sim.shape[0])]
+    t2v = np.argsort(-sim, axis=1, kind="stable")[:, : min(k, sim.shape[1])]
+    v2t = np.argsort(-sim.T, axis=1, kind="stable")[:, : min(k, sim.shape[0])]
     return t2v, v2t
 
 
@@ -142,8 +143,9 @@ def fused_rerank_scores(itc_sim, candidates, vtm, temperature: float) -> np.ndar
     candidates = np.asarray(candidates)
     vtm = _to_numpy(vtm, "vtm").astype(np.float64)
     if vtm.shape != candidates.shape:
-        raise ValueError(f"vtm must have shape {list(candidates.shape)} (one score per candidate), "
-                         f"got {list(vtm.shape)}")
+        raise ValueError(
+            f"vtm must have shape {list(candidates.shape)} (one score per candidate), got {list(vtm.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return vtm + np.take_along_axis(sim, candidates, axis=1) / temperature
@@ -163,8 +165,9 @@ def _reranked_values(itc: np.ndarray, candidates: np.ndarray, scores: np.ndarray
     """(in_top [Q, C], value [Q, C]): matching scores at the candidates, contrastive elsewhere."""
     scores = _to_numpy(scores, name).astype(np.float64)
     if scores.shape != candidates.shape:
-        raise ValueError(f"{name} must have shape {list(candidates.shape)} (one score per top-k candidate), "
-                         f"got {list(scores.shape)}")
+        raise ValueError(
+            f"{name} must have shape {list(candidates.shape)} (one score per top-k candidate), got {list(scores.shape)}"
+        )
     _check_finite(scores, name)
     rows = np.arange(itc.shape[0])[:, None]
     in_top = np.zeros(itc.shape, dtype=bool)
@@ -193,8 +196,10 @@ def rerank_metrics(itc_sim, vtm_t2v, vtm_v2t, text_to_video, k: int) -> dict[str
     t2v_top, v2t_top = rerank_candidates(sim, k)
     t2v_in, t2v_value = _reranked_values(sim, t2v_top, vtm_t2v, "vtm_t2v")
     v2t_in, v2t_value = _reranked_values(sim.T, v2t_top, vtm_v2t, "vtm_v2t")
-    out = {**_recalls(_two_key_ranks(t2v_in, t2v_value, is_gt), "t2v"),
-           **_recalls(_two_key_ranks(v2t_in, v2t_value, is_gt.T), "v2t")}
+    out = {
+        **_recalls(_two_key_ranks(t2v_in, t2v_value, is_gt), "t2v"),
+        **_recalls(_two_key_ranks(v2t_in, v2t_value, is_gt.T), "v2t"),
+    }
     out["r_mean"] = (out["t2v_mean"] + out["v2t_mean"]) / 2
     return out
 
@@ -261,8 +266,9 @@ def qa_accuracy(predictions, answers, types=None) -> dict[str, float]:
     """
     predictions, answers = list(predictions), list(answers)
     if len(predictions) != len(answers) or not answers:
-        raise ValueError(f"predictions and answers must be non-empty lists of one length, got "
-                         f"{len(predictions)} and {len(answers)}")
+        raise ValueError(
+            f"predictions and answers must be non-empty lists of one length, got {len(predictions)} and {len(answers)}"
+        )
     bad = [x for x in predictions + answers if not isinstance(x, str)][:3]
     if bad:
         raise ValueError(f"predictions and answers must be strings, got {bad!r}")
@@ -307,23 +313,27 @@ def nlq_recall(predictions, ground_truth, ks=NLQ_KS, ious=NLQ_IOUS) -> dict[str,
     """
     ground_truth = _to_numpy(ground_truth, "ground_truth").astype(np.float64)
     if ground_truth.ndim != 2 or ground_truth.shape[1] != 2 or ground_truth.shape[0] == 0:
-        raise ValueError(f"ground_truth must be a non-empty [num_queries, 2] array of (start, end), "
-                         f"got shape {ground_truth.shape}")
+        raise ValueError(
+            f"ground_truth must be a non-empty [num_queries, 2] array of (start, end), got shape {ground_truth.shape}"
+        )
     if len(predictions) != len(ground_truth):
         raise ValueError(f"{len(predictions)} prediction lists for {len(ground_truth)} queries")
     _check_finite(ground_truth, "ground_truth")
     bad = np.flatnonzero(ground_truth[:, 1] < ground_truth[:, 0])
     if bad.size:
-        raise ValueError(f"ground-truth windows must have end >= start; query {int(bad[0])} is "
-                         f"{ground_truth[bad[0]].tolist()}")
+        raise ValueError(
+            f"ground-truth windows must have end >= start; query {int(bad[0])} is {ground_truth[bad[0]].tolist()}"
+        )
     found = {(k, iou): np.zeros(len(ground_truth), bool) for k in ks for iou in ious}
     best3 = np.zeros(len(ground_truth))
     for q, (windows, target) in enumerate(zip(predictions, ground_truth)):
         windows = _to_numpy(windows, f"predictions[{q}]").astype(np.float64).reshape(-1, 2)
         _check_finite(windows, f"predictions[{q}]")
         if (windows[:, 1] < windows[:, 0]).any():
-            raise ValueError(f"predicted windows must have end >= start; query {q} has "
-                             f"{windows[windows[:, 1] < windows[:, 0]][0].tolist()}")
+            raise ValueError(
+                f"predicted windows must have end >= start; query {q} has "
+                f"{windows[windows[:, 1] < windows[:, 0]][0].tolist()}"
+            )
         overlap = temporal_iou(windows, target)
         best3[q] = np.sort(overlap)[-3:].mean() if overlap.size else 0.0
         for k, iou in found:

@@ -16,6 +16,7 @@ The grounding task (ground_nlq) is the evaluation of those features: a grounding
 (svitt.evaluation.grounding.GROUNDERS) trained on the train split's queries, evaluated on val,
 beside a query-independent baseline; workflow_scripts/ground.py is its CLI.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,18 @@ def window_starts(num_frames: int, window: int, stride: int) -> list[int]:
     return list(range(0, max(1, num_frames - window + 1), stride))
 
 
-def extract_window_features(model, store, video_ids, transform, window: int = 4, stride: int = 4,
-                            batch_size: int = 32, device="cpu", progress: bool = True, kind: str = "cls"):
+def extract_window_features(
+    model,
+    store,
+    video_ids,
+    transform,
+    window: int = 4,
+    stride: int = 4,
+    batch_size: int = 32,
+    device="cpu",
+    progress: bool = True,
+    kind: str = "cls",
+):
     """Clip features over long videos, as SViTT-Ego feeds Ego4D NLQ grounding (GroundNLQ):
     windows of `window` consecutive stored frames every `stride` frames, each encoded as one
     clip; the feature is the clip summary (the normed video [CLS], or the normed mean token with
@@ -58,8 +69,10 @@ def extract_window_features(model, store, video_ids, transform, window: int = 4,
         feats = []
         with torch.no_grad():
             for first in range(0, len(starts), batch_size):
-                clips = [transform(store.read(video_id, [min(s + k, total - 1) for k in range(window)]))
-                         for s in starts[first:first + batch_size]]
+                clips = [
+                    transform(store.read(video_id, [min(s + k, total - 1) for k in range(window)]))
+                    for s in starts[first : first + batch_size]
+                ]
                 cls = model.video_summary(torch.stack(clips).to(device))
                 feats.append((model.vision_proj(cls) if kind == "projected" else cls).float().cpu())
         yield video_id, torch.cat(feats), torch.tensor(starts)
@@ -102,8 +115,10 @@ def write_video_features(folder: str | Path, features: dict[str, torch.Tensor], 
 def read_feature_info(folder: str | Path) -> dict:
     path = Path(folder) / "features.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a complete NLQ feature folder "
-                                "(workflow_scripts/nlq_features.py --pt-dir writes one)")
+        raise FileNotFoundError(
+            f"{path} is missing: {folder} is not a complete NLQ feature folder "
+            "(workflow_scripts/nlq_features.py --pt-dir writes one)"
+        )
     return json.loads(path.read_text())
 
 
@@ -127,11 +142,11 @@ def clip_feature_span(video_start_sec: float, video_end_sec: float, rate: float,
 # What the numbers of a grounding result mean (recorded in every result JSON).
 GROUNDING_CONVENTIONS = {
     "recall": "share of evaluated queries (percent) with a top-k window of IoU > threshold (strict), "
-              "as Ego4D's evaluate_nlq_performance",
+    "as Ego4D's evaluate_nlq_performance",
     "miou": "per query the mean IoU of its 3 best-overlapping windows, averaged (Ego4D's mIoU)",
     "windows": "seconds from the clip start; ground truth as annotated (clip_start_sec, clip_end_sec)",
     "decoding": "top-k (start <= end) feature pairs of the start x end probability (VSLNet on Ego4D); with "
-                "settings.nms_iou, a pair whose IoU with a better kept one is >= nms_iou is skipped",
+    "settings.nms_iou, a pair whose IoU with a better kept one is >= nms_iou is skipped",
     "baseline": "the k feature spans training windows fall on most often, the same for every query",
     "skipped": "queries left out of every number here, with the reason",
 }
@@ -145,7 +160,7 @@ def encode_queries(model, tokenizer, texts: list[str], text_len: int, device) ->
     collator = PairCollator(tokenizer, text_len)
     out = []
     for first in range(0, len(texts), 1024):  # bounded memory on Ego4D's ~14k train queries
-        _, hidden, mask = embed_texts(model, collator, texts[first:first + 1024], device=device)
+        _, hidden, mask = embed_texts(model, collator, texts[first : first + 1024], device=device)
         out += [h[m.bool()] for h, m in zip(hidden, mask)]
     return out
 
@@ -157,6 +172,7 @@ class NothingToGround(ValueError):
 @dataclass
 class GroundingRun:
     """What ground_nlq returns; the caller writes it (workflow_scripts/ground.py, atomically)."""
+
     result: dict  # the result JSON: metrics, baseline, features, annotations, counts, skipped, settings, conventions
     rows: list[dict]  # one per epoch: mean losses and val recall (metrics.jsonl)
     grounder: torch.nn.Module  # trained, on the device
@@ -168,8 +184,15 @@ class GroundingRun:
         return {k: v.detach().contiguous().cpu() for k, v in self.grounder.state_dict().items()}
 
 
-def ground_nlq(splits: dict, features: str | Path, model: str | Path, tokenizer, settings: dict | None = None,
-               device="auto", progress: bool = True) -> GroundingRun:
+def ground_nlq(
+    splits: dict,
+    features: str | Path,
+    model: str | Path,
+    tokenizer,
+    settings: dict | None = None,
+    device="auto",
+    progress: bool = True,
+) -> GroundingRun:
     """Ego4D NLQ grounding, the evaluation of an SViTT-Ego model's window features (paper 4.4):
     a grounder (svitt.evaluation.grounding.GROUNDERS, settings["model"]) is trained on the
     "train" split and evaluated on "val" (R@1 / R@5 at IoU 0.3 / 0.5, mIoU), beside the baseline
@@ -182,8 +205,15 @@ def ground_nlq(splits: dict, features: str | Path, model: str | Path, tokenizer,
     svitt.evaluation.loading.pick_device. Queries whose window lies outside their clip, or whose
     clip has no features, are left out and listed under result["skipped"] with the reason.
     Seeded by settings["seed"]: the same seed on the same machine gives the same numbers."""
-    from svitt.evaluation.grounding import (baseline_windows, build_grounder, build_items, most_frequent_spans,
-                                            predict_windows, resolve_grounder_config, train_grounder)
+    from svitt.evaluation.grounding import (
+        baseline_windows,
+        build_grounder,
+        build_items,
+        most_frequent_spans,
+        predict_windows,
+        resolve_grounder_config,
+        train_grounder,
+    )
     from svitt.evaluation.loading import load_for_evaluation, pick_device
     from svitt.evaluation.metrics import nlq_recall
 
@@ -204,8 +234,9 @@ def ground_nlq(splits: dict, features: str | Path, model: str | Path, tokenizer,
     (train, train_skipped, train_clamped), (val, val_skipped, val_clamped) = built["train"], built["val"]
     for name, (items, _, _) in built.items():
         if not items:
-            raise NothingToGround(f"no {name} query can be grounded ({splits[name].path}); "
-                             f"skipped: {built[name][1][:3]}")
+            raise NothingToGround(
+                f"no {name} query can be grounded ({splits[name].path}); skipped: {built[name][1][:3]}"
+            )
     val_truth = [list(item.window) for item in val]
 
     torch.manual_seed(settings["seed"])
@@ -223,23 +254,36 @@ def ground_nlq(splits: dict, features: str | Path, model: str | Path, tokenizer,
     spans = most_frequent_spans(train, settings["top_k"])
     baseline = nlq_recall(baseline_windows(spans, val), val_truth)
 
-    challenge = {"version": "1.0", "challenge": "ego4d_nlq_challenge",
-                 "results": [{**splits["val"].queries[item.query_index].key, "predicted_times": windows}
-                             for item, windows in zip(val, predictions)]}
+    challenge = {
+        "version": "1.0",
+        "challenge": "ego4d_nlq_challenge",
+        "results": [
+            {**splits["val"].queries[item.query_index].key, "predicted_times": windows}
+            for item, windows in zip(val, predictions)
+        ],
+    }
     result = {
-        "task": "nlq", "stage": stage, "model": str(model), "metrics": metrics,
-        "baseline": {"name": "most frequent window", "metrics": baseline,
-                     "spans": [list(s) for s in spans],  # feature indices; in seconds from the first feature:
-                     "seconds": [[s / info["features_per_second"], (e + 1) / info["features_per_second"]]
-                                 for s, e in spans]},
-        "features": {**{k: info[k] for k in ("kind", "fps", "window", "stride", "features_per_second", "dim")},
-                     "folder": str(features)},
+        "task": "nlq",
+        "stage": stage,
+        "model": str(model),
+        "metrics": metrics,
+        "baseline": {
+            "name": "most frequent window",
+            "metrics": baseline,
+            "spans": [list(s) for s in spans],  # feature indices; in seconds from the first feature:
+            "seconds": [[s / info["features_per_second"], (e + 1) / info["features_per_second"]] for s, e in spans],
+        },
+        "features": {
+            **{k: info[k] for k in ("kind", "fps", "window", "stride", "features_per_second", "dim")},
+            "folder": str(features),
+        },
         "annotations": {name: split.path for name, split in splits.items()},
         "queries": {name: len(split.queries) + len(split.skipped) for name, split in splits.items()},
         "evaluated": {"train": len(train), "val": len(val)},
         "skipped": {"train": train_skipped, "val": val_skipped},
         "clamped": {"train": train_clamped, "val": val_clamped},
-        "settings": settings, "conventions": GROUNDING_CONVENTIONS,
+        "settings": settings,
+        "conventions": GROUNDING_CONVENTIONS,
     }
     metadata = {"settings": json.dumps(settings), "video_dim": str(video_dim), "text_dim": str(text_dim)}
     return GroundingRun(result, rows, grounder, metadata, challenge)

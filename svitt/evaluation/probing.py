@@ -6,6 +6,7 @@ only thing that differs between passes. The combined result is the normal pass's
 unchanged) plus `frame_orders` {order: metrics}, `frame_order_deltas` {order: normal - order}
 (positive when the order hurts, the paper's Delta) and `frame_permutations` {order: indices}.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,9 @@ def check_frame_orders(orders) -> list[str]:
     orders = list(orders)
     bad = [o for o in orders if o not in FRAME_ORDERS]
     if bad or not orders or orders[0] != "normal" or len(set(orders)) != len(orders):
-        raise ValueError(f"frame_orders must be distinct entries of {FRAME_ORDERS} starting with "
-                         f"'normal', got {orders}")
+        raise ValueError(
+            f"frame_orders must be distinct entries of {FRAME_ORDERS} starting with 'normal', got {orders}"
+        )
     return orders
 
 
@@ -51,9 +53,14 @@ def combine(results: dict[str, dict], frames: int, seed: int) -> dict:
     out = dict(normal)
     out["frame_orders"] = {order: {k: r[k] for k in RESULT_KEYS if k in r} for order, r in results.items()}
     out["frame_order_deltas"] = {
-        order: {key: {m: normal[key][m] - v for m, v in _numeric(r[key]).items() if m in normal[key]}
-                for key in RESULT_KEYS if key in r and key in normal and key != "twins_exact_reversal"}
-        for order, r in results.items() if order != "normal"}
+        order: {
+            key: {m: normal[key][m] - v for m, v in _numeric(r[key]).items() if m in normal[key]}
+            for key in RESULT_KEYS
+            if key in r and key in normal and key != "twins_exact_reversal"
+        }
+        for order, r in results.items()
+        if order != "normal"
+    }
     out["frame_permutations"] = {order: frame_permutation(frames, order, seed) for order in results}
     out["shuffle_seed"] = seed
     return out

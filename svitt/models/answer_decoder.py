@@ -7,6 +7,7 @@ answer sequence. The decoder's layers start from the last fusion layers of the p
     losses = qa(video, input_ids, attention_mask, answer_ids, answer_mask)   # {"qa": loss}
     scores = qa.rank(video, input_ids, attention_mask, answer_ids, answer_mask, k=128)   # [B, A]
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,7 @@ from svitt.models.video_encoder import VideoEncoder
 SCORING_RULES = {
     "sequence": "sum over the answer's tokens of log p(token | question, previous tokens)",
     "singularity": "Singularity's rank_answer: log p(first token) added to the sequence log-likelihood "
-                   "(the first token counted twice)",
+    "(the first token counted twice)",
 }
 
 
@@ -30,8 +31,9 @@ class AnswerDecoder(nn.Module):
         width = text_cfg["width"]
         self.embeddings = BertEmbeddings(text_cfg)
         self.layer = nn.ModuleList(BertLayer(text_cfg, cross_kv_width=width) for _ in range(num_layers))
-        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(),
-                                       nn.LayerNorm(width, eps=text_cfg["layer_norm_eps"]))
+        self.transform = nn.Sequential(
+            nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=text_cfg["layer_norm_eps"])
+        )
         self.bias = nn.Parameter(torch.zeros(text_cfg["vocab_size"]))
 
     @classmethod
@@ -44,8 +46,11 @@ class AnswerDecoder(nn.Module):
         decoder = cls(text.cfg, num_layers)
         decoder.embeddings.load_state_dict(text.embeddings.state_dict())
         for target, source in zip(decoder.layer, text.encoder.layer[-num_layers:]):
-            state = {k: v for k, v in source.state_dict().items()
-                     if k in target.state_dict() and v.shape == target.state_dict()[k].shape}
+            state = {
+                k: v
+                for k, v in source.state_dict().items()
+                if k in target.state_dict() and v.shape == target.state_dict()[k].shape
+            }
             target.load_state_dict(state, strict=False)
         head = model.mlm_head
         decoder.transform[0].load_state_dict(head.transform.dense.state_dict())
@@ -69,8 +74,9 @@ class AnswerDecoder(nn.Module):
         """-log p of every answer token after the first ([CLS]) position: [B, L - 1], 0 at padding."""
         logits = self.logits(answer_ids, answer_mask, question, question_mask)[:, :-1]
         labels = answer_ids[:, 1:].masked_fill(answer_mask[:, 1:] == 0, -100)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                              ignore_index=-100, reduction="none")
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
+        )
         return nll.view(labels.shape)
 
     def loss(self, answer_ids, answer_mask, question, question_mask):
@@ -79,8 +85,16 @@ class AnswerDecoder(nn.Module):
         return self.token_nll(answer_ids, answer_mask, question, question_mask).sum(1).mean()
 
     @torch.no_grad()
-    def rank_answers(self, question, question_mask, answer_ids, answer_mask, k: int | None = None,
-                     scoring: str = "sequence", chunk: int = 512):
+    def rank_answers(
+        self,
+        question,
+        question_mask,
+        answer_ids,
+        answer_mask,
+        k: int | None = None,
+        scoring: str = "sequence",
+        chunk: int = 512,
+    ):
         """Scores [B, A] of the A candidate answers (token ids [A, La], [CLS] first) for B questions.
 
         The k answers whose first token is likeliest are scored fully by `scoring` (SCORING_RULES;
@@ -96,8 +110,12 @@ class AnswerDecoder(nn.Module):
         top = first_logp.topk(k, dim=1).indices  # [B, k]
         rows = torch.arange(b * k, device=question.device)
         ids, mask = answer_ids[top.flatten()], answer_mask[top.flatten()]  # [B * k, La]
-        logp = torch.cat([-self.token_nll(ids[r], mask[r], question[r // k], question_mask[r // k]).sum(1)
-                          for r in rows.split(chunk)]).view(b, k)
+        logp = torch.cat(
+            [
+                -self.token_nll(ids[r], mask[r], question[r // k], question_mask[r // k]).sum(1)
+                for r in rows.split(chunk)
+            ]
+        ).view(b, k)
         if scoring == "singularity":
             logp = logp + first_logp.gather(1, top)
         scores = torch.full((b, a), float("-inf"), device=question.device)
@@ -144,8 +162,7 @@ class VideoQA(nn.Module):
         (multimodal pruning as text.question_pruning says)."""
         tokens = self.video_encoder.fusion_tokens(self.video_encoder(video))
         hidden = self.text_encoder.encode(input_ids, attention_mask)
-        return self.text_encoder.fuse(hidden, attention_mask, tokens,
-                                      prune=self.text_encoder.cfg["question_pruning"])
+        return self.text_encoder.fuse(hidden, attention_mask, tokens, prune=self.text_encoder.cfg["question_pruning"])
 
     def forward(self, video, input_ids, attention_mask, answer_ids, answer_mask):
         """{"qa": answer generation loss} for a batch of (video, question, answer)."""
@@ -153,8 +170,9 @@ class VideoQA(nn.Module):
         return {"qa": self.answer_decoder.loss(answer_ids, answer_mask, states, attention_mask)}
 
     @torch.no_grad()
-    def rank(self, video, input_ids, attention_mask, answer_ids, answer_mask, k: int | None = None,
-             scoring: str = "sequence"):
+    def rank(
+        self, video, input_ids, attention_mask, answer_ids, answer_mask, k: int | None = None, scoring: str = "sequence"
+    ):
         """Scores [B, A] of the answer list (AnswerDecoder.rank_answers)."""
         states = self.question_states(video, input_ids, attention_mask)
         return self.answer_decoder.rank_answers(states, attention_mask, answer_ids, answer_mask, k, scoring)

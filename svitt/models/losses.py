@@ -29,6 +29,7 @@ IGNORE_INDEX = -100  # label of tokens that are not predicted (PyTorch / HF conv
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def clamp_temperature(temperature):
     """Clamp a (learnable) temperature to [0.001, 0.5] (ALBEF / Singularity range).
 
@@ -76,6 +77,7 @@ def _check_tags(tags: torch.Tensor, name: str, batch: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- VTC / EgoNCE
+
 
 def info_nce(video_emb: torch.Tensor, text_emb: torch.Tensor, temperature) -> torch.Tensor:
     """Symmetric InfoNCE (paper eq. 28-29): CE(v->t) + CE(t->v), each a mean over the batch.
@@ -145,6 +147,7 @@ def egonce(
 
 
 # ----------------------------------------------------------------------------- VTM
+
 
 def _sample_negatives(sim: torch.Tensor, excluded: torch.Tensor, generator, hard_fraction: float = 1.0) -> torch.Tensor:
     """One index per row drawn from softmax(sim_i) over the entries not excluded, mixed with the
@@ -236,6 +239,7 @@ def vtm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- MLM
 
+
 def mask_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -290,7 +294,9 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     the graph, so DDP sees every parameter used) instead of PyTorch's NaN.
     """
     if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"expected logits [B, L, V] and labels [B, L], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits [B, L, V] and labels [B, L], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -7,6 +7,7 @@ find_unused_parameters, the plots' labels and the meta-device step of svitt.anal
 here. Adding an objective: its loss in svitt/models/losses.py, its row in OBJECTIVE_TABLE, its weight key in
 schemas/config.schema.yaml (docs/training.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ from svitt.models import losses
 @dataclass(frozen=True)
 class LossSettings:
     """What the losses are computed with (the stage config keys of the same names)."""
+
     egonce_temperature: float = 0.05  # EgoNCE's fixed temperature (VTC learns its own)
     vtm_hard_fraction: float = 1.0  # losses.vtm_hard_negatives: share drawn by similarity (1.0: ALBEF)
 
@@ -64,15 +66,23 @@ def _vtc(model, feats: dict, batch: dict, settings: LossSettings, objectives) ->
 
 
 def _egonce(model, feats: dict, batch: dict, settings: LossSettings, objectives) -> torch.Tensor:
-    return losses.egonce(feats["video_emb"], feats["text_emb"], batch["nouns"], batch["verbs"],
-                         settings.egonce_temperature)
+    return losses.egonce(
+        feats["video_emb"], feats["text_emb"], batch["nouns"], batch["verbs"], settings.egonce_temperature
+    )
 
 
 def _vtm(model, feats: dict, batch: dict, settings: LossSettings, objectives) -> torch.Tensor:
     # Under EgoNCE the clips that share a noun and a verb are positives: not drawn as negatives.
     positives = losses.action_positives(batch["nouns"], batch["verbs"]) if "egonce" in objectives else None
-    return model._vtm_loss(feats["video_tokens"], feats["video_emb"], feats["text_hidden"], feats["text_emb"],
-                           batch["attention_mask"], positives, settings.vtm_hard_fraction)
+    return model._vtm_loss(
+        feats["video_tokens"],
+        feats["video_emb"],
+        feats["text_hidden"],
+        feats["text_emb"],
+        batch["attention_mask"],
+        positives,
+        settings.vtm_hard_fraction,
+    )
 
 
 def _mlm(model, feats: dict, batch: dict, settings: LossSettings, objectives) -> torch.Tensor:
@@ -123,15 +133,25 @@ def _meta_mlm(model, step: dict, clip, ids, mask) -> torch.Tensor:
 # In the order the losses are computed (VTM after EgoNCE, as before: the same random draws) and plotted.
 OBJECTIVE_TABLE = (
     Objective("vtc", "VTC (InfoNCE)", _vtc, _meta_vtc, frozenset({"projections", "temperature"}), excludes=("egonce",)),
-    Objective("egonce", "EgoNCE", _egonce, _meta_egonce, frozenset({"projections"}), needs=("nouns", "verbs"),
-              needs_note="multi-hot tensors", data_kind="egoclip", excludes=("vtc",)),
+    Objective(
+        "egonce",
+        "EgoNCE",
+        _egonce,
+        _meta_egonce,
+        frozenset({"projections"}),
+        needs=("nouns", "verbs"),
+        needs_note="multi-hot tensors",
+        data_kind="egoclip",
+        excludes=("vtc",),
+    ),
     Objective("vtm", "VTM", _vtm, _meta_vtm, frozenset({"fusion", "vtm_head"})),
     Objective("mlm", "MLM", _mlm, _meta_mlm, frozenset({"fusion", "mlm_head"}), needs=("mlm_ids", "mlm_labels")),
 )
 REGISTRY = {o.name: o for o in OBJECTIVE_TABLE}
 OBJECTIVES = tuple(REGISTRY)  # the names, in table order
-LOSS_INPUTS = ("attention_mask",) + tuple(dict.fromkeys(k for o in OBJECTIVE_TABLE for k in o.needs
-                                                        if k != "mlm_ids"))  # mlm_ids become features
+LOSS_INPUTS = ("attention_mask",) + tuple(
+    dict.fromkeys(k for o in OBJECTIVE_TABLE for k in o.needs if k != "mlm_ids")
+)  # mlm_ids become features
 
 
 def unknown_objectives(objectives: Iterable[str]) -> list[str]:

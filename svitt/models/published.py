@@ -14,6 +14,7 @@ runs on real files without a model hub (the rehearsal, and tests of weight loadi
 The BERT vocabulary keeps bert-base-uncased's special-token ids ([PAD] 0, [UNK] 100, [CLS] 101,
 [SEP] 102, [MASK] 103) and size (30522 by default): the given words, then filler pieces.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ import torch
 BERT_SPECIAL = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
 
 
-def write_timm_beit(path: str | Path, model_name: str = "beit_base_patch16_224.in22k_ft_in22k", seed: int = 0,
-                    **kwargs) -> Path:
+def write_timm_beit(
+    path: str | Path, model_name: str = "beit_base_patch16_224.in22k_ft_in22k", seed: int = 0, **kwargs
+) -> Path:
     """timm's state dict of `model_name` with random weights (pretrained=False), as a .pth file."""
     import timm
 
@@ -45,8 +47,9 @@ def write_hf_beit(folder: str | Path, seed: int = 0, **config) -> Path:
     from transformers import BeitConfig, BeitForImageClassification
 
     torch.manual_seed(seed)
-    settings = dict(use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1,
-                    num_labels=21841)
+    settings = dict(
+        use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1, num_labels=21841
+    )
     settings.update(config)
     model = BeitForImageClassification(BeitConfig(**settings))
     model.save_pretrained(folder, safe_serialization=True)
@@ -89,8 +92,7 @@ def write_bert_folder(folder: str | Path, texts=(), seed: int = 0, weights: bool
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab_size = config.get("vocab_size", 30522)
-    (folder / "vocab.txt").write_text("\n".join(bert_vocab(basic_words(texts), vocab_size)) + "\n",
-                                      encoding="utf-8")
+    (folder / "vocab.txt").write_text("\n".join(bert_vocab(basic_words(texts), vocab_size)) + "\n", encoding="utf-8")
     tokenizer = {"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2) + "\n", encoding="utf-8")
     if not weights:
@@ -98,8 +100,11 @@ def write_bert_folder(folder: str | Path, texts=(), seed: int = 0, weights: bool
     torch.manual_seed(seed)
     cfg = BertConfig(**config)
     model = BertForPreTraining(cfg)
-    state = {_legacy_name(k): v.detach().clone().contiguous() for k, v in model.state_dict().items()
-             if not k.endswith("position_ids")}
+    state = {
+        _legacy_name(k): v.detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith("position_ids")
+    }
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(cfg.to_json_string(), encoding="utf-8")
     return folder

@@ -9,6 +9,7 @@ Table layout (timm BEiT, extended with a temporal axis): entry
     ((dt + T-1) * (2H-1) + (dh + H-1)) * (2W-1) + (dw + W-1),   d = query - key,
 followed by three special entries: CLS->token, token->CLS, CLS->CLS.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,8 +64,9 @@ def position_code(pos: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor
     return ((pos // hw) * (2 * h - 1) + (pos // w) % h) * (2 * w - 1) + pos % w
 
 
-def relative_bias(table: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
-                  grid: tuple[int, int, int]) -> torch.Tensor:
+def relative_bias(
+    table: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor, grid: tuple[int, int, int]
+) -> torch.Tensor:
     """Bias for queries at pos_q [B, Nq] and keys at pos_k [B, Nk]: returns [B, heads, Nq, Nk]."""
     index = relative_index(pos_q[..., :, None], pos_k[..., None, :], grid)
     return lookup(table, index).movedim(-1, -3)
@@ -129,8 +131,9 @@ def _temporal_source(t_src: int, t_dst: int, rule: str = "symmetric") -> torch.T
     return scaled.clamp(-(t_src - 1), t_src - 1).long() + (t_src - 1)
 
 
-def resize_table(table: torch.Tensor, src_grid: tuple[int, int, int],
-                 dst_grid: tuple[int, int, int], rule: str = "symmetric") -> torch.Tensor:
+def resize_table(
+    table: torch.Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int], rule: str = "symmetric"
+) -> torch.Tensor:
     """Resize a relative position bias table [table_size(src), heads] to dst_grid along time, by
     `rule` (TEMPORAL_RESIZES, _temporal_source).
 
@@ -139,10 +142,13 @@ def resize_table(table: torch.Tensor, src_grid: tuple[int, int, int],
     if tuple(src_grid[1:]) != tuple(dst_grid[1:]):
         raise ValueError(
             f"relative position table has spatial grid {tuple(src_grid[1:])}, expected "
-            f"{tuple(dst_grid[1:])} (image_size / patch_size must match the checkpoint)")
+            f"{tuple(dst_grid[1:])} (image_size / patch_size must match the checkpoint)"
+        )
     if table.shape[0] != table_size(src_grid):
-        raise ValueError(f"relative position table has {table.shape[0]} rows, expected "
-                         f"{table_size(src_grid)} for grid {tuple(src_grid)}")
+        raise ValueError(
+            f"relative position table has {table.shape[0]} rows, expected "
+            f"{table_size(src_grid)} for grid {tuple(src_grid)}"
+        )
     t_src, h, w = src_grid
     t_dst = dst_grid[0]
     heads = table.shape[1]

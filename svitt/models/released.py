@@ -27,6 +27,7 @@ QA questions. The multimodal keep rate is read where the released model reads it
 `text_encoder_args`; the released YAMLs' `joint_encoder_args` is never read by that code and is
 only recorded.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,38 +41,95 @@ from svitt.models.relative_position import relative_index, table_size, token_pos
 KINDS = ("pretrain", "retrieval", "qa")
 # Keys that identify each kind (all must be present).
 SIGNATURES = {
-    "pretrain": ("vision_encoder.embeddings.cls_token", "vision_layernorm.weight",
-                 "text_encoder.bert.embeddings.word_embeddings.weight", "text_encoder.cls.predictions.bias",
-                 "vision_proj.weight", "itm_head.weight"),
-    "retrieval": ("vision_encoder.embeddings.cls_token", "vision_layernorm.weight",
-                  "text_encoder.embeddings.word_embeddings.weight", "vision_proj.weight", "itm_head.weight"),
-    "qa": ("vision_encoder.embeddings.cls_token", "vision_layernorm.weight",
-           "text_encoder.embeddings.word_embeddings.weight",
-           "text_decoder.bert.embeddings.word_embeddings.weight", "text_decoder.cls.predictions.bias"),
+    "pretrain": (
+        "vision_encoder.embeddings.cls_token",
+        "vision_layernorm.weight",
+        "text_encoder.bert.embeddings.word_embeddings.weight",
+        "text_encoder.cls.predictions.bias",
+        "vision_proj.weight",
+        "itm_head.weight",
+    ),
+    "retrieval": (
+        "vision_encoder.embeddings.cls_token",
+        "vision_layernorm.weight",
+        "text_encoder.embeddings.word_embeddings.weight",
+        "vision_proj.weight",
+        "itm_head.weight",
+    ),
+    "qa": (
+        "vision_encoder.embeddings.cls_token",
+        "vision_layernorm.weight",
+        "text_encoder.embeddings.word_embeddings.weight",
+        "text_decoder.bert.embeddings.word_embeddings.weight",
+        "text_decoder.cls.predictions.bias",
+    ),
 }
 CHECKPOINT_KEYS = ("model", "config")
 
 # The released model's fixed choices, from the files it builds its encoders from: the Hugging Face
 # config of microsoft/beit-base-patch16-224-pt22k-ft22k (plus models/sparse_config.py's sparsity
 # defaults) and configs/config_bert.json. vision_encoder_args / text_encoder_args override them.
-RELEASED_BEIT = dict(layer_norm_eps=1e-12, use_mean_pooling=True, use_relative_position_bias=True,
-                     use_shared_relative_position_bias=False, use_absolute_position_embeddings=False,
-                     use_mask_token=False, layer_scale_init_value=0.1, drop_path_rate=0.1, initializer_range=0.02,
-                     hidden_act="gelu", token_keep_rate=1, token_keep_strategy="cls_attn", token_drop_loc=[3, 6, 9],
-                     sparse_random_attn=None, sparse_local_attn=1, attn_block_size=1, num_cls_tokens=1,
-                     token_3d_order="none")
-RELEASED_BERT = dict(fusion_layer=9, layer_norm_eps=1e-12, hidden_dropout_prob=0.1, hidden_act="gelu",
-                     position_embedding_type="absolute", pad_token_id=0, initializer_range=0.02,
-                     token_keep_rate=1, token_keep_strategy="cls_attn", token_drop_loc=[9])
+RELEASED_BEIT = dict(
+    layer_norm_eps=1e-12,
+    use_mean_pooling=True,
+    use_relative_position_bias=True,
+    use_shared_relative_position_bias=False,
+    use_absolute_position_embeddings=False,
+    use_mask_token=False,
+    layer_scale_init_value=0.1,
+    drop_path_rate=0.1,
+    initializer_range=0.02,
+    hidden_act="gelu",
+    token_keep_rate=1,
+    token_keep_strategy="cls_attn",
+    token_drop_loc=[3, 6, 9],
+    sparse_random_attn=None,
+    sparse_local_attn=1,
+    attn_block_size=1,
+    num_cls_tokens=1,
+    token_3d_order="none",
+)
+RELEASED_BERT = dict(
+    fusion_layer=9,
+    layer_norm_eps=1e-12,
+    hidden_dropout_prob=0.1,
+    hidden_act="gelu",
+    position_embedding_type="absolute",
+    pad_token_id=0,
+    initializer_range=0.02,
+    token_keep_rate=1,
+    token_keep_strategy="cls_attn",
+    token_drop_loc=[9],
+)
 HEAD_DIM = 64  # BERT-base: 768 / 12; the stored config names only configs/config_bert.json's path
 # Keys of vision_encoder_args / text_encoder_args whose value the tensors fix (sizes) or that do not
 # change what the model computes; any other key than these and RELEASED_BEIT / RELEASED_BERT's is
 # an error naming it rather than a guess.
-SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-             "patch_size", "num_channels", "vocab_size", "max_position_embeddings", "type_vocab_size",
-             "encoder_width", "out_indices", "pool_scales", "use_auxiliary_head", "auxiliary_loss_weight",
-             "auxiliary_channels", "auxiliary_num_convs", "auxiliary_concat_input", "semantic_loss_ignore_index",
-             "is_encoder_decoder", "use_cache", "classifier_dropout", "gradient_checkpointing")
+SIZE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "encoder_width",
+    "out_indices",
+    "pool_scales",
+    "use_auxiliary_head",
+    "auxiliary_loss_weight",
+    "auxiliary_channels",
+    "auxiliary_num_convs",
+    "auxiliary_concat_input",
+    "semantic_loss_ignore_index",
+    "is_encoder_decoder",
+    "use_cache",
+    "classifier_dropout",
+    "gradient_checkpointing",
+)
 
 
 class ReleasedCheckpointError(ValueError):
@@ -118,8 +176,16 @@ def _empty_mapping(*args):
 _CONTAINERS = {"omegaconf.dictconfig.DictConfig": _DictConfig, "omegaconf.listconfig.ListConfig": _ListConfig}
 _NODES = [f"omegaconf.nodes.{n}" for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode")]
 _METADATA = ("omegaconf.base.Metadata", "omegaconf.base.ContainerMetadata")
-_TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int", "builtins.float",
-               "builtins.str", "builtins.bool", "builtins.object")
+_TYPE_NAMES = (
+    "typing.Any",
+    "builtins.dict",
+    "builtins.list",
+    "builtins.int",
+    "builtins.float",
+    "builtins.str",
+    "builtins.bool",
+    "builtins.object",
+)
 _MARKERS = {name: _Marker(name) for name in _TYPE_NAMES}
 
 
@@ -171,12 +237,14 @@ def read_checkpoint(path: str | Path) -> dict:
         what = found.group(1) if found else text.splitlines()[0]
         raise ReleasedCheckpointError(
             f"{path} holds {what}, outside the allow-list (OmegaConf 2.x containers and plain value nodes, "
-            "tensors, plain data); it is not loaded") from None
+            "tensors, plain data); it is not loaded"
+        ) from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ReleasedCheckpointError(
             f"{path} is not a checkpoint of the released SViTT training code: expected the top-level "
-            f"keys {list(CHECKPOINT_KEYS)} (and optimizer, scheduler, scaler, epoch, global_step), found {found}")
+            f"keys {list(CHECKPOINT_KEYS)} (and optimizer, scheduler, scaler, epoch, global_step), found {found}"
+        )
     state = checkpoint["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ReleasedCheckpointError(f"{path}: 'model' is not a state dict of tensors")
@@ -212,13 +280,15 @@ def config_value(config: dict, dotted: str, default=None):
             break
         match = _INTERPOLATION.match(value)
         if not match:
-            raise ReleasedCheckpointError(f"stored config key {dotted} is the interpolation {value!r}, "
-                                          "which cannot be resolved without OmegaConf")
+            raise ReleasedCheckpointError(
+                f"stored config key {dotted} is the interpolation {value!r}, which cannot be resolved without OmegaConf"
+            )
         try:
             value = _lookup(config, match.group(1))
         except KeyError:
-            raise ReleasedCheckpointError(f"stored config key {dotted} refers to {match.group(1)}, "
-                                          "which the stored config does not hold") from None
+            raise ReleasedCheckpointError(
+                f"stored config key {dotted} refers to {match.group(1)}, which the stored config does not hold"
+            ) from None
     if value == "???":
         raise ReleasedCheckpointError(f"stored config key {dotted} is missing ('???')")
     if value in ("None", "none"):
@@ -239,8 +309,10 @@ def checkpoint_kind(state: dict) -> str:
         groups[group] = groups.get(group, 0) + 1
     found = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items())) or "no tensors"
     expected = "; ".join(f"{kind}: {list(keys)}" for kind, keys in SIGNATURES.items())
-    raise ReleasedCheckpointError(f"the state dict is none of the released models {list(KINDS)}: expected "
-                                  f"the keys of one of {expected}; found the key groups {found}")
+    raise ReleasedCheckpointError(
+        f"the state dict is none of the released models {list(KINDS)}: expected "
+        f"the keys of one of {expected}; found the key groups {found}"
+    )
 
 
 def _layers(state: dict, prefix: str) -> list[int]:
@@ -254,8 +326,9 @@ def _text_prefix(kind: str) -> str:
 
 # ------------------------------------------------------------------------ config -> settings
 def _unsupported(setting: str, value, why: str):
-    raise ReleasedCheckpointError(f"the stored config sets {setting} = {value!r}, which this project does "
-                                  f"not implement: {why}")
+    raise ReleasedCheckpointError(
+        f"the stored config sets {setting} = {value!r}, which this project does not implement: {why}"
+    )
 
 
 def _encoder_args(config: dict, section: str, defaults: dict, extra: tuple = ()) -> dict:
@@ -263,8 +336,10 @@ def _encoder_args(config: dict, section: str, defaults: dict, extra: tuple = ())
     stored = {key: config_value(config, f"{section}.{key}") for key in stored}  # references, "None"
     unknown = sorted(set(stored) - set(defaults) - set(SIZE_KEYS) - set(extra))
     if unknown:
-        raise ReleasedCheckpointError(f"the stored config's {section} sets {unknown}, which this converter does "
-                                      f"not know how to represent; known: {sorted(set(defaults) | set(extra))}")
+        raise ReleasedCheckpointError(
+            f"the stored config's {section} sets {unknown}, which this converter does "
+            f"not know how to represent; known: {sorted(set(defaults) | set(extra))}"
+        )
     return {**defaults, **stored}
 
 
@@ -275,23 +350,30 @@ def _tensor(state: dict, key: str) -> torch.Tensor:
 
 
 def _video_settings(config: dict, state: dict, notes: list[str]) -> dict:
-    args = _encoder_args(config, "vision_encoder_args", RELEASED_BEIT,
-                         ("hidden_dropout_prob", "attention_probs_dropout_prob"))
+    args = _encoder_args(
+        config, "vision_encoder_args", RELEASED_BEIT, ("hidden_dropout_prob", "attention_probs_dropout_prob")
+    )
     where = "vision_encoder_args."
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if args.get(key, 0.0):  # BEiT's are 0.0; this video encoder has no dropout
             _unsupported(where + key, args[key], "the video encoder has no dropout (BEiT's config: 0.0)")
     if config_value(config, "vit_type", "beit") != "beit":
         _unsupported("vit_type", config_value(config, "vit_type"), "only the BEiT video encoder exists here")
-    checks = [("token_3d_order", "none", "tokens are ordered in raster (t, h, w) order only"),
-              ("num_cls_tokens", 1, "one [CLS] token"),
-              ("use_mean_pooling", True, "the released pooled output with use_mean_pooling false "
-                                         "(a CLS summary behind two LayerNorms) has no setting here"),
-              ("use_relative_position_bias", True, "BEiT's per-layer relative position bias is the only one"),
-              ("use_shared_relative_position_bias", False, "one relative table per layer"),
-              ("use_absolute_position_embeddings", False, "the released model adds a 2D embedding to video"),
-              ("use_mask_token", False, "no masked image modelling"),
-              ("hidden_act", "gelu", "GELU MLPs")]
+    checks = [
+        ("token_3d_order", "none", "tokens are ordered in raster (t, h, w) order only"),
+        ("num_cls_tokens", 1, "one [CLS] token"),
+        (
+            "use_mean_pooling",
+            True,
+            "the released pooled output with use_mean_pooling false "
+            "(a CLS summary behind two LayerNorms) has no setting here",
+        ),
+        ("use_relative_position_bias", True, "BEiT's per-layer relative position bias is the only one"),
+        ("use_shared_relative_position_bias", False, "one relative table per layer"),
+        ("use_absolute_position_embeddings", False, "the released model adds a 2D embedding to video"),
+        ("use_mask_token", False, "no masked image modelling"),
+        ("hidden_act", "gelu", "GELU MLPs"),
+    ]
     for key, supported, why in checks:
         if args[key] != supported:
             _unsupported(where + key, args[key], why)
@@ -299,9 +381,12 @@ def _video_settings(config: dict, state: dict, notes: list[str]) -> dict:
         _unsupported(where + "token_keep_strategy", args["token_keep_strategy"], "tokens are kept by CLS attention")
     sparse = args["sparse_random_attn"] is not None
     if sparse and args["sparse_local_attn"] != 1:
-        _unsupported(where + "sparse_local_attn", args["sparse_local_attn"],
-                     "the released local window rolls around the ends of the sequence (circular); "
-                     "here a window is cut at the ends, which agrees only for K_l = 1")
+        _unsupported(
+            where + "sparse_local_attn",
+            args["sparse_local_attn"],
+            "the released local window rolls around the ends of the sequence (circular); "
+            "here a window is cut at the ends, which agrees only for K_l = 1",
+        )
     prefix = "vision_encoder.encoder.layer."
     depth = len(_layers(state, prefix))
     proj = _tensor(state, "vision_encoder.embeddings.patch_embeddings.projection.weight")
@@ -312,38 +397,64 @@ def _video_settings(config: dict, state: dict, notes: list[str]) -> dict:
     if bad:
         _unsupported(where + "token_drop_loc", drop_loc, f"layers are 0 .. {depth - 1}")
     if float(args["layer_norm_eps"]) != 1e-12:
-        notes.append(f"{where}layer_norm_eps {args['layer_norm_eps']}: the released vision_layernorm keeps 1e-12; "
-                     "here the fusion norm uses layer_norm_eps too")
+        notes.append(
+            f"{where}layer_norm_eps {args['layer_norm_eps']}: the released vision_layernorm keeps 1e-12; "
+            "here the fusion norm uses layer_norm_eps too"
+        )
     if sparse:
-        notes.append("edge sparsity: the released kernel leaves the padding of the last key block "
-                     "unmasked; here it is masked (docs/fidelity.md, point 5)")
+        notes.append(
+            "edge sparsity: the released kernel leaves the padding of the last key block "
+            "unmasked; here it is masked (docs/fidelity.md, point 5)"
+        )
     fc1 = _tensor(state, prefix + "0.intermediate.dense.weight")
     return dict(
         frames=int(config_value(config, "video_input.num_frames", 1)),
-        image_size=int(config_value(config, "image_res", 224)), patch_size=int(patch), tubelet_frames=1,
-        in_chans=int(in_chans), abs_pos_embed=False, depth=depth, width=int(width), heads=int(table.shape[1]),
-        mlp_ratio=fc1.shape[0] / width, qkv_bias=True,
+        image_size=int(config_value(config, "image_res", 224)),
+        patch_size=int(patch),
+        tubelet_frames=1,
+        in_chans=int(in_chans),
+        abs_pos_embed=False,
+        depth=depth,
+        width=int(width),
+        heads=int(table.shape[1]),
+        mlp_ratio=fc1.shape[0] / width,
+        qkv_bias=True,
         layer_scale_init=float(args["layer_scale_init_value"]) if args["layer_scale_init_value"] else None,
         drop_path=float(args["drop_path_rate"]),
-        local_blocks=1 if sparse else None, random_blocks=int(args["sparse_random_attn"]) if sparse else None,
+        local_blocks=1 if sparse else None,
+        random_blocks=int(args["sparse_random_attn"]) if sparse else None,
         block_size=int(args["attn_block_size"]) if sparse else None,
-        visual_keep=float(args["token_keep_rate"]), prune_layers=[loc + 1 for loc in drop_loc],
-        attention_kernel="auto", grad_checkpointing=False, seed=0, temporal="joint",
-        init_std=float(args["initializer_range"]), layer_norm_eps=float(args["layer_norm_eps"]),
-        pooling="mean", fusion_norm="separate", prune_score="raw", temporal_resize="interpolate_nearest")
+        visual_keep=float(args["token_keep_rate"]),
+        prune_layers=[loc + 1 for loc in drop_loc],
+        attention_kernel="auto",
+        grad_checkpointing=False,
+        seed=0,
+        temporal="joint",
+        init_std=float(args["initializer_range"]),
+        layer_norm_eps=float(args["layer_norm_eps"]),
+        pooling="mean",
+        fusion_norm="separate",
+        prune_score="raw",
+        temporal_resize="interpolate_nearest",
+    )
 
 
 def _text_settings(config: dict, state: dict, kind: str, notes: list[str]) -> dict:
     args = _encoder_args(config, "text_encoder_args", RELEASED_BERT, ("attention_probs_dropout_prob",))
     where = "text_encoder_args."
-    for key, supported, why in [("hidden_act", "gelu", "GELU MLPs"),
-                                ("position_embedding_type", "absolute", "absolute text positions")]:
+    for key, supported, why in [
+        ("hidden_act", "gelu", "GELU MLPs"),
+        ("position_embedding_type", "absolute", "absolute text positions"),
+    ]:
         if args[key] != supported:
             _unsupported(where + key, args[key], why)
     attn_dropout = args.get("attention_probs_dropout_prob", args["hidden_dropout_prob"])
     if attn_dropout != args["hidden_dropout_prob"]:
-        _unsupported(where + "attention_probs_dropout_prob", attn_dropout,
-                     f"one text dropout rate (hidden_dropout_prob {args['hidden_dropout_prob']})")
+        _unsupported(
+            where + "attention_probs_dropout_prob",
+            attn_dropout,
+            f"one text dropout rate (hidden_dropout_prob {args['hidden_dropout_prob']})",
+        )
     prefix = _text_prefix(kind)
     layers = _layers(state, prefix + "encoder.layer.")
     depth = len(layers)
@@ -353,7 +464,8 @@ def _text_settings(config: dict, state: dict, kind: str, notes: list[str]) -> di
         raise ReleasedCheckpointError(
             f"the text encoder has cross-attention in layers {fusion} but the stored config's "
             f"{where}fusion_layer is {args['fusion_layer']} (configs/config_bert.json: 9): expected every "
-            f"layer from fusion_layer on")
+            f"layer from fusion_layer on"
+        )
     words = _tensor(state, prefix + "embeddings.word_embeddings.weight")
     width = int(words.shape[1])
     heads = args.get("num_attention_heads") or width // HEAD_DIM
@@ -367,22 +479,34 @@ def _text_settings(config: dict, state: dict, kind: str, notes: list[str]) -> di
         if first <= loc < depth - 1:
             prune.append(loc - first + 1)
         elif rate < 1:  # the released model ignores these: no cross-attention there, or nothing after it
-            notes.append(f"{where}token_drop_loc {loc}: not a fusion layer followed by another, which the "
-                         "released model does not prune after either; left out")
+            notes.append(
+                f"{where}token_drop_loc {loc}: not a fusion layer followed by another, which the "
+                "released model does not prune after either; left out"
+            )
     joint = config_value(config, "joint_encoder_args")
     if joint:
-        notes.append(f"joint_encoder_args {joint} is not read by the released model (it reads "
-                     f"{where.rstrip('.')}); not applied here either (docs/fidelity.md, point 8)")
+        notes.append(
+            f"joint_encoder_args {joint} is not read by the released model (it reads "
+            f"{where.rstrip('.')}); not applied here either (docs/fidelity.md, point 8)"
+        )
     inter = _tensor(state, f"{prefix}encoder.layer.0.intermediate.dense.weight")
     return dict(
-        vocab_size=int(words.shape[0]), width=width, depth=depth, heads=int(heads),
-        intermediate_size=int(inter.shape[0]), fusion_layers=depth - first,
+        vocab_size=int(words.shape[0]),
+        width=width,
+        depth=depth,
+        heads=int(heads),
+        intermediate_size=int(inter.shape[0]),
+        fusion_layers=depth - first,
         max_position_embeddings=int(_tensor(state, prefix + "embeddings.position_embeddings.weight").shape[0]),
         type_vocab_size=int(_tensor(state, prefix + "embeddings.token_type_embeddings.weight").shape[0]),
-        dropout=float(args["hidden_dropout_prob"]), layer_norm_eps=float(args["layer_norm_eps"]),
-        pad_token_id=int(args["pad_token_id"]), multimodal_keep=rate if prune else 1.0,
-        multimodal_prune_layers=prune or [1], init_std=float(args["initializer_range"]),
-        question_pruning=False)
+        dropout=float(args["hidden_dropout_prob"]),
+        layer_norm_eps=float(args["layer_norm_eps"]),
+        pad_token_id=int(args["pad_token_id"]),
+        multimodal_keep=rate if prune else 1.0,
+        multimodal_prune_layers=prune or [1],
+        init_std=float(args["initializer_range"]),
+        question_pruning=False,
+    )
 
 
 def model_config(config: dict, state: dict, kind: str) -> tuple[dict, list[str]]:
@@ -392,8 +516,14 @@ def model_config(config: dict, state: dict, kind: str) -> tuple[dict, list[str]]
     text = _text_settings(config, state, kind, notes)
     proj = state.get("vision_proj.weight")
     embed_dim = int(proj.shape[0]) if proj is not None else int(config_value(config, "embed_dim", 256))
-    model = dict(video=video, text=text, embed_dim=embed_dim,
-                 temperature=float(config_value(config, "temp", 0.07)), video_weights=None, text_weights=None)
+    model = dict(
+        video=video,
+        text=text,
+        embed_dim=embed_dim,
+        temperature=float(config_value(config, "temp", 0.07)),
+        video_weights=None,
+        text_weights=None,
+    )
     return model, notes
 
 
@@ -403,8 +533,10 @@ _VISION_RULES = [  # after "vision_encoder.": (pattern, our name under "video_en
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
     (r"encoder\.layer\.(\d+)\.attention\.attention\.query\.bias", r"blocks.\1.attn.q_bias"),
     (r"encoder\.layer\.(\d+)\.attention\.attention\.value\.bias", r"blocks.\1.attn.v_bias"),
-    (r"encoder\.layer\.(\d+)\.attention\.attention\.relative_position_bias\.relative_position_bias_table",
-     r"blocks.\1.attn.relative_position_bias_table"),
+    (
+        r"encoder\.layer\.(\d+)\.attention\.attention\.relative_position_bias\.relative_position_bias_table",
+        r"blocks.\1.attn.relative_position_bias_table",
+    ),
     (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
     (r"encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
     (r"encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
@@ -415,21 +547,37 @@ _VISION_RULES = [  # after "vision_encoder.": (pattern, our name under "video_en
 ]
 _QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.weight")
 _INDEX = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.relative_position_bias\.relative_position_index")
-_BERT_PART = re.compile(r"(embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\."
-                        r"(weight|bias)|encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|"
-                        r"output\.(dense|LayerNorm))\.(weight|bias)|encoder\.layer\.\d+\.(intermediate|output)\."
-                        r"(dense|LayerNorm)\.(weight|bias))")
-_HEADS = {"vision_proj.weight": "vision_proj.weight", "vision_proj.bias": "vision_proj.bias",
-          "text_proj.weight": "text_proj.weight", "text_proj.bias": "text_proj.bias", "temp": "temp",
-          "itm_head.weight": "vtm_head.weight", "itm_head.bias": "vtm_head.bias",
-          "vision_layernorm.weight": "video_encoder.fusion_norm.weight",
-          "vision_layernorm.bias": "video_encoder.fusion_norm.bias"}
-_LM_HEAD = {"transform.dense.weight": "transform.dense.weight", "transform.dense.bias": "transform.dense.bias",
-            "transform.LayerNorm.weight": "transform.LayerNorm.weight",
-            "transform.LayerNorm.bias": "transform.LayerNorm.bias", "bias": "bias"}
-_DECODER_HEAD = {"transform.dense.weight": "transform.0.weight", "transform.dense.bias": "transform.0.bias",
-                 "transform.LayerNorm.weight": "transform.2.weight", "transform.LayerNorm.bias": "transform.2.bias",
-                 "bias": "bias"}
+_BERT_PART = re.compile(
+    r"(embeddings\.(word_embeddings|position_embeddings|token_type_embeddings|LayerNorm)\."
+    r"(weight|bias)|encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|"
+    r"output\.(dense|LayerNorm))\.(weight|bias)|encoder\.layer\.\d+\.(intermediate|output)\."
+    r"(dense|LayerNorm)\.(weight|bias))"
+)
+_HEADS = {
+    "vision_proj.weight": "vision_proj.weight",
+    "vision_proj.bias": "vision_proj.bias",
+    "text_proj.weight": "text_proj.weight",
+    "text_proj.bias": "text_proj.bias",
+    "temp": "temp",
+    "itm_head.weight": "vtm_head.weight",
+    "itm_head.bias": "vtm_head.bias",
+    "vision_layernorm.weight": "video_encoder.fusion_norm.weight",
+    "vision_layernorm.bias": "video_encoder.fusion_norm.bias",
+}
+_LM_HEAD = {
+    "transform.dense.weight": "transform.dense.weight",
+    "transform.dense.bias": "transform.dense.bias",
+    "transform.LayerNorm.weight": "transform.LayerNorm.weight",
+    "transform.LayerNorm.bias": "transform.LayerNorm.bias",
+    "bias": "bias",
+}
+_DECODER_HEAD = {
+    "transform.dense.weight": "transform.0.weight",
+    "transform.dense.bias": "transform.0.bias",
+    "transform.LayerNorm.weight": "transform.2.weight",
+    "transform.LayerNorm.bias": "transform.2.bias",
+    "bias": "bias",
+}
 
 
 class _Mapping:
@@ -462,7 +610,7 @@ def _map_vision(m: _Mapping, grid: tuple[int, int, int]):
     raster_index = None
     qkv: dict[int, dict[str, str]] = {}
     for key in [k for k in m.state if k.startswith("vision_encoder.")]:
-        name = key[len("vision_encoder."):]
+        name = key[len("vision_encoder.") :]
         match = _QKV.fullmatch(name)
         if match:
             qkv.setdefault(int(match.group(1)), {})[match.group(2)] = key
@@ -480,7 +628,8 @@ def _map_vision(m: _Mapping, grid: tuple[int, int, int]):
         if set(parts) != {"query", "key", "value"}:
             continue  # incomplete: the missing part is reported, the others stay unmapped
         m.out[f"video_encoder.blocks.{layer}.attn.qkv.weight"] = torch.cat(
-            [m.state[parts[p]] for p in ("query", "key", "value")], dim=0)
+            [m.state[parts[p]] for p in ("query", "key", "value")], dim=0
+        )
         m.used.update(parts.values())
 
 
@@ -488,13 +637,13 @@ def _map_bert(m: _Mapping, prefix: str, target: str, layers: str = "encoder.laye
     """BERT tensors under `prefix` (HF names, as ours) -> `target`, its layers under `layers`;
     the position_ids buffer verified."""
     for key in [k for k in m.state if k.startswith(prefix)]:
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name == "embeddings.position_ids":
             length = m.state[key].shape[-1]
             m.verify(key, torch.arange(length).expand(1, -1), "the positions 0 .. L-1 (a buffer)")
         elif _BERT_PART.fullmatch(name):
             if name.startswith("encoder.layer."):
-                name = layers + name[len("encoder.layer."):]
+                name = layers + name[len("encoder.layer.") :]
             m.copy(key, target + name)
 
 
@@ -519,16 +668,28 @@ def map_state_dict(state: dict, kind: str, grid: tuple[int, int, int]) -> tuple[
             m.copy(source, target)
     _map_bert(m, _text_prefix(kind), "text_encoder.")
     if kind == "pretrain":
-        _map_lm_head(m, "text_encoder.cls.predictions.", "mlm_head.", _LM_HEAD,
-                     "text_encoder.bert.embeddings.word_embeddings.weight")
+        _map_lm_head(
+            m,
+            "text_encoder.cls.predictions.",
+            "mlm_head.",
+            _LM_HEAD,
+            "text_encoder.bert.embeddings.word_embeddings.weight",
+        )
     if kind == "qa":
         _map_bert(m, "text_decoder.bert.", "answer_decoder.", layers="layer.")
-        _map_lm_head(m, "text_decoder.cls.predictions.", "answer_decoder.", _DECODER_HEAD,
-                     "text_decoder.bert.embeddings.word_embeddings.weight")
+        _map_lm_head(
+            m,
+            "text_decoder.cls.predictions.",
+            "answer_decoder.",
+            _DECODER_HEAD,
+            "text_decoder.bert.embeddings.word_embeddings.weight",
+        )
     unmapped = m.unmapped()
     if unmapped:
-        raise ReleasedCheckpointError(f"{len(unmapped)} tensors of the released {kind} checkpoint have no place "
-                                      f"in this project's model: {unmapped}")
+        raise ReleasedCheckpointError(
+            f"{len(unmapped)} tensors of the released {kind} checkpoint have no place "
+            f"in this project's model: {unmapped}"
+        )
     return m.out, m.verified
 
 
@@ -537,8 +698,10 @@ def map_state_dict(state: dict, kind: str, grid: tuple[int, int, int]) -> tuple[
 # fresh model's initialisation.
 NOT_IN_RELEASED = {
     "retrieval": ("mlm_head.", "the released retrieval model has no MLM head (not used by retrieval)"),
-    "qa": ("video_encoder.norm.", "the released QA model deletes BEiT's pooler (the mean-pooling norm): "
-                                  "QA reads only the fusion tokens"),
+    "qa": (
+        "video_encoder.norm.",
+        "the released QA model deletes BEiT's pooler (the mean-pooling norm): QA reads only the fusion tokens",
+    ),
 }
 
 
@@ -560,13 +723,15 @@ def convert(checkpoint: dict, source: str = "") -> tuple[torch.nn.Module, dict]:
     model_cfg, notes = model_config(config, state, kind)
     video = model_cfg["video"]
     grid = (video["frames"], video["image_size"] // video["patch_size"], video["image_size"] // video["patch_size"])
-    table = state["vision_encoder.encoder.layer.0.attention.attention.relative_position_bias."
-                  "relative_position_bias_table"]  # present: model_config read it
+    table = state[
+        "vision_encoder.encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table"
+    ]  # present: model_config read it
     if table.shape[0] != table_size(grid):
         raise ReleasedCheckpointError(
             f"the relative position tables have {table.shape[0]} rows, but the stored config's "
             f"video_input.num_frames {grid[0]} and image_res {video['image_size']} give the grid {grid} "
-            f"({table_size(grid)} rows)")
+            f"({table_size(grid)} rows)"
+        )
     tensors, verified = map_state_dict(state, kind, grid)
     decoder_layers = len(_layers(state, "text_decoder.bert.encoder.layer.")) if kind == "qa" else None
     model = build_target(model_cfg, kind, decoder_layers)
@@ -576,16 +741,31 @@ def convert(checkpoint: dict, source: str = "") -> tuple[torch.nn.Module, dict]:
     missing = sorted(set(target) - set(tensors) - set(initialised))
     unexpected = sorted(set(tensors) - set(target))
     if missing or unexpected:
-        raise ReleasedCheckpointError(f"the released {kind} checkpoint does not fill this project's model: "
-                                      f"missing {missing}, unexpected {unexpected}")
-    bad = [f"{k}: released {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-           for k, v in tensors.items() if v.shape != target[k].shape]
+        raise ReleasedCheckpointError(
+            f"the released {kind} checkpoint does not fill this project's model: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    bad = [
+        f"{k}: released {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in tensors.items()
+        if v.shape != target[k].shape
+    ]
     if bad:
-        raise ReleasedCheckpointError("released tensors do not fit the model built from the stored config:\n  "
-                                      + "\n  ".join(bad))
+        raise ReleasedCheckpointError(
+            "released tensors do not fit the model built from the stored config:\n  " + "\n  ".join(bad)
+        )
     model.load_state_dict({**{k: target[k] for k in initialised}, **tensors})
-    info = _info(config, checkpoint, kind, model.cfg, source, notes, verified,  # model.cfg: resolved
-                 {k: fresh_reason for k in initialised}, decoder_layers)
+    info = _info(
+        config,
+        checkpoint,
+        kind,
+        model.cfg,
+        source,
+        notes,
+        verified,  # model.cfg: resolved
+        {k: fresh_reason for k in initialised},
+        decoder_layers,
+    )
     return model.eval(), info
 
 
@@ -606,16 +786,40 @@ def _info(config, checkpoint, kind, model_cfg, source, notes, verified, initiali
     if kind == "qa":
         data["answer_len"] = int(config_value(config, "max_a_len", QA_DATA_KEYS["answer_len"][1]))
         train["decoder_layers"] = decoder_layers
-    stored = {k: config_value(config, k) for k in ("vit_type", "image_res", "embed_dim", "temp", "video_input",
-                                                   "vision_encoder_args", "text_encoder_args",
-                                                   "joint_encoder_args", "bert_config", "text_encoder",
-                                                   "text_decoder") if _has(config, k)}
-    return {"name": Path(source).stem if source else f"released_{kind}",
-            "steps": checkpoint.get("global_step"), "frames": model_cfg["video"]["frames"],
-            "model_config": model_cfg, "train_config": train,
-            "released": {"source": str(source), "kind": kind, "epoch": checkpoint.get("epoch"),
-                         "global_step": checkpoint.get("global_step"), "stored_config": stored, "notes": notes,
-                         "initialised": initialised, "verified": verified}}
+    stored = {
+        k: config_value(config, k)
+        for k in (
+            "vit_type",
+            "image_res",
+            "embed_dim",
+            "temp",
+            "video_input",
+            "vision_encoder_args",
+            "text_encoder_args",
+            "joint_encoder_args",
+            "bert_config",
+            "text_encoder",
+            "text_decoder",
+        )
+        if _has(config, k)
+    }
+    return {
+        "name": Path(source).stem if source else f"released_{kind}",
+        "steps": checkpoint.get("global_step"),
+        "frames": model_cfg["video"]["frames"],
+        "model_config": model_cfg,
+        "train_config": train,
+        "released": {
+            "source": str(source),
+            "kind": kind,
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+            "stored_config": stored,
+            "notes": notes,
+            "initialised": initialised,
+            "verified": verified,
+        },
+    }
 
 
 def _has(config: dict, key: str) -> bool:

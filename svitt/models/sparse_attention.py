@@ -17,18 +17,25 @@ to the regional tokens averaged over heads (node sparsity ranks tokens by it, eq
 `cls_score` (CLS_SCORES). The CLS query is one dense row in every kernel, so cls_attn never needs
 an N x N matrix.
 """
+
 from __future__ import annotations
 
 import contextlib
-
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from svitt.models.relative_position import (code_offset, position_code, relative_bias, relative_index,
-                                            sequence_bias, special_bias, table_size)
+from svitt.models.relative_position import (
+    code_offset,
+    position_code,
+    relative_bias,
+    relative_index,
+    sequence_bias,
+    special_bias,
+    table_size,
+)
 
 KERNELS = ("auto", "dense", "reference", "gather", "flex")
 # How CLS's attention row scores the regional tokens for pruning. renormalised: each head's
@@ -46,6 +53,7 @@ class BlockLayout:
     that point outside the sequence (local slots at the ends, random slots when fewer non-local
     blocks exist than K_r). num_tokens: regional tokens before padding.
     """
+
     block_ids: torch.Tensor
     valid: torch.Tensor
     block_size: int
@@ -56,8 +64,14 @@ class BlockLayout:
         return self.block_ids.shape[0]
 
 
-def make_layout(num_tokens: int, block_size: int, local_blocks: int, random_blocks: int,
-                generator: torch.Generator | None = None, device=None) -> BlockLayout:
+def make_layout(
+    num_tokens: int,
+    block_size: int,
+    local_blocks: int,
+    random_blocks: int,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> BlockLayout:
     """Draw a block layout for `num_tokens` regional tokens (eq. 7-8)."""
     if local_blocks < 1 or local_blocks % 2 == 0:
         raise ValueError(f"local_blocks (K_l) must be a positive odd number, got {local_blocks}")
@@ -111,10 +125,19 @@ def layout_mask(layout: BlockLayout) -> torch.Tensor:
     return mask
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
-              pos: torch.Tensor, grid: tuple[int, int, int], layout: BlockLayout | None,
-              kernel: str = "auto", need_cls_attn: bool = False, dropout_p: float = 0.0,
-              cls_score: str = "renormalised"):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor,
+    pos: torch.Tensor,
+    grid: tuple[int, int, int],
+    layout: BlockLayout | None,
+    kernel: str = "auto",
+    need_cls_attn: bool = False,
+    dropout_p: float = 0.0,
+    cls_score: str = "renormalised",
+):
     """Multi-head attention over [CLS, regional tokens] with relative position bias.
 
     q, k, v: [B, H, N, d] with CLS at index 0 (already split into heads, unscaled).
@@ -127,8 +150,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Te
     if cls_score not in CLS_SCORES:
         raise ValueError(f"cls_score must be one of {CLS_SCORES}, got {cls_score!r}")
     if table.shape[0] != table_size(grid):
-        raise ValueError(f"relative position table has {table.shape[0]} rows, expected "
-                         f"{table_size(grid)} for grid {grid}")
+        raise ValueError(
+            f"relative position table has {table.shape[0]} rows, expected {table_size(grid)} for grid {grid}"
+        )
     if layout is None or kernel == "dense":
         return dense_attention(q, k, v, table, pos, grid, need_cls_attn, dropout_p, cls_score=cls_score)
     if kernel == "auto":
@@ -168,8 +192,9 @@ def _cls_row_bias(table: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cls_attention(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor,
-                  cls_score: str = "renormalised") -> torch.Tensor:
+def cls_attention(
+    q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, cls_score: str = "renormalised"
+) -> torch.Tensor:
     """CLS's attention to the regional tokens for node pruning: one query row, [B, N-1], never an
     N x N matrix. Every kernel's CLS row is dense (global edges, eq. 9), so this is shared."""
     logits = (k @ q[:, :, 0, :, None]).squeeze(-1) * q.shape[-1] ** -0.5
@@ -222,6 +247,7 @@ class _Plan:
     padded regional tokens, q_code offset so that q_code - k_code is the table index.
     chunks: (batch element, first head, last head + 1) of each chunk.
     """
+
     ids: torch.Tensor
     masked: torch.Tensor
     q_code: torch.Tensor
@@ -236,8 +262,7 @@ class _Plan:
     def build(layout: BlockLayout, pos: torch.Tensor, grid, batch: int, heads: int) -> "_Plan":
         g, nb = layout.block_size, layout.num_blocks
         if pos.shape[-1] != layout.num_tokens:
-            raise ValueError(f"positions cover {pos.shape[-1]} regional tokens, the block layout "
-                             f"{layout.num_tokens}")
+            raise ValueError(f"positions cover {pos.shape[-1]} regional tokens, the block layout {layout.num_tokens}")
         ids = layout.block_ids
         token = ids[:, :, None] * g + torch.arange(g, device=ids.device)
         masked = ~(layout.valid[:, :, None] & (token < layout.num_tokens)).reshape(nb, -1)
@@ -247,8 +272,7 @@ class _Plan:
         count = -(-heads // max(1, CHUNK_ELEMENTS // per_head))
         size = -(-heads // count)
         chunks = tuple((b, h, min(h + size, heads)) for b in range(batch) for h in range(0, heads, size))
-        return _Plan(ids.reshape(-1), masked, code + code_offset(grid), code, g, nb, heads, chunks,
-                     table_size(grid))
+        return _Plan(ids.reshape(-1), masked, code + code_offset(grid), code, g, nb, heads, chunks, table_size(grid))
 
     def index(self) -> torch.Tensor:
         """Table index (table_rows where masked) of every (query, key) pair: [B', nb G S G]."""
@@ -314,8 +338,8 @@ class _BlockSparseAttention(torch.autograd.Function):
             b, h, n, d = q.shape
             dtype = _compute_dtype(q.dtype)
             qs, ks, vs = (_Split(x, plan, dtype) for x in (q, k, v))
-            qs.cls.mul_(d ** -0.5)
-            qs.regional.mul_(d ** -0.5)
+            qs.cls.mul_(d**-0.5)
+            qs.regional.mul_(d**-0.5)
             columns = _table_columns(table, dtype)
             out = qs.regional.new_empty(b * h, n, d)
             lse = qs.regional.new_empty(b * h, plan.num_blocks, plan.block_size)
@@ -324,8 +348,9 @@ class _BlockSparseAttention(torch.autograd.Function):
             for chunk in plan.chunks:
                 _chunk_forward(qs, ks, vs, columns, plan, index, chunk, out, lse)
             out = out.view(b, h, n, d).to(q.dtype)
-            ctx.save_for_backward(qs.cls, qs.regional, ks.cls, ks.regional, vs.cls, vs.regional,
-                                  out, lse, cls_lse, table)
+            ctx.save_for_backward(
+                qs.cls, qs.regional, ks.cls, ks.regional, vs.cls, vs.regional, out, lse, cls_lse, table
+            )
             ctx.plan = plan
             ctx.mark_non_differentiable(cls_probs)
             return out, cls_probs
@@ -334,8 +359,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_cls):
         q_cls, q_reg, k_cls, k_reg, v_cls, v_reg, out, lse, cls_lse, table = ctx.saved_tensors
         plan, want_table = ctx.plan, ctx.needs_input_grad[3]
-        qs, ks, vs = (_Split(None, plan, None, c, r) for c, r in
-                      ((q_cls, q_reg), (k_cls, k_reg), (v_cls, v_reg)))
+        qs, ks, vs = (_Split(None, plan, None, c, r) for c, r in ((q_cls, q_reg), (k_cls, k_reg), (v_cls, v_reg)))
         with _no_autocast(q_reg.device.type):
             b, h, n, d = out.shape
             dtype = q_reg.dtype
@@ -347,11 +371,25 @@ class _BlockSparseAttention(torch.autograd.Function):
             dq, dk, dv = _cls_backward(qs, ks, vs, columns, plan, n, cls_lse, grad_out, row, dcolumns)
             index = plan.index()
             for chunk in plan.chunks:
-                _chunk_backward(qs, ks, vs, columns, plan, index, chunk, lse, grad_out, row,
-                                dq, dk, dv, dcolumns if want_table else None)
+                _chunk_backward(
+                    qs,
+                    ks,
+                    vs,
+                    columns,
+                    plan,
+                    index,
+                    chunk,
+                    lse,
+                    grad_out,
+                    row,
+                    dq,
+                    dk,
+                    dv,
+                    dcolumns if want_table else None,
+                )
             dtable = dcolumns[:, :-1].t().to(table.dtype) if want_table else None
-            dq.cls.mul_(d ** -0.5)
-            dq.regional.mul_(d ** -0.5)
+            dq.cls.mul_(d**-0.5)
+            dq.regional.mul_(d**-0.5)
             grads = []
             for split in (dq, dk, dv):  # one at a time, each split freed once joined
                 grads.append(split.join(b, n).to(out.dtype))
@@ -366,7 +404,7 @@ def _cls_logits(qs: _Split, ks: _Split, columns, plan: _Plan, n: int):
     heads = columns.shape[0]
     regional = (ks.regional.view(bh, -1, d) @ qs.cls[:, :, None]).view(bh // heads, heads, -1)
     regional = regional.add_(columns[:, _CLS_TO_TOKEN, None]).view(bh, -1)
-    regional[:, n - 1:] = float("-inf")
+    regional[:, n - 1 :] = float("-inf")
     to_cls = (ks.cls * qs.cls).sum(-1).view(-1, heads).add_(columns[:, _CLS_TO_CLS]).view(bh)
     return regional, to_cls
 
@@ -395,12 +433,17 @@ def _cls_backward(qs, ks, vs, columns, plan, n, cls_lse, grad_out, row, dcolumns
     heads = columns.shape[0]
     dcolumns[:, _CLS_TO_TOKEN] += ds_reg.view(-1, heads, nb * g).sum((0, 2))
     dcolumns[:, _CLS_TO_CLS] += ds_cls.view(-1, heads).sum(0)
-    dq = _Split(None, plan, None, (ds_reg[:, None, :] @ ks.regional.view(bh, -1, d)).squeeze(1)
-                .addcmul_(ds_cls[:, None], ks.cls), torch.empty_like(qs.regional))
-    dk = _Split(None, plan, None, ds_cls[:, None] * qs.cls,
-                (ds_reg[:, :, None] * qs.cls[:, None, :]).view(bh, nb, g, d))
-    dv = _Split(None, plan, None, p_cls[:, None] * g0,
-                (p_reg[:, :, None] * g0[:, None, :]).view(bh, nb, g, d))
+    dq = _Split(
+        None,
+        plan,
+        None,
+        (ds_reg[:, None, :] @ ks.regional.view(bh, -1, d)).squeeze(1).addcmul_(ds_cls[:, None], ks.cls),
+        torch.empty_like(qs.regional),
+    )
+    dk = _Split(
+        None, plan, None, ds_cls[:, None] * qs.cls, (ds_reg[:, :, None] * qs.cls[:, None, :]).view(bh, nb, g, d)
+    )
+    dv = _Split(None, plan, None, p_cls[:, None] * g0, (p_reg[:, :, None] * g0[:, None, :]).view(bh, nb, g, d))
     return dq, dk, dv
 
 
@@ -451,8 +494,7 @@ def _chunk_grad(grad_out: torch.Tensor, plan: _Plan, chunk) -> torch.Tensor:
     return go.view(h1 - h0, plan.num_blocks, plan.block_size, -1)
 
 
-def _chunk_backward(qs, ks, vs, columns, plan: _Plan, index, chunk, lse, grad_out, row,
-                    dq, dk, dv, dcolumns):
+def _chunk_backward(qs, ks, vs, columns, plan: _Plan, index, chunk, lse, grad_out, row, dq, dk, dv, dcolumns):
     """Add a chunk of heads' gradients into dq (pre-scale), dk, dv and dcolumns."""
     logits, kg, to_cls, rows = _chunk_logits(qs, ks, columns, plan, index, chunk)
     hc, nb, g, sg = logits.shape
@@ -514,8 +556,9 @@ def _to_tiles(x: torch.Tensor, num_blocks: int, g: int, tile: int) -> torch.Tens
     return F.pad(x, (0, tile - g)).flatten(-2).movedim(-1, 2)
 
 
-def flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False, compiled=None,
-                         cls_score="renormalised"):
+def flex_block_attention(
+    q, k, v, table, pos, grid, layout, need_cls_attn=False, compiled=None, cls_score="renormalised"
+):
     """FlexAttention with a BlockMask built from the layout (BlockMask.from_kv_blocks).
 
     Each block of G regional tokens is padded to a tile of flex_tile(G) slots (G = 56 -> 64) whose
@@ -529,7 +572,7 @@ def flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False,
     b, h, n, d = q.shape
     g, nb = layout.block_size, layout.num_blocks
     tile = flex_tile(g)
-    scale = d ** -0.5
+    scale = d**-0.5
     pos = pos.expand(b, -1)
     cls_out, cls_probs = _cls_row(q, k, v, table)
 
@@ -556,8 +599,12 @@ def flex_block_attention(q, k, v, table, pos, grid, layout, need_cls_attn=False,
     kv_ids = torch.cat([kv_ids, kv_ids.new_zeros(nb, nb + 1 - kv_ids.shape[1])], dim=1)
     kv_ids[torch.arange(nb, device=kv_ids.device), counts] = nb
     block_mask = BlockMask.from_kv_blocks(
-        (counts + 1).int()[None, None], kv_ids.int()[None, None], BLOCK_SIZE=(tile, tile),
-        mask_mod=mask_mod, seq_lengths=(nb * tile, (nb + 1) * tile))
+        (counts + 1).int()[None, None],
+        kv_ids.int()[None, None],
+        BLOCK_SIZE=(tile, tile),
+        mask_mod=mask_mod,
+        seq_lengths=(nb * tile, (nb + 1) * tile),
+    )
 
     def score_mod(score, batch, head, q_idx, kv_idx):
         index = relative_index(pos_q[batch, q_idx], pos_k[batch, kv_idx], grid)

@@ -4,6 +4,7 @@ forward() computes the pretraining losses (VTC or EgoNCE, VTM, MLM; paper append
 DistributedDataParallel sees the whole computation in one call. encode_video / encode_text /
 fuse / vtm_score are the pieces evaluation uses.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from svitt.models import losses
 from svitt.config import check_keys
+from svitt.models import losses
 from svitt.models.objectives import (  # noqa: F401 (OBJECTIVES: re-exported)
-    DEFAULT_SETTINGS, OBJECTIVES, LossSettings, check_objectives, compute_losses)
+    DEFAULT_SETTINGS,
+    OBJECTIVES,
+    LossSettings,
+    check_objectives,
+    compute_losses,
+)
 from svitt.models.text_encoder import TextEncoder, resolve_text_config
 from svitt.models.video_encoder import VideoEncoder, resolve_video_config
 
@@ -114,9 +120,19 @@ class SViTT(nn.Module):
         return losses.clamp_temperature(self.temp)
 
     # -- pretraining losses ---------------------------------------------------------------------
-    def forward(self, video, input_ids, attention_mask, objectives=("vtc", "vtm", "mlm"),
-                nouns=None, verbs=None, mlm_ids=None, mlm_labels=None, settings: LossSettings = DEFAULT_SETTINGS,
-                **setting_values):
+    def forward(
+        self,
+        video,
+        input_ids,
+        attention_mask,
+        objectives=("vtc", "vtm", "mlm"),
+        nouns=None,
+        verbs=None,
+        mlm_ids=None,
+        mlm_labels=None,
+        settings: LossSettings = DEFAULT_SETTINGS,
+        **setting_values,
+    ):
         """Losses for a batch of pairs. video [B, T, 3, H, W]; input_ids/attention_mask [B, L].
 
         objectives: any of svitt.models.objectives.OBJECTIVES: "vtc" (InfoNCE), "egonce" (needs
@@ -136,8 +152,7 @@ class SViTT(nn.Module):
         and with mlm_ids the masked text's hidden states masked_hidden [B, L, Dt]."""
         video_tokens, video_emb = self.encode_video(video)
         text_hidden, text_emb = self.encode_text(input_ids, attention_mask)
-        out = {"video_tokens": video_tokens, "video_emb": video_emb, "text_hidden": text_hidden,
-               "text_emb": text_emb}
+        out = {"video_tokens": video_tokens, "video_emb": video_emb, "text_hidden": text_hidden, "text_emb": text_emb}
         if mlm_ids is not None:
             out["masked_hidden"] = self.text_encoder.encode(mlm_ids, attention_mask)
         return out
@@ -148,8 +163,7 @@ class SViTT(nn.Module):
         Each objective's loss is its row of svitt.models.objectives.OBJECTIVE_TABLE."""
         return compute_losses(self, feats, batch, objectives, settings)
 
-    def _vtm_loss(self, video_tokens, video_emb, text_hidden, text_emb, attention_mask, positives,
-                  hard_fraction=1.0):
+    def _vtm_loss(self, video_tokens, video_emb, text_hidden, text_emb, attention_mask, positives, hard_fraction=1.0):
         """Positive pairs plus one hard negative text per video and one hard negative video per
         text, drawn from the in-batch similarity (ALBEF / Singularity)."""
         with torch.no_grad():
@@ -174,17 +188,19 @@ class SViTT(nn.Module):
         if video_weights:
             self.video_encoder.load_image_weights(load_state_dict_file(video_weights))
         if text_weights:
-            state = bert_checkpoint_filter_fn(load_state_dict_file(text_weights),
-                                              {"bert.": "text_encoder.", "cls.predictions.": "mlm_head."})
+            state = bert_checkpoint_filter_fn(
+                load_state_dict_file(text_weights), {"bert.": "text_encoder.", "cls.predictions.": "mlm_head."}
+            )
             state.pop("mlm_head.decoder.weight", None)  # tied to the word embeddings
             if "mlm_head.decoder.bias" in state:
                 state["mlm_head.bias"] = state.pop("mlm_head.decoder.bias")
             result = self.load_state_dict(state, strict=False)
-            bad = [k for k in result.missing_keys
-                   if k.startswith("text_encoder.") and ".crossattention." not in k]
+            bad = [k for k in result.missing_keys if k.startswith("text_encoder.") and ".crossattention." not in k]
             if bad or result.unexpected_keys:
-                raise ValueError(f"BERT weights {text_weights} do not fit the text encoder: missing "
-                                 f"{bad[:8]}, unexpected {result.unexpected_keys[:8]}")
+                raise ValueError(
+                    f"BERT weights {text_weights} do not fit the text encoder: missing "
+                    f"{bad[:8]}, unexpected {result.unexpected_keys[:8]}"
+                )
 
     def load_stage_checkpoint(self, state_dict: dict):
         """A previous curriculum stage's weights, with the temporal bias resized (eq. 23-27)."""

@@ -11,6 +11,7 @@ released code, which prunes once after BERT layer 9), the text [CLS] query's cro
 (mean over heads) keeps the top ceil(q_m N) regional video tokens for the next fusion layers; the
 video CLS token is always kept.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,25 @@ from svitt.config import merge_preset
 from svitt.models.token_pruning import gather_tokens, select_tokens
 
 TEXT_PRESETS = {
-    "bert_base": dict(vocab_size=30522, width=768, depth=12, heads=12, intermediate_size=3072,
-                      fusion_layers=3, max_position_embeddings=512),
-    "tiny": dict(width=64, depth=4, heads=2, intermediate_size=128, fusion_layers=2,
-                 max_position_embeddings=64, dropout=0.0, init_std=0.1),
+    "bert_base": dict(
+        vocab_size=30522,
+        width=768,
+        depth=12,
+        heads=12,
+        intermediate_size=3072,
+        fusion_layers=3,
+        max_position_embeddings=512,
+    ),
+    "tiny": dict(
+        width=64,
+        depth=4,
+        heads=2,
+        intermediate_size=128,
+        fusion_layers=2,
+        max_position_embeddings=64,
+        dropout=0.0,
+        init_std=0.1,
+    ),
 }
 
 TEXT_DEFAULTS = dict(  # every key of model.text, documented here once
@@ -50,8 +66,7 @@ TEXT_DEFAULTS = dict(  # every key of model.text, documented here once
 
 def resolve_text_config(cfg: dict) -> dict:
     cfg = merge_preset(cfg, TEXT_DEFAULTS, TEXT_PRESETS, "text")
-    for key in ("vocab_size", "width", "depth", "heads", "intermediate_size",
-                "max_position_embeddings"):
+    for key in ("vocab_size", "width", "depth", "heads", "intermediate_size", "max_position_embeddings"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ValueError(f"text.{key} must be a positive integer, got {cfg[key]!r}")
     if cfg["width"] % cfg["heads"]:
@@ -71,15 +86,19 @@ def multimodal_keep_rates(cfg: dict) -> list[float]:
     keep = cfg["multimodal_keep"]
     rates = keep if isinstance(keep, (list, tuple)) else [keep] * len(layers)
     if len(rates) != len(layers):
-        raise ValueError(f"text.multimodal_keep has {len(rates)} entries but multimodal_prune_layers has "
-                         f"{len(layers)} ({layers}); give one keep rate per prune layer or a number")
+        raise ValueError(
+            f"text.multimodal_keep has {len(rates)} entries but multimodal_prune_layers has "
+            f"{len(layers)} ({layers}); give one keep rate per prune layer or a number"
+        )
     out = [1.0] * cfg["fusion_layers"]
     for layer, rate in zip(layers, rates):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
             raise ValueError(f"text.multimodal_keep {rate!r} must be a keep rate in (0, 1]")
         if rate < 1 and not (isinstance(layer, int) and 1 <= layer < cfg["fusion_layers"]):
-            raise ValueError(f"text.multimodal_prune_layers entry {layer!r} must be a fusion layer in "
-                             f"1..{cfg['fusion_layers'] - 1} (pruning after the last one has no effect)")
+            raise ValueError(
+                f"text.multimodal_prune_layers entry {layer!r} must be a fusion layer in "
+                f"1..{cfg['fusion_layers'] - 1} (pruning after the last one has no effect)"
+            )
         if rate < 1:
             out[layer - 1] = float(rate)
     return out
@@ -96,8 +115,11 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
-             + self.token_type_embeddings.weight[0])
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)[None]
+            + self.token_type_embeddings.weight[0]
+        )
         return self.dropout(self.LayerNorm(x))
 
 
@@ -199,7 +221,8 @@ class BertEncoder(nn.Module):
         super().__init__()
         first_fusion = cfg["depth"] - cfg["fusion_layers"]
         self.layer = nn.ModuleList(
-            BertLayer(cfg, video_width if i >= first_fusion else None) for i in range(cfg["depth"]))
+            BertLayer(cfg, video_width if i >= first_fusion else None) for i in range(cfg["depth"])
+        )
 
 
 def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -234,8 +257,9 @@ class TextEncoder(nn.Module):
     def check_input(self, input_ids: torch.Tensor):
         limit = self.cfg["max_position_embeddings"]
         if input_ids.dim() != 2 or input_ids.shape[1] > limit:
-            raise ValueError(f"input_ids must be [B, L] with L <= max_position_embeddings ({limit}), "
-                             f"got {list(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be [B, L] with L <= max_position_embeddings ({limit}), got {list(input_ids.shape)}"
+            )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.check_input(input_ids)
@@ -245,8 +269,15 @@ class TextEncoder(nn.Module):
             x, _ = layer(x, mask)
         return x
 
-    def fuse(self, text: torch.Tensor, attention_mask: torch.Tensor, video: torch.Tensor,
-             video_mask: torch.Tensor | None = None, return_kept: bool = False, prune: bool = True):
+    def fuse(
+        self,
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+        video: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+        return_kept: bool = False,
+        prune: bool = True,
+    ):
         """Fusion layers over text [B, L, D] and video tokens [B, 1 + N, Dv] (CLS first).
 
         After each fusion layer with a keep rate q < 1 (multimodal_keep_rates), the next layers see
@@ -258,7 +289,7 @@ class TextEncoder(nn.Module):
         if video_mask is None:
             video_mask = torch.ones(video.shape[:2], dtype=torch.long, device=video.device)
         x = text
-        layers = self.encoder.layer[self.first_fusion:]
+        layers = self.encoder.layer[self.first_fusion :]
         kept = torch.arange(video.shape[1] - 1, device=video.device)[None].expand(video.shape[0], -1)
         for i, layer in enumerate(layers):
             prune = rates[i] < 1.0

@@ -5,6 +5,7 @@ pruning ranks them by the text CLS cross-attention (eq. 12-13). Both keep ceil(q
 tokens in their original order, with CLS always kept at index 0, and carry each token's position
 along so the relative position bias stays correct.
 """
+
 from __future__ import annotations
 
 import torch

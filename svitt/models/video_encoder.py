@@ -9,6 +9,7 @@ parameter names) with the two SViTT sparsities: edge sparsity inside attention
 `temporal: late` is the order-blind control (Singularity-style late fusion): the same image
 encoder runs on each frame alone and the frames' CLS states are mean-pooled over time.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,18 @@ VIDEO_PRESETS = {
     # BEiT-B/16 as in the paper (timm beit_base_patch16_224).
     "beit_base": dict(image_size=224, patch_size=16, depth=12, width=768, heads=12, mlp_ratio=4.0),
     # A few-minute-on-2-CPU-cores model for the demo corpus.
-    "tiny": dict(image_size=32, patch_size=8, depth=4, width=64, heads=2, mlp_ratio=2.0,
-                 tubelet_frames=2, prune_layers=[2, 3], layer_scale_init=None, init_std=0.1),
+    "tiny": dict(
+        image_size=32,
+        patch_size=8,
+        depth=4,
+        width=64,
+        heads=2,
+        mlp_ratio=2.0,
+        tubelet_frames=2,
+        prune_layers=[2, 3],
+        layer_scale_init=None,
+        init_std=0.1,
+    ),
 }
 
 TEMPORAL = ("joint", "late")
@@ -92,8 +103,10 @@ def _keep_rates(cfg: dict) -> dict[int, float]:
     if not isinstance(rates, (list, tuple)):
         rates = [rates] * len(layers)
     if len(rates) != len(layers):
-        raise ValueError(f"video.visual_keep has {len(rates)} entries but prune_layers has "
-                         f"{len(layers)} ({layers}); give one keep rate per prune layer or a scalar")
+        raise ValueError(
+            f"video.visual_keep has {len(rates)} entries but prune_layers has "
+            f"{len(layers)} ({layers}); give one keep rate per prune layer or a scalar"
+        )
     for layer, rate in zip(layers, rates):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
             raise ValueError(f"video.visual_keep {rate!r} must be a keep rate in (0, 1]")
@@ -105,33 +118,37 @@ def _keep_rates(cfg: dict) -> dict[int, float]:
 def resolve_video_config(cfg: dict) -> dict:
     """Defaults, preset and validation of the video encoder config; returns a complete dict."""
     cfg = merge_preset(cfg, VIDEO_DEFAULTS, VIDEO_PRESETS, "video")
-    for key in ("frames", "image_size", "patch_size", "tubelet_frames", "in_chans", "depth",
-                "width", "heads"):
+    for key in ("frames", "image_size", "patch_size", "tubelet_frames", "in_chans", "depth", "width", "heads"):
         _positive_int(cfg, key)
     if cfg["image_size"] % cfg["patch_size"]:
-        raise ValueError(f"video.image_size {cfg['image_size']} is not divisible by "
-                         f"patch_size {cfg['patch_size']}")
+        raise ValueError(f"video.image_size {cfg['image_size']} is not divisible by patch_size {cfg['patch_size']}")
     if cfg["frames"] % cfg["tubelet_frames"]:
-        raise ValueError(f"video.frames {cfg['frames']} is not divisible by "
-                         f"tubelet_frames {cfg['tubelet_frames']}")
+        raise ValueError(f"video.frames {cfg['frames']} is not divisible by tubelet_frames {cfg['tubelet_frames']}")
     if cfg["width"] % cfg["heads"]:
         raise ValueError(f"video.width {cfg['width']} is not divisible by heads {cfg['heads']}")
     blocks = [cfg["local_blocks"], cfg["random_blocks"], cfg["block_size"]]
     if any(b is not None for b in blocks):
         if any(b is None for b in blocks):
-            raise ValueError("video.local_blocks, random_blocks and block_size must be all set "
-                             f"(edge sparsity) or all null (dense), got {blocks}")
+            raise ValueError(
+                "video.local_blocks, random_blocks and block_size must be all set "
+                f"(edge sparsity) or all null (dense), got {blocks}"
+            )
         if cfg["local_blocks"] < 1 or cfg["local_blocks"] % 2 == 0:
-            raise ValueError(f"video.local_blocks (K_l) must be a positive odd number, "
-                             f"got {cfg['local_blocks']}")
+            raise ValueError(f"video.local_blocks (K_l) must be a positive odd number, got {cfg['local_blocks']}")
         if cfg["random_blocks"] < 0 or cfg["block_size"] < 1:
-            raise ValueError(f"video.random_blocks must be >= 0 and block_size >= 1, got "
-                             f"{cfg['random_blocks']} and {cfg['block_size']}")
+            raise ValueError(
+                f"video.random_blocks must be >= 0 and block_size >= 1, got "
+                f"{cfg['random_blocks']} and {cfg['block_size']}"
+            )
     if cfg["attention_kernel"] not in KERNELS:
-        raise ValueError(f"video.attention_kernel must be one of {KERNELS}, "
-                         f"got {cfg['attention_kernel']!r}")
-    for key, allowed in (("temporal", TEMPORAL), ("pooling", POOLINGS), ("fusion_norm", FUSION_NORMS),
-                         ("prune_score", PRUNE_SCORES), ("temporal_resize", TEMPORAL_RESIZES)):
+        raise ValueError(f"video.attention_kernel must be one of {KERNELS}, got {cfg['attention_kernel']!r}")
+    for key, allowed in (
+        ("temporal", TEMPORAL),
+        ("pooling", POOLINGS),
+        ("fusion_norm", FUSION_NORMS),
+        ("prune_score", PRUNE_SCORES),
+        ("temporal_resize", TEMPORAL_RESIZES),
+    ):
         if cfg[key] not in allowed:
             raise ValueError(f"video.{key} must be one of {allowed}, got {cfg[key]!r}")
     eps = cfg["layer_norm_eps"]
@@ -198,8 +215,9 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """BEiT attention (q and v biases, no k bias) with a per-layer 3D relative position table."""
 
-    def __init__(self, width: int, heads: int, grid: tuple[int, int, int], qkv_bias: bool,
-                 prune_score: str = "renormalised"):
+    def __init__(
+        self, width: int, heads: int, grid: tuple[int, int, int], qkv_bias: bool, prune_score: str = "renormalised"
+    ):
         super().__init__()
         self.heads = heads
         self.prune_score = prune_score
@@ -218,8 +236,18 @@ class Attention(nn.Module):
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out, cls_attn = attention(q, k, v, self.relative_position_bias_table, pos, self.grid,
-                                  layout, kernel, need_cls_attn, cls_score=self.prune_score)
+        out, cls_attn = attention(
+            q,
+            k,
+            v,
+            self.relative_position_bias_table,
+            pos,
+            self.grid,
+            layout,
+            kernel,
+            need_cls_attn,
+            cls_score=self.prune_score,
+        )
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), cls_attn
 
 
@@ -274,9 +302,10 @@ class VideoEncoder(nn.Module):
         if cfg["abs_pos_embed"]:
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.grid), cfg["width"]))
         keep = _keep_rates(cfg)
-        rates = torch.linspace(0, cfg["drop_path"], cfg["depth"], device="cpu").tolist()  # CPU: also under a meta default device
-        self.blocks = nn.ModuleList(
-            Block(cfg, self.grid, rates[i], keep.get(i + 1, 1.0)) for i in range(cfg["depth"]))
+        rates = torch.linspace(
+            0, cfg["drop_path"], cfg["depth"], device="cpu"
+        ).tolist()  # CPU: also under a meta default device
+        self.blocks = nn.ModuleList(Block(cfg, self.grid, rates[i], keep.get(i + 1, 1.0)) for i in range(cfg["depth"]))
         self.norm = nn.LayerNorm(cfg["width"], eps=cfg["layer_norm_eps"])  # BEiT's fc_norm when loaded
         if cfg["fusion_norm"] == "separate":
             self.fusion_norm = nn.LayerNorm(cfg["width"], eps=cfg["layer_norm_eps"])
@@ -307,8 +336,9 @@ class VideoEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW leaves undecayed beyond those of under 2 dimensions (timm's
         convention): the CLS token and every block's relative position bias table."""
-        return {name for name, _ in self.named_parameters()
-                if name.endswith(("cls_token", "relative_position_bias_table"))}
+        return {
+            name for name, _ in self.named_parameters() if name.endswith(("cls_token", "relative_position_bias_table"))
+        }
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, 1 + N, D] -> the clip summary [B, D] (video.pooling): the normed CLS, or the
@@ -337,16 +367,19 @@ class VideoEncoder(nn.Module):
         if not self.edge_sparse:
             return None
         cfg = self.cfg
-        return make_layout(num_regional, cfg["block_size"], cfg["local_blocks"],
-                           cfg["random_blocks"], self.layout_generator, device)
+        return make_layout(
+            num_regional, cfg["block_size"], cfg["local_blocks"], cfg["random_blocks"], self.layout_generator, device
+        )
 
     def check_input(self, video: torch.Tensor):
         cfg = self.cfg
         expected = (cfg["frames"], cfg["in_chans"], cfg["image_size"], cfg["image_size"])
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
-            raise ValueError(f"video must have shape [B, T, C, H, W] = [B, {', '.join(map(str, expected))}]"
-                             f" (frames={cfg['frames']}, image_size={cfg['image_size']}), "
-                             f"got {list(video.shape)}")
+            raise ValueError(
+                f"video must have shape [B, T, C, H, W] = [B, {', '.join(map(str, expected))}]"
+                f" (frames={cfg['frames']}, image_size={cfg['image_size']}), "
+                f"got {list(video.shape)}"
+            )
 
     def forward(self, video: torch.Tensor, return_positions: bool = False):
         """video [B, T, C, H, W] -> hidden [B, 1 + N', D]; with return_positions also the kept

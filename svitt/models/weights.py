@@ -2,6 +2,7 @@
 
 Only tensors are ever read: safetensors, or torch.load(..., weights_only=True).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -33,8 +34,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "omegaconf" in str(error):  # {"model", "config": DictConfig, ...} of the released SViTT code
-            raise ValueError(f"{path} holds an OmegaConf config, as checkpoints of the released SViTT code do: "
-                             f"convert it with workflow_scripts/import_released.py (svitt.models.released)") from None
+            raise ValueError(
+                f"{path} holds an OmegaConf config, as checkpoints of the released SViTT code do: "
+                f"convert it with workflow_scripts/import_released.py (svitt.models.released)"
+            ) from None
         raise
     for key in ("model", "module", "state_dict"):  # common wrappers of published checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -78,16 +81,14 @@ def _hf_beit_to_timm(state_dict: dict) -> dict:
             out[key] = value
     for (layer, which, kind), value in qkv.items():
         if kind == "weight" and which == "q":
-            out[f"blocks.{layer}.attn.qkv.weight"] = torch.cat(
-                [qkv[(layer, c, "weight")] for c in "qkv"], dim=0)
+            out[f"blocks.{layer}.attn.qkv.weight"] = torch.cat([qkv[(layer, c, "weight")] for c in "qkv"], dim=0)
         elif kind == "bias" and which in "qv":
             out[f"blocks.{layer}.attn.{which}_bias"] = value
     return out
 
 
 def _is_hf_beit(state_dict: dict) -> bool:
-    return any(k.startswith(("beit.", "embeddings.patch_embeddings", "layers.", "encoder.layer."))
-               for k in state_dict)
+    return any(k.startswith(("beit.", "embeddings.patch_embeddings", "layers.", "encoder.layer.")) for k in state_dict)
 
 
 def _table_frames(rows: int, spatial: tuple[int, int]) -> int:
@@ -96,23 +97,29 @@ def _table_frames(rows: int, spatial: tuple[int, int]) -> int:
     per_offset = (2 * h - 1) * (2 * w - 1)
     offsets, rest = divmod(rows - 3, per_offset)
     if rest or offsets % 2 == 0:
-        raise ValueError(f"relative position table with {rows} rows does not fit the spatial grid "
-                         f"{h}x{w} (expected (2T-1)*{per_offset}+3 rows)")
+        raise ValueError(
+            f"relative position table with {rows} rows does not fit the spatial grid "
+            f"{h}x{w} (expected (2T-1)*{per_offset}+3 rows)"
+        )
     return (offsets + 1) // 2
 
 
 POS_KEY = "pos_embed"
 
 
-def resize_pos_embed(value: torch.Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]) -> torch.Tensor:
+def resize_pos_embed(
+    value: torch.Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]
+) -> torch.Tensor:
     """An absolute position embedding [1, 1 + T H W, D] on src_grid -> dst_grid along time:
     eq. 22 (a 2D embedding, src T = 1, duplicated over time) and eq. 23 (nearest neighbour in time,
     time slots aligned by their centres: destination slot t takes source slot
     floor((t + 1/2) T_src / T_dst)). The spatial grid and the CLS entry are kept."""
     (t_src, h, w), t_dst = src_grid, dst_grid[0]
     if tuple(src_grid[1:]) != tuple(dst_grid[1:]) or value.shape[1] != 1 + t_src * h * w:
-        raise ValueError(f"{POS_KEY} of shape {tuple(value.shape)} does not fit the grid {tuple(src_grid)} "
-                         f"or cannot be resized to {tuple(dst_grid)} (image_size / patch_size must match)")
+        raise ValueError(
+            f"{POS_KEY} of shape {tuple(value.shape)} does not fit the grid {tuple(src_grid)} "
+            f"or cannot be resized to {tuple(dst_grid)} (image_size / patch_size must match)"
+        )
     grid = value[:, 1:].reshape(1, t_src, h * w, value.shape[-1])
     source = [(2 * t + 1) * t_src // (2 * t_dst) for t in range(t_dst)]
     return torch.cat([value[:, :1], grid[:, source].reshape(1, t_dst * h * w, -1)], dim=1)
@@ -132,8 +139,10 @@ def _inflate_patch_embed(weight: torch.Tensor, target: torch.Tensor) -> torch.Te
         return weight
     tubelet, rest = divmod(target.shape[1], weight.shape[1])
     if rest or weight.shape[0] != target.shape[0] or weight.shape[2:] != target.shape[2:]:
-        raise ValueError(f"patch_embed.proj.weight has shape {tuple(weight.shape)}, "
-                         f"which cannot be inflated to {tuple(target.shape)}")
+        raise ValueError(
+            f"patch_embed.proj.weight has shape {tuple(weight.shape)}, "
+            f"which cannot be inflated to {tuple(target.shape)}"
+        )
     return weight.repeat(1, tubelet, 1, 1) / tubelet
 
 
@@ -151,13 +160,14 @@ def video_checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict
         if key.startswith(("head.", "lm_head.", "classifier.")) or "relative_position_index" in key:
             continue
         if key.startswith("fc_norm."):
-            key = "norm." + key[len("fc_norm."):]
+            key = "norm." + key[len("fc_norm.") :]
         if key not in target:
             continue
         if key.endswith(TABLE_KEY):
             grid = model.grid
-            value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid,
-                                 model.cfg["temporal_resize"])
+            value = resize_table(
+                value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid, model.cfg["temporal_resize"]
+            )
         elif key == "patch_embed.proj.weight":
             value = _inflate_patch_embed(value, target[key])
         elif key == POS_KEY:
@@ -172,18 +182,24 @@ def video_checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict
             out[key] = target[key]
     missing = sorted(set(target) - set(out))
     if missing:
-        raise ValueError(f"checkpoint is not a BEiT image/video encoder of this layout: missing "
-                         f"{len(missing)} tensors, e.g. {missing[:6]}")
+        raise ValueError(
+            f"checkpoint is not a BEiT image/video encoder of this layout: missing "
+            f"{len(missing)} tensors, e.g. {missing[:6]}"
+        )
     _check_shapes(out, target, "video encoder")
     return out
 
 
 def _check_shapes(source: dict, target: dict, what: str):
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-           for k, v in source.items() if k in target and v.shape != target[k].shape]
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in source.items()
+        if k in target and v.shape != target[k].shape
+    ]
     if bad:
-        raise ValueError(f"{what} checkpoint does not fit the model ({len(bad)} tensors disagree):\n  "
-                         + "\n  ".join(bad))
+        raise ValueError(
+            f"{what} checkpoint does not fit the model ({len(bad)} tensors disagree):\n  " + "\n  ".join(bad)
+        )
 
 
 def bert_checkpoint_filter_fn(state_dict: dict, prefix_map: dict[str, str]) -> dict:
@@ -200,7 +216,7 @@ def bert_checkpoint_filter_fn(state_dict: dict, prefix_map: dict[str, str]) -> d
             key = "bert." + key
         for old, new in prefix_map.items():
             if key.startswith(old):
-                out[new + key[len(old):]] = value
+                out[new + key[len(old) :]] = value
                 break
     return out
 
@@ -215,20 +231,28 @@ def adapt_svitt_state_dict(state_dict: dict, model: torch.nn.Module) -> dict:
     for key, value in state_dict.items():
         if key.endswith(TABLE_KEY) and key.startswith("video_encoder.") and key in target:
             if value.shape[0] != table_size(grid):
-                value = resize_table(value, (_table_frames(value.shape[0], grid[1:]),) + grid[1:], grid,
-                                     model.video_encoder.cfg["temporal_resize"])
+                value = resize_table(
+                    value,
+                    (_table_frames(value.shape[0], grid[1:]),) + grid[1:],
+                    grid,
+                    model.video_encoder.cfg["temporal_resize"],
+                )
         elif key == "video_encoder." + POS_KEY and key in target and value.shape != target[key].shape:
             value = resize_pos_embed(value, _pos_grid(value, grid[1:]), grid)
         elif key == "video_encoder.patch_embed.proj.weight" and key in target:
             if value.shape != target[key].shape:
-                raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model "
-                                 f"{tuple(target[key].shape)} (tubelet_frames or patch_size differ)")
+                raise ValueError(
+                    f"{key}: checkpoint {tuple(value.shape)} vs model "
+                    f"{tuple(target[key].shape)} (tubelet_frames or patch_size differ)"
+                )
         out[key] = value
     missing = sorted(set(target) - set(out))
     unexpected = sorted(set(out) - set(target))
     if missing or unexpected:
-        raise ValueError(f"checkpoint is from another architecture: missing {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
-                         f"{' ...' if len(unexpected) > 10 else ''}")
+        raise ValueError(
+            f"checkpoint is from another architecture: missing {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''}"
+        )
     _check_shapes(out, target, "SViTT")
     return out

@@ -4,6 +4,7 @@ Training state (`checkpoint.pt`): model, optimiser, scaler, step/epoch position,
 draws from, and the resolved config; read back with torch.load(weights_only=True).
 Exported model: `model.safetensors` (weights) + `model.json` (config and provenance).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,7 @@ def config_digest(cfg: dict) -> str:
 
 
 def capture_rng(layout_generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "layout": layout_generator.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "layout": layout_generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -49,8 +49,11 @@ def load_training_state(path: str | Path) -> dict:
 def export_model(model: torch.nn.Module, out_dir: str | Path, info: dict):
     """Write model.safetensors then model.json (the JSON last: its presence marks completion)."""
     out_dir = Path(out_dir)
-    write_safetensors(out_dir / "model.safetensors", model.state_dict(),
-                      {"format": "pt", "svitt": json.dumps(info.get("model_config", {}))})
+    write_safetensors(
+        out_dir / "model.safetensors",
+        model.state_dict(),
+        {"format": "pt", "svitt": json.dumps(info.get("model_config", {}))},
+    )
     atomic_write_json(out_dir / "model.json", info)
 
 

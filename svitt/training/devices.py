@@ -14,6 +14,7 @@ Elsewhere a CUDA_VISIBLE_DEVICES set in the shell only narrows the pool: the job
 it (the entries themselves are the lock keys, so another checkout with another mask still sees the
 same GPU locked).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -27,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable
 
 POOL_ENV = "SVITT_GPU_POOL"
 DEFAULT_POOL = Path("/var/tmp/svitt-gpu-pool")  # not per checkout, not per user: per machine
@@ -99,8 +100,10 @@ def _open_pool(pool: Path) -> IO[bytes]:
         path = pool / "gpus.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise OSError(f"cannot open the GPU pool {pool}/gpus.lock ({err.strerror}); set {POOL_ENV} "
-                      f"to a folder on a local disk that every job on this machine can write") from err
+        raise OSError(
+            f"cannot open the GPU pool {pool}/gpus.lock ({err.strerror}); set {POOL_ENV} "
+            f"to a folder on a local disk that every job on this machine can write"
+        ) from err
     if os.fstat(fd).st_uid == os.getuid():
         os.fchmod(fd, 0o666)  # whatever the umask: other users' jobs must lock it too
     os.utime(fd)  # keep it young for tmpfiles cleaners
@@ -110,6 +113,7 @@ def _open_pool(pool: Path) -> IO[bytes]:
 @dataclass
 class Lease:
     """GPUs held by `file` (give it to the job as stdin); closing every copy releases them."""
+
     ids: list[str]
     file: IO[bytes]
     pool: Path
@@ -132,8 +136,7 @@ def _describe_holder(pool: Path, gpu: str) -> str:
 
 
 def _record_holder(pool: Path, gpus: list[str], command: str):
-    info = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd(),
-            "command": command}
+    info = {"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"), "cwd": os.getcwd(), "command": command}
     for gpu in gpus:
         path = _holder_path(pool, gpu)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -179,6 +182,7 @@ class _WouldWait(Exception):
 def would_wait(ids: list[str], pool: str | Path | None = None) -> bool:
     """Whether a lease of exactly `ids` would have to wait now (a probe: it takes and frees them
     at once when they are free)."""
+
     def give_up(_):
         raise _WouldWait
 
@@ -189,18 +193,26 @@ def would_wait(ids: list[str], pool: str | Path | None = None) -> bool:
     return False
 
 
-def acquire(count: int, candidates: list[str], pool: str | Path | None = None, command: str = "",
-            poll: float = 5.0, report_every: float = 300.0,
-            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
-            sleep: Callable[[float], None] = time.sleep,
-            clock: Callable[[], float] = time.monotonic) -> Lease:
+def acquire(
+    count: int,
+    candidates: list[str],
+    pool: str | Path | None = None,
+    command: str = "",
+    poll: float = 5.0,
+    report_every: float = 300.0,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Lease:
     """Lock `count` distinct GPUs of `candidates`, waiting (without a deadline) while they are busy;
     says which GPUs it waits for, and who holds them, every `report_every` seconds."""
     if count < 1:
         raise ValueError(f"a lease needs at least 1 GPU, got {count}")
     if count > len(candidates):
-        raise ValueError(f"a job asks for {count} GPUs but only {len(candidates)} are visible "
-                         f"({', '.join(candidates) or 'none'}); lower the job's gpus or the visible set")
+        raise ValueError(
+            f"a job asks for {count} GPUs but only {len(candidates)} are visible "
+            f"({', '.join(candidates) or 'none'}); lower the job's gpus or the visible set"
+        )
     pool = Path(pool) if pool is not None else default_pool()
     file = _open_pool(pool)
     fd = file.fileno()
@@ -215,9 +227,11 @@ def acquire(count: int, candidates: list[str], pool: str | Path | None = None, c
             return Lease(taken, file, pool)
         if clock() >= next_report:
             busy = _busy(fd, candidates)
-            log(f"launch: waiting for {count} free GPU(s) of {','.join(candidates)} "
+            log(
+                f"launch: waiting for {count} free GPU(s) of {','.join(candidates)} "
                 f"(pool {pool}/gpus.lock; no deadline; waited {(clock() - start) / 60:.1f} min); "
-                f"busy: {'; '.join(_describe_holder(pool, g) for g in busy) or 'none (just freed)'}")
+                f"busy: {'; '.join(_describe_holder(pool, g) for g in busy) or 'none (just freed)'}"
+            )
             next_report += report_every
         waited = True
         sleep(poll)

@@ -16,6 +16,7 @@ the whole accumulated batch at once. Under DDP the contrastive losses gather the
 batches of every rank, and the caller averages the gradients over ranks (no DDP wrapper: its hooks
 expect a forward through the wrapper).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,15 @@ def _features(model, batch: dict, objectives) -> dict:
     return model.features(batch["video"], batch["input_ids"], batch["attention_mask"], mlm_ids)
 
 
-def cached_step(model, micro_batches: list[dict], objectives, weights: dict, scaler=None,
-                autocast=contextlib.nullcontext, settings: LossSettings = DEFAULT_SETTINGS) -> dict[str, float]:
+def cached_step(
+    model,
+    micro_batches: list[dict],
+    objectives,
+    weights: dict,
+    scaler=None,
+    autocast=contextlib.nullcontext,
+    settings: LossSettings = DEFAULT_SETTINGS,
+) -> dict[str, float]:
     """Forward/backward of one optimiser step; gradients accumulate into model's parameters.
 
     micro_batches: inputs of SViTT.forward (video, input_ids, attention_mask, and as the objectives
@@ -59,10 +67,10 @@ def cached_step(model, micro_batches: list[dict], objectives, weights: dict, sca
         states.append(_rng_state(model))
         with torch.no_grad(), autocast():
             cached.append(_features(model, batch, objectives))
-    leaves = {k: torch.cat([_pad_text(f[k], length, k) for f in cached]).detach().requires_grad_()
-              for k in cached[0]}
-    inputs = {k: torch.cat([_pad_text(b[k], length, k) for b in micro_batches])
-              for k in LOSS_INPUTS if k in micro_batches[0]}
+    leaves = {k: torch.cat([_pad_text(f[k], length, k) for f in cached]).detach().requires_grad_() for k in cached[0]}
+    inputs = {
+        k: torch.cat([_pad_text(b[k], length, k) for b in micro_batches]) for k in LOSS_INPUTS if k in micro_batches[0]
+    }
     with autocast():
         losses = model.losses(leaves, inputs, objectives, settings)
         total = sum(weights[k] * losses[k] for k in objectives)
@@ -75,8 +83,11 @@ def cached_step(model, micro_batches: list[dict], objectives, weights: dict, sca
         with autocast():
             live = _features(model, batch, objectives)
         rows = slice(start, start + batch["video"].shape[0])
-        pairs = [(value, _unpad_text(leaves[k].grad[rows], value, k)) for k, value in live.items()
-                 if leaves[k].grad is not None]
+        pairs = [
+            (value, _unpad_text(leaves[k].grad[rows], value, k))
+            for k, value in live.items()
+            if leaves[k].grad is not None
+        ]
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         start = rows.stop
@@ -97,4 +108,4 @@ def _pad_text(x: torch.Tensor, length: int, key: str) -> torch.Tensor:
 
 
 def _unpad_text(grad: torch.Tensor, live: torch.Tensor, key: str) -> torch.Tensor:
-    return grad[:, :live.shape[1]] if key in _TEXT_PAD else grad
+    return grad[:, : live.shape[1]] if key in _TEXT_PAD else grad

@@ -4,6 +4,7 @@ finetuning jobs alike (svitt.training.loop trains what resolve_train_config retu
     cfg = resolve_train_config(stage_config)   # defaults filled in, every key checked
     cfg = finetune_config(entry, init_model)   # a finetuning job's entry -> a stage config
 """
+
 from __future__ import annotations
 
 import copy
@@ -74,8 +75,9 @@ QA_DATA_KEYS = {
 # Finetuning jobs: the workflow's task name -> the training task, and the keys of a job's entry
 # that set the model of the job (a curriculum stage's sparsity vocabulary) rather than training.
 FINETUNE_TASKS = {"retrieval": "pairs", "qa": "qa"}
-MODEL_STAGE_KEYS = {section: tuple(k for k, part in STAGE_VOCABULARY.items() if part == section)
-                    for section in ("video", "text")}  # as a pretraining stage's (svitt.workflow.stages)
+MODEL_STAGE_KEYS = {
+    section: tuple(k for k, part in STAGE_VOCABULARY.items() if part == section) for section in ("video", "text")
+}  # as a pretraining stage's (svitt.workflow.stages)
 
 # How a stage runs, not what it learns (augmentation is seeded per sample, so the number of
 # loader processes does not matter either): a checkpoint stays resumable when these change, and
@@ -116,8 +118,7 @@ def _check_section(cfg: dict, spec: dict, section: str) -> dict:
         if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
             raise ValueError(f"{section}.{key} must be {_type_names(types)}, got {value!r}")
         if not isinstance(value, types):
-            raise ValueError(f"{section}.{key} must be {_type_names(types)}, got {value!r} "
-                             f"({type(value).__name__})")
+            raise ValueError(f"{section}.{key} must be {_type_names(types)}, got {value!r} ({type(value).__name__})")
         out[key] = copy.deepcopy(value)
     return out
 
@@ -144,8 +145,9 @@ def resolve_train_config(cfg: dict) -> dict:
     if not 0 <= out["min_lr_ratio"] <= 1:
         raise ValueError(f"stage.min_lr_ratio must be in [0, 1] (a fraction of lr), got {out['min_lr_ratio']}")
     if not 0 <= out["vtm_hard_fraction"] <= 1:
-        raise ValueError(f"stage.vtm_hard_fraction must be in [0, 1] (a share of the VTM negatives), "
-                         f"got {out['vtm_hard_fraction']}")
+        raise ValueError(
+            f"stage.vtm_hard_fraction must be in [0, 1] (a share of the VTM negatives), got {out['vtm_hard_fraction']}"
+        )
     _check_task_keys(out)
     return out
 
@@ -159,16 +161,19 @@ def _check_task_keys(cfg: dict):
             raise ValueError(f"stage.decoder_layers must be >= 1, got {cfg['decoder_layers']}")
         return
     if registry.unknown_objectives(objectives) or not objectives:
-        raise ValueError(f"stage.objectives {sorted(objectives)} must be a non-empty mapping "
-                         f"of {OBJECTIVES} to loss weights")
+        raise ValueError(
+            f"stage.objectives {sorted(objectives)} must be a non-empty mapping of {OBJECTIVES} to loss weights"
+        )
     pair = registry.conflicting_objectives(objectives)
     if pair:
         raise ValueError(f"stage.objectives: use either {pair[0]!r} or {pair[1]!r}, not both")
     for name in objectives:
         objective = registry.REGISTRY[name]
         if objective.data_kind is not None and cfg["data"]["kind"] != objective.data_kind:
-            raise ValueError(f"stage.objectives {name!r} needs data.kind {objective.data_kind!r} "
-                             f"(its {' and '.join(objective.needs)})")
+            raise ValueError(
+                f"stage.objectives {name!r} needs data.kind {objective.data_kind!r} "
+                f"(its {' and '.join(objective.needs)})"
+            )
     if cfg["data"]["kind"] not in ("webvid", "egoclip"):
         raise ValueError(f"stage.data.kind must be 'webvid' or 'egoclip', got {cfg['data']['kind']!r}")
     if not 0 < cfg["mlm_prob"] < 1:

@@ -10,6 +10,7 @@ gathered across ranks in svitt.models.losses). Writes out_dir/metrics.jsonl whil
 the end, model.safetensors + model.json. Resume is exact: the checkpoint holds every RNG the run
 draws from and the position inside the epoch, and data augmentation is seeded per (epoch, sample).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,14 @@ from tqdm import tqdm
 
 from svitt import distributed as dist
 from svitt.io import atomic_write_bytes
-from svitt.training.checkpoint import (atomic_torch_save, capture_rng, config_digest, export_model,
-                                       load_training_state, restore_rng)
+from svitt.training.checkpoint import (
+    atomic_torch_save,
+    capture_rng,
+    config_digest,
+    export_model,
+    load_training_state,
+    restore_rng,
+)
 from svitt.training.keys import learning_config, resolve_train_config, with_io_settings
 from svitt.training.optim import param_groups
 from svitt.training.precision import autocast, autocast_dtype, grad_scaler, resolve_precision
@@ -44,6 +51,7 @@ class TrainState:
     """What an optimiser step reads and advances (open_clip's TrainState): the resolved config and
     its task, the model and `net` (what runs it: the DDP wrapper or torch.compile, else the model
     itself), optimiser, loss scaler, tokenizer, device and precision, and how far the run is."""
+
     cfg: dict
     task: object
     model: torch.nn.Module
@@ -66,8 +74,13 @@ class TrainState:
 def run_cli(cfg: dict, args, init: str | None) -> int:
     """The common tail of the training CLIs (train.py, finetune.py): their io flags into the
     config, train, the summary on stdout; the exit code (PREEMPTED_EXIT_CODE when preempted)."""
-    cfg = with_io_settings(cfg, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                           num_workers=args.num_workers, keep_checkpoint=args.keep_checkpoint)
+    cfg = with_io_settings(
+        cfg,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        num_workers=args.num_workers,
+        keep_checkpoint=args.keep_checkpoint,
+    )
     data = TrainData(shards=args.shards, annotations=args.annotations, tokenizer=args.tokenizer, init=init)
     try:
         summary = train(cfg, data, args.out, resume=not args.no_resume, progress=not args.no_progress)
@@ -76,7 +89,6 @@ def run_cli(cfg: dict, args, init: str | None) -> int:
         return PREEMPTED_EXIT_CODE
     print(json.dumps(summary))
     return 0
-
 
 
 class _StopFlag:
@@ -122,8 +134,7 @@ def _set_deterministic(requested: bool | None, device: torch.device):
     torch.use_deterministic_algorithms(on, warn_only=True)
 
 
-def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
-          progress: bool = True) -> dict:
+def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
     """Run (or continue) one stage. Returns a summary dict; raises Preempted on SIGTERM/SIGUSR1."""
     from svitt.data.pipeline import load_tokenizer
 
@@ -144,29 +155,46 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
 
     per_step = cfg["batch_size"] // (world * cfg["grad_accum"])
     if per_step < 2 or per_step * world * cfg["grad_accum"] != cfg["batch_size"]:
-        raise ValueError(f"stage.batch_size {cfg['batch_size']} must split evenly into at least 2 "
-                         f"clips per step over {world} rank(s) x grad_accum {cfg['grad_accum']}")
+        raise ValueError(
+            f"stage.batch_size {cfg['batch_size']} must split evenly into at least 2 "
+            f"clips per step over {world} rank(s) x grad_accum {cfg['grad_accum']}"
+        )
     loaders = task.build_loader(cfg, data, tokenizer, per_step, rank, world)
     steps_per_epoch = loaders.batches_per_epoch // cfg["grad_accum"]
     if steps_per_epoch < 1:
-        raise ValueError(f"the dataset gives {loaders.batches_per_epoch} batches of {per_step} per "
-                         f"rank: too few for one optimiser step (grad_accum {cfg['grad_accum']})")
+        raise ValueError(
+            f"the dataset gives {loaders.batches_per_epoch} batches of {per_step} per "
+            f"rank: too few for one optimiser step (grad_accum {cfg['grad_accum']})"
+        )
     total = steps_per_epoch * cfg["epochs"]
     if cfg["max_steps"]:
         total = min(total, cfg["max_steps"])
     warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"],
-                                  betas=tuple(cfg["betas"]))
-    state = TrainState(cfg, task, model, optimizer, grad_scaler(precision, device), tokenizer, device,
-                       precision, rank=rank, world=world)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    state = TrainState(
+        cfg,
+        task,
+        model,
+        optimizer,
+        grad_scaler(precision, device),
+        tokenizer,
+        device,
+        precision,
+        rank=rank,
+        world=world,
+    )
     ckpt_path = out_dir / "checkpoint.pt"
     generator = model.video_encoder.layout_generator
     logged = None
     if resume and ckpt_path.exists():
         state.step, logged = _resume(ckpt_path, digest, state, generator)
-        _log(rank, f"resumed {cfg['name']} from {ckpt_path} at step {state.step}/{total}" if state.step else
-             f"ignoring {ckpt_path}: it was written for another config or world size")
+        _log(
+            rank,
+            f"resumed {cfg['name']} from {ckpt_path} at step {state.step}/{total}"
+            if state.step
+            else f"ignoring {ckpt_path}: it was written for another config or world size",
+        )
     state.logged = _restore_metrics(out_dir / "metrics.jsonl", state.step, rank, logged)
     state.net = _wrap(state)
 
@@ -174,15 +202,23 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
         """A resumable checkpoint; a finished run's holds no optimiser state (two thirds of the
         bytes at BEiT-B + BERT-base): resuming it only exports the model again."""
         if rank == 0:
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": None if finished else optimizer.state_dict(),
-                "scaler": state.scaler.state_dict(), "step": state.step, "rng": capture_rng(generator),
-                "config": cfg, "config_digest": digest, "world_size": world,
-                "metrics": state.logged}, ckpt_path)
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": None if finished else optimizer.state_dict(),
+                    "scaler": state.scaler.state_dict(),
+                    "step": state.step,
+                    "rng": capture_rng(generator),
+                    "config": cfg,
+                    "config_digest": digest,
+                    "world_size": world,
+                    "metrics": state.logged,
+                },
+                ckpt_path,
+            )
         dist.barrier()
 
-    bar = tqdm(total=total, initial=state.step, desc=cfg["name"], disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state.step, desc=cfg["name"], disable=not progress or rank != 0, dynamic_ncols=True)
     metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None
     last = {}
     try:
@@ -198,13 +234,15 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                     set_lr(optimizer, lr)
                     parts, clips = _optimizer_step(state, batches)
                     # the one GPU sync of a step: finiteness and the stop request, agreed by every rank
-                    flags = torch.tensor([float(not all(math.isfinite(v) for v in parts.values())),
-                                          float(stop.requested)], device=device)
+                    flags = torch.tensor(
+                        [float(not all(math.isfinite(v) for v in parts.values())), float(stop.requested)], device=device
+                    )
                     dist.all_reduce_(flags)
                     if flags[0] > 0:
                         raise NonFiniteLoss(
                             f"non-finite loss at step {state.step} of stage {cfg['name']} ({parts}); "
-                            f"the last good checkpoint {ckpt_path} is kept")
+                            f"the last good checkpoint {ckpt_path} is kept"
+                        )
                     state.step += 1
                     seconds = time.perf_counter() - start
                     last = _record(state, parts, epoch, lr, clips * world / seconds, metrics_file, total)
@@ -212,15 +250,24 @@ def train(cfg: dict, data: TrainData, out_dir: str | Path, resume: bool = True,
                     bar.set_postfix(loss=f"{last['loss']:.3f}", clips_s=f"{last['clips_per_s']:.1f}")
                     if flags[1] > 0 and state.step < total:  # at the last step: finish instead
                         save()
-                        raise Preempted(f"stage {cfg['name']} stopped (signal or time limit) at step "
-                                        f"{state.step}; checkpoint saved to {ckpt_path}")
+                        raise Preempted(
+                            f"stage {cfg['name']} stopped (signal or time limit) at step "
+                            f"{state.step}; checkpoint saved to {ckpt_path}"
+                        )
                     if state.step % cfg["checkpoint_every"] == 0 and state.step < total:
                         save()
         save(finished=True)
         if rank == 0:
             dtype = autocast_dtype(precision, device)
-            export_model(model, out_dir, {**_model_info(cfg, state.step, last), "init": data.init,
-                                          "autocast": str(dtype).replace("torch.", "") if dtype else "none"})
+            export_model(
+                model,
+                out_dir,
+                {
+                    **_model_info(cfg, state.step, last),
+                    "init": data.init,
+                    "autocast": str(dtype).replace("torch.", "") if dtype else "none",
+                },
+            )
             if not cfg["keep_checkpoint"]:
                 ckpt_path.unlink(missing_ok=True)
         dist.barrier()
@@ -242,8 +289,10 @@ def _wrap(state: TrainState) -> torch.nn.Module:
     if state.world > 1 and not cached:
         device = torch.device(state.device)
         net = torch.nn.parallel.DistributedDataParallel(
-            state.model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=state.task.find_unused_parameters(state.cfg))
+            state.model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=state.task.find_unused_parameters(state.cfg),
+        )
     if state.cfg["compile"]:
         net = torch.compile(net)
     return net
@@ -311,13 +360,20 @@ def _clip_and_step(state: TrainState, losses: dict) -> dict:
     return losses
 
 
-def _record(state: TrainState, parts: dict, epoch: int, lr: float, clips_per_s: float, metrics_file,
-            total: int) -> dict:
+def _record(
+    state: TrainState, parts: dict, epoch: int, lr: float, clips_per_s: float, metrics_file, total: int
+) -> dict:
     """The step's metrics row; written (and kept in state.logged) every log_every steps, at the
     first and at the last."""
     step, cfg = state.step, state.cfg
-    row = {"stage": cfg["name"], "step": step, "epoch": epoch, "lr": lr,
-           "clips_per_s": clips_per_s, **{k: float(v) for k, v in parts.items()}}
+    row = {
+        "stage": cfg["name"],
+        "step": step,
+        "epoch": epoch,
+        "lr": lr,
+        "clips_per_s": clips_per_s,
+        **{k: float(v) for k, v in parts.items()},
+    }
     if metrics_file and (step % cfg["log_every"] == 0 or step == total or step == 1):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
@@ -334,31 +390,47 @@ def _restore_metrics(path: Path, step: int, rank: int, logged: list | None) -> l
     if rank != 0:
         return []
     if logged is None:
-        logged = [json.loads(line) for line in path.read_text().splitlines()
-                  if line.strip()] if step > 0 and path.exists() else []
+        logged = (
+            [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if step > 0 and path.exists()
+            else []
+        )
     logged = [row for row in logged if row["step"] <= step]
     atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in logged).encode())
     return logged
 
 
 def _model_info(cfg: dict, step: int, last: dict) -> dict:
-    from svitt.models.text_encoder import multimodal_keep_rates
     from svitt.models.sparsity import edge_count
+    from svitt.models.text_encoder import multimodal_keep_rates
 
     video, text = cfg["model"]["video"], cfg["model"]["text"]
     sparse = video["block_size"] is not None
     counts = edge_count(
-        frames=video["frames"], local_blocks=video["local_blocks"] if sparse else None,
+        frames=video["frames"],
+        local_blocks=video["local_blocks"] if sparse else None,
         random_blocks=video["random_blocks"] if sparse else None,
-        block_size=video["block_size"] if sparse else None, visual_keep=video["visual_keep"],
-        multimodal_keep=multimodal_keep_rates(text), text_len=cfg["data"]["text_len"],
-        image_size=video["image_size"], patch_size=video["patch_size"], depth=video["depth"],
-        fusion_layers=text["fusion_layers"], prune_layers=tuple(video["prune_layers"]),
-        tubelet_frames=video["tubelet_frames"])
-    return {"name": cfg["name"], "steps": step, "frames": video["frames"],
-            "final": {k: v for k, v in last.items() if isinstance(v, float)},
-            "edges": counts["edges"], "sparsity": counts["sparsity"],
-            "model_config": cfg["model"], "train_config": {k: v for k, v in cfg.items() if k != "model"}}
+        block_size=video["block_size"] if sparse else None,
+        visual_keep=video["visual_keep"],
+        multimodal_keep=multimodal_keep_rates(text),
+        text_len=cfg["data"]["text_len"],
+        image_size=video["image_size"],
+        patch_size=video["patch_size"],
+        depth=video["depth"],
+        fusion_layers=text["fusion_layers"],
+        prune_layers=tuple(video["prune_layers"]),
+        tubelet_frames=video["tubelet_frames"],
+    )
+    return {
+        "name": cfg["name"],
+        "steps": step,
+        "frames": video["frames"],
+        "final": {k: v for k, v in last.items() if isinstance(v, float)},
+        "edges": counts["edges"],
+        "sparsity": counts["sparsity"],
+        "model_config": cfg["model"],
+        "train_config": {k: v for k, v in cfg.items() if k != "model"},
+    }
 
 
 def _log(rank: int, message: str):

@@ -1,5 +1,6 @@
 """AdamW's parameter groups: one weight-decay convention for every model the workflow trains
 (SViTT stages, finetuned models, NLQ grounders)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,5 +16,4 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name in declared else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -5,6 +5,7 @@ CPU. fp16 means 16-bit autocast with dynamic loss scaling (a GradScaler): float1
 on a CPU, whose float16 matrix products are emulated (a 1024x768 by 768x3072 product: 13.8 s in
 float16, 0.046 s in bfloat16, 0.19 s in float32 on this project's CPU, one thread). The scaler runs
 either way, and model.json records the dtype that was used (`autocast`)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Learning-rate schedule: linear warm-up, then cosine decay (paper appendix A.3)."""
+
 from __future__ import annotations
 
 import math

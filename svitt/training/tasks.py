@@ -5,6 +5,7 @@ and its losses.
            (VTC + VTM on a downstream train split, from a stage's model.safetensors)
     qa     open-ended video QA: the answer generation loss of an answer decoder (VideoQA)
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,6 +23,7 @@ from svitt.training.grad_cache import cached_step
 @dataclass
 class TrainData:
     """Where the stage's data comes from (the workflow passes these as file inputs)."""
+
     shards: list
     annotations: str
     tokenizer: str
@@ -42,8 +44,9 @@ def build_stage_model(cfg: dict, data: TrainData, tokenizer) -> SViTT:
     """The stage's model: fresh (optionally from image/text weights) or from the previous stage."""
     model = SViTT(with_vocab(cfg["model"], len(tokenizer)))
     if len(tokenizer) > model.cfg["text"]["vocab_size"]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is "
-                         f"{model.cfg['text']['vocab_size']}")
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but model.text.vocab_size is {model.cfg['text']['vocab_size']}"
+        )
     if data.init:
         from safetensors.torch import load_file
 
@@ -78,8 +81,13 @@ class PairsTask:
         inputs = to_device(batch, device)
         if "mlm" in cfg["objectives"]:  # mlm_prob: a data setting, not a LossSettings field
             inputs["mlm_ids"], inputs["mlm_labels"] = mask_tokens(
-                inputs["input_ids"], inputs["attention_mask"], len(tokenizer), tokenizer.mask_token_id,
-                tokenizer.all_special_ids, cfg["mlm_prob"])
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                len(tokenizer),
+                tokenizer.mask_token_id,
+                tokenizer.all_special_ids,
+                cfg["mlm_prob"],
+            )
         return inputs
 
     def losses(self, net, inputs: dict, cfg: dict) -> dict:
@@ -88,8 +96,15 @@ class PairsTask:
 
     def cached_step(self, model, micro: list[dict], cfg: dict, scaler, autocast_fn) -> dict:
         """The losses of the whole step's batch over grad_accum micro-batches (GradCache)."""
-        return cached_step(model, micro, tuple(cfg["objectives"]), cfg["objectives"], scaler, autocast_fn,
-                           LossSettings.from_config(cfg))
+        return cached_step(
+            model,
+            micro,
+            tuple(cfg["objectives"]),
+            cfg["objectives"],
+            scaler,
+            autocast_fn,
+            LossSettings.from_config(cfg),
+        )
 
 
 class QATask:

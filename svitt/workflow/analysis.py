@@ -7,6 +7,7 @@ Every analysis that evaluates on one dataset names it (`dataset:` in analysis.sw
 analysis.paper_sweep, analysis.pruning_maps, analysis.control and each analysis.ablation entry);
 `analysis_dataset` checks it is a dataset the workflow evaluates on retrieval.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,7 @@ def eval_stages(config: dict) -> list[str]:
 def all_stages(config: dict) -> list[str]:
     """The curriculum, EgoClip and extra stages (what the training and sparsity figures show)."""
     pretrain = config["pretrain"]
-    return section_names(pretrain, "curriculum") + section_names(pretrain, "egoclip") + \
-        section_names(pretrain, "extra")
+    return section_names(pretrain, "curriculum") + section_names(pretrain, "egoclip") + section_names(pretrain, "extra")
 
 
 def control_in_all(config: dict) -> bool:
@@ -76,8 +76,10 @@ def retrieval_runs(config: dict, dataset_name: str, stages=None) -> dict[str, li
     """{stage: results per seed}; by default the curriculum, each stage with its late-fusion
     control beside it when `all` builds the control (analysis.control.in_all)."""
     curriculum = section_names(config["pretrain"], "curriculum")
-    return {s: results_of(config, f"results/eval/retrieval/{dataset_name}/{s}.json")
-            for s in (stages or with_controls(config, curriculum))}
+    return {
+        s: results_of(config, f"results/eval/retrieval/{dataset_name}/{s}.json")
+        for s in (stages or with_controls(config, curriculum))
+    }
 
 
 def probed(config: dict, task: str) -> bool:
@@ -129,13 +131,17 @@ def analysis_dataset(config: dict, where: str, name: str | None) -> str:
     dataset's retrieval results, so it must be one of evaluation.retrieval.datasets."""
     evaluated = retrieval_datasets(config)
     if not name:
-        raise ValueError(f"{where} names no dataset: set {where}.dataset to the retrieval dataset it "
-                         f"uses (one of evaluation.retrieval.datasets {evaluated})")
+        raise ValueError(
+            f"{where} names no dataset: set {where}.dataset to the retrieval dataset it "
+            f"uses (one of evaluation.retrieval.datasets {evaluated})"
+        )
     if name not in evaluated:
-        where_set = "is not configured under `datasets`" if name not in config["datasets"] else \
-            "is not evaluated on retrieval"
-        raise ValueError(f"{where}.dataset names {name!r}, which {where_set} (evaluation.retrieval.datasets: "
-                         f"{evaluated})")
+        where_set = (
+            "is not configured under `datasets`" if name not in config["datasets"] else "is not evaluated on retrieval"
+        )
+        raise ValueError(
+            f"{where}.dataset names {name!r}, which {where_set} (evaluation.retrieval.datasets: {evaluated})"
+        )
     return name
 
 
@@ -191,8 +197,12 @@ def all_sweep_points(config: dict) -> dict[str, dict]:
 
 def sweep_runs(config: dict, section: str, kind: str) -> dict[str, list[str]]:
     grid = _analysis(config).get(section) or {}
-    return {f"{stage}/{name}": [f"results/analysis/sweep/{stage}/{name}.json"]  # one checkpoint
-            for stage in grid.get("stages", []) for name in sweep_points(config, section) if name.startswith(kind)}
+    return {
+        f"{stage}/{name}": [f"results/analysis/sweep/{stage}/{name}.json"]  # one checkpoint
+        for stage in grid.get("stages", [])
+        for name in sweep_points(config, section)
+        if name.startswith(kind)
+    }
 
 
 def sweep_references(config: dict, section: str) -> dict[str, list[str]]:
@@ -202,15 +212,19 @@ def sweep_references(config: dict, section: str) -> dict[str, list[str]]:
 
 def sweep_figures(config: dict, section: str, suffix: str) -> list[str]:
     grid = _analysis(config).get(section) or {}
-    return [f"results/figures/sweep_{kind}{suffix}.png" for kind in ("edge", "keep")
-            if grid.get(kind) and grid.get("stages")]
+    return [
+        f"results/figures/sweep_{kind}{suffix}.png"
+        for kind in ("edge", "keep")
+        if grid.get(kind) and grid.get("stages")
+    ]
 
 
 # ---------------------------------------------------------------------------------------- tables
 
 
-def table_names(retrieval: dict[str, bool], qa: dict[str, bool], egomcq: bool | None,
-                efficiency: bool = True) -> list[str]:
+def table_names(
+    retrieval: dict[str, bool], qa: dict[str, bool], egomcq: bool | None, efficiency: bool = True
+) -> list[str]:
     """The result tables, in results.md's order, decided in one place for the rule (from the
     config) and for workflow_scripts/tables.py (from the result files it is given).
 
@@ -248,8 +262,9 @@ def table_inputs(config: dict) -> list[str]:
 
 def table_flags(config: dict) -> str:
     retrieval = " ".join(runs_flags(retrieval_runs(config, d), prefix=f"{d}:") for d in retrieval_datasets(config))
-    retrieval += "".join(f" {runs_flags(r, prefix=f'{d}_finetuned:')}"
-                         for d, r in finetuned_retrieval_runs(config).items())
+    retrieval += "".join(
+        f" {runs_flags(r, prefix=f'{d}_finetuned:')}" for d, r in finetuned_retrieval_runs(config).items()
+    )
     flags = f"--retrieval {retrieval} --efficiency {EFFICIENCY_JSON}"
     qa = qa_runs(config)
     if qa:
@@ -272,8 +287,10 @@ def control_runs(config: dict, side: str) -> dict[str, list[str]]:
     """{curriculum stage: retrieval results} of the stages ("joint") or of their controls ("late"),
     on analysis.control.dataset."""
     name = control_dataset(config)
-    return {stage: results_of(config, f"results/eval/retrieval/{name}/{late if side == 'late' else stage}.json")
-            for stage, late in control_pairs(config).items()}
+    return {
+        stage: results_of(config, f"results/eval/retrieval/{name}/{late if side == 'late' else stage}.json")
+        for stage, late in control_pairs(config).items()
+    }
 
 
 def control_inputs(config: dict) -> list[str]:
@@ -285,9 +302,12 @@ def ablation_runs(config: dict) -> dict[str, list[str]]:
     entries = _analysis(config).get("ablation") or []
     return {
         f"{entry['frames']}:{kind}": results_of(
-            config, f"results/eval/retrieval/{analysis_dataset(config, f'analysis.ablation[{i}]', entry.get('dataset'))}"
-                    f"/{entry[kind]}.json")
-        for i, entry in enumerate(entries) for kind in ("single", "expansion")
+            config,
+            f"results/eval/retrieval/{analysis_dataset(config, f'analysis.ablation[{i}]', entry.get('dataset'))}"
+            f"/{entry[kind]}.json",
+        )
+        for i, entry in enumerate(entries)
+        for kind in ("single", "expansion")
     }
 
 

@@ -3,6 +3,7 @@
 Pure Python (PyYAML at most): rules/common.smk calls these with what Snakemake read
 (workflow.overwrite_configfiles, workflow.config_settings), and tests call them directly.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ def standalone_layers(overlays: list[dict], settings: dict) -> dict | None:
     if not standalone:
         return None
     merged: dict = {}
-    for layer in layers[standalone[-1]:]:
+    for layer in layers[standalone[-1] :]:
         merge(merged, layer)
     return merge(merged, dict(settings or {}))
 

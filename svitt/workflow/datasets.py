@@ -1,6 +1,7 @@
 """Dataset lookups of a workflow config (`datasets:`): what a dataset is, where its files are, and
 the flags its download and frame-extraction jobs get. Pure Python: rules/common.smk binds `config`
 to these, tests call them directly."""
+
 from __future__ import annotations
 
 from svitt.workflow.config import cli_flags
@@ -108,7 +109,9 @@ def extraction_run(config: dict) -> str:
 
 def clip_flag(config: dict, name: str) -> str:
     ds = dataset(config, name)
-    return {None: "", "egoclip": f"--clips {ds['annotations']}", "egomcq": f"--mcq {ds['annotations']}"}[ds.get("clips")]
+    return {None: "", "egoclip": f"--clips {ds['annotations']}", "egomcq": f"--mcq {ds['annotations']}"}[
+        ds.get("clips")
+    ]
 
 
 def dataset_text_settings(config: dict, name: str) -> dict:

@@ -1,6 +1,7 @@
 """Evaluation and finetuning settings of a workflow config: the retrieval datasets, one retrieval
 evaluation's settings, the finetuning jobs (finetune.<task>) and their settings. Pure Python:
 rules/common.smk binds `config` to these, tests call them directly."""
+
 from __future__ import annotations
 
 from svitt.workflow.config import by_name, canonical
@@ -49,13 +50,16 @@ def check_finetune(config: dict) -> None:
     for task in finetune_tasks(config):
         for name, stage in finetune_pairs(config, task):
             if stage not in names:
-                raise ValueError(f"finetune.{task}.stages names {stage!r}, which is not a pretraining stage "
-                                 f"(have {sorted(names)})")
+                raise ValueError(
+                    f"finetune.{task}.stages names {stage!r}, which is not a pretraining stage (have {sorted(names)})"
+                )
             needed = ["train_annotations"] + (["answer_list"] if task == "qa" else [])
             missing = [key for key in needed if key not in dataset(config, name)]
             if missing:
-                raise ValueError(f"finetune.{task}.datasets names {name!r}, whose entry under `datasets` has no "
-                                 f"{missing[0]} (a {task} finetuning job needs {needed})")
+                raise ValueError(
+                    f"finetune.{task}.datasets names {name!r}, whose entry under `datasets` has no "
+                    f"{missing[0]} (a {task} finetuning job needs {needed})"
+                )
 
 
 def finetune_settings(config: dict, task: str, name: str, stage: str) -> dict:
@@ -95,5 +99,9 @@ def finetune_files(config: dict, name: str, stage: str) -> dict[str, str]:
 def finetuned_pairs(config: dict, task: str, seeds=(None,)) -> list[tuple[str, str]]:
     """(dataset, stage variant) of a task's finetuning jobs for each seed; a listed seed variant
     (stage3-seed1) is finetuned once, as listed."""
-    return [(d, variant(s, k)) for d, s in finetune_pairs(config, task) for k in seeds
-            if k is None or split_variant(s)[1] is None]
+    return [
+        (d, variant(s, k))
+        for d, s in finetune_pairs(config, task)
+        for k in seeds
+        if k is None or split_variant(s)[1] is None
+    ]

@@ -30,6 +30,7 @@ random_blocks, block_size, visual_keep, prune_layers, multimodal_keep, multimoda
 key under `model: {video: {...}, text: {...}}`, and optimisation keys over pretrain.defaults
 (`data` merges key by key, everything else replaces).
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,9 +38,15 @@ import re
 
 # Stage keys that override the model section: key -> model.video / model.text.
 VOCABULARY = {
-    "frames": "video", "local_blocks": "video", "random_blocks": "video", "block_size": "video",
-    "visual_keep": "video", "prune_layers": "video", "temporal": "video",
-    "multimodal_keep": "text", "multimodal_prune_layers": "text",
+    "frames": "video",
+    "local_blocks": "video",
+    "random_blocks": "video",
+    "block_size": "video",
+    "visual_keep": "video",
+    "prune_layers": "video",
+    "temporal": "video",
+    "multimodal_keep": "text",
+    "multimodal_prune_layers": "text",
 }
 STAGE_ONLY_KEYS = ("name", "like", "init", "dataset", "model")
 DEFAULT_DATASET = "webvid"
@@ -62,12 +69,15 @@ def _like(entry: dict, curriculum: dict[str, dict], where: str) -> dict:
         return entry
     name, like = entry.get("name"), entry["like"]
     if like not in curriculum:
-        raise ValueError(f"{where} stage {name!r} says like: {like!r}, which is not a curriculum stage "
-                         f"(have {sorted(curriculum)})")
+        raise ValueError(
+            f"{where} stage {name!r} says like: {like!r}, which is not a curriculum stage (have {sorted(curriculum)})"
+        )
     base = curriculum[like]
     if "like" in base:
-        raise ValueError(f"{where} stage {name!r} says like: {like!r}, which says like: {base['like']!r} "
-                         f"itself: `like` names a stage written out in full (no chains)")
+        raise ValueError(
+            f"{where} stage {name!r} says like: {like!r}, which says like: {base['like']!r} "
+            f"itself: `like` names a stage written out in full (no chains)"
+        )
     copied = {k: v for k, v in base.items() if k not in LIKE_NEVER_COPIED}
     own = {k: v for k, v in entry.items() if k != "like"}
     return over_defaults(copied, own)
@@ -104,8 +114,10 @@ def control_stages(pretrain: dict, control: dict | None) -> list[dict]:
         init = curriculum[name].get("init")
         if init:
             if init not in names:
-                raise ValueError(f"analysis.control.stages has {name!r} but not its init {init!r}: "
-                                 f"list the whole chain (have {names})")
+                raise ValueError(
+                    f"analysis.control.stages has {name!r} but not its init {init!r}: "
+                    f"list the whole chain (have {names})"
+                )
             twin["init"] = init + suffix
         twins.append(twin)
     return twins
@@ -130,13 +142,16 @@ def configured_stages(pretrain: dict) -> dict[str, dict]:
     for name, stage in stages.items():
         init = stage.get("init")
         if init is not None and init not in stages:
-            raise ValueError(f"pretrain stage {name!r} starts from {init!r}, which is not a stage "
-                             f"(have {sorted(stages)})")
+            raise ValueError(
+                f"pretrain stage {name!r} starts from {init!r}, which is not a stage (have {sorted(stages)})"
+            )
         nested = sorted(set(stage.get("model", {}).get("video", {})) | set(stage.get("model", {}).get("text", {})))
         clash = [k for k in nested if k in VOCABULARY]
         if clash:
-            raise ValueError(f"pretrain stage {name!r} sets {clash} under `model`; set them at the stage's top "
-                             f"level (the sparsity vocabulary: {sorted(VOCABULARY)})")
+            raise ValueError(
+                f"pretrain stage {name!r} sets {clash} under `model`; set them at the stage's top "
+                f"level (the sparsity vocabulary: {sorted(VOCABULARY)})"
+            )
     return stages
 
 
@@ -146,7 +161,7 @@ def section_names(pretrain: dict, section: str) -> list[str]:
 
 
 def split_variant(name: str) -> tuple[str, int | None]:
-    """"stage3-seed1" -> ("stage3", 1); "stage3" -> ("stage3", None)."""
+    """`stage3-seed1` -> ("stage3", 1); `stage3` -> ("stage3", None)."""
     match = _VARIANT.match(name)
     return (match["base"], int(match["seed"])) if match else (name, None)
 
@@ -225,8 +240,11 @@ def stage_inputs(config: dict, name: str) -> dict[str, str]:
 
     pretrain = with_control(config)
     data, init = stage_dataset(pretrain, name), stage_init(pretrain, name)
-    inputs = {"shards": shard_paths(config, data), "annotations": dataset(config, data)["annotations"],
-              "tokenizer": f"{config['tokenizer']}/vocab.txt"}
+    inputs = {
+        "shards": shard_paths(config, data),
+        "annotations": dataset(config, data)["annotations"],
+        "tokenizer": f"{config['tokenizer']}/vocab.txt",
+    }
     if init:
         inputs["init"] = f"results/pretrain/{init}/model.safetensors"
     for key in ("video_weights", "text_weights"):

@@ -1,6 +1,7 @@
 """The files each target of the workflow builds (`all`, `seeds`, `ablation`; `paper_figures` in
 svitt.workflow.analysis): stage models, their evaluations, the control, the finetuned models.
 Pure Python: the Snakefile's target rules call these through rules/common.smk."""
+
 from __future__ import annotations
 
 from svitt.workflow.analysis import analysis_outputs, control_in_all, eval_stages
@@ -66,8 +67,13 @@ def final_outputs(config: dict) -> list[str]:
     """What `all` builds: every stage model and result file, the figures and tables
     (svitt.workflow.analysis lists them), the NLQ outputs and the finetuned models with their
     evaluations."""
-    return (result_files(config, eval_stages(config), section_names(config["pretrain"], "egoclip"))
-            + control_outputs(config) + analysis_outputs(config) + nlq_outputs(config) + finetune_outputs(config))
+    return (
+        result_files(config, eval_stages(config), section_names(config["pretrain"], "egoclip"))
+        + control_outputs(config)
+        + analysis_outputs(config)
+        + nlq_outputs(config)
+        + finetune_outputs(config)
+    )
 
 
 def seed_outputs(config: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """What each dataset of a workflow config is used for (svitt.data.formats.USES): the layouts its
 files must be in. Pure Python: rules/common.smk checks the files with it before any job runs."""
+
 from __future__ import annotations
 
 from svitt.workflow.datasets import dataset, is_video_list

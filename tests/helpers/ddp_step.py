@@ -6,16 +6,17 @@
 Writes {"loss", "params" after the step, "grads" of the step} from rank 0; with --every-rank,
 every rank writes OUT.rank<r>.pt, with its rank, world size and launch environment as well.
 """
+
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from svitt import distributed as dist  # noqa: E402
-from svitt.models.svitt import SViTT  # noqa: E402
-from svitt.training.loop import TrainState, _optimizer_step  # noqa: E402
-from svitt.training.tasks import PairsTask  # noqa: E402
+from svitt import distributed as dist
+from svitt.models.svitt import SViTT
+from svitt.training.loop import TrainState, _optimizer_step
+from svitt.training.tasks import PairsTask
 
 BATCH = 8
 
@@ -27,15 +28,27 @@ class Tokenizer:
         return 40
 
 
-LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID",
-              "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NODEID", "CUDA_VISIBLE_DEVICES", "SVITT_STOP_AT")
+LAUNCH_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_JOB_ID",
+    "SLURM_PROCID",
+    "SLURM_NODEID",
+    "CUDA_VISIBLE_DEVICES",
+    "SVITT_STOP_AT",
+)
 
 
 def main(out: str, grad_accum: int = 1, every_rank: bool = False):
     rank, world, device = dist.init_distributed("cpu")
     torch.manual_seed(0)
-    model = SViTT({"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40},
-                   "embed_dim": 16})
+    model = SViTT(
+        {"video": {"preset": "tiny", "frames": 4}, "text": {"preset": "tiny", "vocab_size": 40}, "embed_dim": 16}
+    )
     g = torch.Generator().manual_seed(1)
     video = torch.randn(BATCH, 4, 3, 32, 32, generator=g)
     ids = torch.randint(5, 40, (BATCH, 6), generator=g)
@@ -48,21 +61,34 @@ def main(out: str, grad_accum: int = 1, every_rank: bool = False):
     if world > 1 and grad_accum == 1:  # as svitt.training.loop: the cached step averages gradients itself
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.02)
-    cfg = {"objectives": {"vtc": 1.0}, "grad_accum": grad_accum, "clip_grad_norm": None, "egonce_temperature": 0.05,
-           "vtm_hard_fraction": 1.0}
+    cfg = {
+        "objectives": {"vtc": 1.0},
+        "grad_accum": grad_accum,
+        "clip_grad_norm": None,
+        "egonce_temperature": 0.05,
+        "vtm_hard_fraction": 1.0,
+    }
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = TrainState(cfg, PairsTask(), model, optimizer, scaler, Tokenizer(), device, "fp32", net=net)
     parts, _ = _optimizer_step(state, iter(micro))
     named = list(model.named_parameters())
-    record = {"loss": parts["vtc"], "names": [n for n, _ in named],
-              "params": {n: p.detach().clone() for n, p in named},
-              "grads": {n: None if p.grad is None else p.grad.clone() for n, p in named}}
+    record = {
+        "loss": parts["vtc"],
+        "names": [n for n, _ in named],
+        "params": {n: p.detach().clone() for n, p in named},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in named},
+    }
     if every_rank:
         import os
         import socket
 
-        record.update(rank=rank, world=world, backend=torch.distributed.get_backend() if world > 1 else None,
-                      host=socket.gethostname(), env={k: os.environ.get(k) for k in LAUNCH_ENV})
+        record.update(
+            rank=rank,
+            world=world,
+            backend=torch.distributed.get_backend() if world > 1 else None,
+            host=socket.gethostname(),
+            env={k: os.environ.get(k) for k in LAUNCH_ENV},
+        )
         torch.save(record, out.replace(".pt", f".rank{rank}.pt"))
     elif rank == 0:
         torch.save(record, out)

@@ -8,6 +8,7 @@ tests/test_gpu_server.py; run as a script it prints the schedule of each layout 
 
     python tests/helpers/gpu_schedule.py [--server-gpus 8 --train 20 --eval 1 --nlq 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.helpers.workflow import copy_workflow  # noqa: E402
+from tests.helpers.workflow import copy_workflow
 
 DATA_RULES = ("demo_corpus", "nlq_videos", "download", "extract_frames")  # in the order they run
 # The jobs scheduled: pretraining, the evaluations and NLQ (finetuning and the analyses, which
@@ -123,13 +124,17 @@ def run(workdir: Path, configs, env: dict, seconds: dict, gpus: int = SERVER_GPU
     8-GPU server, or one with `gpus` GPUs; the targets first: after --resources, Snakemake 9 reads
     them as resources)."""
     log = workdir / "schedule.jsonl"
-    env = {**env, "SVITT_NUM_GPUS": str(gpus), "SVITT_GPU_POOL": str(workdir / "gpu-pool"),
-           "SVITT_SCHEDULE_LOG": str(log), "SVITT_SCHEDULE_SECONDS": json.dumps(seconds),
-           "SVITT_SCHEDULE_SCALE": str(gpus) if scale else ""}
+    env = {
+        **env,
+        "SVITT_NUM_GPUS": str(gpus),
+        "SVITT_GPU_POOL": str(workdir / "gpu-pool"),
+        "SVITT_SCHEDULE_LOG": str(log),
+        "SVITT_SCHEDULE_SECONDS": json.dumps(seconds),
+        "SVITT_SCHEDULE_SCALE": str(gpus) if scale else "",
+    }
     env.pop("CUDA_VISIBLE_DEVICES", None)
     targets = [o for rule, outs in _planned_outputs(workdir, configs, env) if rule in SCHEDULED for o in outs]
-    done = snakemake(workdir, [*targets, "--cores", "8", "--resources", f"gpu={gpus}",
-                               "--configfile", *configs], env)
+    done = snakemake(workdir, [*targets, "--cores", "8", "--resources", f"gpu={gpus}", "--configfile", *configs], env)
     if done.returncode:
         raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:])
     rows = [json.loads(line) for line in log.read_text().splitlines()]
@@ -148,11 +153,14 @@ def summary(rows: list[dict], gpus: int = SERVER_GPUS) -> dict:
     train = [r for r in gpu_rows if r["kind"] == "train"]
     evals = [r for r in gpu_rows if r["kind"] != "train"]
     overlap = any(e["start"] < t["end"] and t["start"] < e["end"] for e in evals for t in train)
-    return {"makespan_s": round(makespan, 1), "gpu_busy_fraction": round(busy / (gpus * makespan), 3),
-            "training_end_s": round(max(t["end"] for t in train), 1),
-            "first_evaluation_end_s": round(min(e["end"] for e in evals), 1),
-            "evaluations_beside_training": overlap,
-            "order": [r["name"] if r["kind"] == "train" else f"{r['kind']}:{Path(r['name']).stem}" for r in gpu_rows]}
+    return {
+        "makespan_s": round(makespan, 1),
+        "gpu_busy_fraction": round(busy / (gpus * makespan), 3),
+        "training_end_s": round(max(t["end"] for t in train), 1),
+        "first_evaluation_end_s": round(min(e["end"] for e in evals), 1),
+        "evaluations_beside_training": overlap,
+        "order": [r["name"] if r["kind"] == "train" else f"{r['kind']}:{Path(r['name']).stem}" for r in gpu_rows],
+    }
 
 
 # Evaluation inputs larger than training's: without priorities, the greedy scheduler picks them first.
@@ -161,12 +169,15 @@ SIZES = {"webvid": 1000, "egoclip": 50_000, "demo_retrieval": 100_000, "egomcq":
 
 def layouts(server: int) -> dict:
     """name: (config overlay, drop the training priority)."""
+
     def stages_on(gpus):
         return {"pretrain": {"gpus": gpus, "egoclip": {"init": None}}, "evaluation": {"gpus": 1}}
 
-    return {f"stages on all {server} GPUs, training first (this change)": (stages_on(server), False),
-            f"stages on all {server} GPUs, no priority (main)": (stages_on(server), True),
-            f"stages on {server // 2} GPUs, training first (room for evaluations)": (stages_on(server // 2), False)}
+    return {
+        f"stages on all {server} GPUs, training first (this change)": (stages_on(server), False),
+        f"stages on all {server} GPUs, no priority (main)": (stages_on(server), True),
+        f"stages on {server // 2} GPUs, training first (room for evaluations)": (stages_on(server // 2), False),
+    }
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ embeddings. `released_video_reference` computes the released video tower's outpu
 state dict (dense attention, CLS-attention pruning as in BeitLayer.sparsify) without this project's
 model code.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,26 +18,63 @@ import torch.nn.functional as F
 
 # The model-relevant part of a stored config, as the released YAMLs write it (configs/*.yaml).
 RELEASED_CONFIG = {
-    "vit_type": "beit", "image_res": 32, "embed_dim": 16, "temp": 0.07,
-    "text_encoder": "bert-base-uncased", "bert_config": "configs/config_bert.json",
+    "vit_type": "beit",
+    "image_res": 32,
+    "embed_dim": 16,
+    "temp": 0.07,
+    "text_encoder": "bert-base-uncased",
+    "bert_config": "configs/config_bert.json",
     "video_input": {"num_frames": 2, "reader": "decord", "sample_type": "rand", "num_frames_test": 2},
-    "vision_encoder_args": {"token_keep_rate": 0.5, "token_keep_strategy": "cls_attn", "token_drop_loc": [0],
-                            "sparse_local_attn": 1, "sparse_random_attn": 1, "attn_block_size": 5},
-    "text_encoder_args": {"fusion_layer": 2, "num_attention_heads": 2, "token_keep_rate": 0.25,
-                          "token_drop_loc": [2]},
+    "vision_encoder_args": {
+        "token_keep_rate": 0.5,
+        "token_keep_strategy": "cls_attn",
+        "token_drop_loc": [0],
+        "sparse_local_attn": 1,
+        "sparse_random_attn": 1,
+        "attn_block_size": 5,
+    },
+    "text_encoder_args": {"fusion_layer": 2, "num_attention_heads": 2, "token_keep_rate": 0.25, "token_drop_loc": [2]},
     "joint_encoder_args": {"token_keep_rate": 0.1, "token_drop_loc_xmodal": [1]},
-    "max_txt_l": {"image": 32, "video": 32}, "max_q_len": 25, "max_a_len": 5,
+    "max_txt_l": {"image": 32, "video": 32},
+    "max_q_len": 25,
+    "max_a_len": 5,
 }
 # This project's model config for RELEASED_CONFIG at the widths tiny_model() uses, every setting
 # on the released code's side (docs/fidelity.md).
 TINY_RELEASED_MODEL = {
-    "video": dict(frames=2, image_size=32, patch_size=8, depth=2, width=16, heads=2, mlp_ratio=2.0,
-                  local_blocks=1, random_blocks=1, block_size=5, visual_keep=0.5, prune_layers=[1],
-                  drop_path=0.1, init_std=0.02, layer_norm_eps=1e-12, pooling="mean", fusion_norm="separate",
-                  prune_score="raw", temporal_resize="interpolate_nearest"),
-    "text": dict(vocab_size=40, width=16, depth=4, heads=2, intermediate_size=32, fusion_layers=2,
-                 max_position_embeddings=24, multimodal_keep=0.25, multimodal_prune_layers=[1],
-                 question_pruning=False),
+    "video": dict(
+        frames=2,
+        image_size=32,
+        patch_size=8,
+        depth=2,
+        width=16,
+        heads=2,
+        mlp_ratio=2.0,
+        local_blocks=1,
+        random_blocks=1,
+        block_size=5,
+        visual_keep=0.5,
+        prune_layers=[1],
+        drop_path=0.1,
+        init_std=0.02,
+        layer_norm_eps=1e-12,
+        pooling="mean",
+        fusion_norm="separate",
+        prune_score="raw",
+        temporal_resize="interpolate_nearest",
+    ),
+    "text": dict(
+        vocab_size=40,
+        width=16,
+        depth=4,
+        heads=2,
+        intermediate_size=32,
+        fusion_layers=2,
+        max_position_embeddings=24,
+        multimodal_keep=0.25,
+        multimodal_prune_layers=[1],
+        question_pruning=False,
+    ),
     "embed_dim": 16,
 }
 
@@ -65,23 +103,38 @@ def released_relative_position_index(window: tuple[int, int, int]) -> torch.Tens
 
 
 def _video(ours: dict, grid) -> dict:
-    out = {"vision_encoder.embeddings.cls_token": ours["video_encoder.cls_token"],
-           "vision_encoder.embeddings.patch_embeddings.projection.weight": ours["video_encoder.patch_embed.proj.weight"],
-           "vision_encoder.embeddings.patch_embeddings.projection.bias": ours["video_encoder.patch_embed.proj.bias"]}
+    out = {
+        "vision_encoder.embeddings.cls_token": ours["video_encoder.cls_token"],
+        "vision_encoder.embeddings.patch_embeddings.projection.weight": ours["video_encoder.patch_embed.proj.weight"],
+        "vision_encoder.embeddings.patch_embeddings.projection.bias": ours["video_encoder.patch_embed.proj.bias"],
+    }
     depth = 1 + max(int(k.split(".")[2]) for k in ours if k.startswith("video_encoder.blocks."))
     for i in range(depth):
         src, dst = f"video_encoder.blocks.{i}.", f"vision_encoder.encoder.layer.{i}."
         q, k, v = ours[src + "attn.qkv.weight"].chunk(3, dim=0)
         att = dst + "attention.attention."
-        out.update({att + "query.weight": q, att + "query.bias": ours[src + "attn.q_bias"], att + "key.weight": k,
-                    att + "value.weight": v, att + "value.bias": ours[src + "attn.v_bias"],
-                    att + "relative_position_bias.relative_position_bias_table":
-                        ours[src + "attn.relative_position_bias_table"],
-                    att + "relative_position_bias.relative_position_index": released_relative_position_index(grid),
-                    dst + "lambda_1": ours[src + "gamma_1"], dst + "lambda_2": ours[src + "gamma_2"]})
-        for theirs, mine in (("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"),
-                             ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"),
-                             ("output.dense", "mlp.fc2")):
+        out.update(
+            {
+                att + "query.weight": q,
+                att + "query.bias": ours[src + "attn.q_bias"],
+                att + "key.weight": k,
+                att + "value.weight": v,
+                att + "value.bias": ours[src + "attn.v_bias"],
+                att + "relative_position_bias.relative_position_bias_table": ours[
+                    src + "attn.relative_position_bias_table"
+                ],
+                att + "relative_position_bias.relative_position_index": released_relative_position_index(grid),
+                dst + "lambda_1": ours[src + "gamma_1"],
+                dst + "lambda_2": ours[src + "gamma_2"],
+            }
+        )
+        for theirs, mine in (
+            ("attention.output.dense", "attn.proj"),
+            ("layernorm_before", "norm1"),
+            ("layernorm_after", "norm2"),
+            ("intermediate.dense", "mlp.fc1"),
+            ("output.dense", "mlp.fc2"),
+        ):
             for p in ("weight", "bias"):
                 out[f"{dst}{theirs}.{p}"] = ours[f"{src}{mine}.{p}"]
     return out
@@ -89,18 +142,27 @@ def _video(ours: dict, grid) -> dict:
 
 def _bert(ours: dict, source: str, target: str, layers: str = "encoder.layer.") -> dict:
     """Our BERT names (HF's) under `source` -> `target`, plus HF's position_ids buffer."""
-    out = {target + "encoder.layer." + k[len(source + layers):]: v for k, v in ours.items()
-           if k.startswith(source + layers)}
-    out.update({target + k[len(source):]: v for k, v in ours.items() if k.startswith(source + "embeddings.")})
+    out = {
+        target + "encoder.layer." + k[len(source + layers) :]: v
+        for k, v in ours.items()
+        if k.startswith(source + layers)
+    }
+    out.update({target + k[len(source) :]: v for k, v in ours.items() if k.startswith(source + "embeddings.")})
     length = ours[source + "embeddings.position_embeddings.weight"].shape[0]
     out[target + "embeddings.position_ids"] = torch.arange(length).expand(1, -1)
     return out
 
 
 def _lm_head(words: torch.Tensor, dense_w, dense_b, norm_w, norm_b, bias, prefix: str) -> dict:
-    return {prefix + "transform.dense.weight": dense_w, prefix + "transform.dense.bias": dense_b,
-            prefix + "transform.LayerNorm.weight": norm_w, prefix + "transform.LayerNorm.bias": norm_b,
-            prefix + "bias": bias, prefix + "decoder.weight": words, prefix + "decoder.bias": bias}
+    return {
+        prefix + "transform.dense.weight": dense_w,
+        prefix + "transform.dense.bias": dense_b,
+        prefix + "transform.LayerNorm.weight": norm_w,
+        prefix + "transform.LayerNorm.bias": norm_b,
+        prefix + "bias": bias,
+        prefix + "decoder.weight": words,
+        prefix + "decoder.bias": bias,
+    }
 
 
 def released_state_dict(model, kind: str) -> dict:
@@ -112,28 +174,50 @@ def released_state_dict(model, kind: str) -> dict:
     if kind != "qa":  # the released QA model deletes BEiT's pooler
         out["vision_encoder.pooler.layernorm.weight"] = ours["video_encoder.norm.weight"]
         out["vision_encoder.pooler.layernorm.bias"] = ours["video_encoder.norm.bias"]
-        out.update({"vision_proj.weight": ours["vision_proj.weight"], "vision_proj.bias": ours["vision_proj.bias"],
-                    "text_proj.weight": ours["text_proj.weight"], "text_proj.bias": ours["text_proj.bias"],
-                    "temp": ours["temp"], "itm_head.weight": ours["vtm_head.weight"],
-                    "itm_head.bias": ours["vtm_head.bias"]})
+        out.update(
+            {
+                "vision_proj.weight": ours["vision_proj.weight"],
+                "vision_proj.bias": ours["vision_proj.bias"],
+                "text_proj.weight": ours["text_proj.weight"],
+                "text_proj.bias": ours["text_proj.bias"],
+                "temp": ours["temp"],
+                "itm_head.weight": ours["vtm_head.weight"],
+                "itm_head.bias": ours["vtm_head.bias"],
+            }
+        )
     text = "text_encoder.bert." if kind == "pretrain" else "text_encoder."
     out.update(_bert(ours, "text_encoder.", text))
     if kind == "pretrain":
-        out.update(_lm_head(out[text + "embeddings.word_embeddings.weight"], ours["mlm_head.transform.dense.weight"],
-                            ours["mlm_head.transform.dense.bias"], ours["mlm_head.transform.LayerNorm.weight"],
-                            ours["mlm_head.transform.LayerNorm.bias"], ours["mlm_head.bias"],
-                            "text_encoder.cls.predictions."))
+        out.update(
+            _lm_head(
+                out[text + "embeddings.word_embeddings.weight"],
+                ours["mlm_head.transform.dense.weight"],
+                ours["mlm_head.transform.dense.bias"],
+                ours["mlm_head.transform.LayerNorm.weight"],
+                ours["mlm_head.transform.LayerNorm.bias"],
+                ours["mlm_head.bias"],
+                "text_encoder.cls.predictions.",
+            )
+        )
     if kind == "qa":
         out.update(_bert(ours, "answer_decoder.", "text_decoder.bert.", layers="layer."))
-        out.update(_lm_head(out["text_decoder.bert.embeddings.word_embeddings.weight"],
-                            ours["answer_decoder.transform.0.weight"], ours["answer_decoder.transform.0.bias"],
-                            ours["answer_decoder.transform.2.weight"], ours["answer_decoder.transform.2.bias"],
-                            ours["answer_decoder.bias"], "text_decoder.cls.predictions."))
+        out.update(
+            _lm_head(
+                out["text_decoder.bert.embeddings.word_embeddings.weight"],
+                ours["answer_decoder.transform.0.weight"],
+                ours["answer_decoder.transform.0.bias"],
+                ours["answer_decoder.transform.2.weight"],
+                ours["answer_decoder.transform.2.bias"],
+                ours["answer_decoder.bias"],
+                "text_decoder.cls.predictions.",
+            )
+        )
     return out
 
 
-def released_video_reference(state: dict, video: torch.Tensor, eps: float, keep_rate: float, drop_loc,
-                             heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def released_video_reference(
+    state: dict, video: torch.Tensor, eps: float, keep_rate: float, drop_loc, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The released video tower on a clip [B, T, 3, H, W] with dense attention: HF BEiT layers
     (pre-norm, layer scale), the 3D bias looked up through the checkpoint's relative_position_index
     at the kept tokens' positions, BeitLayer.sparsify after the layers in drop_loc (top ceil(q N) by
@@ -169,9 +253,14 @@ def released_video_reference(state: dict, video: torch.Tensor, eps: float, keep_
         out = (probs @ v).transpose(1, 2).reshape(b, -1, x.shape[-1])
         out = F.linear(out, state[lp + "attention.output.dense.weight"], state[lp + "attention.output.dense.bias"])
         x = x + state[lp + "lambda_1"] * out
-        mlp = F.gelu(F.linear(ln(x, "layernorm_after"), state[lp + "intermediate.dense.weight"],
-                              state[lp + "intermediate.dense.bias"]))
-        x = x + state[lp + "lambda_2"] * F.linear(mlp, state[lp + "output.dense.weight"], state[lp + "output.dense.bias"])
+        mlp = F.gelu(
+            F.linear(
+                ln(x, "layernorm_after"), state[lp + "intermediate.dense.weight"], state[lp + "intermediate.dense.bias"]
+            )
+        )
+        x = x + state[lp + "lambda_2"] * F.linear(
+            mlp, state[lp + "output.dense.weight"], state[lp + "output.dense.bias"]
+        )
         if layer in drop_loc and keep_rate < 1:
             cls_attn = probs.mean(1)[:, 0, 1:]
             keep = cls_attn.topk(math.ceil(keep_rate * cls_attn.shape[1]), dim=1).indices.sort(dim=1).values
@@ -179,6 +268,7 @@ def released_video_reference(state: dict, video: torch.Tensor, eps: float, keep_
             idx = torch.cat([idx[:, :1], torch.gather(idx[:, 1:], 1, keep)], 1)
         layer += 1
     fusion = F.layer_norm(x, x.shape[-1:], state["vision_layernorm.weight"], state["vision_layernorm.bias"], 1e-12)
-    pooled = F.layer_norm(x[:, 1:].mean(1), x.shape[-1:], state[p + "pooler.layernorm.weight"],
-                          state[p + "pooler.layernorm.bias"], eps)
+    pooled = F.layer_norm(
+        x[:, 1:].mean(1), x.shape[-1:], state[p + "pooler.layernorm.weight"], state[p + "pooler.layernorm.bias"], eps
+    )
     return fusion, pooled

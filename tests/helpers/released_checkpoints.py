@@ -9,6 +9,7 @@ must read these files without it):
 
     python -m tests.helpers.released_checkpoints OUT_DIR    # OUT_DIR/{pretrain,retrieval,qa}.pth
 """
+
 import copy
 import os
 import sys
@@ -23,14 +24,19 @@ from tests.helpers.released import RELEASED_CONFIG, TINY_RELEASED_MODEL, perturb
 
 # What the released YAMLs hold besides the model's keys, interpolations unresolved as stored.
 EXTRA = {
-    "data_root": "${oc.env:SL_DATA_DIR}", "train_corpus": "webvid",
+    "data_root": "${oc.env:SL_DATA_DIR}",
+    "train_corpus": "webvid",
     "available_corpus": {"webvid": ["${data_root}/webvid_train.json", "${data_root}/webvid_videos", "video"]},
     "train_file": "${available_corpus[${train_corpus}]}",
     "vit_zoo": {"beit": "microsoft/beit-base-patch16-224-pt22k-ft22k"},
     "vit_name_or_pretrained_path": "${vit_zoo[${vit_type}]}",
     "optimizer": {"opt": "adamW", "lr": 3e-5, "opt_betas": [0.9, 0.999], "weight_decay": 0.02},
     "scheduler": {"sched": "cosine", "epochs": 10, "min_lr_multi": 0.01, "warmup_epochs": 1},
-    "output_dir": "None", "pretrained_path": "None", "resume": False, "fp16": True, "seed": 42,
+    "output_dir": "None",
+    "pretrained_path": "None",
+    "resume": False,
+    "fp16": True,
+    "seed": 42,
 }
 
 
@@ -46,10 +52,15 @@ def convert_types(config: DictConfig) -> DictConfig:
 
 def save(out_dir: Path, kind: str, model, config: dict):
     state = released_state_dict(model, kind)
-    checkpoint = {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0, 1]}]},
-                  "scheduler": {"base_lrs": [3e-5], "last_epoch": 99, "lr_lambdas": [None]},
-                  "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 7},
-                  "config": convert_types(OmegaConf.create({**config, **EXTRA})), "epoch": 4, "global_step": 100}
+    checkpoint = {
+        "model": state,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0, 1]}]},
+        "scheduler": {"base_lrs": [3e-5], "last_epoch": 99, "lr_lambdas": [None]},
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 7},
+        "config": convert_types(OmegaConf.create({**config, **EXTRA})),
+        "epoch": 4,
+        "global_step": 100,
+    }
     torch.save(checkpoint, out_dir / f"{kind}.pth")
 
 

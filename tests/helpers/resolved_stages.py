@@ -5,6 +5,7 @@ and tests/test_workflow_settings.py checks the configs still resolve to them.
 
     python tests/helpers/resolved_stages.py REPO > tests/data/resolved_stages.json
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,13 @@ from pathlib import Path
 
 import yaml
 
-CONFIGS = {"demo": ["config.yaml"], "paper": ["configs/paper.yaml"],
-           "paper+ablation_curriculum": ["configs/paper.yaml", "configs/ablation_curriculum.yaml"],
-           "demo_seeds": ["config.yaml", "configs/demo_seeds.yaml"],
-           "demo_temporal": ["config.yaml", "configs/demo_temporal.yaml"]}
+CONFIGS = {
+    "demo": ["config.yaml"],
+    "paper": ["configs/paper.yaml"],
+    "paper+ablation_curriculum": ["configs/paper.yaml", "configs/ablation_curriculum.yaml"],
+    "demo_seeds": ["config.yaml", "configs/demo_seeds.yaml"],
+    "demo_temporal": ["config.yaml", "configs/demo_temporal.yaml"],
+}
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 

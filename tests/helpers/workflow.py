@@ -1,12 +1,24 @@
 """A copy of the workflow to run Snakemake in, so tests never touch the checkout's results/."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW_FILES = ("Snakefile", "config.yaml", "configs", "rules", "schemas", "workflow_scripts", "svitt",
-                  "profiles", "envs", "report", "tests/configs")
+WORKFLOW_FILES = (
+    "Snakefile",
+    "config.yaml",
+    "configs",
+    "rules",
+    "schemas",
+    "workflow_scripts",
+    "svitt",
+    "profiles",
+    "envs",
+    "report",
+    "tests/configs",
+)
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -21,8 +33,14 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-PAPER_VIDEO_FOLDERS = ("data/msrvtt/videos", "data/didemo/videos", "data/charades/videos", "data/ssv2/videos",
-                       "data/activitynet/videos", "data/ego4d/videos")
+PAPER_VIDEO_FOLDERS = (
+    "data/msrvtt/videos",
+    "data/didemo/videos",
+    "data/charades/videos",
+    "data/ssv2/videos",
+    "data/activitynet/videos",
+    "data/ego4d/videos",
+)
 PAPER_WEIGHTS = ("data/bert-base-uncased/vocab.txt", "data/weights/beit_base_patch16_224.in22k_ft_in22k.pth")
 
 
@@ -47,8 +65,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True):
     import sys
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env, capture_output=True, text=True
+    )
     if check and result.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

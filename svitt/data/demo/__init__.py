@@ -26,6 +26,7 @@ videos) and nlq_val.json (the held-out EgoMCQ videos).
 
 Everything is deterministic from the seed (numpy Generator; libx264 single-threaded).
 """
+
 from svitt.data.demo.corpus import make_demo_corpus
 from svitt.data.demo.scene import DemoGeometry, DemoSizes
 

@@ -1,6 +1,7 @@
 """The egocentric world: long videos of a scene with three objects and the camera wearer's hand,
 narrated every couple of seconds (EgoClip rows, EgoMCQ questions) and queried in Ego4D NLQ's
 layout ("when did I lift the red ball?")."""
+
 from __future__ import annotations
 
 import uuid
@@ -62,10 +63,15 @@ def plan_ego_video(duration: float, geo: DemoGeometry, rng: np.random.Generator)
         verb, _, side = choice.partition("-")
         color, shape = objects[obj]
         noun = EGO_NOUNS[shape]
-        text = {"move": f"#C C moves the {color} {noun} to the {side}", "lift": f"#C C lifts the {color} {noun}",
-                "lower": f"#C C lowers the {color} {noun}", "shake": f"#C C shakes the {color} {noun}"}[verb]
-        action = EgoAction(round(slot + 0.2, 3), round(slot + geo.ego_narration_every - 0.2, 3), obj, verb, side,
-                           noun, text)
+        text = {
+            "move": f"#C C moves the {color} {noun} to the {side}",
+            "lift": f"#C C lifts the {color} {noun}",
+            "lower": f"#C C lowers the {color} {noun}",
+            "shake": f"#C C shakes the {color} {noun}",
+        }[verb]
+        action = EgoAction(
+            round(slot + 0.2, 3), round(slot + geo.ego_narration_every - 0.2, 3), obj, verb, side, noun, text
+        )
         actions.append(action)
         pos[obj] = pos[obj] + _displacement(action)
         slot += geo.ego_narration_every
@@ -78,8 +84,12 @@ def _collides(pos, obj: int, dx: float, s: int) -> bool:
 
 
 def _displacement(action: EgoAction) -> np.ndarray:
-    return {"lift": np.array([0, -8.0]), "lower": np.array([0, 8.0]), "shake": np.array([0, 0.0]),
-            "move": np.array([-12.0 if action.side == "left" else 12.0, 0])}[action.verb]
+    return {
+        "lift": np.array([0, -8.0]),
+        "lower": np.array([0, 8.0]),
+        "shake": np.array([0, 0.0]),
+        "move": np.array([-12.0 if action.side == "left" else 12.0, 0]),
+    }[action.verb]
 
 
 def render_ego_video(plan: dict, duration: float, geo: DemoGeometry) -> np.ndarray:
@@ -90,7 +100,7 @@ def render_ego_video(plan: dict, duration: float, geo: DemoGeometry) -> np.ndarr
     hand = shape_mask("circle", s // 2 + 2)
     frames = np.empty((n, geo.size, geo.size, 3), np.uint8)
     frames[:] = plan["background"]
-    frames[:, geo.size * 3 // 4:] = np.clip(plan["background"].astype(int) + 40, 0, 255)  # table edge
+    frames[:, geo.size * 3 // 4 :] = np.clip(plan["background"].astype(int) + 40, 0, 255)  # table edge
     pos = [p.copy() for p in plan["positions"]]
     actions = iter(plan["actions"])
     current = next(actions, None)
@@ -118,17 +128,36 @@ def ego_rows(uid: str, duration: float, actions: list[EgoAction]) -> list[dict]:
     """egoclip.csv-style rows (without clip_idx) of one video."""
     rows = []
     for k, a in enumerate(actions):
-        rows.append({
-            "video_uid": uid, "video_dur": f"{duration:.3f}", "narration_source": "narration_pass_1",
-            "narration_ind": k, "narration_time": round((a.start + a.end) / 2, 3),
-            "clip_start": a.start, "clip_end": a.end, "clip_text": a.text,
-            "tag_verb": f"[{EGO_VERB_LIST.index(a.verb)}]", "tag_noun": f"[{EGO_NOUN_LIST.index(a.noun)}]",
-        })
+        rows.append(
+            {
+                "video_uid": uid,
+                "video_dur": f"{duration:.3f}",
+                "narration_source": "narration_pass_1",
+                "narration_ind": k,
+                "narration_time": round((a.start + a.end) / 2, 3),
+                "clip_start": a.start,
+                "clip_end": a.end,
+                "clip_text": a.text,
+                "tag_verb": f"[{EGO_VERB_LIST.index(a.verb)}]",
+                "tag_noun": f"[{EGO_NOUN_LIST.index(a.noun)}]",
+            }
+        )
     return rows
 
 
-EGOCLIP_COLUMNS = ["clip_idx", "video_uid", "video_dur", "narration_source", "narration_ind", "narration_time",
-                   "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun"]
+EGOCLIP_COLUMNS = [
+    "clip_idx",
+    "video_uid",
+    "video_dur",
+    "narration_source",
+    "narration_ind",
+    "narration_time",
+    "clip_start",
+    "clip_end",
+    "clip_text",
+    "tag_verb",
+    "tag_noun",
+]
 
 
 def make_egomcq(mcq_rows: dict[str, list[dict]], questions: int, rng: np.random.Generator) -> dict:
@@ -139,8 +168,9 @@ def make_egomcq(mcq_rows: dict[str, list[dict]], questions: int, rng: np.random.
     """
     uids = sorted(mcq_rows)
     if questions and len(uids) < 5:
-        raise ValueError(f"EgoMCQ inter-video questions need at least 5 held-out ego videos, got {len(uids)} "
-                         "(--ego-mcq-videos)")
+        raise ValueError(
+            f"EgoMCQ inter-video questions need at least 5 held-out ego videos, got {len(uids)} (--ego-mcq-videos)"
+        )
     out = {}
     for q in range(questions):
         kind = 1 if q % 2 == 0 else 2
@@ -152,13 +182,18 @@ def make_egomcq(mcq_rows: dict[str, list[dict]], questions: int, rng: np.random.
         else:
             pool = [r for r in mcq_rows[uid] if r["clip_text"] != query["clip_text"]]
             if len(pool) < 4:
-                raise ValueError(f"ego video {uid} has fewer than 4 clips with other narrations; "
-                                 "use longer --ego-seconds")
+                raise ValueError(
+                    f"ego video {uid} has fewer than 4 clips with other narrations; use longer --ego-seconds"
+                )
             distractors = [pool[i] for i in rng.choice(len(pool), size=4, replace=False)]
         answer = int(rng.integers(5))
         choices = distractors[:answer] + [query] + distractors[answer:]
-        out[str(q)] = {"query": dict(query), "choices": {str(i): dict(c) for i, c in enumerate(choices)},
-                       "answer": answer, "types": kind}
+        out[str(q)] = {
+            "query": dict(query),
+            "choices": {str(i): dict(c) for i, c in enumerate(choices)},
+            "answer": answer,
+            "types": kind,
+        }
     return out
 
 
@@ -193,19 +228,36 @@ def make_nlq(plans: dict[str, dict], split: str, duration: float, geo: DemoGeome
                 if kinds[(a.obj, a.verb, a.side)] != 1:
                     continue
                 color = plan["objects"][a.obj][0]
-                queries.append({
-                    "clip_start_sec": round(a.start - c0, 3), "clip_end_sec": round(a.end - c0, 3),
-                    "video_start_sec": a.start, "video_end_sec": a.end,
-                    "video_start_frame": int(round(a.start * geo.ego_fps)),
-                    "video_end_frame": int(round(a.end * geo.ego_fps)),
-                    "template": "Objects: When did I Y X?", "query": nlq_query_text(a, color),
-                    "slot_x": f"{color} {a.noun}", "verb_x": a.verb})
-            clips.append({
-                "clip_uid": str(uuid.uuid5(uuid.UUID(uid), f"nlq-clip-{k}")),
-                "video_start_sec": c0, "video_end_sec": c1,
-                "video_start_frame": int(round(c0 * geo.ego_fps)), "video_end_frame": int(round(c1 * geo.ego_fps)),
-                "clip_start_sec": 0.0, "clip_end_sec": c1 - c0,
-                "annotations": [{"annotation_uid": str(uuid.uuid5(uuid.UUID(uid), f"nlq-annotation-{k}")),
-                                 "language_queries": queries}]})
+                queries.append(
+                    {
+                        "clip_start_sec": round(a.start - c0, 3),
+                        "clip_end_sec": round(a.end - c0, 3),
+                        "video_start_sec": a.start,
+                        "video_end_sec": a.end,
+                        "video_start_frame": int(round(a.start * geo.ego_fps)),
+                        "video_end_frame": int(round(a.end * geo.ego_fps)),
+                        "template": "Objects: When did I Y X?",
+                        "query": nlq_query_text(a, color),
+                        "slot_x": f"{color} {a.noun}",
+                        "verb_x": a.verb,
+                    }
+                )
+            clips.append(
+                {
+                    "clip_uid": str(uuid.uuid5(uuid.UUID(uid), f"nlq-clip-{k}")),
+                    "video_start_sec": c0,
+                    "video_end_sec": c1,
+                    "video_start_frame": int(round(c0 * geo.ego_fps)),
+                    "video_end_frame": int(round(c1 * geo.ego_fps)),
+                    "clip_start_sec": 0.0,
+                    "clip_end_sec": c1 - c0,
+                    "annotations": [
+                        {
+                            "annotation_uid": str(uuid.uuid5(uuid.UUID(uid), f"nlq-annotation-{k}")),
+                            "language_queries": queries,
+                        }
+                    ],
+                }
+            )
         videos.append({"video_uid": uid, "split": split, "clips": clips})
     return {"version": "1", "description": f"NLQ Annotations ({split}) of the demo corpus", "videos": videos}

@@ -1,5 +1,6 @@
 """What both synthetic worlds of the demo corpus share: its sizes and frame geometry, the palette
 and shapes, and drawing a shape into a frame."""
+
 from __future__ import annotations
 
 import functools
@@ -60,7 +61,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
     if shape == "square":
         m = max(1, size // 8)
         box = np.zeros((size, size), bool)
-        box[m:size - m, m:size - m] = True
+        box[m : size - m, m : size - m] = True
         return box
     if shape == "triangle":  # apex up, base at the bottom
         half_width = 0.5 * size * (yy / size)
@@ -76,5 +77,5 @@ def draw(frame: np.ndarray, mask: np.ndarray, color, x: float, y: float) -> None
     fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x0 + s, w), min(y0 + s, h)
     if fx0 >= fx1 or fy0 >= fy1:
         return
-    sub = mask[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
+    sub = mask[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
     frame[fy0:fy1, fx0:fx1][sub] = color

@@ -1,6 +1,7 @@
 """The third-person world: clips of two coloured shapes moving one after the other, in families
 of four order twins (fwd, rev, swap, swaprev; see svitt.data.demo), their captions and the QA
 questions whose answers need the order of events."""
+
 from __future__ import annotations
 
 import itertools
@@ -80,8 +81,9 @@ def _overlap(p, q, margin: int) -> bool:
     return not (p[2] + margin <= q[0] or q[2] + margin <= p[0] or p[3] + margin <= q[1] or q[3] + margin <= p[1])
 
 
-def render_two_events(first: tuple[Event, tuple], second: tuple[Event, tuple], background,
-                      geo: DemoGeometry) -> np.ndarray:
+def render_two_events(
+    first: tuple[Event, tuple], second: tuple[Event, tuple], background, geo: DemoGeometry
+) -> np.ndarray:
     """Frames [N, H, W, 3]: `first` object moves during the first half, `second` during the second.
 
     Each argument is (event, start position). The mover of a half goes from its start to
@@ -145,15 +147,18 @@ class Clip:
 
 def plan_clips(sizes: DemoSizes, rng: np.random.Generator) -> tuple[list[Clip], dict[tuple[str, int], tuple]]:
     """Clips of every split (disjoint families) and the (A, B) events of each family."""
-    counts = {"train": _family_count(sizes.train_videos, "--train-videos"),
-              "test": _family_count(sizes.test_videos, "--test-videos"),
-              "qa": _family_count(sizes.qa_videos, "--qa-videos"),
-              "finetune": _family_count(sizes.finetune_videos, "--finetune-videos")}
+    counts = {
+        "train": _family_count(sizes.train_videos, "--train-videos"),
+        "test": _family_count(sizes.test_videos, "--test-videos"),
+        "qa": _family_count(sizes.qa_videos, "--qa-videos"),
+        "finetune": _family_count(sizes.finetune_videos, "--finetune-videos"),
+    }
     families = all_families()
     needed = sum(counts.values())
     if needed > len(families):
-        raise ValueError(f"{needed} families requested but only {len(families)} distinct ones exist "
-                         f"({4 * len(families)} videos)")
+        raise ValueError(
+            f"{needed} families requested but only {len(families)} distinct ones exist ({4 * len(families)} videos)"
+        )
     order = rng.permutation(len(families))
     clips, events, cursor = [], {}, 0
     for split, count in counts.items():
@@ -186,5 +191,7 @@ def qa_pairs(clip: Clip, count: int, rng: np.random.Generator) -> list[dict]:
         ("before", f"does {asked.noun_phrase} move before {other.noun_phrase}?", "yes" if asked_first else "no"),
     ]
     chosen = sorted(rng.choice(len(candidates), size=min(count, len(candidates)), replace=False))
-    return [{"video": clip.id, "question": candidates[i][1], "answer": candidates[i][2], "type": candidates[i][0]}
-            for i in chosen]
+    return [
+        {"video": clip.id, "question": candidates[i][1], "answer": candidates[i][2], "type": candidates[i][0]}
+        for i in chosen
+    ]
