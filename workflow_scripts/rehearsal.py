@@ -36,20 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # svitt from this repository
+from svitt.workflow import WORKFLOW_FILES  # noqa: E402
 
-WORKFLOW_FILES = (
-    "Snakefile",
-    "config.yaml",
-    "configs",
-    "rules",
-    "schemas",
-    "workflow_scripts",
-    "svitt",
-    "profiles",
-    "envs",
-    "report",
-    "tests/configs",
-)
 TARGETS = ("all", "paper_figures")
 SHARDED_RULES = ("download", "extract_frames")  # their counts follow the overlay's shards
 OVERLAYS = {"full": ("configs/rehearsal.yaml",), "ci": ("configs/rehearsal.yaml", "tests/configs/rehearsal_ci.yaml")}

@@ -55,6 +55,20 @@ VIDEO_LIST_LAYOUTS = (
 )
 CAPTION_LAYOUTS = ("webvid_csv", "generic_csv", "retrieval_json")  # video-text pairs for training
 EGOCLIP_COLUMNS = ("video_uid", "narration_time", "clip_start", "clip_end", "clip_text", "tag_verb", "tag_noun")
+# egoclip.csv's whole header as EgoVLP publishes it (the writers of the demo corpus and the miniatures)
+EGOCLIP_HEADER = (
+    "clip_idx",
+    "video_uid",
+    "video_dur",
+    "narration_source",
+    "narration_ind",
+    "narration_time",
+    "clip_start",
+    "clip_end",
+    "clip_text",
+    "tag_verb",
+    "tag_noun",
+)
 # Containers of the published videos (DiDeMo's Flickr originals come in most of them).
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".3gp", ".mpg", ".mpeg", ".wmv", ".flv")
 _SNIFF_BYTES = 1 << 16

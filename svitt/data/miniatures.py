@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from svitt.data.formats import EGOCLIP_HEADER
 from svitt.data.mp4 import write_mp4
 
 WORDS = ("a person", "a dog", "a red ball", "a blue car", "a woman", "a man", "the camera", "a child")
@@ -51,19 +52,6 @@ SSV2_TEMPLATES = (
     "Putting [something] onto [something]",
 )
 QA_ANSWERS = ("dog", "car", "ball", "cup", "door")
-EGOCLIP_COLUMNS = [
-    "clip_idx",
-    "video_uid",
-    "video_dur",
-    "narration_source",
-    "narration_ind",
-    "narration_time",
-    "clip_start",
-    "clip_end",
-    "clip_text",
-    "tag_verb",
-    "tag_noun",
-]
 FRAME_SIZE = (48, 64)  # H, W of every video (even: H.264 / VP9 with yuv420p)
 
 
@@ -274,8 +262,8 @@ def write_ego4d(root: Path, rng, count: int, videos: bool) -> list[str]:
                 ]
             )
             texts.append(text)
-    _table(root / "data/ego4d/egoclip.csv", EGOCLIP_COLUMNS, rows, delimiter="\t")
-    clip = lambda row: dict(zip(EGOCLIP_COLUMNS, row))  # noqa: E731
+    _table(root / "data/ego4d/egoclip.csv", EGOCLIP_HEADER, rows, delimiter="\t")
+    clip = lambda row: dict(zip(EGOCLIP_HEADER, row))  # noqa: E731
     by_video = [[r for r in rows if r[1] == uid] for uid in uids]
     questions = {}
     for q, kind in enumerate((1, 2)):  # inter-video, then intra-video

@@ -10,3 +10,19 @@ importing Snakemake, so rules/*.smk bind `config` to it and tests call it direct
     analysis    result files per seed, sweep points, control, ablation, the list of result tables
     targets     the files of the `all`, `seeds` and `ablation` targets
 """
+
+# What a copy of the workflow needs to run Snakemake in another folder (the rehearsal's working
+# folder, the tests' copies): the paths relative to the repository.
+WORKFLOW_FILES = (
+    "Snakefile",
+    "config.yaml",
+    "configs",
+    "rules",
+    "schemas",
+    "workflow_scripts",
+    "svitt",
+    "profiles",
+    "envs",
+    "report",
+    "tests/configs",
+)

@@ -5,20 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from svitt.workflow import WORKFLOW_FILES
+
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW_FILES = (
-    "Snakefile",
-    "config.yaml",
-    "configs",
-    "rules",
-    "schemas",
-    "workflow_scripts",
-    "svitt",
-    "profiles",
-    "envs",
-    "report",
-    "tests/configs",
-)
 
 
 def copy_workflow(dest: Path) -> Path:

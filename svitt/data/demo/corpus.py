@@ -20,7 +20,6 @@ from tqdm import tqdm
 from svitt.data.demo.ego import (
     EGO_NOUN_LIST,
     EGO_VERB_LIST,
-    EGOCLIP_COLUMNS,
     ego_rows,
     ego_uid,
     make_egomcq,
@@ -30,6 +29,7 @@ from svitt.data.demo.ego import (
 )
 from svitt.data.demo.scene import DemoGeometry, DemoSizes
 from svitt.data.demo.twins import Clip, plan_clips, qa_pairs, render_family
+from svitt.data.formats import EGOCLIP_HEADER
 from svitt.data.mp4 import write_mp4
 
 FORMAT_VERSION = 1
@@ -285,7 +285,7 @@ def _write_ego(
 ):
     n_videos = sizes.ego_train_videos + sizes.ego_mcq_videos
     if n_videos == 0:
-        _write_csv(tmp / "egoclip.csv", EGOCLIP_COLUMNS, [], delimiter="\t")
+        _write_csv(tmp / "egoclip.csv", EGOCLIP_HEADER, [], delimiter="\t")
         _write_json(tmp / "egomcq.json", {})
         _write_json(tmp / "ego_taxonomy.json", {"nouns": EGO_NOUN_LIST, "verbs": EGO_VERB_LIST})
         for split in ("train", "val"):
@@ -301,8 +301,8 @@ def _write_ego(
     egoclip = [r for uid in train_uids for r in rows[uid]]
     _write_csv(
         tmp / "egoclip.csv",
-        EGOCLIP_COLUMNS,
-        [[i] + [r[c] for c in EGOCLIP_COLUMNS[1:]] for i, r in enumerate(egoclip)],
+        EGOCLIP_HEADER,
+        [[i] + [r[c] for c in EGOCLIP_HEADER[1:]] for i, r in enumerate(egoclip)],
         delimiter="\t",
     )
     mcq = make_egomcq({u: rows[u] for u in mcq_uids}, sizes.ego_mcq_questions, rng)

@@ -145,21 +145,6 @@ def ego_rows(uid: str, duration: float, actions: list[EgoAction]) -> list[dict]:
     return rows
 
 
-EGOCLIP_COLUMNS = [
-    "clip_idx",
-    "video_uid",
-    "video_dur",
-    "narration_source",
-    "narration_ind",
-    "narration_time",
-    "clip_start",
-    "clip_end",
-    "clip_text",
-    "tag_verb",
-    "tag_noun",
-]
-
-
 def make_egomcq(mcq_rows: dict[str, list[dict]], questions: int, rng: np.random.Generator) -> dict:
     """EgoMCQ: {"0": {"query": clip, "choices": {"0".."4": clip}, "answer": k, "types": 1|2}}.
 
